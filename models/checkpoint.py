@@ -1,0 +1,291 @@
+"""Checkpoints: a directory with ``config.json``, ``model.safetensors`` and the tokenizer.
+
+A checkpoint is referred to by a local directory or a Hub repo id with an optional revision
+(``org/name@v1``). Pickled checkpoints (``.pt``, ``.bin``, ``.pkl``, ...) are refused: loading
+them can execute arbitrary code.
+
+Identity = sha256 over the canonical JSON of the config and every tensor (name, dtype, shape,
+bytes, in name order). It does not depend on file layout or safetensors metadata, and every
+dataset records the identities of the models that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.errors import CheckpointError, TsdfmError
+from models.flow_model import FlowModel, ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.md"]
+
+# role → constructor(config) of the nn.Module that holds the weights.
+_ROLE_CLASSES: dict[str, Any] = {"teacher": FlowModel, "student": FlowModel}
+
+
+def register_role(role: str, cls: Any) -> None:
+    """Register the module class that a checkpoint of ``role`` loads into (e.g. the compass)."""
+    _ROLE_CLASSES[role] = cls
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def identity(config: dict, state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of config + weights, as ``sha256:<hex>``."""
+    h = hashlib.sha256()
+    h.update(canonical_json(config))
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: the module (FlowModel for teacher/student; the compass class for compass).
+        config: parsed config.
+        tokenizer: a ``tokenizers.Tokenizer`` or None when the directory has none.
+        directory: where the files are.
+        identity: sha256 of config and weights.
+        spec: what the user passed (path or repo id with revision).
+    """
+
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: Any
+    directory: Path
+    identity: str
+    spec: str
+
+    def file(self, name: str) -> Path:
+        return self.directory / name
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    tokenizer: Any | None = None,
+    extra_files: dict[str, str | bytes | Path] | None = None,
+) -> str:
+    """Write a checkpoint directory atomically (temp dir, then rename). Returns its identity.
+
+    Args:
+        directory: destination; replaced if it exists.
+        model: a module with ``.config`` (ModelConfig) and a state dict.
+        tokenizer: a ``tokenizers.Tokenizer`` (saved as tokenizer.json) or None.
+        extra_files: name → text/bytes/path of files to store beside the weights (e.g. the
+            synthetic language's parameters).
+    """
+    directory = Path(directory)
+    config = model.config.to_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    ident = identity(config, state)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "identity": ident})
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / TOKENIZER_FILE))
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ident
+
+
+def resolve(spec: str | Path) -> Path:
+    """Turn a local path or ``org/name[@revision]`` into a local checkpoint directory."""
+    spec_str = str(spec)
+    if spec_str.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{spec_str} is a pickle file; pickled checkpoints are refused because loading them "
+            "can run arbitrary code: use a directory with config.json + model.safetensors"
+        )
+    path = Path(spec_str).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(
+                f"checkpoint {spec_str} is a file; pass the directory that holds config.json "
+                "and model.safetensors"
+            )
+        return path
+    if _REPO_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):
+        repo_id, _, revision = spec_str.partition("@")
+        return _download(repo_id, revision or None)
+    raise CheckpointError(
+        f"checkpoint {spec_str} not found: give an existing directory or a Hub repo id "
+        "like org/name[@revision]"
+    )
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except RevisionNotFoundError:
+        raise CheckpointError(
+            f"revision {revision!r} of {repo_id} does not exist; check the tag or branch name"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"Hub repo {repo_id} not found or not accessible; check the id and your HF token"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"could not download {repo_id}: {type(e).__name__}; check the network or "
+            "HF_ENDPOINT, or pass a local directory"
+        ) from None
+
+
+def read_config(directory: Path) -> ModelConfig:
+    config_path = directory / CONFIG_FILE
+    if not (directory / WEIGHTS_FILE).exists():
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{directory} holds only pickled weights ({', '.join(pickles)}); pickles are "
+                "refused: convert them to model.safetensors"
+            )
+        raise CheckpointError(
+            f"{directory} lacks {WEIGHTS_FILE}; a checkpoint directory needs config.json, "
+            "model.safetensors and tokenizer.json"
+        )
+    if not config_path.exists():
+        raise CheckpointError(
+            f"{directory} lacks {CONFIG_FILE}; a checkpoint directory needs config.json, "
+            "model.safetensors and tokenizer.json"
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{config_path} is not valid JSON ({e.msg} at line {e.lineno})"
+        ) from None
+    try:
+        return ModelConfig.from_dict(raw)
+    except TsdfmError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    except TypeError as e:
+        raise CheckpointError(f"{config_path} has unexpected fields: {e}") from None
+
+
+def load_tokenizer(directory: Path, config: ModelConfig):
+    """Load tokenizer.json and check it against the model's vocabulary."""
+    path = directory / TOKENIZER_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"{directory} lacks {TOKENIZER_FILE}; save the tokenizer with the checkpoint"
+        )
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    expected = config.input_vocab
+    size = tok.get_vocab_size()
+    unused_mask = config.source == "uniform" and tok.token_to_id("[MASK]") == config.vocab_size
+    if size != expected and not (unused_mask and size == expected + 1):
+        raise CheckpointError(
+            f"tokenizer vocabulary ({tok.get_vocab_size()} tokens) does not match the model "
+            f"({config.vocab_size} data tokens{' + [MASK]' if config.source == 'mask' else ''}"
+            f" = {expected}); use the tokenizer the model was trained with"
+        )
+    mask_id = config.mask_token_id
+    if mask_id is not None and tok.token_to_id("[MASK]") != mask_id:
+        raise CheckpointError(
+            f"tokenizer maps [MASK] to {tok.token_to_id('[MASK]')}, the model to {mask_id}; "
+            "use the tokenizer the model was trained with"
+        )
+    return tok
+
+
+def load_checkpoint(
+    spec: str | Path,
+    device: str | torch.device = "cpu",
+    role: str | tuple[str, ...] | None = None,
+) -> Checkpoint:
+    """Load a checkpoint directory or Hub repo; refuse pickles; verify the tokenizer.
+
+    Args:
+        spec: local directory or ``org/name[@revision]``.
+        device: where to put the weights.
+        role: expected role(s); a checkpoint of another role is refused.
+    """
+    directory = resolve(spec)
+    config = read_config(directory)
+    roles = (role,) if isinstance(role, str) else role
+    if roles and config.role not in roles:
+        raise CheckpointError(
+            f"{spec} is a {config.role} checkpoint, but a {' or '.join(roles)} is needed here"
+        )
+    cls = _ROLE_CLASSES.get(config.role)
+    if cls is None:
+        raise CheckpointError(f"no model class registered for role {config.role!r}")
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} is not a readable safetensors file ({e})"
+        ) from None
+    model = cls(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(
+            f"weights in {directory} do not fit its config.json ({first})"
+        ) from None
+    tokenizer = load_tokenizer(directory, config)
+    ident = identity(config.to_dict(), state)
+    model.to(device).eval()
+    return Checkpoint(model, config, tokenizer, directory, ident, str(spec))
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a checkpoint shipped with the package (``teacher`` or ``compass``)."""
+    return Path(__file__).parent / "assets" / name

@@ -1,0 +1,1 @@
+"""Data sources: the exact-likelihood synthetic language and tokenized text corpora."""

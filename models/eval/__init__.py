@@ -1,0 +1,1 @@
+"""Evaluation: generative perplexity under an independent evaluator, entropy, speed."""

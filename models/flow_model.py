@@ -1,0 +1,226 @@
+"""Teacher and student: a backbone that predicts p(x_1 | x_t) on a mixture path.
+
+The checkpoint's ``config.json`` is a :class:`ModelConfig`. A teacher is conditioned on t (or,
+under the mask source, on nothing: the posterior p(x_1 | x_t) of the mask path does not depend
+on t, which lets the sampler cache evaluations); a student is additionally conditioned on the
+step size h (FS-DFM).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import nn
+
+from models.backbone import Backbone, BackboneConfig
+from models.errors import ConfigError
+from models.path import MixturePath, check_source, parse_scheduler
+
+ROLES = ("teacher", "student", "compass")
+FORMAT = "tsdfm-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What ``config.json`` of a checkpoint holds.
+
+    Args:
+        role: teacher | student | compass.
+        source: mask | uniform.
+        scheduler: scheduler dict, e.g. {"name": "polynomial", "n": 1.0}.
+        vocab_size: number of data tokens V (ids 0..V−1).
+        special_tokens: e.g. {"mask": V}; under the mask source the mask id must be V.
+        seq_len: sequence length L the model was trained on.
+        backbone: BackboneConfig.
+        data: what the model was trained on, e.g. {"kind": "synthetic", "language":
+            "language.json"} (a file inside the checkpoint) or {"kind": "corpus", ...}.
+        provenance: free-form facts (training steps, identities of related checkpoints).
+    """
+
+    role: str
+    source: str
+    scheduler: dict
+    vocab_size: int
+    special_tokens: dict
+    seq_len: int
+    backbone: BackboneConfig
+    data: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"unknown role {self.role!r}; use one of {', '.join(ROLES)}")
+        check_source(self.source)
+        parse_scheduler(self.scheduler)
+        if self.vocab_size < 2:
+            raise ConfigError(f"vocab_size={self.vocab_size} must be at least 2")
+        if self.seq_len < 1:
+            raise ConfigError(f"seq_len={self.seq_len} must be positive")
+        if self.source == "mask" and self.special_tokens.get("mask") != self.vocab_size:
+            raise ConfigError(
+                f"mask source needs special_tokens.mask == vocab_size ({self.vocab_size}), "
+                f"got {self.special_tokens.get('mask')!r}; append [MASK] after the data tokens"
+            )
+        if self.backbone.vocab_in != self.input_vocab:
+            raise ConfigError(
+                f"backbone.vocab_in={self.backbone.vocab_in} but the {self.source} source with "
+                f"vocab_size={self.vocab_size} needs {self.input_vocab}"
+            )
+        if self.backbone.max_len < self.seq_len:
+            raise ConfigError(
+                f"backbone.max_len={self.backbone.max_len} is shorter than seq_len={self.seq_len}"
+            )
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.special_tokens.get("mask") if self.source == "mask" else None
+
+    @property
+    def input_vocab(self) -> int:
+        return self.vocab_size + (1 if self.source == "mask" else 0)
+
+    def path(self) -> MixturePath:
+        return MixturePath(
+            parse_scheduler(self.scheduler), self.source, self.vocab_size, self.mask_token_id
+        )
+
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            d[f.name] = value.to_dict() if isinstance(value, BackboneConfig) else value
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> ModelConfig:
+        if d.get("format") != FORMAT:
+            raise ConfigError(
+                f"config.json has format {d.get('format')!r}, expected {FORMAT!r}: "
+                "this directory is not a tsdfm-pipeline checkpoint"
+            )
+        if d.get("format_version", 0) > FORMAT_VERSION:
+            raise ConfigError(
+                f"checkpoint format_version {d['format_version']} is newer than this "
+                f"package supports ({FORMAT_VERSION}); upgrade tsdfm-pipeline"
+            )
+        known = {f.name for f in fields(ModelConfig)}
+        missing = [
+            k
+            for k in ("role", "source", "scheduler", "vocab_size", "seq_len", "backbone")
+            if k not in d
+        ]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)}")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["backbone"] = BackboneConfig.from_dict(d["backbone"])
+        kwargs.setdefault("special_tokens", {})
+        return ModelConfig(**kwargs)
+
+    def replace(self, **changes) -> ModelConfig:
+        return replace(self, **changes)
+
+
+class FlowModel(nn.Module):
+    """Denoiser p_θ(x_1 | x_t, t[, h]) for teacher and student roles.
+
+    ``forward`` returns logits over the V data tokens, shape (B, L, V). Under CUDA and
+    ``precision="bf16"`` the backbone runs in bf16 autocast; logits are returned in float32.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.backbone.head != "tokens":
+            raise ConfigError("a teacher/student backbone needs head='tokens'")
+        self.config = config
+        self.backbone = Backbone(config.backbone)
+        self.precision = "fp32"
+
+    @property
+    def time_invariant(self) -> bool:
+        b = self.config.backbone
+        return self.config.source == "mask" and not b.time_conditioning and not b.step_conditioning
+
+    @property
+    def path(self) -> MixturePath:
+        return self.config.path()
+
+    def set_precision(self, precision: str) -> FlowModel:
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {precision!r}; use 'fp32' or 'bf16'")
+        self.precision = precision
+        return self
+
+    def _autocast(self, device: torch.device):
+        if self.precision == "bf16" and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        with self._autocast(x_t.device):
+            logits = self.backbone(x_t, t, h)
+        return logits.float()
+
+
+def teacher_config(
+    vocab_size: int,
+    seq_len: int,
+    source: str = "mask",
+    scheduler: str | dict = "linear",
+    d_model: int = 128,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    time_conditioning: bool | None = None,
+    data: dict | None = None,
+    special_tokens: dict | None = None,
+) -> ModelConfig:
+    """A teacher config; under the mask source time conditioning is off by default (exact cache)."""
+    check_source(source)
+    if time_conditioning is None:
+        time_conditioning = source != "mask"
+    special = dict(special_tokens or {})
+    if source == "mask":
+        special["mask"] = vocab_size
+    backbone = BackboneConfig(
+        vocab_in=vocab_size + (1 if source == "mask" else 0),
+        vocab_out=vocab_size,
+        max_len=seq_len,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        cond_dim=d_model,
+        time_conditioning=time_conditioning,
+    )
+    return ModelConfig(
+        role="teacher",
+        source=source,
+        scheduler=parse_scheduler(scheduler).to_dict(),
+        vocab_size=vocab_size,
+        special_tokens=special,
+        seq_len=seq_len,
+        backbone=backbone,
+        data=data or {},
+    )
+
+
+def student_from_teacher(teacher: FlowModel) -> FlowModel:
+    """A step-size-conditioned student initialised from the teacher's weights.
+
+    The new step-size branch is zero-initialised, so the student starts as the teacher.
+    Time conditioning is switched on as well (a few-step student's update depends on t); its
+    output layer starts at zero for the same reason.
+    """
+    tcfg = teacher.config
+    bcfg = replace(tcfg.backbone, step_conditioning=True, time_conditioning=True)
+    cfg = replace(tcfg, role="student", backbone=bcfg)
+    student = FlowModel(cfg)
+    _, unexpected = student.backbone.load_state_dict(teacher.backbone.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    if not tcfg.backbone.time_conditioning:
+        nn.init.zeros_(student.backbone.time_emb.mlp[-1].weight)
+        nn.init.zeros_(student.backbone.time_emb.mlp[-1].bias)
+    return student

@@ -1,0 +1,1 @@
+"""Trainers: teacher pretraining (and, later, compass NCE and student distillation)."""

@@ -1,0 +1,346 @@
+"""Teacher pretraining: fit p_θ(x_1 | x_t) on the mixture path.
+
+Each step draws x_1 from the data, t ~ U[0, 1], x_t ~ p_t(· | x_1) along the path, and minimises
+the cross-entropy on x_1 (or the generalized KL, see ``models.losses``). All randomness comes
+from one explicit ``torch.Generator`` whose state is checkpointed, so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.data.corpus import CorpusConfig, TokenizedCorpus, load_texts, train_bpe_tokenizer
+from models.data.synthetic import LanguageConfig, SyntheticLanguage
+from models.errors import ConfigError, DataError
+from models.flow_model import FlowModel, teacher_config
+from models.losses import cross_entropy_loss, generalized_kl_loss
+from models.train.common import (
+    EMA,
+    TrainerState,
+    get_lr,
+    latest_checkpoint,
+    load_trainer_state,
+    save_trainer_state,
+)
+
+LANGUAGE_FILE = "language.json"
+
+
+class DataSource(Protocol):
+    """What the teacher trainer needs from its data."""
+
+    vocab_size: int
+    seq_len: int
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def heldout(self, batch_size: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def tokenizer(self) -> Any: ...
+
+    def checkpoint_files(self) -> dict[str, str]: ...
+
+    def describe(self) -> dict: ...
+
+
+class SyntheticSource:
+    """Fresh sequences of the synthetic language for every batch (an infinite dataset)."""
+
+    def __init__(self, language: SyntheticLanguage):
+        self.language = language
+        self.vocab_size = language.vocab_size
+        self.seq_len = language.seq_len
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return self.language.sample(batch_size, generator)
+
+    heldout = batch  # fresh samples are held out by construction
+
+    def tokenizer(self):
+        return self.language.tokenizer(with_mask=True)
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return {LANGUAGE_FILE: json.dumps(self.language.to_dict())}
+
+    def describe(self) -> dict:
+        return {
+            "kind": "synthetic",
+            "language": LANGUAGE_FILE,
+            "entropy_per_token": self.language.entropy_per_token(),
+        }
+
+
+class CorpusSource:
+    """Fixed-length windows of a tokenized text corpus, with a held-out split."""
+
+    def __init__(self, corpus: TokenizedCorpus, holdout_fraction: float = 0.05, seed: int = 0):
+        self.corpus = corpus
+        self.train, self.held = corpus.split(holdout_fraction, seed)
+        self.vocab_size = corpus.vocab_size
+        self.seq_len = corpus.seq_len
+
+    @staticmethod
+    def from_path(path: str | Path, seq_len: int, vocab_size: int, seed: int = 0) -> CorpusSource:
+        """Read .txt files, train a byte-level BPE of ``vocab_size`` tokens, cut windows."""
+        texts = load_texts(path)
+        tokenizer = train_bpe_tokenizer(texts, vocab_size)
+        return CorpusSource(
+            TokenizedCorpus.from_texts(texts, tokenizer, CorpusConfig(seq_len), str(path)),
+            seed=seed,
+        )
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return self.train.batch(batch_size, generator)
+
+    def heldout(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return self.held.batch(batch_size, generator)
+
+    def tokenizer(self):
+        return self.corpus.tokenizer
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return {}
+
+    def describe(self) -> dict:
+        return {
+            "kind": "corpus",
+            "source": self.corpus.source,
+            "windows": len(self.corpus),
+            "eos_token_id": self.corpus.eos_token_id,
+        }
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """Teacher pretraining run.
+
+    Args:
+        out: run directory (checkpoints/, final/, metrics.jsonl, eval.json).
+        language: synthetic language config (used when no corpus source is passed).
+        source, scheduler: the probability path.
+        d_model, n_layers, n_heads: backbone size.
+        loss: "ce" (cross-entropy on x_1) or "gkl" (generalized KL).
+        steps, batch_size, lr, warmup, weight_decay, grad_clip, ema: optimisation.
+        checkpoint_every: steps between resumable checkpoints (the last 2 are kept).
+        eval_every: steps between held-out loss evaluations.
+        seed: seed of the run's generator.
+    """
+
+    out: str
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    source: str = "mask"
+    scheduler: str = "linear"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    loss: str = "ce"
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    checkpoint_every: int = 500
+    eval_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.loss not in ("ce", "gkl"):
+            raise ConfigError(f"unknown loss {self.loss!r}; use 'ce' or 'gkl'")
+        if not self.lr > 0 or self.warmup < 0 or not 0 <= self.ema < 1:
+            raise ConfigError("lr must be > 0, warmup >= 0 and ema in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    identity: str
+    steps: int
+    final_loss: float
+    heldout_loss: float
+    history: list[dict]
+
+
+def _loss_fn(cfg: TeacherTrainConfig, path):
+    if cfg.loss == "ce":
+        return lambda logits, ps: cross_entropy_loss(logits, ps.x_1, ps.x_t, path)
+    return lambda logits, ps: generalized_kl_loss(logits, ps.x_1, ps.x_t, ps.t, path)
+
+
+def train_teacher(
+    cfg: TeacherTrainConfig,
+    data: DataSource | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) a teacher; returns where the final checkpoint is.
+
+    Args:
+        cfg: the run.
+        data: data source; defaults to the synthetic language of ``cfg.language``.
+        progress: called as progress(step, total, metrics) after every step.
+    """
+    data = data if data is not None else SyntheticSource(SyntheticLanguage.generate(cfg.language))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run_config(out, cfg, data)
+    mcfg = teacher_config(
+        data.vocab_size,
+        data.seq_len,
+        cfg.source,
+        cfg.scheduler,
+        cfg.d_model,
+        cfg.n_layers,
+        cfg.n_heads,
+        data=data.describe(),
+        special_tokens=_special_tokens(data),
+    )
+    model = FlowModel(mcfg)
+    path = mcfg.path()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    resume_from = latest_checkpoint(out)
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        if ema is not None and state.ema is not None:
+            ema.load_state_dict(state.ema)
+        gen.set_state(state.generators["data"])
+        start = state.step
+    heldout_gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    heldout = [data.heldout(cfg.batch_size, heldout_gen) for _ in range(4)]
+    loss_fn = _loss_fn(cfg, path)
+    history: list[dict] = []
+    metrics_file = (out / "metrics.jsonl").open("a")
+    last = {"loss": float("nan")}
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(start, cfg.steps):
+        lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x_1 = data.batch(cfg.batch_size, gen)
+        t = torch.rand(cfg.batch_size, generator=gen)
+        ps = path.sample(x_1, t, gen)
+        loss = loss_fn(model(ps.x_t, t), ps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        last = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": gnorm.item(),
+            "seconds": time.perf_counter() - t0,
+        }
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            last["heldout_loss"] = _heldout_loss(model, ema, heldout, path, loss_fn, cfg.seed)
+            history.append(last)
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+        if progress is not None:
+            progress(step + 1, cfg.steps, last)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_step(out, step + 1, model, opt, ema, gen, data)
+    metrics_file.close()
+    final = out / "final"
+    with ema.applied(model) if ema is not None else nullcontext():
+        model.config = model.config.replace(
+            provenance={"trainer": "teacher", "steps": cfg.steps, "run_config": _jsonable(cfg)}
+        )
+        ident = save_checkpoint(final, model.eval(), data.tokenizer(), data.checkpoint_files())
+    heldout_loss = _heldout_loss(model, ema, heldout, path, loss_fn, cfg.seed)
+    return TrainResult(final, ident, cfg.steps, last["loss"], heldout_loss, history)
+
+
+def _special_tokens(data: DataSource) -> dict:
+    eos = data.describe().get("eos_token_id")
+    return {} if eos is None else {"eos": eos}
+
+
+def _jsonable(cfg: TeacherTrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("out")
+    return d
+
+
+def _check_run_config(out: Path, cfg: TeacherTrainConfig, data: DataSource) -> None:
+    """A run directory belongs to one config; resuming with another is refused."""
+    record = {"run": _jsonable(cfg), "data": data.describe()}
+    path = out / "run_config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(record)):
+            changed = sorted(
+                k
+                for k in set(old["run"]) | set(record["run"])
+                if old["run"].get(k) != json.loads(json.dumps(record["run"])).get(k)
+            )
+            raise ConfigError(
+                f"{out} holds a run with a different config "
+                f"(changed: {', '.join(changed) or 'data'}); pass a new --out or delete the folder to start over"
+            )
+    else:
+        path.write_text(json.dumps(record, indent=1))
+
+
+@torch.no_grad()
+def _heldout_loss(model, ema, batches, path, loss_fn, seed: int) -> float:
+    gen = torch.Generator().manual_seed(seed + 104729)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with ema.applied(model) if ema is not None else nullcontext():
+        for x_1 in batches:
+            t = torch.rand(x_1.shape[0], generator=gen)
+            ps = path.sample(x_1, t, gen)
+            total += loss_fn(model(ps.x_t, t), ps).item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+def _save_step(out: Path, step: int, model, opt, ema, gen, data: DataSource) -> None:
+    ckpt_dir = out / "checkpoints" / f"step-{step:07d}"
+    save_checkpoint(ckpt_dir, model, data.tokenizer(), data.checkpoint_files())
+    save_trainer_state(
+        ckpt_dir,
+        TrainerState(
+            step=step,
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            ema=ema.state_dict() if ema is not None else None,
+            generators={"data": gen.get_state()},
+            extra={},
+        ),
+    )
+    kept = sorted(out.glob("checkpoints/step-*"), key=lambda p: p.name)
+    for old in kept[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_language(directory: Path, data_info: dict) -> SyntheticLanguage:
+    """The synthetic language stored beside a checkpoint (``data.language``)."""
+    if data_info.get("kind") != "synthetic":
+        raise DataError("this checkpoint was not trained on the synthetic language")
+    return SyntheticLanguage.load(directory / data_info.get("language", LANGUAGE_FILE))

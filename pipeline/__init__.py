@@ -1,0 +1,1 @@
+"""The build system: CLI, config and fingerprint, navigator, Ray workers, shards, publishing."""

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny languages and models that build in milliseconds."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from models.data.synthetic import LanguageConfig, SyntheticLanguage
+from models.flow_model import FlowModel, teacher_config
+
+
+@pytest.fixture(scope="session")
+def tiny_language() -> SyntheticLanguage:
+    return SyntheticLanguage.generate(
+        LanguageConfig(vocab_size=12, num_states=4, branching=3, smoothing=0.05, seq_len=8, seed=3)
+    )
+
+
+@pytest.fixture()
+def tiny_teacher(tiny_language) -> FlowModel:
+    torch.manual_seed(0)  # parameter init only; every sampler draw is counter-based
+    cfg = teacher_config(
+        tiny_language.vocab_size,
+        tiny_language.seq_len,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        data={"kind": "synthetic", "language": "language.json"},
+    )
+    return FlowModel(cfg).eval()
+
+
+class JointOracle:
+    """The exact denoiser p(x_1 | x_t) of a known joint distribution over short sequences.
+
+    Under the mask source the posterior given x_t is the data distribution conditioned on the
+    revealed tokens; under the uniform source it is the exact mixture-path posterior at time t.
+    """
+
+    def __init__(self, joint: torch.Tensor, source: str, kappa=lambda t: t):
+        self.joint = joint.double() / joint.sum()  # shape (V,)*L
+        self.V = joint.shape[0]
+        self.L = joint.dim()
+        self.source = source
+        self.kappa = kappa
+        self.time_invariant = source == "mask"
+        self.seqs = torch.tensor(list(itertools.product(range(self.V), repeat=self.L)))
+        self.probs = self.joint.flatten()
+        self.calls = 0
+        self.h_seen: list[float] = []
+
+    def __call__(self, x_t, t, h):
+        self.calls += 1
+        self.h_seen.extend(h.tolist())
+        same = self.seqs.unsqueeze(0) == x_t.unsqueeze(1)  # (B, S, L)
+        if self.source == "mask":
+            revealed = (x_t != self.V).unsqueeze(1)
+            w = self.probs * (same | ~revealed).all(-1)
+        else:
+            k = self.kappa(t.double()).view(-1, 1, 1)
+            lik = torch.where(same, k + (1 - k) / self.V, (1 - k) / self.V)
+            w = self.probs * lik.prod(-1)
+        w = w / w.sum(1, keepdim=True)
+        onehot = torch.nn.functional.one_hot(self.seqs, self.V).double()  # (S, L, V)
+        out = torch.einsum("bs,slv->blv", w, onehot)
+        return torch.log(out.clamp_min(1e-300)).float()
+
+
+@pytest.fixture()
+def oracle_factory():
+    return JointOracle
