@@ -1,5 +1,8 @@
 """A bidirectional transformer over tokens, conditioned on time t (and optionally step size h).
 
+Positions enter through rotary embeddings in attention (relative offsets matter most for the
+local dependencies of language), conditioning through adaptive layer norm.
+
 Conditioning follows DiT's adaptive layer norm with zero-initialised gates (adaLN-Zero):
 
     c = MLP(sin_emb(t)) [+ MLP(sin_emb(h))]        (a learned constant when unconditioned)
@@ -30,7 +33,7 @@ class BackboneConfig:
     Args:
         vocab_in: input vocabulary (data tokens plus [MASK] when the source is mask).
         vocab_out: output vocabulary (data tokens).
-        max_len: longest sequence (learned positional embedding).
+        max_len: longest sequence (rotary position embeddings are tabulated up to it).
         d_model, n_layers, n_heads, mlp_ratio: transformer size.
         cond_dim: width of the conditioning vector c.
         time_conditioning: condition on t.
@@ -70,6 +73,11 @@ class BackboneConfig:
             raise ConfigError(
                 f"backbone d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 "pick n_heads that divides d_model"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"backbone head size d_model/n_heads={self.d_model // self.n_heads} must be even "
+                "(rotary embeddings rotate pairs of features)"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"backbone dropout={self.dropout} must be in [0, 1)")
@@ -112,6 +120,19 @@ class ScalarEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(s, self.freq_dim))
 
 
+def rotary_tables(length: int, head_dim: int, base: float = 10000.0):
+    """cos/sin tables (L, head_dim/2) of rotary position embeddings."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, dtype=torch.float32).unsqueeze(1) * inv.unsqueeze(0)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (x_a, x_b) of (B, H, L, D) by position-dependent angles."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+
+
 def _modulate(z: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return z * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -135,11 +156,14 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         B, L, d = z.shape
         b1, g1, a1, b2, g2, a2 = self.ada(F.silu(c)).chunk(6, dim=1)
         qkv = self.qkv(_modulate(self.norm1(z), b1, g1))
         q, k, v = qkv.view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         p = self.dropout if self.training else 0.0
         att = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         att = att.transpose(1, 2).reshape(B, L, d)
@@ -156,9 +180,10 @@ class Backbone(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.tok = nn.Embedding(cfg.vocab_in, d)
-        self.pos = nn.Parameter(torch.zeros(1, cfg.max_len, d))
         nn.init.normal_(self.tok.weight, std=0.02)
-        nn.init.normal_(self.pos, std=0.02)
+        cos, sin = rotary_tables(cfg.max_len, d // cfg.n_heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.time_emb = ScalarEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
         self.step_emb = ScalarEmbedding(cfg.cond_dim) if cfg.step_conditioning else None
         if self.step_emb is not None:
@@ -188,9 +213,10 @@ class Backbone(nn.Module):
         L = x.shape[1]
         assert self.cfg.max_len >= L, f"sequence length {L} exceeds max_len {self.cfg.max_len}"
         c = self.condition(t, h)
-        z = self.tok(x) + self.pos[:, :L]
+        z = self.tok(x)
+        rope = (self.rope_cos[:L], self.rope_sin[:L])
         for block in self.blocks:
-            z = block(z, c)
+            z = block(z, c, rope)
         shift, scale = self.final_ada(F.silu(c)).chunk(2, dim=1)
         z = _modulate(self.final_norm(z), shift, scale)
         if self.cfg.head == "scalar":

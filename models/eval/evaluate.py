@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -164,7 +164,7 @@ def _device_info(device: str) -> dict:
     return info
 
 
-def format_table(report: dict, columns: Sequence[str] | None = None) -> list[list[str]]:
+def format_table(report: dict) -> list[list[str]]:
     """Rows of the eval table: arm, steps, gen-PPL, ratio to truth, entropy, NFE, s/sample."""
     truth = report["true_perplexity"]
     rows = []

@@ -24,6 +24,15 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (parameter initialisation) under a fixed seed without touching the caller's
+    global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def get_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
     """Linear warmup to ``base_lr`` over ``warmup`` steps, then cosine decay to
     ``min_ratio · base_lr`` at ``total``."""

@@ -31,6 +31,7 @@ from models.train.common import (
     latest_checkpoint,
     load_trainer_state,
     save_trainer_state,
+    seeded,
 )
 
 LANGUAGE_FILE = "language.json"
@@ -146,12 +147,12 @@ class TeacherTrainConfig:
     loss: str = "ce"
     steps: int = 3000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup: int = 200
     weight_decay: float = 0.03
     grad_clip: float = 1.0
     ema: float = 0.999
-    checkpoint_every: int = 500
+    checkpoint_every: int = 250
     eval_every: int = 250
     seed: int = 0
 
@@ -208,7 +209,8 @@ def train_teacher(
         data=data.describe(),
         special_tokens=_special_tokens(data),
     )
-    model = FlowModel(mcfg)
+    with seeded(cfg.seed):
+        model = FlowModel(mcfg)
     path = mcfg.path()
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
@@ -299,7 +301,8 @@ def _check_run_config(out: Path, cfg: TeacherTrainConfig, data: DataSource) -> N
             )
             raise ConfigError(
                 f"{out} holds a run with a different config "
-                f"(changed: {', '.join(changed) or 'data'}); pass a new --out or delete the folder to start over"
+                f"(changed: {', '.join(changed) or 'data'}); "
+                "pass a new --out or delete the folder to start over"
             )
     else:
         path.write_text(json.dumps(record, indent=1))

@@ -1,0 +1,136 @@
+"""The command line: exit codes, one-line errors, and the eval report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def _error_line(result):
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines, "no error message"
+    return lines[-1]
+
+
+def test_eval_on_a_tiny_checkpoint_writes_a_json_report(tmp_path, tiny_teacher, tiny_language):
+    from models.checkpoint import save_checkpoint
+
+    d = tmp_path / "teacher"
+    save_checkpoint(
+        d,
+        tiny_teacher,
+        tiny_language.tokenizer(),
+        {"language.json": json.dumps(tiny_language.to_dict())},
+    )
+    out = tmp_path / "report.json"
+    res = _run(
+        "eval",
+        "--model",
+        str(d),
+        "--steps",
+        "16",
+        "--steps",
+        "2",
+        "--samples",
+        "40",
+        "--batch-size",
+        "16",
+        "--json",
+        str(out),
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert [a["steps"] for a in report["arms"]] == [16, 2]
+    assert report["true_perplexity"] == pytest.approx(tiny_language.perplexity())
+    for arm in report["arms"]:
+        assert arm["samples"] == 40 and arm["gen_ppl"] > 1.0 and arm["entropy_mean"] > 0
+        assert arm["nfe"] == arm["steps"]
+        assert 0 < arm["forwards_per_sample"] <= arm["steps"]
+    assert report["real_data"]["gen_ppl"] == pytest.approx(tiny_language.perplexity(), rel=0.1)
+    assert "gen-PPL" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "--model", "teacher.pt"], "pickle"),
+        (["eval", "--model", "/nonexistent/dir"], "not found"),
+        (["eval", "--steps", "0"], "must be positive"),
+        (["eval", "--device", "cuda"], "no CUDA GPU"),
+        (
+            ["teacher", "train", "--out", "{tmp}/run", "--source", "gauss", "--steps", "1"],
+            "unknown source 'gauss'",
+        ),
+        (
+            ["teacher", "train", "--out", "{tmp}/run", "--scheduler", "cosine", "--steps", "1"],
+            "unknown scheduler 'cosine'",
+        ),
+        (["teacher", "train", "--out", "{tmp}/run", "--steps", "-3"], "must be a positive"),
+        (["teacher", "train", "--out", "{tmp}/run", "--corpus", "{tmp}/none"], "does not exist"),
+        (["data", "synthetic", "--out", "{tmp}/l.json", "--branching", "0"], "branching"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = _run(*args)
+    assert res.exit_code == 2, res.output
+    line = _error_line(res)
+    assert line.startswith("error: ") and message in line
+    assert "Traceback" not in res.output
+
+
+def test_missing_checkpoint_file_is_named(tmp_path, tiny_teacher, tiny_language):
+    from models.checkpoint import save_checkpoint
+
+    d = tmp_path / "teacher"
+    save_checkpoint(d, tiny_teacher, tiny_language.tokenizer())
+    (d / "config.json").unlink()
+    res = _run("eval", "--model", str(d))
+    assert res.exit_code == 2 and "lacks config.json" in _error_line(res)
+
+
+def test_data_synthetic_writes_a_language(tmp_path):
+    res = _run(
+        "data",
+        "synthetic",
+        "--out",
+        str(tmp_path / "lang.json"),
+        "--vocab-size",
+        "16",
+        "--num-states",
+        "4",
+        "--branching",
+        "3",
+        "--seq-len",
+        "8",
+    )
+    assert res.exit_code == 0, res.output
+    from models.data.synthetic import SyntheticLanguage
+
+    lang = SyntheticLanguage.load(tmp_path / "lang.json")
+    assert lang.vocab_size == 16 and lang.seq_len == 8
+    assert f"{lang.perplexity():.3f}" in res.output
+
+
+def test_console_script_is_installed_and_eval_does_not_import_ray():
+    res = subprocess.run(["tsdfm-pipeline", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "eval" in res.stdout
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from pipeline.cli import app\n"
+        "CliRunner().invoke(app, ['eval', '--steps', '1', '--samples', '2'])\n"
+        "assert 'ray' not in sys.modules, 'eval imported ray'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
