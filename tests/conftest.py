@@ -10,6 +10,9 @@ import torch
 from models.data.synthetic import LanguageConfig, SyntheticLanguage
 from models.flow_model import FlowModel, teacher_config
 
+# Tiny models run fastest on one thread, and CI has only two cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_language() -> SyntheticLanguage:

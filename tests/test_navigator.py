@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from models.errors import ConfigError
+from models.rng import CounterRNG
+from models.solver import rollout, sample, uniform_grid
+from pipeline.navigator import NavigatorConfig, navigate
+
+
+class TokenSumScorer:
+    """A deterministic energy: weighted sum of token ids ([MASK] counts as 0)."""
+
+    def __init__(self, vocab_size):
+        self.V = vocab_size
+        self.calls = []
+
+    def energy(self, x, t):
+        self.calls.append((x.shape[0], t))
+        w = torch.arange(1, x.shape[1] + 1, dtype=torch.float32)
+        return ((x % (self.V + 1)).float() * (x != self.V) * w).sum(1) / 100.0
+
+
+def _nav(teacher, scorer, seeds, **kw):
+    cfg = NavigatorConfig(**{"student_steps": 4, "teacher_steps": 32, "candidates": 3, **kw})
+    return navigate(teacher, scorer, teacher.path, seeds, teacher.config.seq_len, cfg), cfg
+
+
+def test_k1_equals_the_plain_teacher_sampler(tiny_teacher):
+    seeds = torch.arange(24) + 5
+    res, _ = _nav(tiny_teacher, None, seeds, candidates=1)
+    plain = sample(tiny_teacher, tiny_teacher.path, seeds, tiny_teacher.config.seq_len, 32)
+    assert torch.equal(res.states[:, -1], plain.x_1)
+    assert not res.shaped.any() and (res.chosen == 0).all() and (res.energies == 0).all()
+    # intermediate states are the teacher's states at the midpoints
+    rng = CounterRNG(seeds)
+    x = tiny_teacher.path.sample_source((24, tiny_teacher.config.seq_len), rng)
+    grid = uniform_grid(32)
+    x, _ = rollout(tiny_teacher, tiny_teacher.path, x, grid[:17], rng)
+    assert torch.equal(res.states[:, 2], x)
+    assert torch.allclose(res.times, torch.tensor([0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+
+
+def test_argmin_keeps_the_lowest_recorded_energy(tiny_teacher):
+    scorer = TokenSumScorer(tiny_teacher.config.vocab_size)
+    res, cfg = _nav(tiny_teacher, scorer, torch.arange(16))
+    assert res.shaped.all()
+    assert torch.equal(res.chosen, res.energies.argmin(dim=2))
+    # every shaped segment scored B·K candidates in one call at t_{k+1}
+    assert scorer.calls == [(48, 0.25), (48, 0.5), (48, 0.75), (48, 1.0)]
+    assert res.counters.extra["candidates"] == 16 * 3 * 4
+    for k in range(cfg.student_steps):
+        kept = scorer.energy(res.states[:, k + 1], 0.0)
+        torch.testing.assert_close(kept, res.energies[:, k].min(dim=1).values)
+
+
+def test_lane_zero_is_the_blind_continuation(tiny_teacher):
+    scorer = TokenSumScorer(tiny_teacher.config.vocab_size)
+    seeds = torch.arange(12)
+    shaped, _ = _nav(tiny_teacher, scorer, seeds)
+    blind, _ = _nav(tiny_teacher, None, seeds, candidates=1)
+    torch.testing.assert_close(shaped.energies[:, 0, 0], scorer.energy(blind.states[:, 1], 0.25))
+    # and the candidates really differ from each other
+    assert (shaped.energies[:, 0, 0] != shaped.energies[:, 0, 1]).any()
+
+
+def test_trajectories_do_not_depend_on_batch_mates(tiny_teacher):
+    scorer = TokenSumScorer(tiny_teacher.config.vocab_size)
+    both, _ = _nav(tiny_teacher, scorer, torch.tensor([3, 9]))
+    alone, _ = _nav(tiny_teacher, scorer, torch.tensor([9]))
+    assert torch.equal(both.states[1], alone.states[0])
+    assert torch.equal(both.chosen[1], alone.chosen[0])
+
+
+def test_tau_leaves_early_segments_blind(tiny_teacher):
+    scorer = TokenSumScorer(tiny_teacher.config.vocab_size)
+    res, _ = _nav(tiny_teacher, scorer, torch.arange(8), tau=0.5)
+    assert res.shaped.tolist() == [False, False, True, True]
+    assert (res.energies[:, :2] == 0).all() and (res.chosen[:, :2] == 0).all()
+    assert (res.energies[:, 2:] != 0).any()
+
+
+def test_softmax_selection_is_seeded_and_tends_to_argmin_at_low_temperature(tiny_teacher):
+    scorer = TokenSumScorer(tiny_teacher.config.vocab_size)
+    seeds = torch.arange(32)
+    a, _ = _nav(tiny_teacher, scorer, seeds, selection="softmax", temperature=1e-4)
+    low = a.energies.min(dim=2, keepdim=True).values
+    unique_min = (a.energies == low).sum(dim=2) == 1  # ties are broken at random by softmax
+    assert unique_min.float().mean() > 0.5
+    assert torch.equal(a.chosen[unique_min], a.energies.argmin(dim=2)[unique_min])
+    assert (a.energies.gather(2, a.chosen.unsqueeze(2)) == low).all()
+    hot1, _ = _nav(tiny_teacher, scorer, seeds, selection="softmax", temperature=100.0)
+    hot2, _ = _nav(tiny_teacher, scorer, seeds, selection="softmax", temperature=100.0)
+    assert torch.equal(hot1.chosen, hot2.chosen)
+    assert (hot1.chosen != hot1.energies.argmin(dim=2)).any()
+
+
+def test_bad_navigator_configs(tiny_teacher):
+    with pytest.raises(ConfigError, match="not divisible by student_steps"):
+        NavigatorConfig(student_steps=8, teacher_steps=100)
+    with pytest.raises(ConfigError, match="K=0 must be at least 1"):
+        NavigatorConfig(candidates=0)
+    with pytest.raises(ConfigError, match=r"tau=1.5 must lie in \[0, 1\]"):
+        NavigatorConfig(tau=1.5)
+    with pytest.raises(ConfigError, match="needs a compass"):
+        _nav(tiny_teacher, None, torch.arange(2))
