@@ -15,3 +15,7 @@ class CheckpointError(TsdfmError):
 
 class DataError(TsdfmError):
     """Training or evaluation data is missing or malformed."""
+
+
+class ShardError(DataError):
+    """A dataset shard or manifest is missing, corrupt or breaks the dataset contract."""

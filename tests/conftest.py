@@ -74,3 +74,47 @@ class JointOracle:
 @pytest.fixture()
 def oracle_factory():
     return JointOracle
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session: 2 CPUs and 2 fake GPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            num_gpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_teacher(tmp_path_factory, tiny_language):
+    """The tiny teacher saved as a checkpoint directory (random weights, fixed seed)."""
+    import json
+
+    from models.checkpoint import save_checkpoint
+    from models.train.common import seeded
+
+    cfg = teacher_config(
+        tiny_language.vocab_size,
+        tiny_language.seq_len,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        data={"kind": "synthetic", "language": "language.json"},
+    )
+    with seeded(0):
+        model = FlowModel(cfg).eval()
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)  # a peaked, non-uniform denoiser
+    d = tmp_path_factory.mktemp("ckpt") / "teacher"
+    save_checkpoint(
+        d, model, tiny_language.tokenizer(), {"language.json": json.dumps(tiny_language.to_dict())}
+    )
+    return d

@@ -1,0 +1,166 @@
+"""Pipeline benchmark: where actor time goes, the cost of K, worker scaling, bytes per row.
+
+    python benchmarks/build_bench.py            # bundled teacher + compass, CPU, ~10 minutes
+    python benchmarks/build_bench.py --quick    # smaller plan
+
+Measures (targets from issue 4; measured, never asserted):
+- share of actor wall time in teacher + compass forward passes (target ≥ 90%);
+- wall time of K=8 over K=1 at equal trajectories (target ≤ 8.4x);
+- throughput of 2 CPU workers over 1 (target ≥ 1.8x on 2 cores);
+- Parquet bytes per trajectory against the information minimum (target ≤ 1.5x): the final
+  tokens at ⌈log2 V⌉ bits each plus, for the mask source, the segment in which each position
+  was revealed at ⌈log2 (S+1)⌉ bits.
+
+Results: docs/results/build.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import bundled_path, load_checkpoint
+from pipeline.build import run_build
+from pipeline.config import BuildConfig
+from pipeline.navigator import NavigatorConfig
+
+
+def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str) -> dict:
+    root = tmp / name
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = run_build(cfg, str(root), device="cpu", num_workers=workers)
+    wall = time.perf_counter() - t0
+    c = summary.totals["counters"]
+    rows = summary.totals["rows"]
+    return {
+        "name": name,
+        "workers": workers,
+        "K": cfg.navigator.candidates,
+        "trajectories": rows,
+        "driver_wall_seconds": wall,
+        "execute_seconds": summary.execution.seconds,
+        "trajectories_per_second": rows / summary.execution.seconds,
+        "actor_build_seconds": c["build_seconds"],
+        "teacher_forward_seconds": c["teacher_forward_seconds"],
+        "compass_seconds": c["compass_seconds"],
+        "forward_share": (c["teacher_forward_seconds"] + c["compass_seconds"]) / c["build_seconds"],
+        "teacher_row_forwards_per_trajectory": c["teacher_row_forwards"] / rows,
+        "bytes": summary.totals["bytes"],
+        "bytes_per_trajectory": summary.totals["bytes"] / rows,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--teacher", default=str(bundled_path("teacher")))
+    ap.add_argument("--compass", default=str(bundled_path("compass")))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="docs/results/build")
+    args = ap.parse_args()
+
+    teacher = load_checkpoint(args.teacher)
+    V, L = teacher.config.vocab_size, teacher.config.seq_len
+    shards, per = (4, 8) if args.quick else (4, 32)
+    nav1 = NavigatorConfig(8, 1024, 1)
+    nav8 = NavigatorConfig(8, 1024, 8)
+    base = dict(
+        teacher=args.teacher, shards=shards, trajectories_per_shard=per, batch_size=per, seed=0
+    )
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        runs.append(_build(BuildConfig(**base, navigator=nav1), 1, tmp, "K=1, 1 worker"))
+        runs.append(_build(BuildConfig(**base, navigator=nav1), 2, tmp, "K=1, 2 workers"))
+        runs.append(
+            _build(
+                BuildConfig(**base, compass=args.compass, navigator=nav8), 1, tmp, "K=8, 1 worker"
+            )
+        )
+        runs.append(
+            _build(
+                BuildConfig(**base, compass=args.compass, navigator=nav8), 2, tmp, "K=8, 2 workers"
+            )
+        )
+    S = nav1.student_steps
+    info_bits = L * math.ceil(math.log2(V)) + L * math.ceil(math.log2(S + 1))
+    info_bytes = info_bits / 8
+    k1, k1w2, k8, k8w2 = runs
+    figures = {
+        "forward_share_K1": k1["forward_share"],
+        "forward_share_K8": k8["forward_share"],
+        "cost_K8_over_K1": k8["execute_seconds"] / k1["execute_seconds"],
+        "speedup_2_workers_K1": k1w2["trajectories_per_second"] / k1["trajectories_per_second"],
+        "speedup_2_workers_K8": k8w2["trajectories_per_second"] / k8["trajectories_per_second"],
+        "information_minimum_bytes": info_bytes,
+        "bytes_over_minimum_K1": k1["bytes_per_trajectory"] / info_bytes,
+        "bytes_over_minimum_K8": k8["bytes_per_trajectory"] / info_bytes,
+    }
+    result = {
+        "benchmark": "build",
+        "command": "python " + " ".join(sys.argv),
+        "teacher": teacher.identity,
+        "plan": {"shards": shards, "trajectories_per_shard": per, "S": 8, "N": 1024},
+        "device": {
+            "device": "cpu",
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads_per_worker": 1,
+            "python": platform.python_version(),
+        },
+        "runs": runs,
+        "figures": figures,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(_markdown(result))
+    print(out.with_suffix(".md").read_text())
+
+
+def _markdown(r: dict) -> str:
+    f = r["figures"]
+    lines = [
+        "# Build pipeline benchmark",
+        "",
+        f"Teacher `{r['teacher'][:23]}…`, plan {r['plan']}, device {r['device']}.",
+        "",
+        "| run | trajectories | traj/s | forward share | teacher forwards/traj | bytes/traj |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in r["runs"]:
+        lines.append(
+            f"| {run['name']} | {run['trajectories']} | {run['trajectories_per_second']:.3f} | "
+            f"{run['forward_share']:.1%} | {run['teacher_row_forwards_per_trajectory']:.0f} | "
+            f"{run['bytes_per_trajectory']:.0f} |"
+        )
+    lines += [
+        "",
+        "| figure | measured | target |",
+        "|---|---|---|",
+        f"| forward share of actor time (K=1 / K=8) | {f['forward_share_K1']:.1%} / "
+        f"{f['forward_share_K8']:.1%} | ≥ 90% |",
+        f"| cost of K=8 over K=1 | {f['cost_K8_over_K1']:.2f}x | ≤ 8.4x |",
+        f"| 2 workers over 1 (K=1 / K=8) | {f['speedup_2_workers_K1']:.2f}x / "
+        f"{f['speedup_2_workers_K8']:.2f}x | ≥ 1.8x |",
+        f"| bytes per trajectory over the information minimum ({f['information_minimum_bytes']:.0f}"
+        f" B) (K=1 / K=8) | {f['bytes_over_minimum_K1']:.2f}x / {f['bytes_over_minimum_K8']:.2f}x"
+        " | ≤ 1.5x |",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``tsdfm-pipeline build`` and ``inspect``: registered on the main typer app by pipeline.cli."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_OUT = "tsdfm-out/dataset"
+
+
+def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -> None:
+    """Add the build and inspect commands to ``app``."""
+
+    @app.command("build")
+    @user_errors
+    def build(
+        teacher: Annotated[
+            str | None,
+            typer.Option(help="Teacher checkpoint (dir or org/name[@rev]); default: bundled."),
+        ] = None,
+        compass: Annotated[
+            str | None,
+            typer.Option(help="Compass checkpoint; default: bundled when --teacher is not given."),
+        ] = None,
+        out: Annotated[str, typer.Option(help="Output folder or fsspec URL.")] = DEFAULT_OUT,
+        shards: Annotated[int, typer.Option(help="Number of Parquet shards.")] = 4,
+        trajectories_per_shard: Annotated[int, typer.Option(help="Rows per shard.")] = 16,
+        batch_size: Annotated[int, typer.Option(help="Trajectories navigated together.")] = 16,
+        student_steps: Annotated[int, typer.Option("--student-steps", "-S")] = 8,
+        teacher_steps: Annotated[int, typer.Option("--teacher-steps", "-N")] = 1024,
+        k: Annotated[
+            int, typer.Option("--k", "-K", help="Candidates per midpoint; 1 = blind.")
+        ] = 8,
+        tau: Annotated[float, typer.Option(help="Shape segments starting at t ≥ tau.")] = 0.0,
+        selection: Annotated[str, typer.Option(help="argmin or softmax")] = "argmin",
+        temperature: Annotated[float, typer.Option(help="Softmax selection temperature.")] = 1.0,
+        seed: int = 0,
+        precision: Annotated[str, typer.Option(help="fp32 or bf16 (CUDA)")] = "fp32",
+        device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+        num_workers: Annotated[
+            int | None, typer.Option(help="Actors; default: one per GPU, else one per CPU.")
+        ] = None,
+        address: Annotated[
+            str | None, typer.Option(help="Join this Ray cluster (host:port or 'auto').")
+        ] = None,
+        overwrite: Annotated[
+            bool, typer.Option(help="Delete a different dataset at --out and start over.")
+        ] = False,
+        max_retries: Annotated[int, typer.Option(help="Retries of a shard whose worker died.")] = 3,
+    ) -> None:
+        """Build a trajectory dataset: Ray actors run the teacher with energy-guided midpoint
+        search and write sharded Parquet (resumable: rerun the same command)."""
+        from models.errors import ConfigError
+        from pipeline.build import run_build
+        from pipeline.config import BuildConfig
+        from pipeline.navigator import NavigatorConfig
+
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+        if teacher is None:
+            from models.checkpoint import bundled_path
+
+            teacher = default_teacher()
+            if compass is None and k > 1:
+                compass = str(bundled_path("compass"))
+        nav = NavigatorConfig(student_steps, teacher_steps, k, tau, selection, temperature)
+        cfg = BuildConfig(
+            teacher, compass, shards, trajectories_per_shard, batch_size, nav, seed, precision
+        )
+        with progress_factory() as bar:
+            task = bar.add_task("building", total=cfg.total_trajectories, info="")
+
+            state = {"before": 0}
+
+            def on_plan(todo, done, corrupt):
+                if done:
+                    bar.console.print(f"resuming: {len(done)} shard(s) already committed")
+                if corrupt:
+                    bar.console.print(f"rebuilding corrupt shard(s): {corrupt}")
+                state["before"] = len(done) * cfg.trajectories_per_shard
+                bar.update(task, completed=state["before"])
+
+            def on_progress(p):
+                rate = p.trajectories / max(p.seconds, 1e-9)
+                info = f"{rate:.2f} traj/s"
+                if p.energy_gain is not None:
+                    info += f"  energy gain {p.energy_gain:.3f}"
+                if p.retries:
+                    info += f"  retries {p.retries}"
+                bar.update(task, completed=state["before"] + p.trajectories, info=info)
+
+            summary = run_build(
+                cfg,
+                out,
+                overwrite=overwrite,
+                address=address,
+                device=device,
+                num_workers=num_workers,
+                max_retries=max_retries,
+                progress=on_progress,
+                on_plan=on_plan,
+            )
+        t = summary.totals
+        c = t.get("counters", {})
+        typer.echo(f"dataset: {out}  ({summary.fingerprint[:23]}…)")
+        typer.echo(
+            f"shards {t['shards']}/{cfg.shards}  rows {t['rows']}  bytes {t['bytes']:,}  "
+            f"built {len(summary.built)}  skipped {len(summary.skipped)}"
+        )
+        if summary.execution is not None:
+            ex = summary.execution
+            typer.echo(
+                f"{summary.trajectories_per_second:.2f} trajectories/s on {ex.workers} "
+                f"{ex.device} worker(s); retries {ex.retries}; "
+                f"teacher forward {c.get('teacher_forward_seconds', 0):.1f}s, "
+                f"compass {c.get('compass_seconds', 0):.1f}s"
+            )
+
+    @app.command("inspect")
+    @user_errors
+    def inspect(
+        path: Annotated[Path, typer.Argument(help="Dataset folder.")],
+        example: Annotated[int, typer.Option(help="Trajectory id to show step by step.")] = 0,
+    ) -> None:
+        """Schema, counts, provenance, energy and entropy statistics, and one decoded
+        trajectory shown step by step."""
+        from pipeline.inspect import inspect_dataset
+
+        typer.echo(inspect_dataset(str(path), example))

@@ -1,0 +1,91 @@
+"""The build config and its fingerprint.
+
+Everything that decides the bytes of a shard is in :class:`BuildConfig` (together with the
+identities of the teacher and compass checkpoints); where the output goes and how many workers
+run it are not. The fingerprint is the sha256 of the canonical JSON of those content-defining
+values, and it identifies the dataset: a rerun into the same folder resumes only if it matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from models.errors import ConfigError
+from pipeline.navigator import NavigatorConfig
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A trajectory dataset build.
+
+    Args:
+        teacher: teacher checkpoint (directory or org/name[@rev]).
+        compass: compass checkpoint, or None for a blind (K = 1) dataset.
+        shards: number of Parquet shards.
+        trajectories_per_shard: rows per shard.
+        batch_size: trajectories navigated together (the B of B·K rows per forward pass).
+        navigator: S, N, K, τ, selection, temperature.
+        seed: dataset seed; trajectory i has seed ``seed · 2^32 + i``.
+        precision: fp32, or bf16 autocast on CUDA.
+    """
+
+    teacher: str
+    compass: str | None = None
+    shards: int = 4
+    trajectories_per_shard: int = 32
+    batch_size: int = 32
+    navigator: NavigatorConfig = field(default_factory=NavigatorConfig)
+    seed: int = 0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "trajectories_per_shard", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.shards > 99999:
+            raise ConfigError(f"shards={self.shards} exceeds the 5-digit shard names (99999)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r}; use fp32 or bf16")
+        if self.navigator.candidates > 1 and self.compass is None:
+            raise ConfigError(
+                f"K={self.navigator.candidates} candidates need a compass to choose between "
+                "them; pass --compass CKPT or use --k 1 for a blind dataset"
+            )
+        if self.seed < 0 or self.seed >= 2**30:
+            raise ConfigError(f"seed={self.seed} must lie in [0, 2^30)")
+
+    @property
+    def total_trajectories(self) -> int:
+        return self.shards * self.trajectories_per_shard
+
+    def trajectory_seed(self, trajectory_id: int) -> int:
+        return self.seed * 2**32 + trajectory_id
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> BuildConfig:
+        d = dict(d)
+        d["navigator"] = NavigatorConfig(**d.get("navigator", {}))
+        return BuildConfig(**d)
+
+    def content(self, teacher_identity: str, compass_identity: str | None) -> dict:
+        """The values that decide a shard's bytes (checkpoint specs replaced by identities)."""
+        d = self.to_dict()
+        d.pop("teacher")
+        d.pop("compass")
+        d["teacher_identity"] = teacher_identity
+        d["compass_identity"] = compass_identity
+        return d
+
+    def fingerprint(self, teacher_identity: str, compass_identity: str | None) -> str:
+        blob = json.dumps(
+            self.content(teacher_identity, compass_identity), sort_keys=True, separators=(",", ":")
+        )
+        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,256 @@
+"""Run a build on Ray: one actor per GPU (or CPU actors), dynamic shard scheduling, retries.
+
+The driver owns the plan and the manifest; actors own the models and write shards straight to
+the output (local path or fsspec URL shared by all nodes). Shards go to whichever actor is free.
+An actor that dies loses only its shard in flight: Ray restarts the actor (bounded) and the
+shard is queued again for any free actor, at most ``max_retries`` times, after which the build
+fails naming the shard and the cause. Completion is recorded in the manifest only after the
+shard's bytes were committed by rename.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.errors import ConfigError, TsdfmError
+from pipeline.config import BuildConfig
+from pipeline.worker import ShardBuilder, ShardResult
+
+
+class BuildError(TsdfmError):
+    """The build could not finish (a shard kept failing, no worker left, Ray unreachable)."""
+
+
+@dataclass
+class Progress:
+    """What the progress callback receives after every committed shard."""
+
+    done_shards: int
+    total_shards: int
+    trajectories: int
+    total_trajectories: int
+    seconds: float
+    energy_gain: float | None
+    retries: int
+    event: str = ""
+
+
+@dataclass
+class ExecutionReport:
+    results: dict[int, ShardResult] = field(default_factory=dict)
+    retries: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    seconds: float = 0.0
+
+
+class ShardActor:
+    """Ray actor body: a ShardBuilder on the GPU Ray assigned to it (or on the CPU)."""
+
+    def __init__(self, cfg_dict: dict, root: str, device: str, threads: int | None):
+        import os
+
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            device = "cpu"  # fake GPUs in tests: CUDA_VISIBLE_DEVICES is set, CUDA is not there
+        self.device = device
+        self.builder = ShardBuilder(BuildConfig.from_dict(cfg_dict), root, device)
+        self.pid = os.getpid()
+
+    def info(self) -> dict:
+        import os
+
+        return {
+            "pid": self.pid,
+            "device": self.device,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def build(self, index: int) -> ShardResult:
+        return self.builder.build(index)
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at ``address`` or start a local one (reuse one already running)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address and address != "auto":
+        _probe(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        else:
+            ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = address or "a local cluster"
+        raise BuildError(
+            f"could not connect to Ray at {where} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "check --address (host:port of a running head node) or omit it to start locally"
+        ) from None
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail fast when nothing listens at host:port (ray.init would retry for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not host:port (e.g. 10.0.0.5:6379 or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise BuildError(
+            f"no Ray head node reachable at {address} ({e.strerror or type(e).__name__}); "
+            "start one with `ray start --head` or omit --address to run locally"
+        ) from None
+
+
+def plan_workers(device: str, num_workers: int | None) -> tuple[str, int, dict]:
+    """Decide the actor kind and count from the cluster's resources.
+
+    Returns (device, workers, ray actor options).
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if device == "cuda" and gpus == 0:
+        raise ConfigError(
+            "--device cuda but the Ray cluster has no GPUs; use --device cpu or join a GPU "
+            "cluster with --address"
+        )
+    if device in ("cuda", "auto") and gpus > 0:
+        workers = num_workers or gpus
+        if workers > gpus:
+            raise ConfigError(
+                f"--num-workers {workers} exceeds the cluster's {gpus} GPUs; each GPU worker "
+                "needs its own GPU"
+            )
+        return "cuda", workers, {"num_gpus": 1, "num_cpus": 0}
+    workers = num_workers or max(1, cpus)
+    return "cpu", workers, {"num_cpus": 1}
+
+
+def execute(
+    cfg: BuildConfig,
+    root: str,
+    todo: list[int],
+    on_result: Callable[[ShardResult], None],
+    device: str = "auto",
+    num_workers: int | None = None,
+    max_retries: int = 3,
+    progress: Callable[[Progress], None] | None = None,
+) -> ExecutionReport:
+    """Build the shards in ``todo`` on Ray actors; ``on_result`` records each committed shard.
+
+    Ray must already be connected (see :func:`connect`).
+    """
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    device, workers, options = plan_workers(device, num_workers)
+    workers = min(workers, max(1, len(todo)))
+    threads = 1 if device == "cpu" else None
+    Actor = ray.remote(max_restarts=max_retries, max_task_retries=0)(ShardActor)
+    actors = [
+        Actor.options(**options).remote(cfg.to_dict(), root, device, threads)
+        for _ in range(workers)
+    ]
+    report = ExecutionReport(workers=workers, device=device)
+    queue: deque[int] = deque(todo)
+    attempts: dict[int, int] = {}
+    deaths: dict[int, int] = {}
+    idle = deque(actors)
+    in_flight: dict[Any, tuple[int, Any]] = {}
+    start = time.perf_counter()
+    trajectories = 0
+    gains: list[float] = []
+    try:
+        while queue or in_flight:
+            while queue and idle:
+                index = queue.popleft()
+                actor = idle.popleft()
+                in_flight[actor.build.remote(index)] = (index, actor)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            index, actor = in_flight.pop(ref)
+            try:
+                result: ShardResult = ray.get(ref)
+            except RayActorError as e:
+                attempts[index] = attempts.get(index, 0) + 1
+                report.retries += 1
+                if attempts[index] > max_retries:
+                    raise BuildError(
+                        f"shard {index} failed {attempts[index]} times; last cause: worker "
+                        f"died ({_first_line(e)})"
+                    ) from None
+                queue.appendleft(index)
+                deaths[id(actor)] = deaths.get(id(actor), 0) + 1
+                if deaths[id(actor)] <= max_retries:
+                    idle.append(actor)  # Ray restarts it; calls wait until it is back
+                if not idle and not in_flight:
+                    raise BuildError(
+                        f"every worker died; shard {index} was in flight on the last one "
+                        f"({_first_line(e)})"
+                    ) from None
+                if progress:
+                    progress(
+                        _progress(
+                            report,
+                            cfg,
+                            trajectories,
+                            start,
+                            gains,
+                            f"worker died, shard {index} queued again",
+                        )
+                    )
+                continue
+            except RayTaskError as e:
+                cause = e.cause if isinstance(e.cause, Exception) else e
+                if isinstance(cause, TsdfmError):
+                    raise cause from None
+                raise BuildError(
+                    f"shard {index} failed: {type(cause).__name__}: {_first_line(cause)}"
+                ) from None
+            idle.append(actor)
+            on_result(result)
+            report.results[index] = result
+            trajectories += result.info.rows
+            if "energy_gain" in result.stats:
+                gains.append(result.stats["energy_gain"])
+            if progress:
+                progress(_progress(report, cfg, trajectories, start, gains, f"shard {index}"))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress(report, cfg, trajectories, start, gains, event) -> Progress:
+    return Progress(
+        done_shards=len(report.results),
+        total_shards=cfg.shards,
+        trajectories=trajectories,
+        total_trajectories=cfg.total_trajectories,
+        seconds=time.perf_counter() - start,
+        energy_gain=sum(gains) / len(gains) if gains else None,
+        retries=report.retries,
+        event=event,
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

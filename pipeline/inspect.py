@@ -1,0 +1,108 @@
+"""``tsdfm-pipeline inspect``: what a trajectory dataset holds, as text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.errors import DataError
+from pipeline.manifest import Manifest
+from pipeline.schema import from_arrow
+from pipeline.shards import read_shard, shard_name
+
+
+def _tokenizer(config: dict):
+    """The teacher's tokenizer, if its checkpoint is reachable locally (else None)."""
+    teacher = Path(str(config.get("teacher", "")))
+    path = teacher / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def _render(ids, tokenizer, mask_id: int | None, width: int = 24) -> str:
+    ids = [int(i) for i in ids[:width]]
+    if tokenizer is None:
+        words = ["_" if i == mask_id else str(i) for i in ids]
+    else:
+        words = ["_" if i == mask_id else tokenizer.id_to_token(i) or "?" for i in ids]
+    return " ".join(words) + (" …" if len(ids) == width else "")
+
+
+def inspect_dataset(root: str, example: int = 0) -> str:
+    """A human-readable report of the dataset at ``root``."""
+    if not Manifest.exists(root):
+        raise DataError(
+            f"{root} has no manifest.json: not a tsdfm trajectory dataset (build one with "
+            "`tsdfm-pipeline build`)"
+        )
+    m = Manifest.load(root)
+    committed = m.committed()
+    if not committed:
+        raise DataError(f"{root} has no committed shards yet; run or resume the build")
+    totals = m.totals()
+    c = totals.get("counters", {})
+    nav = m.plan["config"]["navigator"]
+    lines = [
+        f"dataset: {root}",
+        f"fingerprint: {m.fingerprint}",
+        f"shards: {len(committed)}/{m.num_shards} committed, rows {totals['rows']}, "
+        f"bytes {totals['bytes']:,} ({totals['bytes'] / max(totals['rows'], 1):,.0f} per "
+        "trajectory)",
+        f"navigator: S={nav['student_steps']} N={nav['teacher_steps']} K={nav['candidates']} "
+        f"tau={nav['tau']} selection={nav['selection']}",
+    ]
+    shard = (
+        committed[0]
+        if example // m.rows_per_shard not in committed
+        else (example // m.rows_per_shard)
+    )
+    table, meta = read_shard(root, shard_name(shard, m.num_shards))
+    lines += [
+        f"teacher: {meta.get('teacher_identity')}",
+        f"compass: {meta.get('compass_identity')}",
+        f"tokenizer: {meta.get('tokenizer_identity')}",
+        f"package: {meta.get('package_version')}, schema v{meta.get('schema_version')}",
+        "counters: "
+        + ", ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(c.items())
+        ),
+    ]
+    stats = [m.shard(i)["stats"] for i in committed]
+    gains = [s["energy_gain"] for s in stats if "energy_gain" in s]
+    ent = [s["mean_final_unigram_entropy"] for s in stats if "mean_final_unigram_entropy" in s]
+    if gains:
+        chosen = sum(s["mean_chosen_energy"] for s in stats if "energy_gain" in s) / len(gains)
+        cand = sum(s["mean_candidate_energy"] for s in stats if "energy_gain" in s) / len(gains)
+        lines.append(
+            f"energy: mean chosen {chosen:.4f}, mean candidate {cand:.4f}, "
+            f"gain {sum(gains) / len(gains):.4f}"
+        )
+    else:
+        lines.append("energy: not shaped (K=1 or tau=1)")
+    if ent:
+        lines.append(f"final unigram entropy: {sum(ent) / len(ent):.4f} nats (mean per sample)")
+    lines.append("schema:")
+    lines += [f"  {f.name}: {f.type}" for f in table.schema]
+    batch = from_arrow(table, num_candidates=nav["candidates"])
+    rows = [i for i, t in enumerate(batch.trajectory_id.tolist()) if t == example] or [0]
+    r = rows[0]
+    tokenizer = _tokenizer(meta.get("config", {}))
+    mask_id = _mask_id(batch.states)
+    lines.append(f"trajectory {int(batch.trajectory_id[r])} (seed {int(batch.seed[r])}):")
+    for k, t in enumerate(batch.times.tolist()):
+        label = f"  t={t:.3f}"
+        if k > 0 and bool(batch.shaped[k - 1]):
+            e = batch.energies[r, k - 1]
+            j = int(batch.chosen[r, k - 1])
+            label += f" [kept {j}: {e[j]:.3f} of " + ", ".join(f"{x:.3f}" for x in e) + "]"
+        lines.append(label)
+        lines.append("      " + _render(batch.states[r, k], tokenizer, mask_id))
+    return "\n".join(lines)
+
+
+def _mask_id(states) -> int | None:
+    """Under the mask source the first state is all [MASK]: a single repeated id."""
+    first = states[:, 0]
+    return int(first.flat[0]) if (first == first.flat[0]).all() else None

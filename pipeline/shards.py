@@ -1,0 +1,322 @@
+"""Shard files: deterministic names, deterministic bytes, temp-file-then-rename commits.
+
+A shard is ``data/train-{i:05d}-of-{n:05d}.parquet`` under the dataset root, which is a local
+path or any fsspec URL (``s3://bucket/ds``, ``gs://…``, ``memory://…``). It is written to a
+hidden temporary name in the same folder (``.train-00003-of-00008.parquet.tmp-<unique>``) and
+renamed to its final name only once complete, so a reader never sees a partial shard under the
+final name. On a local filesystem the rename is atomic (``os.replace``) and the bytes are
+fsynced first; on object stores fsspec's rename is a copy + delete, which is not atomic but
+still never exposes a partial object under the final key (the copy is server-side and whole).
+
+The same rows and metadata give a byte-identical file: row groups have a fixed number of rows
+(not tied to how the rows were batched), and Parquet records no timestamps; only the writer
+version (``created_by``) is embedded, so the bytes depend on the pyarrow version.
+
+Parquet options (DESIGN §5): zstd, content-defined chunking, a page index, row groups capped
+well under 100 MB, file-level key-value metadata ``tsdfm`` = canonical JSON of the shard's
+metadata (never the key ``huggingface``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from models.errors import ShardError
+from pipeline.schema import (
+    METADATA_KEY,
+    SCHEMA_VERSION,
+    TrajectoryBatch,
+    to_arrow,
+    trajectory_schema,
+)
+
+DATA_DIR = "data"
+MAX_SHARDS = 99_999
+COMPRESSION = "zstd"
+COMPRESSION_LEVEL = 3
+ROW_GROUP_TARGET_BYTES = 32 * 2**20  # uncompressed estimate; compressed groups are smaller
+MAX_ROW_GROUP_ROWS = 65_536
+_CHUNK = 2**20
+_TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]+$")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A committed shard.
+
+    Attributes:
+        index: shard index i.
+        path: path relative to the dataset root, ``data/train-{i:05d}-of-{n:05d}.parquet``.
+        rows: number of trajectories.
+        bytes: file size.
+        sha256: hex digest of the file's bytes.
+    """
+
+    index: int
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if self.index < 0 or self.rows < 0 or self.bytes <= 0:
+            raise ShardError(f"invalid ShardInfo {self}")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ShardError(f"ShardInfo.sha256 {self.sha256!r} is not a sha256 hex digest")
+
+
+def shard_name(i: int, n: int) -> str:
+    """``data/train-{i:05d}-of-{n:05d}.parquet``, the Hub's split-file naming."""
+    if not 1 <= n <= MAX_SHARDS:
+        raise ShardError(f"number of shards {n} is outside [1, {MAX_SHARDS}]")
+    if not 0 <= i < n:
+        raise ShardError(f"shard index {i} is outside [0, {n})")
+    return f"{DATA_DIR}/train-{i:05d}-of-{n:05d}.parquet"
+
+
+def open_root(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path without protocol) of a dataset root given as a path or fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(str(root))
+    return fs, path.rstrip("/") or "/"
+
+
+def _join(base: str, rel: str) -> str:
+    return f"{base.rstrip('/')}/{rel}"
+
+
+def canonical_json(obj: Any, what: str = "shard metadata") -> bytes:
+    """Sorted keys, no whitespace, strict JSON (no NaN): the same object gives the same bytes."""
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise ShardError(
+            f"{what} is not plain JSON ({e}); use str, finite numbers, lists and dicts"
+        ) from None
+
+
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Hex sha256 of a file's bytes, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _temp_path(final: str) -> str:
+    folder, _, base = final.rpartition("/")
+    return f"{folder}/.{base}.tmp-{uuid.uuid4().hex[:16]}"
+
+
+def _commit(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
+    """Rename tmp → final (atomic on local disks; copy + delete on object stores)."""
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, final)
+        fd = os.open(os.path.dirname(final), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the rename itself durable
+        finally:
+            os.close(fd)
+    else:
+        fs.mv(tmp, final)
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except OSError:
+        pass  # best effort: cleanup_temp removes leftovers on the next run
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, final: str, write) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``final``, then rename it to ``final``.
+
+    On any error the temp file is removed and ``final`` is left as it was.
+    """
+    folder = final.rpartition("/")[0]
+    fs.makedirs(folder, exist_ok=True)
+    tmp = _temp_path(final)
+    try:
+        with fs.open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            if isinstance(fs, LocalFileSystem):
+                os.fsync(f.fileno())
+        _commit(fs, tmp, final)
+    except BaseException:
+        _remove_quietly(fs, tmp)
+        raise
+
+
+def default_row_group_rows(first: pa.Table) -> int:
+    """Rows per row group from the row shape of the shard (S, L, K), not from its content.
+
+    The estimate counts the fixed-size columns twice (a margin for the text column) so that a
+    group stays under ROW_GROUP_TARGET_BYTES uncompressed, far below the 100 MB Hub limit.
+    """
+    row = first.slice(0, 1).to_pylist()[0]
+    fixed = 8 + 4 + 8 + 4 * len(row["times"]) + 2 * len(row["chosen"])
+    fixed += 4 * sum(len(s) for s in row["states"]) + 4 * sum(len(e) for e in row["energies"])
+    return max(1, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_TARGET_BYTES // (2 * fixed)))
+
+
+def _as_table(item: TrajectoryBatch | pa.Table | pa.RecordBatch, index: int) -> pa.Table:
+    if isinstance(item, TrajectoryBatch):
+        table = pa.Table.from_batches([to_arrow(item)])
+    elif isinstance(item, (pa.Table, pa.RecordBatch)):
+        table = item if isinstance(item, pa.Table) else pa.Table.from_batches([item])
+        if not table.schema.equals(trajectory_schema()):
+            raise ShardError(
+                f"rows for shard {index} do not have the trajectory schema v{SCHEMA_VERSION}; "
+                "build them with pipeline.schema.to_arrow"
+            )
+    else:
+        raise ShardError(
+            f"write_shard takes TrajectoryBatch or pyarrow tables, got {type(item).__name__}"
+        )
+    if table.num_rows:
+        shards = table.column("shard")
+        bad = pc.not_equal(shards, pa.scalar(index, pa.int32()))
+        if pc.any(bad).as_py():
+            raise ShardError(f"rows of shard {index} carry other shard indices")
+    return table.replace_schema_metadata(None)
+
+
+def write_shard(
+    root: str,
+    index: int,
+    num_shards: int,
+    batches: Iterable[TrajectoryBatch | pa.Table | pa.RecordBatch],
+    metadata: dict[str, Any],
+    *,
+    row_group_rows: int | None = None,
+) -> ShardInfo:
+    """Write shard ``index`` of ``num_shards`` under ``root`` and commit it by rename.
+
+    Rows are buffered and written in row groups of exactly ``row_group_rows`` rows (the last
+    one shorter), so the file depends only on the rows, not on how they were batched.
+
+    Args:
+        root: dataset root, a local path or fsspec URL.
+        index, num_shards: the shard's place in the plan.
+        batches: the rows in order, as TrajectoryBatch or tables of the trajectory schema.
+        metadata: JSON object stored as file metadata ``tsdfm``; ``schema_version``, ``shard``
+            and ``num_shards`` are added when absent.
+        row_group_rows: rows per row group; default from the row shape (≤ 32 MB per group).
+
+    Returns:
+        ShardInfo with the relative path, row count, size and sha256 of the committed file.
+    """
+    name = shard_name(index, num_shards)
+    if row_group_rows is not None and row_group_rows < 1:
+        raise ShardError(f"row_group_rows must be ≥ 1, got {row_group_rows}")
+    if not isinstance(metadata, dict):
+        raise ShardError(f"shard metadata must be a dict, got {type(metadata).__name__}")
+    meta = {"schema_version": SCHEMA_VERSION, "shard": index, "num_shards": num_shards}
+    for key, value in meta.items():
+        if key in metadata and metadata[key] != value:
+            raise ShardError(f"shard metadata says {key}={metadata[key]!r}, the shard is {value}")
+    payload = canonical_json({**metadata, **meta})
+    fs, base = open_root(root)
+    final = _join(base, name)
+    schema = trajectory_schema()
+    rows = 0
+
+    def write(f) -> None:
+        nonlocal rows
+        with pq.ParquetWriter(
+            f,
+            schema,
+            compression=COMPRESSION,
+            compression_level=COMPRESSION_LEVEL,
+            use_content_defined_chunking=True,
+            write_page_index=True,
+        ) as writer:
+            group = row_group_rows
+            pending: list[pa.Table] = []
+            buffered = 0
+            for item in batches:
+                table = _as_table(item, index)
+                if not table.num_rows:
+                    continue
+                group = group or default_row_group_rows(table)
+                pending.append(table)
+                buffered += table.num_rows
+                while buffered >= group:
+                    full = pa.concat_tables(pending)
+                    # one contiguous chunk per column: page and CDC boundaries then depend
+                    # on the rows only, not on how the caller batched them
+                    writer.write_table(full.slice(0, group).combine_chunks(), group)
+                    rest = full.slice(group)
+                    pending, buffered = [rest], rest.num_rows
+                    rows += group
+            if buffered:
+                writer.write_table(pa.concat_tables(pending).combine_chunks(), buffered)
+                rows += buffered
+            writer.add_key_value_metadata({METADATA_KEY.decode(): payload.decode()})
+
+    atomic_write(fs, final, write)
+    return ShardInfo(index, name, rows, fs.size(final), file_sha256(fs, final))
+
+
+def read_shard(root: str, name: str) -> tuple[pa.Table, dict[str, Any]]:
+    """(rows, ``tsdfm`` metadata) of the shard at ``root/name``; the table has no metadata."""
+    fs, base = open_root(root)
+    path = _join(base, name)
+    if not fs.exists(path):
+        raise ShardError(f"shard {path} does not exist: rerun the build to (re)write it")
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            kv = pf.metadata.metadata or {}
+            table = pf.read()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"{path} is not a readable Parquet file ({e}): rebuild it") from None
+    if METADATA_KEY not in kv:
+        raise ShardError(
+            f"{path} has no '{METADATA_KEY.decode()}' metadata: it was not written by "
+            "tsdfm-pipeline"
+        )
+    try:
+        meta = json.loads(kv[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: '{METADATA_KEY.decode()}' metadata is not JSON ({e})") from None
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ShardError(
+            f"{path} uses dataset schema v{version}, this tsdfm-pipeline reads "
+            f"v{SCHEMA_VERSION}: install the version that wrote it"
+        )
+    return table.replace_schema_metadata(None), meta
+
+
+def cleanup_temp(root: str) -> list[str]:
+    """Remove temp files left by crashed writers under ``root`` and ``root/data``.
+
+    Call it at the start of a build, before any writer runs: a live writer's temp file
+    matches too. Returns the removed paths.
+    """
+    fs, base = open_root(root)
+    removed = []
+    for folder in (base, _join(base, DATA_DIR)):
+        if not fs.isdir(folder):
+            continue
+        for path in fs.ls(folder, detail=False):
+            if _TEMP.match(path.rstrip("/").rpartition("/")[2]):
+                fs.rm(path)
+                removed.append(path)
+    return sorted(removed)

@@ -1,0 +1,193 @@
+"""`build` on a real local Ray cluster with tiny models: determinism, resume, failures."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from models.errors import ConfigError
+from pipeline.build import run_build
+from pipeline.config import BuildConfig
+from pipeline.manifest import Manifest
+from pipeline.navigator import NavigatorConfig
+from pipeline.shards import read_shard
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _cfg(teacher, **kw):
+    nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=1)
+    base = dict(
+        teacher=str(teacher),
+        shards=4,
+        trajectories_per_shard=6,
+        batch_size=4,
+        navigator=nav,
+        seed=1,
+    )
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+def _checksums(root):
+    m = Manifest.load(str(root))
+    return {i: m.shard(i)["sha256"] for i in range(m.num_shards)}
+
+
+def _all_ids(root, n):
+    ids = []
+    for i in range(n):
+        table, meta = read_shard(str(root), f"data/train-{i:05d}-of-{n:05d}.parquet")
+        ids += table.column("trajectory_id").to_pylist()
+        assert meta["shard"] == i
+    return ids
+
+
+def test_build_twice_gives_identical_shards(tmp_path, saved_tiny_teacher):
+    cfg = _cfg(saved_tiny_teacher)
+    a = run_build(cfg, str(tmp_path / "a"), num_workers=2, device="cpu")
+    b = run_build(cfg, str(tmp_path / "b"), num_workers=1, device="cpu")
+    assert a.fingerprint == b.fingerprint
+    assert _checksums(tmp_path / "a") == _checksums(tmp_path / "b")
+    assert sorted(_all_ids(tmp_path / "a", 4)) == list(range(24))
+    assert a.totals["rows"] == 24 and a.totals["counters"]["trajectories"] == 24
+    # rerunning a finished build skips every shard
+    again = run_build(cfg, str(tmp_path / "a"), num_workers=2, device="cpu")
+    assert again.built == [] and again.skipped == [0, 1, 2, 3]
+
+
+def test_fake_gpus_give_each_actor_its_own_device(ray_cluster):
+    import ray
+
+    from pipeline.executor import plan_workers
+
+    device, workers, options = plan_workers("auto", None)
+    assert (device, workers, options) == ("cuda", 2, {"num_gpus": 1, "num_cpus": 0})
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    class Probe:
+        def visible(self):
+            return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    probes = [Probe.remote() for _ in range(2)]
+    seen = ray.get([p.visible.remote() for p in probes])
+    assert sorted(seen) == ["0", "1"]
+    for p in probes:
+        ray.kill(p)
+
+
+def test_gpu_build_on_fake_gpus_matches_cpu_build(tmp_path, saved_tiny_teacher):
+    cfg = _cfg(saved_tiny_teacher, shards=2)
+    run_build(cfg, str(tmp_path / "gpu"), device="auto")  # 2 fake-GPU actors, CPU compute
+    run_build(cfg, str(tmp_path / "cpu"), device="cpu", num_workers=1)
+    assert _checksums(tmp_path / "gpu") == _checksums(tmp_path / "cpu")
+
+
+def test_corrupt_shard_is_detected_and_rebuilt(tmp_path, saved_tiny_teacher):
+    cfg = _cfg(saved_tiny_teacher)
+    root = tmp_path / "ds"
+    run_build(cfg, str(root), num_workers=2, device="cpu")
+    good = _checksums(root)
+    shard = root / "data/train-00002-of-00004.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    (root / "data/train-00000-of-00004.parquet").unlink()
+    seen = {}
+    res = run_build(
+        cfg,
+        str(root),
+        num_workers=2,
+        device="cpu",
+        on_plan=lambda todo, done, corrupt: seen.update(todo=todo, corrupt=corrupt),
+    )
+    assert seen == {"todo": [0, 2], "corrupt": [0, 2]}
+    assert res.built == [0, 2] and _checksums(root) == good
+
+
+def test_changed_config_is_refused_unless_overwrite(tmp_path, saved_tiny_teacher):
+    root = tmp_path / "ds"
+    run_build(_cfg(saved_tiny_teacher, shards=2), str(root), device="cpu")
+    with pytest.raises(ConfigError, match="holds a dataset with fingerprint"):
+        run_build(_cfg(saved_tiny_teacher, shards=2, seed=2), str(root), device="cpu")
+    res = run_build(
+        _cfg(saved_tiny_teacher, shards=2, seed=2), str(root), device="cpu", overwrite=True
+    )
+    assert res.built == [0, 1]
+
+
+def test_output_holding_other_files_is_refused(tmp_path, saved_tiny_teacher):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no tsdfm dataset"):
+        run_build(_cfg(saved_tiny_teacher), str(tmp_path), device="cpu")
+    with pytest.raises(ConfigError, match=r"has no GPUs|needs its own GPU"):
+        run_build(_cfg(saved_tiny_teacher), str(tmp_path / "x"), device="cuda", num_workers=3)
+
+
+@pytest.mark.slow
+def test_killed_worker_loses_only_its_shard(tmp_path, saved_tiny_teacher):
+    """SIGKILL a worker process mid-build: the build completes, every trajectory once, and the
+    shards equal an uninterrupted build's."""
+    import psutil
+
+    cfg = _cfg(
+        saved_tiny_teacher,
+        shards=6,
+        trajectories_per_shard=8,
+        navigator=NavigatorConfig(student_steps=4, teacher_steps=128, candidates=1),
+    )
+    reference = tmp_path / "reference"
+    run_build(cfg, str(reference), num_workers=2, device="cpu")
+    root = tmp_path / "killed"
+    killed = []
+    events = []
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed and not finished.is_set():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if cmd.startswith("ray::ShardActor.build"):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+            time.sleep(0.05)
+
+    finished = threading.Event()
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        res = run_build(
+            cfg, str(root), num_workers=2, device="cpu", progress=lambda p: events.append(p.event)
+        )
+    finally:
+        finished.set()
+        thread.join()
+    assert killed, "no worker was caught building"
+    assert res.execution.retries >= 1 and any("worker died" in e for e in events)
+    assert sorted(_all_ids(root, 6)) == list(range(48))
+    assert _checksums(root) == _checksums(reference)
+
+
+@pytest.mark.slow
+def test_interrupted_driver_resumes_to_the_same_dataset(tmp_path, saved_tiny_teacher):
+    cfg = _cfg(saved_tiny_teacher, shards=5)
+    reference = tmp_path / "reference"
+    run_build(cfg, str(reference), num_workers=1, device="cpu")
+    root = tmp_path / "ds"
+
+    class Interrupt(KeyboardInterrupt):
+        pass
+
+    def stop_after_two(p):
+        if p.done_shards == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_build(cfg, str(root), num_workers=1, device="cpu", progress=stop_after_two)
+    assert len(Manifest.load(str(root)).committed()) == 2
+    res = run_build(cfg, str(root), num_workers=1, device="cpu")
+    assert len(res.skipped) == 2 and len(res.built) == 3
+    assert _checksums(root) == _checksums(reference)
