@@ -263,6 +263,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{spec} is a {config.role} checkpoint, but a {' or '.join(roles)} is needed here"
         )
+    if config.role == "compass" and "compass" not in _ROLE_CLASSES:
+        import models.compass  # noqa: F401  (registers CompassModel for role "compass")
     cls = _ROLE_CLASSES.get(config.role)
     if cls is None:
         raise CheckpointError(f"no model class registered for role {config.role!r}")

@@ -50,8 +50,12 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         ] = False,
         max_retries: Annotated[int, typer.Option(help="Retries of a shard whose worker died.")] = 3,
     ) -> None:
-        """Build a trajectory dataset: Ray actors run the teacher with energy-guided midpoint
-        search and write sharded Parquet (resumable: rerun the same command)."""
+        """Build a trajectory dataset with energy-guided midpoint search on Ray (resumable).
+
+        Ray actors (one per GPU, else CPU actors) run the teacher, K candidates per midpoint are
+        scored by the compass, and the trajectories are written as sharded Parquet with a
+        manifest. Rerun the same command to resume.
+        """
         from models.errors import ConfigError
         from pipeline.build import run_build
         from pipeline.config import BuildConfig
@@ -124,8 +128,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         path: Annotated[Path, typer.Argument(help="Dataset folder.")],
         example: Annotated[int, typer.Option(help="Trajectory id to show step by step.")] = 0,
     ) -> None:
-        """Schema, counts, provenance, energy and entropy statistics, and one decoded
-        trajectory shown step by step."""
+        """Show a dataset: schema, counts, provenance, statistics, one trajectory step by step."""
         from pipeline.inspect import inspect_dataset
 
         typer.echo(inspect_dataset(str(path), example))

@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from pipeline.build_cli import register as register_build_commands
+
 app = typer.Typer(
     name="tsdfm-pipeline",
     help="Trajectory-shaped discrete flow matching: shaped teacher trajectories in, "
@@ -24,7 +26,11 @@ app = typer.Typer(
 )
 teacher_app = typer.Typer(help="Teacher models.", no_args_is_help=True)
 data_app = typer.Typer(help="Data sources (synthetic language, corpora).", no_args_is_help=True)
+compass_app = typer.Typer(
+    help="Energy compass: train by generation-aware NCE, evaluate.", no_args_is_help=True
+)
 app.add_typer(teacher_app, name="teacher")
+app.add_typer(compass_app, name="compass")
 app.add_typer(data_app, name="data")
 
 EXIT_USER_ERROR = 2
@@ -245,6 +251,170 @@ def _final_eval(final_dir: Path, steps: int, samples: int, json_path: Path) -> N
     )
 
 
+@compass_app.command("train")
+@user_errors
+def compass_train(
+    out: Annotated[Path, typer.Option(help="Run directory; rerun to resume.")],
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Teacher checkpoint dir or org/name@rev; default: the bundled one."),
+    ] = None,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    steps: int = 4000,
+    batch_size: Annotated[int, typer.Option(help="Positives (= negatives) per step.")] = 64,
+    lr: float = 1e-3,
+    warmup: int = 200,
+    ema: Annotated[float, typer.Option(help="EMA decay; 0 switches EMA off.")] = 0.999,
+    teacher_steps: Annotated[int, typer.Option(help="N of the teacher sampler.")] = 1024,
+    bank_trajectories: Annotated[
+        int, typer.Option(help="Fresh teacher trajectories per negative bank.")
+    ] = 256,
+    records_per_trajectory: Annotated[
+        int, typer.Option(help="States recorded per trajectory.")
+    ] = 16,
+    refresh_every: Annotated[int, typer.Option(help="Steps between bank rebuilds.")] = 64,
+    heldout_trajectories: Annotated[
+        int, typer.Option(help="Trajectories of the held-out set.")
+    ] = 128,
+    checkpoint_every: int = 250,
+    eval_every: int = 250,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+) -> None:
+    """Train an energy compass on the teacher's own states (resumable: rerun the command)."""
+    from models.train.compass import CompassTrainConfig, train_compass
+
+    cfg = CompassTrainConfig(
+        out=str(out),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        ema=ema,
+        teacher_steps=teacher_steps,
+        bank_trajectories=bank_trajectories,
+        records_per_trajectory=records_per_trajectory,
+        refresh_every=refresh_every,
+        heldout_trajectories=heldout_trajectories,
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
+        seed=seed,
+    )
+    _check_device(device)
+    with _progress() as bar:
+        task = bar.add_task("training compass", total=steps, info="")
+
+        def report(step: int, total: int, m: dict) -> None:
+            info = f"loss {m['loss']:.4f}  acc {m['accuracy']:.3f}"
+            if "heldout_auc" in m:
+                info += f"  held-out AUC {m['heldout_auc']:.3f}"
+            bar.update(task, completed=step, info=info)
+
+        result = train_compass(cfg, teacher or _default_teacher(), None, report, device=device)
+    typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
+    typer.echo(
+        f"held-out ROC AUC (real vs teacher states): {result.heldout_auc:.4f}  "
+        f"(NCE loss {result.heldout_loss:.4f}; chance: AUC 0.5, loss ln 2 = 0.6931)"
+    )
+
+
+@compass_app.command("eval")
+@user_errors
+def compass_eval(
+    compass: Annotated[
+        str | None,
+        typer.Option(help="Compass checkpoint dir or org/name@rev; default: the bundled one."),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Teacher checkpoint dir or org/name@rev; default: the bundled one."),
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Trajectories per seed.")] = 512,
+    seeds: Annotated[int, typer.Option(help="Number of seeds.")] = 3,
+    candidates: Annotated[int, typer.Option(help="K candidates per selection.")] = 8,
+    teacher_steps: Annotated[int, typer.Option(help="N of the teacher sampler.")] = 1024,
+    student_steps: Annotated[int, typer.Option(help="S of the selection grid.")] = 8,
+    midpoint: Annotated[
+        list[int] | None,
+        typer.Option("--midpoint", help="Segment k (t_k = k/S) to select at (repeatable)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Trajectories per batched rollout.")] = 256,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    allow_teacher_mismatch: Annotated[
+        bool,
+        typer.Option(help="Warn instead of refusing a compass trained on another teacher."),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+    ] = None,
+) -> None:
+    """Measure a compass: AUC real vs teacher states, ρ with the exact NLL, selection gain."""
+    import warnings
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from models.checkpoint import bundled_path, load_checkpoint
+    from models.eval.compass_metrics import (
+        TABLE_HEADERS,
+        CompassEvalConfig,
+        evaluate_compass,
+        format_tables,
+    )
+
+    cfg = CompassEvalConfig(
+        samples=samples,
+        seeds=seeds,
+        teacher_steps=teacher_steps,
+        student_steps=student_steps,
+        candidates=candidates,
+        midpoints=tuple(midpoint or (2, 4, 6)),
+        batch_size=batch_size,
+        seed=seed,
+    )
+    _check_device(device)
+    compass_ckpt = load_checkpoint(compass or str(bundled_path("compass")), device, "compass")
+    teacher_ckpt = load_checkpoint(teacher or _default_teacher(), device, "teacher")
+    with _progress() as bar:
+        task = bar.add_task("evaluating compass", total=2 * seeds, info="")
+
+        def report(label: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, info=label)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = evaluate_compass(
+                compass_ckpt, teacher_ckpt, cfg, device, report, allow_teacher_mismatch
+            )
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    console = Console()
+    titles = {
+        "separation": f"compass {compass_ckpt.identity[:19]} vs teacher "
+        f"{teacher_ckpt.identity[:19]}: real-noised vs teacher states",
+        "spearman": "energy at t = 1 vs exact NLL",
+        "selection": f"best-of-{candidates} at a midpoint, then blind (S={student_steps}, "
+        f"N={teacher_steps}; mean ± sd over {seeds} seeds)",
+    }
+    for name, rows in format_tables(result).items():
+        table = Table(title=titles[name])
+        for col in TABLE_HEADERS[name]:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
 @data_app.command("synthetic")
 @user_errors
 def data_synthetic(
@@ -269,6 +439,9 @@ def data_synthetic(
         f"wrote {out}: V={lang.vocab_size}, Q={lang.num_states}, L={lang.seq_len}, "
         f"entropy {lang.entropy_per_token():.4f} nats/token, true PPL {lang.perplexity():.3f}"
     )
+
+
+register_build_commands(app, user_errors, _progress, _default_teacher)
 
 
 def main() -> None:

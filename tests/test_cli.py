@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -123,7 +124,8 @@ def test_data_synthetic_writes_a_language(tmp_path):
 
 
 def test_console_script_is_installed_and_eval_does_not_import_ray():
-    res = subprocess.run(["tsdfm-pipeline", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "tsdfm-pipeline"  # the venv's console script
+    res = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "eval" in res.stdout
     code = (
         "import sys\n"

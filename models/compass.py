@@ -1,0 +1,405 @@
+"""The energy compass and the scorer interface the navigator selects candidates with.
+
+A scorer maps a batch of states x_t at time t to energies, lower = more coherent:
+
+    E: (x_t ∈ V^{B×L}, t ∈ [0, 1]^B) ↦ e ∈ ℝ^B
+
+The compass is a small time-conditioned bidirectional transformer with a scalar head,
+E_θ(x_t, t) = w · mean_i z_i(x_t, t) + b, trained by generation-aware noise-contrastive
+estimation (``models.train.compass``): real sequences noised to t along the path get low
+energy, the teacher's own trajectory states at the same t get high energy. Its logistic
+classifier is σ(−E_θ), so with positives and negatives in equal numbers E_θ estimates
+log p_teacher,t(x_t) − log p_data,t(x_t).
+
+Any other model can stand behind the same interface; :class:`CausalLMScorer` scores the
+teacher's denoised guess of each state with a local causal language model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from models.backbone import Backbone, BackboneConfig
+from models.checkpoint import (
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    canonical_json,
+    identity,
+    load_checkpoint,
+    register_role,
+)
+from models.errors import CheckpointError, ConfigError
+from models.flow_model import FlowModel, ModelConfig
+from models.path import MixturePath
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Energy of a batch of states at time t; lower = more coherent.
+
+    Attributes:
+        name: short label of the scorer (``"compass"``, ``"causal-lm"``), for reports.
+        identity: what produced the energies, e.g. the compass checkpoint's ``sha256:...``
+            identity; every dataset shaped with the scorer records it.
+    """
+
+    name: str
+    identity: str
+
+    def energy(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Energies of a batch, computed in one batched pass (no loop over sequences).
+
+        Args:
+            x_t: (B, L) int64 states; the energies live on its device.
+            t: a float or a (B,) tensor of times in [0, 1].
+
+        Returns:
+            (B,) float32 finite energies; row b depends on x_t[b] and t[b] only.
+        """
+        ...
+
+
+class TeacherMismatchWarning(UserWarning):
+    """A compass or negative source saw another teacher's states, and the user allowed it."""
+
+
+def _times(t: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """A float, 0-d or (B,) time → (B,) float32 on ``device``."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    assert t.shape == (batch,), f"t must be a float or a ({batch},) tensor, got {tuple(t.shape)}"
+    return t
+
+
+class CompassModel(nn.Module):
+    """E_θ(x_t, t): a time-conditioned transformer with a scalar head.
+
+    ``forward`` returns (B,) float32 energies. Under CUDA and ``precision="bf16"`` the
+    backbone runs in bf16 autocast, like :class:`models.flow_model.FlowModel`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.role != "compass":
+            raise ConfigError(f"a compass needs role='compass', got {config.role!r}")
+        if config.backbone.head != "scalar" or not config.backbone.time_conditioning:
+            raise ConfigError(
+                "a compass backbone needs head='scalar' and time_conditioning=True; "
+                "build its config with models.compass.compass_config"
+            )
+        self.config = config
+        self.backbone = Backbone(config.backbone)
+        self.precision = "fp32"
+
+    @property
+    def path(self) -> MixturePath:
+        return self.config.path()
+
+    def set_precision(self, precision: str) -> CompassModel:
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {precision!r}; use 'fp32' or 'bf16'")
+        self.precision = precision
+        return self
+
+    def _autocast(self, device: torch.device):
+        if self.precision == "bf16" and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward(
+        self, x_t: torch.Tensor, t: float | torch.Tensor, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_t: (B, L) int64; t: float or (B,) → (B,) float32 energies (h is ignored)."""
+        tt = _times(t, x_t.shape[0], x_t.device)
+        with self._autocast(x_t.device):
+            e = self.backbone(x_t, tt)
+        return e.float()
+
+
+register_role("compass", CompassModel)
+
+
+def compass_config(
+    teacher: ModelConfig,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    mlp_ratio: int = 4,
+    dropout: float = 0.0,
+    provenance: dict | None = None,
+) -> ModelConfig:
+    """The config of a compass for ``teacher``'s states.
+
+    Vocabulary, special tokens, source, scheduler, sequence length and data are the teacher's,
+    so the compass reads exactly the states the teacher produces.
+    """
+    backbone = BackboneConfig(
+        vocab_in=teacher.input_vocab,
+        vocab_out=teacher.vocab_size,
+        max_len=teacher.seq_len,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        mlp_ratio=mlp_ratio,
+        cond_dim=d_model,
+        time_conditioning=True,
+        step_conditioning=False,
+        dropout=dropout,
+        head="scalar",
+    )
+    return replace(
+        teacher,
+        role="compass",
+        special_tokens=dict(teacher.special_tokens),
+        backbone=backbone,
+        data=dict(teacher.data),
+        provenance=dict(provenance or {}),
+    )
+
+
+def check_compatible(
+    compass_cfg: ModelConfig, teacher_cfg: ModelConfig, compass_name: str, teacher_name: str
+) -> None:
+    """Refuse a compass that cannot read the teacher's states (raises CheckpointError).
+
+    Vocabulary size, special token ids and source must be equal, and the compass must accept
+    sequences of the teacher's length.
+    """
+    problems = []
+    if compass_cfg.vocab_size != teacher_cfg.vocab_size:
+        problems.append(f"vocabulary {compass_cfg.vocab_size} vs {teacher_cfg.vocab_size} tokens")
+    if compass_cfg.special_tokens != teacher_cfg.special_tokens:
+        problems.append(
+            f"special tokens {compass_cfg.special_tokens} vs {teacher_cfg.special_tokens}"
+        )
+    if compass_cfg.source != teacher_cfg.source:
+        problems.append(f"source {compass_cfg.source} vs {teacher_cfg.source}")
+    if compass_cfg.backbone.max_len < teacher_cfg.seq_len:
+        problems.append(
+            f"max length {compass_cfg.backbone.max_len} < sequence length {teacher_cfg.seq_len}"
+        )
+    if problems:
+        raise CheckpointError(
+            f"compass {compass_name} does not fit teacher {teacher_name} ({'; '.join(problems)}); "
+            "train a compass for this teacher with `tsdfm-pipeline compass train --teacher ...`"
+        )
+
+
+def check_teacher_identity(
+    seen: str | None,
+    teacher_identity: str,
+    what: str,
+    teacher_name: str,
+    allow_teacher_mismatch: bool = False,
+) -> None:
+    """Refuse energies learned from another teacher's states, unless explicitly allowed.
+
+    Args:
+        seen: identity of the teacher whose states ``what`` was built from (None = unknown).
+        teacher_identity: identity of the teacher in use.
+        what: e.g. "compass runs/compass/final" or "negatives runs/neg".
+        teacher_name: how the user named the teacher.
+        allow_teacher_mismatch: warn (TeacherMismatchWarning) instead of raising.
+    """
+    if seen == teacher_identity:
+        return
+    seen_text = "an unknown teacher" if seen is None else f"teacher {seen[:19]}"
+    message = (
+        f"{what} was built from {seen_text}, not from teacher {teacher_name} "
+        f"({teacher_identity[:19]})"
+    )
+    if allow_teacher_mismatch:
+        warnings.warn(message + "; continuing as allowed", TeacherMismatchWarning, stacklevel=3)
+        return
+    raise CheckpointError(
+        message + "; use the matching teacher, train a compass for this one, or pass "
+        "--allow-teacher-mismatch"
+    )
+
+
+def _follow_device(model: nn.Module, device: torch.device) -> None:
+    """Move ``model`` to ``device`` if its weights live elsewhere (the input decides)."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device != device:
+        model.to(device)
+
+
+class CompassScorer:
+    """A loaded compass behind the :class:`Scorer` interface.
+
+    Args:
+        model: the compass.
+        identity: its checkpoint identity (``sha256:...``).
+        teacher_identity: identity of the teacher whose negatives it saw (from provenance).
+        name: label for reports.
+    """
+
+    def __init__(
+        self,
+        model: CompassModel,
+        identity: str,
+        teacher_identity: str | None = None,
+        name: str = "compass",
+    ):
+        self.model = model.eval()
+        self.identity = identity
+        self.teacher_identity = teacher_identity
+        self.name = name
+        self.config = model.config
+
+    @staticmethod
+    def from_checkpoint(ckpt: Checkpoint) -> CompassScorer:
+        return CompassScorer(
+            ckpt.model, ckpt.identity, ckpt.config.provenance.get("teacher_identity")
+        )
+
+    @torch.no_grad()
+    def energy(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """(B, L) states at t → (B,) float32 energies on x_t's device."""
+        _follow_device(self.model, x_t.device)
+        return self.model(x_t, t)
+
+
+def load_compass(spec: str | Path, device: str | torch.device = "cpu") -> CompassScorer:
+    """Load a compass checkpoint (directory or ``org/name[@rev]``) as a scorer."""
+    return CompassScorer.from_checkpoint(load_checkpoint(spec, device, role="compass"))
+
+
+class CausalLMScorer:
+    """Energy = mean token NLL of the teacher's denoised guess under a causal language model.
+
+    For each state x_t the teacher's guess x̂_1 fills every position that may still be noise
+    with argmax p_θ(x_1 | x_t) (under the mask source the masked positions; revealed tokens
+    are final and kept; under the uniform source every position). x̂_1 is decoded with the
+    teacher's tokenizer, retokenized with the LM's tokenizer into y_1..y_T, and
+
+        E(x_t, t) = −(1/T) Σ_{j=1..T} log p_LM(y_j | y_0, y_<j)
+
+    with y_0 the LM's BOS token (its EOS when it has none; an empty decoding is scored as the
+    single token y_1 = y_0). Everything is batched: one teacher
+    forward and one LM forward per call (padding on the right, masked out of the mean).
+
+    Args:
+        lm: a ``transformers`` causal LM.
+        lm_tokenizer: its (fast) tokenizer.
+        teacher: the teacher whose states are scored (a FlowModel).
+        teacher_tokenizer: the teacher's ``tokenizers.Tokenizer``.
+        teacher_identity: the teacher's checkpoint identity.
+        lm_identity: sha256 of the LM's config, weights and tokenizer (computed if None).
+        name: label for reports.
+    """
+
+    def __init__(
+        self,
+        lm: Any,
+        lm_tokenizer: Any,
+        teacher: FlowModel,
+        teacher_tokenizer: Any,
+        teacher_identity: str,
+        lm_identity: str | None = None,
+        name: str = "causal-lm",
+    ):
+        start = lm_tokenizer.bos_token_id
+        if start is None:
+            start = lm_tokenizer.eos_token_id
+        if start is None:
+            raise ConfigError(
+                "the causal LM's tokenizer has neither a BOS nor an EOS token to start scoring "
+                "from; set bos_token in its tokenizer_config.json"
+            )
+        self.lm = lm.eval()
+        self.lm_tokenizer = lm_tokenizer
+        self.teacher = teacher.eval()
+        self.teacher_tokenizer = teacher_tokenizer
+        self.teacher_identity = teacher_identity
+        self.start_id = int(start)
+        self.max_len = getattr(lm.config, "max_position_embeddings", None)
+        self.lm_identity = lm_identity or _lm_identity(lm, lm_tokenizer)
+        parts = {"scorer": "causal-lm", "lm": self.lm_identity, "teacher": teacher_identity}
+        self.identity = "sha256:" + hashlib.sha256(canonical_json(parts)).hexdigest()
+        self.name = name
+
+    @staticmethod
+    def from_pretrained(
+        lm_dir: str | Path, teacher: Checkpoint, device: str | torch.device = "cpu"
+    ) -> CausalLMScorer:
+        """A scorer from a local ``save_pretrained`` directory (safetensors only) and a teacher."""
+        lm_dir = Path(lm_dir)
+        if str(lm_dir).endswith(PICKLE_SUFFIXES):
+            raise CheckpointError(
+                f"{lm_dir} is a pickle file; pass a directory saved with save_pretrained "
+                "(config.json + model.safetensors)"
+            )
+        if not (lm_dir / "config.json").is_file():
+            raise CheckpointError(
+                f"causal LM directory {lm_dir} not found or lacks config.json; pass a local "
+                "directory written by save_pretrained"
+            )
+        if teacher.config.role != "teacher":
+            raise CheckpointError(
+                f"{teacher.spec} is a {teacher.config.role} checkpoint, but the causal-LM scorer "
+                "denoises with a teacher"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), use_safetensors=True)
+            tok = AutoTokenizer.from_pretrained(str(lm_dir))
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"could not load the causal LM in {lm_dir} ({first})") from None
+        lm.to(device)
+        return CausalLMScorer(lm, tok, teacher.model, teacher.tokenizer, teacher.identity)
+
+    @torch.no_grad()
+    def denoise(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """x̂_1: (B, L) the teacher's argmax guess at the positions that may be noise."""
+        _follow_device(self.teacher, x_t.device)
+        cfg = self.teacher.config
+        guess = self.teacher(x_t, _times(t, x_t.shape[0], x_t.device)).argmax(dim=-1)
+        if cfg.source == "mask":
+            return torch.where(x_t == cfg.mask_token_id, guess, x_t)
+        return guess
+
+    @torch.no_grad()
+    def energy(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """(B, L) states at t → (B,) float32 mean token NLL (nats) of their denoised guesses."""
+        device = x_t.device
+        x_hat = self.denoise(x_t, t)
+        texts = self.teacher_tokenizer.decode_batch(x_hat.tolist(), skip_special_tokens=True)
+        encoded = self.lm_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        limit = None if self.max_len is None else self.max_len - 1
+        seqs = [torch.tensor([self.start_id, *(y[:limit] or [self.start_id])]) for y in encoded]
+        lengths = torch.tensor([len(s) for s in seqs])
+        ids = pad_sequence(seqs, batch_first=True, padding_value=self.start_id).to(device)
+        attn = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long().to(device)
+        _follow_device(self.lm, device)
+        logits = self.lm(input_ids=ids, attention_mask=attn).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        w = attn[:, 1:].float()
+        return ((nll * w).sum(1) / w.sum(1)).float()
+
+
+def _lm_identity(lm: Any, tokenizer: Any) -> str:
+    """sha256 of the LM's config and weights (as for checkpoints) plus its tokenizer."""
+    config = json.loads(lm.config.to_json_string(use_diff=False))
+    weights = identity(config, lm.state_dict())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok_text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab())
+    h = hashlib.sha256(weights.encode())
+    h.update(tok_text.encode())
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,592 @@
+"""Compass training by generation-aware noise-contrastive estimation (NCE).
+
+Positives are real sequences x_1 noised to time t along the mixture path, x_t ~ p_t(· | x_1);
+negatives are the teacher's own trajectory states at the same t. With energy E_θ(x_t, t) and
+the logistic classifier P(real | x_t, t) = σ(−E_θ(x_t, t)), the loss is the binary
+cross-entropy with logit −E averaged over the B positives and B negatives of a step:
+
+    ℓ(θ) = ½ [ mean_b softplus(E_θ(x_t^{+,b}, t_b)) + mean_b softplus(−E_θ(x_t^{−,b}, t_b)) ]
+
+(ℓ = ln 2 at E ≡ 0). Its minimiser is E* = log p_teacher,t(x_t) − log p_data,t(x_t): low
+energy where real data is likelier than the teacher's own states.
+
+Negatives come from a *bank* of (state, t) pairs: M fresh teacher trajectories, each rolled
+over the uniform grid of N teacher steps and recorded at R grid times drawn uniformly from
+{0, 1/N, …, 1}. The bank is rebuilt every ``refresh_every`` steps as a pure function of the
+refresh index r = ⌊step / refresh_every⌋ (trajectory seeds seed·2^32 + r·M + j in the lane
+:data:`NEGATIVE_LANE`, which no sampler or navigator uses), so a resumed run rebuilds exactly
+the bank it was using. The bank is visited without replacement in an order fixed by
+(seed, r): each step takes the next B entries and B real sequences noised to the same t. With
+refresh_every · B ≤ M · R no negative is seen twice; a reused negative is one the compass can
+memorise, and real positives are always fresh, so memorised negatives do not generalise.
+Everything else random comes from one checkpointed ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from models.compass import CompassModel, check_teacher_identity, compass_config
+from models.errors import CheckpointError, ConfigError, DataError
+from models.flow_model import FlowModel, ModelConfig
+from models.path import MixturePath
+from models.rng import CounterRNG
+from models.solver import Counters, DenoiserCache, rollout, uniform_grid
+from models.train.common import (
+    EMA,
+    TrainerState,
+    get_lr,
+    latest_checkpoint,
+    load_trainer_state,
+    save_trainer_state,
+    seeded,
+)
+from models.train.teacher import LANGUAGE_FILE, DataSource, SyntheticSource, load_language
+
+# Lanes of the counter RNG reserved for the compass's teacher trajectories. Samplers and the
+# navigator use lanes 0..K−1, so these trajectories are independent of every other trajectory
+# with the same seed.
+NEGATIVE_LANE = 0x4E4547  # "NEG": training bank
+HELDOUT_LANE = 0x484F4C  # "HOL": fixed held-out negatives
+
+
+def nce_loss(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
+    """ℓ = ½ [mean softplus(E⁺) + mean softplus(−E⁻)]: BCE with logit −E, real = class 1.
+
+    Args:
+        e_pos: (B,) energies of real noised sequences.
+        e_neg: (B',) energies of teacher states.
+    """
+    return 0.5 * (F.softplus(e_pos).mean() + F.softplus(-e_neg).mean())
+
+
+@torch.no_grad()
+def teacher_states(
+    teacher: FlowModel,
+    path: MixturePath,
+    rng: CounterRNG,
+    seq_len: int,
+    n_steps: int,
+    record_at: torch.Tensor,
+    counters: Counters | None = None,
+) -> torch.Tensor:
+    """States x_{t_j} of B blind teacher trajectories at per-row grid indices j.
+
+    Each row is one trajectory of the N-step teacher sampler (``models.solver.sample``): x_0
+    from the source, then the jump rule over t_j = j / N. The batch is rolled in segments
+    between the requested indices (exact: the counter RNG is keyed by the global step).
+
+    Args:
+        teacher: the denoiser.
+        path: its mixture path.
+        rng: counter-based randomness of the B trajectories (seeds and lane).
+        seq_len: L.
+        n_steps: N, teacher steps over [0, 1].
+        record_at: (B, R) int64 grid indices in [0, N] at which each row is recorded.
+        counters: accumulates the teacher's forward calls.
+
+    Returns:
+        (B, R, L) int64 states; [b, r] is trajectory b at t = record_at[b, r] / N.
+    """
+    B, R = record_at.shape
+    device = rng.device
+    record_at = record_at.to(device)
+    grid = uniform_grid(n_steps, device)
+    x = path.sample_source((B, seq_len), rng)
+    out = torch.empty((B, R, seq_len), dtype=torch.long, device=device)
+    cur, cache = 0, DenoiserCache()
+    for j in torch.unique(record_at).tolist():
+        if j > cur:
+            x, cache = rollout(teacher, path, x, grid[cur : j + 1], rng, cur, cache, counters)
+            cur = j
+        rows, cols = (record_at == j).nonzero(as_tuple=True)
+        out[rows, cols] = x[rows]
+    return out
+
+
+class NegativeSource(Protocol):
+    """Where the compass's negatives come from: (state, t) pairs of one teacher.
+
+    Attributes:
+        teacher_identity: identity of the teacher whose states these are.
+    """
+
+    teacher_identity: str
+
+    def bank(self, refresh: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank of refresh r: (M·R, L) int64 states and (M·R,) float32 times; a pure
+        function of r."""
+        ...
+
+    def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed held-out set, disjoint from every bank: states and times."""
+        ...
+
+    def describe(self) -> dict: ...
+
+
+class TeacherNegatives:
+    """Negatives generated on the fly with the teacher's N-step sampler.
+
+    Args:
+        teacher: the teacher model (eval mode).
+        teacher_identity: its checkpoint identity.
+        n_steps: N.
+        trajectories: M trajectories per bank.
+        records: R states recorded per trajectory.
+        heldout_trajectories: trajectories of the held-out set (R records each).
+        seed: base seed; bank r uses trajectory seeds seed·2^32 + r·M + j in lane NEGATIVE_LANE,
+            the held-out set seeds seed·2^32 + j in lane HELDOUT_LANE. Record times are drawn
+            from a generator seeded with seed·2^20 + r for bank r and 2^62 + seed for the
+            held-out set.
+        device: where the teacher runs.
+    """
+
+    def __init__(
+        self,
+        teacher: FlowModel,
+        teacher_identity: str,
+        n_steps: int,
+        trajectories: int,
+        records: int,
+        heldout_trajectories: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ):
+        self.teacher = teacher.eval()
+        self.teacher_identity = teacher_identity
+        self.n_steps = n_steps
+        self.trajectories = trajectories
+        self.records = records
+        self.heldout_trajectories = heldout_trajectories
+        self.seed = seed
+        self.device = torch.device(device)
+        self.counters = Counters()
+
+    def _states(self, seeds: torch.Tensor, lane: int, gen_seed: int):
+        gen = torch.Generator().manual_seed(gen_seed)
+        record_at = torch.randint(0, self.n_steps + 1, (len(seeds), self.records), generator=gen)
+        cfg = self.teacher.config
+        rng = CounterRNG(seeds.to(self.device), lane)
+        x = teacher_states(
+            self.teacher, cfg.path(), rng, cfg.seq_len, self.n_steps, record_at, self.counters
+        )
+        t = record_at.to(torch.float64) / self.n_steps
+        return x.reshape(-1, cfg.seq_len), t.reshape(-1).float().to(self.device)
+
+    def bank(self, refresh: int) -> tuple[torch.Tensor, torch.Tensor]:
+        M = self.trajectories
+        seeds = self.seed * 2**32 + refresh * M + torch.arange(M, dtype=torch.long)
+        return self._states(seeds, NEGATIVE_LANE, self.seed * 2**20 + refresh)
+
+    def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        seeds = self.seed * 2**32 + torch.arange(self.heldout_trajectories, dtype=torch.long)
+        return self._states(seeds, HELDOUT_LANE, 2**62 + self.seed)
+
+    def describe(self) -> dict:
+        return {
+            "kind": "teacher-rollouts",
+            "teacher_identity": self.teacher_identity,
+            "teacher_steps": self.n_steps,
+            "trajectories_per_bank": self.trajectories,
+            "records_per_trajectory": self.records,
+            "lane": NEGATIVE_LANE,
+            "heldout_lane": HELDOUT_LANE,
+        }
+
+
+@dataclass(frozen=True)
+class CompassTrainConfig:
+    """A compass NCE run.
+
+    Args:
+        out: run directory (checkpoints/, final/, metrics.jsonl, run_config.json).
+        d_model, n_layers, n_heads: compass backbone size.
+        steps, batch_size, lr, warmup, weight_decay, grad_clip, ema: optimisation; batch_size
+            is B positives plus B negatives per step; ema = 0 switches EMA off.
+        teacher_steps: N, steps of the teacher sampler that makes the negatives.
+        bank_trajectories: M fresh teacher trajectories per negative bank.
+        records_per_trajectory: R states recorded per trajectory (bank size M·R).
+        refresh_every: steps between bank rebuilds; keep refresh_every · batch_size ≤ M · R
+            (the defaults: 64 · 64 = 256 · 16) so that no negative is drawn twice.
+        heldout_trajectories: trajectories of the fixed held-out set (R records each, matched
+            by as many real noised sequences).
+        checkpoint_every: steps between resumable checkpoints (the last 2 are kept).
+        eval_every: steps between held-out evaluations: ROC AUC of real vs teacher states
+            within bins of t of width 1/8, averaged over bins (``heldout_auc``; the pooled AUC
+            is ``heldout_auc_pooled``), NCE loss and mean energy gap.
+        seed: seed of the run (initialisation, data generator, negative seeds).
+    """
+
+    out: str
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    teacher_steps: int = 1024
+    bank_trajectories: int = 256
+    records_per_trajectory: int = 16
+    refresh_every: int = 64
+    heldout_trajectories: int = 128
+    checkpoint_every: int = 250
+    eval_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "teacher_steps",
+            "bank_trajectories",
+            "records_per_trajectory",
+            "refresh_every",
+            "heldout_trajectories",
+            "checkpoint_every",
+            "eval_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if not self.lr > 0 or self.warmup < 0 or not 0 <= self.ema < 1:
+            raise ConfigError("lr must be > 0, warmup >= 0 and ema in [0, 1)")
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"seed={self.seed} must lie in [0, 2^31)")
+
+
+@dataclass
+class CompassTrainResult:
+    final_dir: Path
+    identity: str
+    steps: int
+    final_loss: float
+    heldout_auc: float
+    heldout_loss: float
+    history: list[dict]
+
+
+def default_data_source(teacher: Checkpoint) -> DataSource:
+    """The teacher's own data: the synthetic language stored beside it."""
+    kind = teacher.config.data.get("kind")
+    if kind != "synthetic":
+        raise DataError(
+            f"teacher {teacher.spec} was trained on {kind or 'unknown'} data; compass training "
+            "reads the synthetic language by default: pass a DataSource of the teacher's data"
+        )
+    return SyntheticSource(load_language(teacher.directory, teacher.config.data))
+
+
+def _as_teacher(teacher: Checkpoint | str | Path, device: str | torch.device) -> Checkpoint:
+    if not isinstance(teacher, Checkpoint):
+        return load_checkpoint(teacher, device, role="teacher")
+    if teacher.config.role != "teacher":
+        raise CheckpointError(
+            f"{teacher.spec} is a {teacher.config.role} checkpoint, but a teacher is needed here"
+        )
+    teacher.model.to(device).eval()
+    return teacher
+
+
+def _check_data(data: DataSource, tcfg: ModelConfig, teacher_name: str) -> None:
+    if data.vocab_size != tcfg.vocab_size or data.seq_len != tcfg.seq_len:
+        raise DataError(
+            f"training data has vocabulary {data.vocab_size} and length {data.seq_len}, teacher "
+            f"{teacher_name} has {tcfg.vocab_size} and {tcfg.seq_len}; use the teacher's data"
+        )
+
+
+def _check_batch(x: torch.Tensor, n: int, tcfg: ModelConfig, what: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[0] == 0 or x.numel() == 0:
+        raise DataError(
+            f"{what} is empty (got shape {tuple(x.shape)}); give the compass non-empty "
+            "training data of the teacher's kind"
+        )
+    if x.shape != (n, tcfg.seq_len):
+        raise DataError(
+            f"{what} has shape {tuple(x.shape)}, expected ({n}, {tcfg.seq_len}); the data "
+            "source must return (batch, seq_len) token ids"
+        )
+    if x.min() < 0 or x.max() >= tcfg.vocab_size:
+        raise DataError(
+            f"{what} holds token ids in [{int(x.min())}, {int(x.max())}], outside the teacher's "
+            f"data vocabulary [0, {tcfg.vocab_size})"
+        )
+    return x
+
+
+def train_compass(
+    cfg: CompassTrainConfig,
+    teacher_ckpt: Checkpoint | str | Path,
+    data_source: DataSource | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+    negatives: NegativeSource | None = None,
+    allow_teacher_mismatch: bool = False,
+    device: str | torch.device = "cpu",
+) -> CompassTrainResult:
+    """Train (or resume) a compass for ``teacher_ckpt``; returns where the final checkpoint is.
+
+    Args:
+        cfg: the run.
+        teacher_ckpt: the teacher (a loaded Checkpoint, a directory or ``org/name[@rev]``).
+        data_source: real sequences of the teacher's data; default: the synthetic language
+            stored beside the teacher.
+        progress: called as progress(step, total, metrics) after every step.
+        negatives: where teacher states come from; default: fresh rollouts of the teacher
+            (:class:`TeacherNegatives`). A source from another teacher is refused.
+        allow_teacher_mismatch: warn instead of refusing negatives of another teacher.
+        device: where the teacher and the compass run.
+    """
+    teacher = _as_teacher(teacher_ckpt, device)
+    tcfg = teacher.config
+    data = data_source if data_source is not None else default_data_source(teacher)
+    _check_data(data, tcfg, teacher.spec)
+    if negatives is None:
+        negatives = TeacherNegatives(
+            teacher.model,
+            teacher.identity,
+            cfg.teacher_steps,
+            cfg.bank_trajectories,
+            cfg.records_per_trajectory,
+            cfg.heldout_trajectories,
+            cfg.seed,
+            device,
+        )
+    neg_info = negatives.describe()
+    check_teacher_identity(
+        negatives.teacher_identity,
+        teacher.identity,
+        f"negative source {neg_info.get('kind', type(negatives).__name__)}",
+        teacher.spec,
+        allow_teacher_mismatch,
+    )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "run": _jsonable(cfg),
+        "teacher": teacher.identity,
+        "negatives": neg_info,
+        "data": data.describe(),
+    }
+    _check_run_config(out, record)
+    provenance = {
+        "trainer": "compass",
+        "objective": "generation-aware NCE (logistic, logit -E)",
+        "teacher": teacher.spec,
+        "teacher_identity": teacher.identity,
+        "negatives": neg_info,
+        "run_config": record["run"],
+    }
+    with seeded(cfg.seed):
+        model = CompassModel(
+            compass_config(tcfg, cfg.d_model, cfg.n_layers, cfg.n_heads, provenance=provenance)
+        )
+    model.to(device)
+    path = tcfg.path()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    resume_from = latest_checkpoint(out)
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        if ema is not None and state.ema is not None:
+            ema.load_state_dict(state.ema)
+        gen.set_state(state.generators["data"])
+        start = state.step
+    files = _checkpoint_files(teacher)
+    heldout = _heldout_set(negatives, data, path, tcfg, cfg.seed, device)
+    history: list[dict] = []
+    last: dict = {"loss": float("nan")}
+    bank_index, bank = -1, None
+    t0 = time.perf_counter()
+    model.train()
+    with (out / "metrics.jsonl").open("a") as metrics_file:
+        for step in range(start, cfg.steps):
+            refresh = step // cfg.refresh_every
+            bank_seconds = None
+            if refresh != bank_index:
+                tb = time.perf_counter()
+                bank = _shuffled(negatives.bank(refresh), cfg.seed, refresh)
+                bank_index, bank_seconds = refresh, time.perf_counter() - tb
+            lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x_neg, t = _draw(bank, step - refresh * cfg.refresh_every, cfg.batch_size)
+            x_1 = _check_batch(data.batch(cfg.batch_size, gen), cfg.batch_size, tcfg, "data")
+            x_pos = path.sample(x_1, t.cpu(), gen).x_t.to(device)
+            e_pos, e_neg = _energies(model, x_pos, x_neg, t.to(device))
+            loss = nce_loss(e_pos, e_neg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            last = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "accuracy": 0.5 * ((e_pos < 0).float().mean() + (e_neg > 0).float().mean()).item(),
+                "lr": lr,
+                "grad_norm": gnorm.item(),
+                "seconds": time.perf_counter() - t0,
+            }
+            if bank_seconds is not None:
+                last["bank_seconds"] = bank_seconds
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                last.update(_heldout_metrics(model, ema, heldout))
+                history.append(last)
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+            if progress is not None:
+                progress(step + 1, cfg.steps, last)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                _save_step(out, step + 1, model, opt, ema, gen, teacher, files)
+    final_metrics = _heldout_metrics(model, ema, heldout)
+    final = out / "final"
+    with ema.applied(model) if ema is not None else nullcontext():
+        model.config = model.config.replace(
+            provenance={
+                **provenance,
+                "steps": cfg.steps,
+                "heldout_auc": final_metrics["heldout_auc"],
+            }
+        )
+        ident = save_checkpoint(final, model.eval(), teacher.tokenizer, files)
+    return CompassTrainResult(
+        final,
+        ident,
+        cfg.steps,
+        last["loss"],
+        final_metrics["heldout_auc"],
+        final_metrics["heldout_loss"],
+        history,
+    )
+
+
+def _shuffled(bank, seed: int, refresh: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bank in the order it is visited: a permutation fixed by (seed, refresh)."""
+    x, t = bank
+    if x.shape[0] == 0:
+        raise DataError("the negative bank is empty; the negative source returned no states")
+    gen = torch.Generator().manual_seed(2**61 + seed * 2**20 + refresh)
+    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    return x[order], t[order]
+
+
+def _draw(bank, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries i·n … i·n + n − 1 of the shuffled bank (cycling when it runs out)."""
+    x, t = bank
+    idx = (i * n + torch.arange(n, device=x.device)) % x.shape[0]
+    return x[idx], t[idx]
+
+
+def _energies(model, x_pos, x_neg, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over [positives; negatives] at the same times."""
+    e = model(torch.cat([x_pos, x_neg]), torch.cat([t, t]))
+    return e[: x_pos.shape[0]], e[x_pos.shape[0] :]
+
+
+def _heldout_set(negatives, data, path, tcfg, seed: int, device) -> dict:
+    """Fixed held-out negatives and as many real sequences noised to the same times."""
+    x_neg, t = negatives.heldout()
+    n = x_neg.shape[0]
+    gen = torch.Generator().manual_seed(seed + 7919)
+    x_1 = _check_batch(data.heldout(n, gen), n, tcfg, "held-out data")
+    x_pos = path.sample(x_1, t.cpu(), gen).x_t
+    return {"x_pos": x_pos.to(device), "x_neg": x_neg.to(device), "t": t.to(device)}
+
+
+@torch.no_grad()
+def _heldout_metrics(model, ema, heldout: dict, chunk: int = 1024) -> dict:
+    from models.eval.compass_metrics import energy_auc, stratified_auc
+
+    was_training = model.training
+    model.eval()
+    e_pos, e_neg = [], []
+    with ema.applied(model) if ema is not None else nullcontext():
+        for i in range(0, heldout["t"].shape[0], chunk):
+            sl = slice(i, i + chunk)
+            p, q = _energies(model, heldout["x_pos"][sl], heldout["x_neg"][sl], heldout["t"][sl])
+            e_pos.append(p)
+            e_neg.append(q)
+    model.train(was_training)
+    e_pos, e_neg = torch.cat(e_pos), torch.cat(e_neg)
+    return {
+        "heldout_auc": stratified_auc(e_pos, e_neg, heldout["t"], heldout["t"]),
+        "heldout_auc_pooled": energy_auc(e_pos, e_neg),
+        "heldout_loss": nce_loss(e_pos, e_neg).item(),
+        "heldout_energy_gap": (e_neg.mean() - e_pos.mean()).item(),
+    }
+
+
+def _checkpoint_files(teacher: Checkpoint) -> dict[str, Path]:
+    """The teacher's data files that travel with the compass (the synthetic language)."""
+    name = teacher.config.data.get("language", LANGUAGE_FILE)
+    f = teacher.file(name)
+    return {name: f} if teacher.config.data.get("kind") == "synthetic" and f.is_file() else {}
+
+
+def _jsonable(cfg: CompassTrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("out")
+    return d
+
+
+def _check_run_config(out: Path, record: dict) -> None:
+    """A run directory belongs to one config and one teacher; resuming with others is refused."""
+    record = json.loads(json.dumps(record))
+    path = out / "run_config.json"
+    if not path.exists():
+        path.write_text(json.dumps(record, indent=1))
+        return
+    old = json.loads(path.read_text())
+    if old == record:
+        return
+    changed = sorted(
+        k
+        for k in set(old.get("run", {})) | set(record["run"])
+        if old.get("run", {}).get(k) != record["run"].get(k)
+    )
+    changed += [k for k in ("teacher", "negatives", "data") if old.get(k) != record[k]]
+    raise ConfigError(
+        f"{out} holds a compass run with a different config (changed: {', '.join(changed)}); "
+        "pass a new --out or delete the folder to start over"
+    )
+
+
+def _save_step(out: Path, step: int, model, opt, ema, gen, teacher: Checkpoint, files) -> None:
+    ckpt_dir = out / "checkpoints" / f"step-{step:07d}"
+    save_checkpoint(ckpt_dir, model, teacher.tokenizer, files)
+    save_trainer_state(
+        ckpt_dir,
+        TrainerState(
+            step=step,
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            ema=ema.state_dict() if ema is not None else None,
+            generators={"data": gen.get_state()},
+            extra={},
+        ),
+    )
+    kept = sorted(out.glob("checkpoints/step-*"), key=lambda p: p.name)
+    for old in kept[:-2]:
+        shutil.rmtree(old, ignore_errors=True)

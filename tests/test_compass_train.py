@@ -1,0 +1,413 @@
+"""Compass NCE training: it learns, resumes exactly, refuses bad input; and its CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.compass import TeacherMismatchWarning, load_compass
+from models.errors import CheckpointError, ConfigError, DataError
+from models.eval.compass_metrics import energy_auc
+from models.flow_model import FlowModel, teacher_config
+from models.rng import CounterRNG
+from models.solver import sample
+from models.train.common import seeded
+from models.train.compass import (
+    CompassTrainConfig,
+    TeacherNegatives,
+    nce_loss,
+    teacher_states,
+    train_compass,
+)
+from models.train.teacher import SyntheticSource
+from pipeline.cli import app
+
+DATA = {"kind": "synthetic", "language": "language.json"}
+
+
+def _save_teacher(path, lang, seed=0):
+    cfg = teacher_config(
+        lang.vocab_size, lang.seq_len, d_model=32, n_layers=2, n_heads=2, data=DATA
+    )
+    with seeded(seed):
+        model = FlowModel(cfg)
+    save_checkpoint(path, model, lang.tokenizer(), {"language.json": json.dumps(lang.to_dict())})
+    return path
+
+
+def _cfg(out, **kw):
+    base = dict(
+        out=str(out),
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        steps=8,
+        batch_size=16,
+        lr=3e-3,
+        warmup=2,
+        teacher_steps=16,
+        bank_trajectories=16,
+        records_per_trajectory=4,
+        refresh_every=3,
+        heldout_trajectories=16,
+        checkpoint_every=4,
+        eval_every=4,
+        seed=1,
+    )
+    base.update(kw)
+    return CompassTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_language):
+    return _save_teacher(tmp_path_factory.mktemp("teacher") / "t", tiny_language)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, teacher_dir):
+    """A compass trained for 300 tiny steps (shared by the tests that read its results)."""
+    losses = []
+    cfg = _cfg(
+        tmp_path_factory.mktemp("run") / "c",
+        steps=300,
+        batch_size=32,
+        warmup=10,
+        bank_trajectories=32,
+        refresh_every=50,
+        heldout_trajectories=32,
+        checkpoint_every=300,
+        eval_every=100,
+    )
+    res = train_compass(cfg, teacher_dir, progress=lambda s, n, m: losses.append(m["loss"]))
+    return res, losses
+
+
+def test_nce_loss_is_ln2_at_zero_energy_and_rewards_low_energy_on_real_data():
+    zero = torch.zeros(4)
+    assert nce_loss(zero, zero).item() == pytest.approx(math.log(2))
+    good = nce_loss(torch.full((4,), -5.0), torch.full((4,), 5.0)).item()
+    bad = nce_loss(torch.full((4,), 5.0), torch.full((4,), -5.0)).item()
+    assert good == pytest.approx(math.log1p(math.exp(-5))) and bad > 5.0
+
+
+def test_teacher_states_are_the_teacher_sampler_trajectories(tiny_language, teacher_dir):
+    teacher = load_checkpoint(teacher_dir)
+    path, L, N = teacher.config.path(), tiny_language.seq_len, 16
+    seeds = torch.arange(6, dtype=torch.long) + 2**32
+    record = torch.tensor([[0, 4, 9, 16]]).expand(6, 4)
+    states = teacher_states(teacher.model, path, CounterRNG(seeds), L, N, record)
+    assert states.shape == (6, 4, L)
+    assert torch.equal(states[:, 3], sample(teacher.model, path, seeds, L, N).x_1)
+    masked = (states == tiny_language.vocab_size).sum(-1)  # (6, 4)
+    assert (masked[:, 0] == L).all() and (masked[:, 3] == 0).all()
+    assert (masked.diff(dim=1) <= 0).all()  # a revealed token stays revealed
+    # per-row times: each row recorded at its own grid index gives the same states
+    own = teacher_states(teacher.model, path, CounterRNG(seeds), L, N, record[:, [2, 0, 3, 1]])
+    assert torch.equal(own, states[:, [2, 0, 3, 1]])
+
+
+def test_negative_banks_are_pure_functions_of_the_refresh_index(teacher_dir):
+    teacher = load_checkpoint(teacher_dir)
+    neg = TeacherNegatives(teacher.model, teacher.identity, 16, 8, 3, 8, seed=4)
+    x0, t0 = neg.bank(0)
+    x0b, t0b = neg.bank(0)
+    x1, _ = neg.bank(1)
+    xh, _ = neg.heldout()
+    assert x0.shape == (24, teacher.config.seq_len) and t0.shape == (24,)
+    assert torch.equal(x0, x0b) and torch.equal(t0, t0b)
+    assert not torch.equal(x0, x1) and not torch.equal(x0, xh)
+    assert t0.min() >= 0.0 and t0.max() <= 1.0 and len(set(t0.tolist())) > 3
+
+
+def test_loss_falls_and_the_compass_separates_clean_from_corrupted(tiny_language, trained):
+    res, losses = trained
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert first > 0.6 and last < first - 0.2, (first, last)
+    assert res.heldout_auc > 0.8 and res.heldout_loss < math.log(2) - 0.1
+    scorer = load_compass(res.final_dir)
+    gen = torch.Generator().manual_seed(11)
+    clean = tiny_language.sample(200, gen)
+    noise = torch.randint(0, tiny_language.vocab_size, clean.shape, generator=gen)
+    corrupted = torch.where(torch.rand(clean.shape, generator=gen) < 0.75, noise, clean)
+    e_clean, e_corrupt = scorer.energy(clean, 1.0), scorer.energy(corrupted, 1.0)
+    assert energy_auc(e_clean, e_corrupt) > 0.85
+    assert e_corrupt.mean() - e_clean.mean() > 2.0
+
+
+def test_final_checkpoint_records_teacher_identity_and_carries_the_language(trained, teacher_dir):
+    res, _ = trained
+    ck = load_checkpoint(res.final_dir, role="compass")
+    teacher = load_checkpoint(teacher_dir)
+    prov = ck.config.provenance
+    assert prov["teacher_identity"] == teacher.identity and prov["trainer"] == "compass"
+    assert prov["steps"] == 300 and prov["run_config"]["batch_size"] == 32
+    assert prov["heldout_auc"] == pytest.approx(res.heldout_auc)
+    assert (res.final_dir / "language.json").read_text() == (
+        teacher_dir / "language.json"
+    ).read_text()
+    assert ck.tokenizer.to_str() == teacher.tokenizer.to_str()
+    assert ck.identity == res.identity and ck.config.data == teacher.config.data
+    lines = (res.final_dir.parent / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [100, 200, 300]
+
+
+def test_resume_continues_exactly(tmp_path, teacher_dir):
+    full = train_compass(_cfg(tmp_path / "full"), teacher_dir)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_checkpoint(step, total, metrics):
+        if step == 5:  # the checkpoint of step 4 is written; step 5 sits inside bank 1 (3..5)
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_compass(_cfg(tmp_path / "resumed"), teacher_dir, progress=stop_after_checkpoint)
+    resumed = train_compass(_cfg(tmp_path / "resumed"), teacher_dir)
+    assert resumed.identity == full.identity
+    a = load_file(str(tmp_path / "full/checkpoints/step-0000008/trainer_state.safetensors"))
+    b = load_file(str(tmp_path / "resumed/checkpoints/step-0000008/trainer_state.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [4, 8]
+
+
+def test_changed_config_or_teacher_is_refused(tmp_path, tiny_language, teacher_dir):
+    train_compass(_cfg(tmp_path / "run", steps=2), teacher_dir)
+    with pytest.raises(ConfigError, match=r"different config \(changed: lr\)"):
+        train_compass(_cfg(tmp_path / "run", steps=2, lr=1e-2), teacher_dir)
+    other = _save_teacher(tmp_path / "other", tiny_language, seed=9)
+    with pytest.raises(ConfigError, match=r"changed: teacher, negatives\)"):
+        train_compass(_cfg(tmp_path / "run", steps=2), other)
+
+
+def test_missing_or_empty_training_data_is_refused(tmp_path, tiny_language, teacher_dir):
+    bare = _save_teacher(tmp_path / "bare", tiny_language)
+    (bare / "language.json").unlink()
+    with pytest.raises(DataError, match=r"language file .*language\.json does not exist"):
+        train_compass(_cfg(tmp_path / "a"), bare)
+
+    class Empty(SyntheticSource):
+        def batch(self, batch_size, generator):
+            return torch.empty((0, self.seq_len), dtype=torch.long)
+
+        heldout = batch
+
+    with pytest.raises(DataError, match=r"held-out data is empty \(got shape \(0, 8\)\)"):
+        train_compass(_cfg(tmp_path / "b"), teacher_dir, Empty(tiny_language))
+    from models.data.synthetic import LanguageConfig, SyntheticLanguage
+
+    wider = SyntheticLanguage.generate(LanguageConfig(vocab_size=20, num_states=4, branching=3))
+    with pytest.raises(DataError, match=r"vocabulary 20 and length 64, teacher .* has 12 and 8"):
+        train_compass(_cfg(tmp_path / "c"), teacher_dir, SyntheticSource(wider))
+    with pytest.raises(CheckpointError, match="is a compass checkpoint, but a teacher is needed"):
+        train_compass(_cfg(tmp_path / "d"), _compass_dir(tmp_path, teacher_dir))
+
+
+def _compass_dir(tmp_path, teacher_dir):
+    res = train_compass(_cfg(tmp_path / "tiny", steps=1), teacher_dir)
+    return res.final_dir
+
+
+class ForeignNegatives:
+    """Negatives that claim to come from another teacher."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.teacher_identity = "sha256:" + "f" * 64
+
+    def bank(self, refresh):
+        return self.inner.bank(refresh)
+
+    def heldout(self):
+        return self.inner.heldout()
+
+    def describe(self):
+        return {"kind": "foreign", "teacher_identity": self.teacher_identity}
+
+
+def test_negatives_of_another_teacher_are_refused_unless_allowed(tmp_path, teacher_dir):
+    teacher = load_checkpoint(teacher_dir)
+    inner = TeacherNegatives(teacher.model, teacher.identity, 16, 8, 2, 8, seed=0)
+    neg = ForeignNegatives(inner)
+    with pytest.raises(
+        CheckpointError, match=r"negative source foreign was built from teacher sha256:ffff"
+    ):
+        train_compass(_cfg(tmp_path / "a", steps=2), teacher, negatives=neg)
+    with pytest.warns(TeacherMismatchWarning, match="not from teacher"):
+        res = train_compass(
+            _cfg(tmp_path / "b", steps=2), teacher, negatives=neg, allow_teacher_mismatch=True
+        )
+    assert load_checkpoint(res.final_dir).config.provenance["negatives"]["kind"] == "foreign"
+
+
+# ---------------------------------------------------------------------------- CLI
+runner = CliRunner()
+
+
+def _error_line(result):
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    return lines[-1]
+
+
+def test_cli_train_then_eval(tmp_path, teacher_dir):
+    out = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        [
+            "compass",
+            "train",
+            "--teacher",
+            str(teacher_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--d-model",
+            "16",
+            "--n-layers",
+            "1",
+            "--teacher-steps",
+            "16",
+            "--bank-trajectories",
+            "8",
+            "--records-per-trajectory",
+            "2",
+            "--heldout-trajectories",
+            "8",
+            "--eval-every",
+            "3",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "held-out ROC AUC (real vs teacher states): 0." in res.output
+    report = tmp_path / "r.json"
+    res = runner.invoke(
+        app,
+        [
+            "compass",
+            "eval",
+            "--compass",
+            str(out / "final"),
+            "--teacher",
+            str(teacher_dir),
+            "--samples",
+            "16",
+            "--seeds",
+            "2",
+            "--teacher-steps",
+            "16",
+            "--candidates",
+            "3",
+            "--midpoint",
+            "4",
+            "--json",
+            str(report),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    r = json.loads(report.read_text())
+    assert len(r["auc"]["mean"]) == 4 and all(0 <= a <= 1 for a in r["auc"]["mean"])
+    assert [m["k"] for m in r["selection"]["midpoints"]] == [4]
+    assert r["scorer"]["teacher_identity"] == r["teacher"]["identity"]
+    assert "Spearman" in res.output and "gain" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compass", "train", "--out", "{tmp}/r", "--teacher", "t.pt"], "pickle"),
+        (
+            ["compass", "train", "--out", "{tmp}/r", "--teacher", "{teacher}", "--steps", "0"],
+            "steps=0 must be a positive integer",
+        ),
+        (
+            ["compass", "train", "--out", "{tmp}/r", "--teacher", "{teacher}", "--ema", "1.5"],
+            "ema in [0, 1)",
+        ),
+        (
+            ["compass", "train", "--out", "{tmp}/r", "--teacher", "{teacher}", "--device", "cuda"],
+            "no CUDA GPU",
+        ),
+        (
+            ["compass", "eval", "--compass", "{teacher}", "--teacher", "{teacher}"],
+            "is a teacher checkpoint, but a compass is needed",
+        ),
+        (["compass", "eval", "--compass", "{tmp}/none", "--teacher", "{teacher}"], "not found"),
+        (
+            ["compass", "eval", "--compass", "{compass}", "--teacher", "{other}"],
+            "--allow-teacher-mismatch",
+        ),
+        (
+            ["compass", "eval", "--compass", "{compass}", "--teacher", "{wide}"],
+            "does not fit teacher",
+        ),
+        (
+            [
+                "compass",
+                "eval",
+                "--compass",
+                "{compass}",
+                "--teacher",
+                "{teacher}",
+                "--candidates",
+                "1",
+            ],
+            "candidates=1 must be at least 2",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_2(
+    tmp_path, tiny_language, teacher_dir, trained, args, message
+):
+    from models.data.synthetic import LanguageConfig, SyntheticLanguage
+
+    wide = SyntheticLanguage.generate(
+        LanguageConfig(vocab_size=20, num_states=4, branching=3, seq_len=8)
+    )
+    subs = {
+        "{tmp}": str(tmp_path),
+        "{teacher}": str(teacher_dir),
+        "{compass}": str(trained[0].final_dir),
+        "{other}": str(_save_teacher(tmp_path / "other", tiny_language, seed=5)),
+        "{wide}": str(_save_teacher(tmp_path / "wide", wide)),
+    }
+    for key, value in subs.items():
+        args = [a.replace(key, value) for a in args]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    line = _error_line(res)
+    assert line.startswith("error: ") and message in line, line
+    assert "Traceback" not in res.output
+
+
+def test_allow_teacher_mismatch_flag_evaluates_anyway(tmp_path, tiny_language, trained):
+    other = _save_teacher(tmp_path / "other", tiny_language, seed=5)
+    res = runner.invoke(
+        app,
+        [
+            "compass",
+            "eval",
+            "--compass",
+            str(trained[0].final_dir),
+            "--teacher",
+            str(other),
+            "--samples",
+            "8",
+            "--seeds",
+            "1",
+            "--teacher-steps",
+            "16",
+            "--candidates",
+            "2",
+            "--midpoint",
+            "4",
+            "--allow-teacher-mismatch",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "warning: compass" in res.output and "not from teacher" in res.output
