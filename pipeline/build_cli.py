@@ -49,6 +49,9 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             bool, typer.Option(help="Delete a different dataset at --out and start over.")
         ] = False,
         max_retries: Annotated[int, typer.Option(help="Retries of a shard whose worker died.")] = 3,
+        allow_teacher_mismatch: Annotated[
+            bool, typer.Option(help="Accept a compass trained on another teacher (warns).")
+        ] = False,
     ) -> None:
         """Build a trajectory dataset with energy-guided midpoint search on Ray (resumable).
 
@@ -71,7 +74,15 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 compass = str(bundled_path("compass"))
         nav = NavigatorConfig(student_steps, teacher_steps, k, tau, selection, temperature)
         cfg = BuildConfig(
-            teacher, compass, shards, trajectories_per_shard, batch_size, nav, seed, precision
+            teacher,
+            compass,
+            shards,
+            trajectories_per_shard,
+            batch_size,
+            nav,
+            seed,
+            precision,
+            allow_teacher_mismatch,
         )
         with progress_factory() as bar:
             task = bar.add_task("building", total=cfg.total_trajectories, info="")

@@ -31,6 +31,7 @@ class BuildConfig:
         navigator: S, N, K, τ, selection, temperature.
         seed: dataset seed; trajectory i has seed ``seed · 2^32 + i``.
         precision: fp32, or bf16 autocast on CUDA.
+        allow_teacher_mismatch: accept a compass trained on another teacher's states (warns).
     """
 
     teacher: str
@@ -41,6 +42,7 @@ class BuildConfig:
     navigator: NavigatorConfig = field(default_factory=NavigatorConfig)
     seed: int = 0
     precision: str = "fp32"
+    allow_teacher_mismatch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("shards", "trajectories_per_shard", "batch_size"):
@@ -78,8 +80,8 @@ class BuildConfig:
     def content(self, teacher_identity: str, compass_identity: str | None) -> dict:
         """The values that decide a shard's bytes (checkpoint specs replaced by identities)."""
         d = self.to_dict()
-        d.pop("teacher")
-        d.pop("compass")
+        for key in ("teacher", "compass", "allow_teacher_mismatch"):
+            d.pop(key)
         d["teacher_identity"] = teacher_identity
         d["compass_identity"] = compass_identity
         return d

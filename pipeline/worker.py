@@ -17,7 +17,6 @@ import torch
 
 from models import __version__
 from models.checkpoint import Checkpoint, load_checkpoint
-from models.errors import CheckpointError
 from models.eval.metrics import unigram_entropy
 from pipeline.config import BuildConfig
 from pipeline.navigator import navigate
@@ -52,30 +51,22 @@ def tokenizer_identity(ckpt: Checkpoint) -> str | None:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-class CompassScorer:
-    """Adapts a compass checkpoint's module to the navigator's ``energy(x_t, t)``."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def energy(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        tt = torch.full((x_t.shape[0],), float(t), dtype=torch.float32, device=x_t.device)
-        return self.model(x_t, tt).float()
-
-
 def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Checkpoint | None]:
     """Load teacher and compass, check that they fit together."""
     teacher = load_checkpoint(cfg.teacher, device, role="teacher")
     compass = None
     if cfg.compass is not None:
+        from models.compass import check_compatible, check_teacher_identity
+
         compass = load_checkpoint(cfg.compass, device, role="compass")
-        t, c = teacher.config, compass.config
-        for what in ("vocab_size", "special_tokens", "source", "seq_len"):
-            if getattr(t, what) != getattr(c, what):
-                raise CheckpointError(
-                    f"compass {cfg.compass} has {what}={getattr(c, what)!r} but teacher "
-                    f"{cfg.teacher} has {getattr(t, what)!r}; train a compass for this teacher"
-                )
+        check_compatible(compass.config, teacher.config, cfg.compass, cfg.teacher)
+        check_teacher_identity(
+            compass.config.provenance.get("teacher_identity"),
+            teacher.identity,
+            f"compass {cfg.compass}",
+            cfg.teacher,
+            cfg.allow_teacher_mismatch,
+        )
     for ck in (teacher, compass):
         if ck is not None and hasattr(ck.model, "set_precision"):
             ck.model.set_precision(cfg.precision)
@@ -107,7 +98,11 @@ class ShardBuilder:
         self.device = device
         self.teacher, self.compass = load_models(cfg, device)
         self.provenance = provenance(cfg, self.teacher, self.compass)
-        self.scorer = CompassScorer(self.compass.model) if self.compass is not None else None
+        self.scorer = None
+        if self.compass is not None:
+            from models.compass import CompassScorer
+
+            self.scorer = CompassScorer.from_checkpoint(self.compass)
 
     def metadata(self, index: int) -> dict:
         return {

@@ -118,3 +118,27 @@ def saved_tiny_teacher(tmp_path_factory, tiny_language):
         d, model, tiny_language.tokenizer(), {"language.json": json.dumps(tiny_language.to_dict())}
     )
     return d
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_compass(tmp_path_factory, saved_tiny_teacher, tiny_language):
+    """A randomly initialised compass for the tiny teacher, saved with its provenance."""
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.compass import CompassModel, compass_config
+    from models.train.common import seeded
+
+    teacher = load_checkpoint(saved_tiny_teacher)
+    cfg = compass_config(
+        teacher.config,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        provenance={"teacher_identity": teacher.identity},
+    )
+    with seeded(1):
+        model = CompassModel(cfg).eval()
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    d = tmp_path_factory.mktemp("ckpt") / "compass"
+    save_checkpoint(d, model, tiny_language.tokenizer())
+    return d

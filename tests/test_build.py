@@ -191,3 +191,39 @@ def test_interrupted_driver_resumes_to_the_same_dataset(tmp_path, saved_tiny_tea
     res = run_build(cfg, str(root), num_workers=1, device="cpu")
     assert len(res.skipped) == 2 and len(res.built) == 3
     assert _checksums(root) == _checksums(reference)
+
+
+def test_shaped_build_is_deterministic_and_records_energies(
+    tmp_path, saved_tiny_teacher, saved_tiny_compass
+):
+    nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=3, tau=0.25)
+    cfg = _cfg(saved_tiny_teacher, compass=str(saved_tiny_compass), shards=2, navigator=nav)
+    run_build(cfg, str(tmp_path / "a"), num_workers=2, device="cpu")
+    run_build(cfg, str(tmp_path / "b"), num_workers=1, device="cpu")
+    assert _checksums(tmp_path / "a") == _checksums(tmp_path / "b")
+    table, meta = read_shard(str(tmp_path / "a"), "data/train-00001-of-00002.parquet")
+    assert meta["compass_identity"].startswith("sha256:") and meta["teacher_identity"]
+    energies = table.column("energies").to_pylist()
+    chosen = table.column("chosen").to_pylist()
+    for e, c in zip(energies, chosen, strict=True):
+        assert e[0] == [] and all(len(seg) == 3 for seg in e[1:])  # t_0 = 0 < tau: blind
+        assert c[0] == 0 and all(seg[j] == min(seg) for seg, j in zip(e[1:], c[1:], strict=True))
+    stats = Manifest.load(str(tmp_path / "a")).shard(1)["stats"]
+    assert stats["energy_gain"] > 0 and stats["shaped_segments"] == 6 * 3
+
+
+def test_compass_of_another_teacher_is_refused(tmp_path, saved_tiny_teacher, saved_tiny_compass):
+    import json
+    import shutil
+
+    from models.errors import CheckpointError
+
+    other = tmp_path / "compass"
+    shutil.copytree(saved_tiny_compass, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["provenance"]["teacher_identity"] = "sha256:" + "0" * 64
+    (other / "config.json").write_text(json.dumps(cfg))
+    nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=2)
+    with pytest.raises(CheckpointError, match="not from teacher"):
+        run_build(_cfg(saved_tiny_teacher, compass=str(other), navigator=nav), str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
