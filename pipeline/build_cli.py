@@ -72,6 +72,12 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             teacher = default_teacher()
             if compass is None and k > 1:
                 compass = str(bundled_path("compass"))
+                if not Path(compass).is_dir():
+                    raise ConfigError(
+                        "this version ships no bundled compass yet; pass --compass CKPT "
+                        "(train one with `tsdfm-pipeline compass train`) or --k 1 for a blind "
+                        "dataset"
+                    )
         nav = NavigatorConfig(student_steps, teacher_steps, k, tau, selection, temperature)
         cfg = BuildConfig(
             teacher,
