@@ -95,6 +95,7 @@ def run_build(
     max_retries: int = 3,
     progress: Callable[[Progress], None] | None = None,
     on_plan: Callable[[list[int], list[int], list[int]], None] | None = None,
+    on_workers: Callable[[list[dict]], None] | None = None,
 ) -> BuildSummary:
     """Build (or resume) the dataset of ``cfg`` at ``root``."""
     start = time.perf_counter()
@@ -119,7 +120,9 @@ def run_build(
         def record(result) -> None:
             manifest.record_shard(result.info, result.counters, result.stats)
 
-        report = execute(cfg, root, todo, record, device, num_workers, max_retries, progress)
+        report = execute(
+            cfg, root, todo, record, device, num_workers, max_retries, progress, on_workers
+        )
     manifest = Manifest.load(root)
     missing = manifest.missing()
     if missing:

@@ -151,10 +151,12 @@ def execute(
     num_workers: int | None = None,
     max_retries: int = 3,
     progress: Callable[[Progress], None] | None = None,
+    on_workers: Callable[[list[dict]], None] | None = None,
 ) -> ExecutionReport:
     """Build the shards in ``todo`` on Ray actors; ``on_result`` records each committed shard.
 
-    Ray must already be connected (see :func:`connect`).
+    Ray must already be connected (see :func:`connect`). ``on_workers`` receives each actor's
+    pid, device and CUDA_VISIBLE_DEVICES once they are up.
     """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -168,6 +170,8 @@ def execute(
         for _ in range(workers)
     ]
     report = ExecutionReport(workers=workers, device=device)
+    if on_workers is not None:
+        on_workers(ray.get([a.info.remote() for a in actors]))
     queue: deque[int] = deque(todo)
     attempts: dict[int, int] = {}
     deaths: dict[int, int] = {}

@@ -144,23 +144,33 @@ def test_killed_worker_loses_only_its_shard(tmp_path, saved_tiny_teacher):
     killed = []
     events = []
 
+    pids = []
+
     def killer():
         deadline = time.time() + 600
         while time.time() < deadline and not killed and not finished.is_set():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if cmd.startswith("ray::ShardActor.build"):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
+            for pid in pids:
+                try:
+                    title = " ".join(psutil.Process(pid).cmdline())
+                except psutil.NoSuchProcess:
+                    continue
+                if title.startswith("ray::ShardActor.build"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                     return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     finished = threading.Event()
     thread = threading.Thread(target=killer)
     thread.start()
     try:
         res = run_build(
-            cfg, str(root), num_workers=2, device="cpu", progress=lambda p: events.append(p.event)
+            cfg,
+            str(root),
+            num_workers=2,
+            device="cpu",
+            progress=lambda p: events.append(p.event),
+            on_workers=lambda infos: pids.extend(i["pid"] for i in infos),
         )
     finally:
         finished.set()
