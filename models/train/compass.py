@@ -217,7 +217,9 @@ class CompassTrainConfig:
             is B positives plus B negatives per step; ema = 0 switches EMA off.
         teacher_steps: N, steps of the teacher sampler that makes the negatives.
         bank_trajectories: M fresh teacher trajectories per negative bank.
-        records_per_trajectory: R states recorded per trajectory (bank size M·R).
+        records_per_trajectory: R states recorded per trajectory (bank size M·R). States of
+            one trajectory share its revealed tokens, so a bank of few trajectories recorded
+            many times invites memorising them; prefer more trajectories over more records.
         refresh_every: steps between bank rebuilds; keep refresh_every · batch_size ≤ M · R
             (the defaults: 64 · 64 = 256 · 16) so that no negative is drawn twice.
         heldout_trajectories: trajectories of the fixed held-out set (R records each, matched
