@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -39,7 +38,7 @@ from models.checkpoint import (
     register_role,
 )
 from models.errors import CheckpointError, ConfigError
-from models.flow_model import FlowModel, ModelConfig
+from models.flow_model import FlowModel, ModelConfig, PrecisionMixin
 from models.path import MixturePath
 
 
@@ -82,7 +81,7 @@ def _times(t: float | torch.Tensor, batch: int, device: torch.device) -> torch.T
     return t
 
 
-class CompassModel(nn.Module):
+class CompassModel(PrecisionMixin, nn.Module):
     """E_θ(x_t, t): a time-conditioned transformer with a scalar head.
 
     ``forward`` returns (B,) float32 energies. Under CUDA and ``precision="bf16"`` the
@@ -105,17 +104,6 @@ class CompassModel(nn.Module):
     @property
     def path(self) -> MixturePath:
         return self.config.path()
-
-    def set_precision(self, precision: str) -> CompassModel:
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision {precision!r}; use 'fp32' or 'bf16'")
-        self.precision = precision
-        return self
-
-    def _autocast(self, device: torch.device):
-        if self.precision == "bf16" and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
 
     def forward(
         self, x_t: torch.Tensor, t: float | torch.Tensor, h: torch.Tensor | None = None
@@ -225,6 +213,21 @@ def check_teacher_identity(
     raise CheckpointError(
         message + "; use the matching teacher, train a compass for this one, or pass "
         "--allow-teacher-mismatch"
+    )
+
+
+def check_compass_for_teacher(
+    compass: Checkpoint, teacher: Checkpoint, allow_teacher_mismatch: bool = False
+) -> None:
+    """Both checks a compass must pass before it scores ``teacher``'s states: it reads them
+    (:func:`check_compatible`) and it learned from them (:func:`check_teacher_identity`)."""
+    check_compatible(compass.config, teacher.config, compass.spec, teacher.spec)
+    check_teacher_identity(
+        compass.config.provenance.get("teacher_identity"),
+        teacher.identity,
+        f"compass {compass.spec}",
+        teacher.spec,
+        allow_teacher_mismatch,
     )
 
 

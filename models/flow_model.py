@@ -123,7 +123,25 @@ class ModelConfig:
         return replace(self, **changes)
 
 
-class FlowModel(nn.Module):
+class PrecisionMixin:
+    """``set_precision("bf16")`` makes ``_autocast(device)`` run bf16 autocast on CUDA; fp32
+    (and any CPU device) runs in full precision."""
+
+    precision: str = "fp32"
+
+    def set_precision(self, precision: str):
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {precision!r}; use 'fp32' or 'bf16'")
+        self.precision = precision
+        return self
+
+    def _autocast(self, device: torch.device):
+        if self.precision == "bf16" and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+class FlowModel(PrecisionMixin, nn.Module):
     """Denoiser p_θ(x_1 | x_t, t[, h]) for teacher and student roles.
 
     ``forward`` returns logits over the V data tokens, shape (B, L, V). Under CUDA and
@@ -146,17 +164,6 @@ class FlowModel(nn.Module):
     @property
     def path(self) -> MixturePath:
         return self.config.path()
-
-    def set_precision(self, precision: str) -> FlowModel:
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision {precision!r}; use 'fp32' or 'bf16'")
-        self.precision = precision
-        return self
-
-    def _autocast(self, device: torch.device):
-        if self.precision == "bf16" and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
 
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None

@@ -56,17 +56,10 @@ def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Checkpoint |
     teacher = load_checkpoint(cfg.teacher, device, role="teacher")
     compass = None
     if cfg.compass is not None:
-        from models.compass import check_compatible, check_teacher_identity
+        from models.compass import check_compass_for_teacher
 
         compass = load_checkpoint(cfg.compass, device, role="compass")
-        check_compatible(compass.config, teacher.config, cfg.compass, cfg.teacher)
-        check_teacher_identity(
-            compass.config.provenance.get("teacher_identity"),
-            teacher.identity,
-            f"compass {cfg.compass}",
-            cfg.teacher,
-            cfg.allow_teacher_mismatch,
-        )
+        check_compass_for_teacher(compass, teacher, cfg.allow_teacher_mismatch)
     for ck in (teacher, compass):
         if ck is not None and hasattr(ck.model, "set_precision"):
             ck.model.set_precision(cfg.precision)

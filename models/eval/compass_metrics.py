@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models.checkpoint import Checkpoint
-from models.compass import CompassScorer, Scorer, check_compatible, check_teacher_identity
+from models.compass import CompassScorer, Scorer, check_compass_for_teacher
 from models.errors import ConfigError
 from models.eval.metrics import unigram_entropy
 from models.rng import CounterRNG
@@ -349,14 +349,7 @@ def evaluate_compass(
 ) -> dict:
     """Check that the compass fits the teacher (vocabulary, tokens, source, identity of the
     teacher whose negatives it saw), then :func:`evaluate_scorer`."""
-    check_compatible(compass.config, teacher.config, compass.spec, teacher.spec)
-    check_teacher_identity(
-        compass.config.provenance.get("teacher_identity"),
-        teacher.identity,
-        f"compass {compass.spec}",
-        teacher.spec,
-        allow_teacher_mismatch,
-    )
+    check_compass_for_teacher(compass, teacher, allow_teacher_mismatch)
     compass.model.to(device)
     return evaluate_scorer(CompassScorer.from_checkpoint(compass), teacher, cfg, device, progress)
 
