@@ -268,6 +268,9 @@ def compass_train(
     warmup: int = 200,
     ema: Annotated[float, typer.Option(help="EMA decay; 0 switches EMA off.")] = 0.999,
     teacher_steps: Annotated[int, typer.Option(help="N of the teacher sampler.")] = 1024,
+    negative_temperature: Annotated[
+        float, typer.Option(help="Temperature T >= 1 of the teacher's draws for negatives.")
+    ] = 1.5,
     bank_trajectories: Annotated[
         int, typer.Option(help="Fresh teacher trajectories per negative bank.")
     ] = 256,
@@ -297,6 +300,7 @@ def compass_train(
         warmup=warmup,
         ema=ema,
         teacher_steps=teacher_steps,
+        negative_temperature=negative_temperature,
         bank_trajectories=bank_trajectories,
         records_per_trajectory=records_per_trajectory,
         refresh_every=refresh_every,

@@ -142,3 +142,44 @@ def saved_tiny_compass(tmp_path_factory, saved_tiny_teacher, tiny_language):
     d = tmp_path_factory.mktemp("ckpt") / "compass"
     save_checkpoint(d, model, tiny_language.tokenizer())
     return d
+
+
+def _build_tiny_dataset(root, teacher, compass, candidates):
+    from pipeline.build import run_build
+    from pipeline.config import BuildConfig
+    from pipeline.navigator import NavigatorConfig
+
+    nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=candidates)
+    cfg = BuildConfig(
+        teacher=str(teacher),
+        compass=None if compass is None else str(compass),
+        shards=3,
+        trajectories_per_shard=8,
+        batch_size=8,
+        navigator=nav,
+        seed=3,
+    )
+    run_build(cfg, str(root), device="cpu", num_workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_blind_dataset(tmp_path_factory, ray_cluster, saved_tiny_teacher):
+    """A committed K = 1 dataset of the tiny teacher: 3 shards x 8 trajectories, S=4, N=32.
+
+    Session-scoped and shared: copy it (shutil.copytree) before modifying anything in it.
+    """
+    return _build_tiny_dataset(
+        tmp_path_factory.mktemp("data") / "blind", saved_tiny_teacher, None, 1
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_shaped_dataset(tmp_path_factory, ray_cluster, saved_tiny_teacher, saved_tiny_compass):
+    """A committed K = 3 dataset of the tiny teacher and compass (same plan as the blind one).
+
+    Session-scoped and shared: copy it (shutil.copytree) before modifying anything in it.
+    """
+    return _build_tiny_dataset(
+        tmp_path_factory.mktemp("data") / "shaped", saved_tiny_teacher, saved_tiny_compass, 3
+    )

@@ -7,8 +7,20 @@ cross-entropy with logit −E averaged over the B positives and B negatives of a
 
     ℓ(θ) = ½ [ mean_b softplus(E_θ(x_t^{+,b}, t_b)) + mean_b softplus(−E_θ(x_t^{−,b}, t_b)) ]
 
-(ℓ = ln 2 at E ≡ 0). Its minimiser is E* = log p_teacher,t(x_t) − log p_data,t(x_t): low
-energy where real data is likelier than the teacher's own states.
+(ℓ = ln 2 at E ≡ 0). Its minimiser is E* = log q_t(x_t) − log p_data,t(x_t), q the
+distribution of the negatives: low energy where real data is likelier than the teacher's states.
+
+Tempered negatives. A good teacher's own states are nearly indistinguishable from real data
+(q ≈ p_data makes E* ≈ 0 and carries no ranking), yet the navigator needs a ranking *among*
+teacher states: which candidate is likelier under the data. So the negatives are the teacher's
+trajectories sampled at temperature T ≥ 1 (every draw from p(x_1 | x_t)^{1/T}, renormalised).
+Were the tempered states distributed as q_T ∝ p_data^{1/T}, the optimum would be
+
+    E*(x_t, t) = −(1 − 1/T) · log p_data,t(x_t) + const(t),
+
+a likelihood ranker at every t, sharpened by the teacher's own errors where q_T and p_data
+differ otherwise; per-token tempering only approximates p^{1/T}, but keeps the ordering.
+T = 1 gives the plain generation-aware NCE of DESIGN §3.
 
 Negatives come from a *bank* of (state, t) pairs: M fresh teacher trajectories, each rolled
 over the uniform grid of N teacher steps and recorded at R grid times drawn uniformly from
@@ -71,9 +83,29 @@ def nce_loss(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(e_pos).mean() + F.softplus(-e_neg).mean())
 
 
+class TemperedDenoiser:
+    """A denoiser whose p(x_1 | x_t) is sharpened (T < 1) or flattened (T > 1): logits / T.
+
+    Args:
+        model: the denoiser.
+        temperature: T > 0; T = 1 returns the model's logits unchanged.
+    """
+
+    def __init__(self, model, temperature: float):
+        if not temperature > 0:
+            raise ConfigError(f"temperature={temperature} must be > 0")
+        self.model = model
+        self.temperature = float(temperature)
+        self.time_invariant = model.time_invariant
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x_t, t, h)
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
 @torch.no_grad()
 def teacher_states(
-    teacher: FlowModel,
+    teacher: FlowModel | TemperedDenoiser,
     path: MixturePath,
     rng: CounterRNG,
     seq_len: int,
@@ -146,6 +178,7 @@ class TeacherNegatives:
         trajectories: M trajectories per bank.
         records: R states recorded per trajectory.
         heldout_trajectories: trajectories of the held-out set (R records each).
+        temperature: T of the teacher's draws (the module docstring says why T > 1).
         seed: base seed; bank r uses trajectory seeds seed·2^32 + r·M + j in lane NEGATIVE_LANE,
             the held-out set seeds seed·2^32 + j in lane HELDOUT_LANE. Record times are drawn
             from a generator seeded with seed·2^20 + r for bank r and 2^62 + seed for the
@@ -163,8 +196,11 @@ class TeacherNegatives:
         heldout_trajectories: int,
         seed: int,
         device: str | torch.device = "cpu",
+        temperature: float = 1.0,
     ):
         self.teacher = teacher.eval()
+        self.temperature = float(temperature)
+        self.sampler = TemperedDenoiser(self.teacher, temperature)
         self.teacher_identity = teacher_identity
         self.n_steps = n_steps
         self.trajectories = trajectories
@@ -180,7 +216,7 @@ class TeacherNegatives:
         cfg = self.teacher.config
         rng = CounterRNG(seeds.to(self.device), lane)
         x = teacher_states(
-            self.teacher, cfg.path(), rng, cfg.seq_len, self.n_steps, record_at, self.counters
+            self.sampler, cfg.path(), rng, cfg.seq_len, self.n_steps, record_at, self.counters
         )
         t = record_at.to(torch.float64) / self.n_steps
         return x.reshape(-1, cfg.seq_len), t.reshape(-1).float().to(self.device)
@@ -199,6 +235,7 @@ class TeacherNegatives:
             "kind": "teacher-rollouts",
             "teacher_identity": self.teacher_identity,
             "teacher_steps": self.n_steps,
+            "temperature": self.temperature,
             "trajectories_per_bank": self.trajectories,
             "records_per_trajectory": self.records,
             "lane": NEGATIVE_LANE,
@@ -216,6 +253,8 @@ class CompassTrainConfig:
         steps, batch_size, lr, warmup, weight_decay, grad_clip, ema: optimisation; batch_size
             is B positives plus B negatives per step; ema = 0 switches EMA off.
         teacher_steps: N, steps of the teacher sampler that makes the negatives.
+        negative_temperature: T of the teacher's draws for the negatives (T > 1 makes the
+            compass a likelihood ranker; see the module docstring); 1 = plain teacher states.
         bank_trajectories: M fresh teacher trajectories per negative bank.
         records_per_trajectory: R states recorded per trajectory (bank size M·R). States of
             one trajectory share its revealed tokens, so a bank of few trajectories recorded
@@ -243,6 +282,7 @@ class CompassTrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     teacher_steps: int = 1024
+    negative_temperature: float = 1.5
     bank_trajectories: int = 256
     records_per_trajectory: int = 16
     refresh_every: int = 64
@@ -265,6 +305,10 @@ class CompassTrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if not 1.0 <= self.negative_temperature <= 10.0:
+            raise ConfigError(
+                f"negative_temperature={self.negative_temperature} must lie in [1, 10]"
+            )
         if not self.lr > 0 or self.warmup < 0 or not 0 <= self.ema < 1:
             raise ConfigError("lr must be > 0, warmup >= 0 and ema in [0, 1)")
         if not 0 <= self.seed < 2**31:
@@ -367,6 +411,7 @@ def train_compass(
             cfg.heldout_trajectories,
             cfg.seed,
             device,
+            cfg.negative_temperature,
         )
     neg_info = negatives.describe()
     check_teacher_identity(
