@@ -1,0 +1,749 @@
+"""Reading a trajectory dataset (DESIGN §5) as training examples for a few-step student.
+
+A dataset is a local folder or a Hub dataset ``org/name[@revision]`` of Parquet shards, one row
+per trajectory on the student grid t_0 = 0 < t_1 < … < t_S = 1. Segment k of a trajectory is
+one training example:
+
+    x_t = states[k],  t = t_k,  h = t_{k+1} − t_k,
+    x_{t+h} = states[k+1]   (the next midpoint: what the trajectory's own jump landed on)
+    x_1 = states[S]         (the final sequence)
+
+Reading (``datasets`` streaming, one file = one ``datasets`` shard):
+
+* **Streams.** Epoch e permutes the shard files with a generator seeded by (seed, e); stream s
+  of P reads files ``perm[s::P]`` in that order. Torch DataLoader workers execute the streams
+  (worker w runs streams s ≡ w mod num_workers), so several shards are read and decoded in
+  parallel, and the batch sequence depends on P but not on the number of workers.
+* **Shuffling.** A stream reads ``shuffle_buffer`` consecutive trajectories (a window, which
+  may span files), permutes them with a generator seeded by (seed, e, s, window) and emits all
+  S segments of each; batches of ``batch_size`` examples are cut from that sequence (the last
+  partial batch of a stream in an epoch is dropped). The main process takes batches from the
+  streams round-robin.
+* **Position.** Every batch carries its stream's resume point: the window's first row (file,
+  row), the window's index and how many of its examples were consumed. The loader's state is
+  those points plus the epoch and the round-robin pointer, a JSON object: a resumed run seeks
+  straight to it (at most one file is re-read up to the row) and continues with the identical
+  batch sequence.
+* **Held-out split.** A trajectory is held out iff u(trajectory_id) < ``heldout_fraction``, u a
+  splitmix64 hash mapped to [0, 1): the same trajectories for every run and student on a
+  dataset, whatever the seed; training never sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import ConfigError, DataError
+from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
+
+SPLIT = "train"
+TRAIN_COLUMNS = ("trajectory_id", "times", "states")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HF_REVISION = re.compile(r"^hf://datasets/[^@]+@([^/]+)/")
+
+
+# --------------------------------------------------------------------------- dataset identity
+@dataclass(frozen=True)
+class DatasetRef:
+    """What the user passed: a local folder, or a Hub id with an optional revision."""
+
+    id: str
+    revision: str | None
+    local: bool
+
+    def __str__(self) -> str:
+        return self.id + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_dataset_spec(spec: str | Path) -> DatasetRef:
+    """``/path/to/folder`` or ``org/name[@revision]``."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(
+                f"dataset {text} is a file; pass the dataset folder (the one holding data/)"
+            )
+        return DatasetRef(str(path.resolve()), None, True)
+    name, at, revision = text.partition("@")
+    if at and Path(name).expanduser().exists():
+        raise DataError(
+            f"{text}: a local folder has no revisions; drop '@{revision}' or pass a Hub id"
+        )
+    if _REPO_ID.match(name) and not name.startswith((".", "/", "~")) and (revision or not at):
+        return DatasetRef(name, revision or None, False)
+    raise DataError(
+        f"dataset {text} not found: give an existing folder or a Hub id like org/name[@revision]"
+    )
+
+
+def _resolve_files(ref: DatasetRef) -> list[str]:
+    """The Parquet files of the train split, in order (local paths or hf:// URLs)."""
+    from datasets import load_dataset_builder
+
+    try:
+        builder = load_dataset_builder(ref.id, revision=ref.revision)
+    except Exception as e:  # datasets and huggingface_hub raise many unrelated types
+        raise DataError(_unreadable(ref, e)) from None
+    files = (builder.config.data_files or {}).get(SPLIT)
+    if not files:
+        raise DataError(
+            f"dataset {ref} has no '{SPLIT}' split of Parquet files (data/train-*.parquet); "
+            "is it a tsdfm trajectory dataset?"
+        )
+    bad = [f for f in files if not str(f).endswith(".parquet")]
+    if bad:
+        raise DataError(f"dataset {ref} lists non-Parquet data files ({bad[0]}); rebuild it")
+    return [str(f) for f in files]
+
+
+def _unreadable(ref: DatasetRef, e: Exception) -> str:
+    kind = type(e).__name__
+    first = (str(e).splitlines() or [""])[0][:200]
+    if ref.local:
+        return f"dataset folder {ref.id} is unreadable ({kind}: {first})"
+    if "Revision" in kind or (ref.revision and "revision" in first.lower()):
+        return (
+            f"revision {ref.revision!r} of the Hub dataset {ref.id} cannot be read ({kind}); "
+            "check the tag, branch or commit name"
+        )
+    return (
+        f"Hub dataset {ref} cannot be read ({kind}: {first}); check the id, the revision, "
+        "the network or HF_ENDPOINT and your token, or pass a local folder"
+    )
+
+
+def _read_footer(url: str) -> tuple[list[str], dict]:
+    """(column names, ``tsdfm`` metadata) of one shard, reading only its footer."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            meta = pq.read_metadata(f)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"shard {url} is not a readable Parquet file ({e})") from None
+    names = meta.schema.to_arrow_schema().names
+    kv = meta.metadata or {}
+    if METADATA_KEY not in kv:
+        raise DataError(
+            f"shard {url} has no '{METADATA_KEY.decode()}' metadata: it was not written by "
+            "tsdfm-pipeline build"
+        )
+    try:
+        info = json.loads(kv[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        key = METADATA_KEY.decode()
+        raise DataError(f"shard {url}: '{key}' metadata is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"shard {url}: '{METADATA_KEY.decode()}' metadata is not a JSON object")
+    return names, info
+
+
+def check_shard_footer(url: str, names: list[str], info: dict) -> None:
+    """Columns and schema version of one shard, or a DataError that says what to do."""
+    missing = [c for c in trajectory_schema().names if c not in names]
+    if missing:
+        raise DataError(
+            f"shard {url} lacks the column(s) {', '.join(missing)} of the trajectory schema "
+            f"v{SCHEMA_VERSION}; it is not a tsdfm trajectory dataset, or it was altered"
+        )
+    version = info.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DataError(
+            f"shard {url} uses trajectory schema v{version}, but this tsdfm-pipeline reads "
+            f"v{SCHEMA_VERSION}: install the tsdfm-pipeline version that built the dataset"
+        )
+
+
+@dataclass(frozen=True)
+class TrajectorySource:
+    """An opened trajectory dataset: its files, grid and provenance.
+
+    Attributes:
+        ref: what the user passed.
+        files: the shard files (local paths or hf:// URLs), in name order.
+        metadata: the ``tsdfm`` metadata of the first shard.
+        times: (S+1,) float32 time grid t_0 … t_S read from the first trajectory.
+        seq_len: L.
+        resolved_revision: the Hub commit the files were read at (None for a local folder).
+    """
+
+    ref: DatasetRef
+    files: tuple[str, ...]
+    metadata: dict
+    times: np.ndarray
+    seq_len: int
+    resolved_revision: str | None
+
+    @property
+    def num_steps(self) -> int:
+        """S, the number of segments (student steps) of the dataset's grid."""
+        return int(self.times.shape[0] - 1)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.metadata.get("fingerprint")
+
+    def provenance(self) -> dict:
+        """What a student records about the data it was trained on."""
+        m = self.metadata
+        return {
+            "id": self.ref.id,
+            "revision": self.ref.revision,
+            "resolved_revision": self.resolved_revision,
+            "local": self.ref.local,
+            "fingerprint": m.get("fingerprint"),
+            "schema_version": m.get("schema_version"),
+            "teacher_identity": m.get("teacher_identity"),
+            "compass_identity": m.get("compass_identity"),
+            "tokenizer_identity": m.get("tokenizer_identity"),
+            "num_shards": len(self.files),
+            "student_steps": self.num_steps,
+            "times": [float(t) for t in self.times],
+        }
+
+    def file_dataset(self, index: int, columns: tuple[str, ...] = TRAIN_COLUMNS):
+        """Shard file ``index`` as a streaming ``datasets.IterableDataset`` of ``columns``."""
+        from datasets import load_dataset
+
+        return load_dataset(
+            "parquet",
+            data_files={SPLIT: [self.files[index]]},
+            split=SPLIT,
+            streaming=True,
+            columns=list(columns),
+        )
+
+    def iter_tables(self, index: int, rows: int, skip: int = 0) -> Iterator[Any]:
+        """Arrow tables of ≤ ``rows`` rows of shard file ``index``, after skipping ``skip``."""
+        for table in self.file_dataset(index).with_format("arrow").iter(batch_size=rows):
+            if skip >= table.num_rows:
+                skip -= table.num_rows
+                continue
+            if skip:
+                table, skip = table.slice(skip), 0
+            yield table
+
+
+def open_trajectory_dataset(spec: str | Path) -> TrajectorySource:
+    """Resolve a dataset, check its first shard's columns and schema version, read its grid."""
+    ref = parse_dataset_spec(spec)
+    files = _resolve_files(ref)
+    names, meta = _read_footer(files[0])
+    check_shard_footer(files[0], names, meta)
+    match = _HF_REVISION.match(files[0])
+    source = TrajectorySource(
+        ref=ref,
+        files=tuple(files),
+        metadata=meta,
+        times=np.zeros(2, np.float32),
+        seq_len=0,
+        resolved_revision=match.group(1) if match else None,
+    )
+    first = next(source.iter_tables(0, 1), None)
+    if first is None or first.num_rows == 0:
+        raise DataError(f"the first shard of dataset {ref} holds no trajectories; rebuild it")
+    rows = table_arrays(first, None)
+    times = rows.times[0]
+    if not (times[0] == 0.0 and times[-1] == 1.0 and (np.diff(times) > 0).all()):
+        raise DataError(
+            f"dataset {ref} has the time grid {times.tolist()}; a trajectory grid must rise "
+            "strictly from 0 to 1"
+        )
+    return replace(source, times=times, seq_len=int(rows.states.shape[2]))
+
+
+# --------------------------------------------------------------------------- rows → examples
+@dataclass(frozen=True)
+class TrajectoryRows:
+    """Decoded rows: ids (n,) int64, times (n, S+1) float32, states (n, S+1, L) int32."""
+
+    ids: np.ndarray
+    times: np.ndarray
+    states: np.ndarray
+
+
+def _list_values(arr, n_outer: int, inner: int, column: str) -> Any:
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    if lengths.shape[0] != n_outer or (lengths != inner).any():
+        raise DataError(
+            f"column {column}: lists of {sorted(set(lengths.tolist()))} entries where {inner} "
+            "are expected (every trajectory of a dataset has the same S and L)"
+        )
+    return arr.flatten()
+
+
+def table_arrays(table, times_ref: np.ndarray | None) -> TrajectoryRows:
+    """An Arrow table of (trajectory_id, times, states) as numpy arrays, shapes checked.
+
+    Args:
+        table: rows of the trajectory schema (at least the three columns).
+        times_ref: the dataset's grid; every row must carry exactly it (None: take the first
+            row's).
+    """
+    n = table.num_rows
+    times_arr = table.column("times").combine_chunks()
+    S1 = int(times_arr.value_lengths()[0].as_py()) if times_ref is None else len(times_ref)
+    times = _list_values(times_arr, n, S1, "times").to_numpy().reshape(n, S1)
+    if times_ref is not None and not (times == times_ref).all():
+        raise DataError(
+            f"a trajectory has the time grid {times[(times != times_ref).any(1)][0].tolist()}, "
+            f"the dataset's first has {times_ref.tolist()}: shards of different builds are mixed"
+        )
+    rows = _list_values(table.column("states").combine_chunks(), n, S1, "states")
+    L = int(rows.value_lengths()[0].as_py()) if len(rows) else 0
+    states = _list_values(rows, n * S1, L, "states").to_numpy().reshape(n, S1, L)
+    ids = table.column("trajectory_id").to_numpy()
+    return TrajectoryRows(np.asarray(ids, np.int64), times.astype(np.float32), states)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Training examples, one per (trajectory, segment k), as numpy arrays.
+
+    Attributes:
+        x_t: (n, L) state at t_k.
+        t: (n,) t_k.
+        h: (n,) t_{k+1} − t_k.
+        x_next: (n, L) state at t_{k+1}.
+        x_1: (n, L) final sequence states[S].
+        trajectory_id: (n,) int64.
+        segment: (n,) int64 k.
+    """
+
+    x_t: np.ndarray
+    t: np.ndarray
+    h: np.ndarray
+    x_next: np.ndarray
+    x_1: np.ndarray
+    trajectory_id: np.ndarray
+    segment: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def take(self, index: np.ndarray | slice) -> Examples:
+        return Examples(**{k: v[index] for k, v in self.__dict__.items()})
+
+    @staticmethod
+    def concat(parts: list[Examples]) -> Examples:
+        names = Examples.__dataclass_fields__
+        return Examples(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in names})
+
+    def tensors(self) -> ExampleBatch:
+        return ExampleBatch(
+            x_t=torch.from_numpy(self.x_t.astype(np.int64)),
+            t=torch.from_numpy(self.t),
+            h=torch.from_numpy(self.h),
+            x_next=torch.from_numpy(self.x_next.astype(np.int64)),
+            x_1=torch.from_numpy(self.x_1.astype(np.int64)),
+            trajectory_id=torch.from_numpy(self.trajectory_id),
+            segment=torch.from_numpy(self.segment),
+        )
+
+
+def trajectory_examples(times: np.ndarray, states: np.ndarray, ids: np.ndarray) -> Examples:
+    """Every segment of every trajectory as an example, trajectory-major (k fastest).
+
+    For trajectory j and segment k: x_t = states[j, k], t = times[k],
+    h = times[k+1] − times[k] (computed in float64 from the stored float32 grid, so t + h is
+    exactly t_{k+1}), x_next = states[j, k+1], x_1 = states[j, S].
+
+    Args:
+        times: (S+1,) grid.
+        states: (n, S+1, L) token ids.
+        ids: (n,) trajectory ids.
+    """
+    n, S1, L = states.shape
+    S = S1 - 1
+    grid = times.astype(np.float64)
+    k = np.tile(np.arange(S), n)
+    j = np.repeat(np.arange(n), S)
+    return Examples(
+        x_t=states[:, :S].reshape(n * S, L),
+        t=np.tile(grid[:S], n).astype(np.float32),
+        h=np.tile(np.diff(grid), n).astype(np.float32),
+        x_next=states[:, 1:].reshape(n * S, L),
+        x_1=np.repeat(states[:, S], S, axis=0),
+        trajectory_id=ids[j].astype(np.int64),
+        segment=k.astype(np.int64),
+    )
+
+
+@dataclass
+class ExampleBatch:
+    """A batch of examples as tensors (tokens int64, t and h float32); see :class:`Examples`."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    h: torch.Tensor
+    x_next: torch.Tensor
+    x_1: torch.Tensor
+    trajectory_id: torch.Tensor
+    segment: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ExampleBatch:
+        return ExampleBatch(
+            **{k: v.to(device, non_blocking=non_blocking) for k, v in self.__dict__.items()}
+        )
+
+    def pin_memory(self) -> ExampleBatch:
+        return ExampleBatch(**{k: v.pin_memory() for k, v in self.__dict__.items()})
+
+
+def heldout_mask(trajectory_id: np.ndarray, fraction: float) -> np.ndarray:
+    """True for held-out trajectories: splitmix64(id) / 2^64 < fraction (seed-independent)."""
+    z = trajectory_id.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+# --------------------------------------------------------------------------- the loader
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How trajectories become batches (everything here decides the batch sequence).
+
+    Args:
+        batch_size: examples per batch (segments of several trajectories).
+        shuffle_buffer: trajectories per shuffled window of a stream.
+        streams: P, shard streams read in parallel and interleaved round-robin.
+        heldout_fraction: share of trajectory ids held out (0 disables the split).
+        seed: seed of shard permutations and window shuffles.
+        read_rows: rows per Arrow table read from a shard.
+    """
+
+    batch_size: int = 64
+    shuffle_buffer: int = 256
+    streams: int = 4
+    heldout_fraction: float = 0.02
+    seed: int = 0
+    read_rows: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "shuffle_buffer", "streams", "read_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction={self.heldout_fraction} must lie in [0, 1)")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be non-negative")
+
+
+@dataclass
+class StreamPosition:
+    """Where a stream resumes: window ``window`` starts at row ``row`` of its ``file``-th file
+    (in the stream's file order) and its first ``offset`` examples are consumed."""
+
+    file: int = 0
+    row: int = 0
+    window: int = 0
+    offset: int = 0
+    done: bool = False
+
+
+@dataclass
+class LoaderState:
+    """The data position: epoch, round-robin pointer, and every stream's position."""
+
+    epoch: int = 0
+    pointer: int = 0
+    batches: int = 0
+    streams: list[StreamPosition] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "pointer": self.pointer,
+            "batches": self.batches,
+            "streams": [dict(s.__dict__) for s in self.streams],
+        }
+
+    @staticmethod
+    def from_dict(d: dict) -> LoaderState:
+        return LoaderState(
+            epoch=int(d["epoch"]),
+            pointer=int(d["pointer"]),
+            batches=int(d.get("batches", 0)),
+            streams=[StreamPosition(**s) for s in d["streams"]],
+        )
+
+
+def epoch_files(num_files: int, seed: int, epoch: int, stream: int, streams: int) -> list[int]:
+    """The shard files of ``stream`` in ``epoch``: a seeded permutation, every P-th entry."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_files)
+    return [int(i) for i in perm[stream::streams]]
+
+
+class _RowReader:
+    """Sequential rows over a list of shard files, from (file position, row)."""
+
+    def __init__(self, source: TrajectorySource, files: list[int], pos: int, row: int, rows: int):
+        self.source, self.files, self.rows = source, files, rows
+        self.pos, self.row = pos, row  # position of the next unread row
+        self._tables: Iterator[Any] | None = None
+        self._pending = None
+
+    def _next_table(self):
+        while self.pos < len(self.files):
+            if self._tables is None:
+                self._tables = self.source.iter_tables(self.files[self.pos], self.rows, self.row)
+            table = next(self._tables, None)
+            if table is not None and table.num_rows:
+                return table
+            self._tables, self.pos, self.row = None, self.pos + 1, 0
+        return None
+
+    def take(self, n: int) -> list[Any]:
+        """Up to n rows as a list of Arrow tables; advances (pos, row)."""
+        out, have = [], 0
+        while have < n:
+            table = self._pending if self._pending is not None else self._next_table()
+            self._pending = None
+            if table is None:
+                break
+            need = n - have
+            if table.num_rows > need:
+                table, self._pending = table.slice(0, need), table.slice(need)
+            out.append(table)
+            have += table.num_rows
+            self.row += table.num_rows
+        return out
+
+
+def stream_batches(
+    source: TrajectorySource,
+    cfg: LoaderConfig,
+    epoch: int,
+    stream: int,
+    start: StreamPosition,
+    max_token_id: int | None = None,
+) -> Iterator[tuple[Examples, StreamPosition]]:
+    """The batches of one stream in one epoch, from ``start``; each with the position after it.
+
+    A pure function of (dataset, cfg, epoch, stream, start): the same arguments give the same
+    batches, which is what makes resume exact.
+    """
+    import pyarrow as pa
+
+    files = epoch_files(len(source.files), cfg.seed, epoch, stream, cfg.streams)
+    reader = _RowReader(source, files, start.file, start.row, cfg.read_rows)
+    window, offset = start.window, start.offset
+    pending: list[Examples] = []
+    have = 0
+    while True:
+        win_file, win_row = reader.pos, reader.row
+        tables = reader.take(cfg.shuffle_buffer)
+        if not tables:
+            return
+        rows = table_arrays(pa.concat_tables(tables), source.times)
+        if max_token_id is not None and rows.states.size and rows.states.max() > max_token_id:
+            bad = int(rows.ids[(rows.states > max_token_id).any(axis=(1, 2))][0])
+            raise DataError(
+                f"trajectory {bad} holds token id {int(rows.states.max())}, outside the "
+                f"student's vocabulary (ids 0..{max_token_id}): the dataset was built with "
+                "another vocabulary; use its teacher as --init"
+            )
+        keep = ~heldout_mask(rows.ids, cfg.heldout_fraction)
+        order = np.flatnonzero(keep)
+        rng = np.random.default_rng([cfg.seed, epoch, stream, window])
+        order = order[rng.permutation(order.shape[0])]
+        ex = trajectory_examples(source.times, rows.states[order], rows.ids[order])
+        while offset < len(ex):
+            take = min(cfg.batch_size - have, len(ex) - offset)
+            pending.append(ex.take(slice(offset, offset + take)))
+            offset += take
+            have += take
+            if have == cfg.batch_size:
+                if offset < len(ex):
+                    after = StreamPosition(win_file, win_row, window, offset)
+                else:
+                    after = StreamPosition(reader.pos, reader.row, window + 1, 0)
+                yield Examples.concat(pending), after
+                pending, have = [], 0
+        window, offset = window + 1, 0
+
+
+class _StreamWorkers(torch.utils.data.IterableDataset):
+    """The DataLoader side: worker w runs the streams s ≡ w (mod workers), round-robin, and
+    yields (stream, kind, payload) items: ("batch", (ExampleBatch, position)), ("end", None)
+    or ("error", message)."""
+
+    def __init__(self, source, cfg, epoch, starts, workers, max_token_id):
+        super().__init__()
+        self.source, self.cfg, self.epoch = source, cfg, epoch
+        self.starts, self.workers, self.max_token_id = starts, workers, max_token_id
+
+    def __iter__(self):
+        from models.errors import TsdfmError
+
+        info = torch.utils.data.get_worker_info()
+        w = 0 if info is None else info.id
+        mine = [
+            s for s in range(self.cfg.streams) if s % self.workers == w and not self.starts[s].done
+        ]
+        gens = {
+            s: stream_batches(
+                self.source, self.cfg, self.epoch, s, self.starts[s], self.max_token_id
+            )
+            for s in mine
+        }
+        while gens:
+            for s in list(gens):
+                try:
+                    ex, pos = next(gens[s])
+                except StopIteration:
+                    del gens[s]
+                    yield s, "end", None
+                    continue
+                except TsdfmError as e:
+                    yield s, "error", str(e)
+                    return
+                yield s, "batch", (ex.tensors(), pos)
+
+
+def _identity(item):
+    return item
+
+
+class TrajectoryLoader:
+    """Infinite, resumable sequence of :class:`ExampleBatch` over epochs of a dataset.
+
+    Args:
+        source: the opened dataset.
+        cfg: loader config.
+        num_workers: DataLoader worker processes (0: read in this process); does not change
+            the batch sequence.
+        max_token_id: largest token id the student accepts (a larger one is a DataError).
+        pin_memory: pin batches (for CUDA).
+    """
+
+    def __init__(
+        self,
+        source: TrajectorySource,
+        cfg: LoaderConfig,
+        num_workers: int = 0,
+        max_token_id: int | None = None,
+        pin_memory: bool = False,
+    ):
+        if num_workers < 0:
+            raise ConfigError(f"num_workers={num_workers} must be ≥ 0")
+        self.source, self.cfg = source, cfg
+        self.num_workers = min(num_workers, cfg.streams)
+        self.max_token_id = max_token_id
+        self.pin_memory = pin_memory
+        self.state = LoaderState(streams=[StreamPosition() for _ in range(cfg.streams)])
+
+    def state_dict(self) -> dict:
+        return self.state.to_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        state = LoaderState.from_dict(d)
+        if len(state.streams) != self.cfg.streams:
+            raise ConfigError(
+                f"the saved data position has {len(state.streams)} streams, this run "
+                f"{self.cfg.streams}; resume with the same --streams"
+            )
+        self.state = state
+
+    def _epoch_items(self, starts: list[StreamPosition]):
+        dataset = _StreamWorkers(
+            self.source,
+            self.cfg,
+            self.state.epoch,
+            starts,
+            max(1, self.num_workers),
+            self.max_token_id,
+        )
+        if self.num_workers == 0:
+            return iter(dataset)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            pin_memory=False,
+            prefetch_factor=4,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[ExampleBatch]:
+        P = self.cfg.streams
+        while True:
+            st = self.state
+            items = self._epoch_items([replace(s) for s in st.streams])
+            queues: dict[int, deque] = {s: deque() for s in range(P)}
+            produced = False
+            try:
+                while not all(s.done for s in st.streams):
+                    s = st.pointer
+                    if st.streams[s].done:
+                        st.pointer = (s + 1) % P
+                        continue
+                    while not queues[s]:
+                        got = next(items, None)
+                        assert got is not None, f"stream {s} ended without its end marker"
+                        if got[1] == "error":
+                            raise DataError(got[2])
+                        queues[got[0]].append(got)
+                    _, kind, payload = queues[s].popleft()
+                    st.pointer = (s + 1) % P
+                    if kind == "end":
+                        st.streams[s].done = True
+                        continue
+                    batch, pos = payload
+                    st.streams[s] = pos
+                    st.batches += 1
+                    produced = True
+                    yield batch.pin_memory() if self.pin_memory else batch
+            finally:
+                del items
+            if not produced and all(p.file == 0 and p.row == 0 for p in st.streams):
+                raise DataError(
+                    f"an epoch of dataset {self.source.ref} gives no full batch of "
+                    f"{self.cfg.batch_size} examples per stream: lower --batch-size or --streams"
+                )
+            self.state = LoaderState(
+                epoch=st.epoch + 1,
+                pointer=0,
+                batches=st.batches,
+                streams=[StreamPosition() for _ in range(P)],
+            )
+
+    def heldout(self, max_trajectories: int) -> Examples | None:
+        """Every segment of the first ``max_trajectories`` held-out trajectories (in file
+        order), or None when the split is empty."""
+        if self.cfg.heldout_fraction <= 0 or max_trajectories < 1:
+            return None
+        parts, found = [], 0
+        for index in range(len(self.source.files)):
+            for table in self.source.iter_tables(index, 256):
+                rows = table_arrays(table, self.source.times)
+                sel = np.flatnonzero(heldout_mask(rows.ids, self.cfg.heldout_fraction))
+                sel = sel[: max_trajectories - found]
+                if sel.size:
+                    parts.append(
+                        trajectory_examples(self.source.times, rows.states[sel], rows.ids[sel])
+                    )
+                    found += sel.size
+                if found >= max_trajectories:
+                    return Examples.concat(parts)
+        return Examples.concat(parts) if parts else None

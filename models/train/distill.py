@@ -1,0 +1,583 @@
+"""Student distillation from a frozen trajectory dataset (no Ray, no teacher at training time).
+
+The student is the teacher's backbone with FS-DFM step-size conditioning, initialised from the
+teacher (``student_from_teacher``: the new branches start at zero, so step 0 is the teacher).
+Its step count S is the dataset's: the grid t_0 = 0 < … < t_S = 1 of the recorded
+trajectories. Every segment k of a trajectory is an example (x_{t_k}, t_k, h_k = t_{k+1} − t_k)
+with the targets x_{t_{k+1}} (the trajectory's own next midpoint) and x_1 (its final sequence).
+
+Loss (``models.losses.segment_loss``): the negative log-likelihood of the recorded segment
+x_t → x_{t+h} under the student's own S-step jump rule,
+
+    ℓ(θ) = −Σ_i log[ (1 − q) · δ(x_{t+h}^i, x_t^i) + q · p_θ(x_{t+h}^i | x_t, t, h) ],
+    q = (κ(t+h) − κ(t)) / (1 − κ(t)),
+
+which under the mask source is, up to θ-free terms, the cross-entropy toward x_{t+h}^i on the
+positions the segment revealed:
+
+    ℓ(θ) = −Σ_{i: x_t^i = [M], x_{t+h}^i ≠ [M]} log p_θ(x_{t+h}^i | x_t, t, h)   (+ const).
+
+Summed over the S segments this is −log P_θ(trajectory) of the S-step sampler, so its
+expectation over the dataset is KL(P_shaped ‖ P_θ) between the path measures of the shaped
+builder and the student chain (up to the dataset's entropy), and by the data-processing
+inequality KL(P_shaped(x_1) ‖ P_θ(x_1)) ≤ KL(P_shaped(path) ‖ P_θ(path)): driving the loss down
+makes the S-step sampler with the jump rule reproduce the shaped trajectories, landing in one
+step of size h where the shaped trajectory landed. The optimum per position is the shaped
+segment's own marginal P(x_{t+h}^i = v | x_t, i revealed), which carries the compass's choice
+at that midpoint. (For a perfect blind teacher it equals the posterior p(x_1^i | x_t), which
+is the DFM target; with shaping they differ, and the segment target is the one the student's
+step samples from.) An optional λ-weighted cross-entropy toward x_1 on the positions a segment
+left masked (``--final-weight``) trades that exactness for lower variance; see docs/distill.md.
+
+The loop mirrors ``models.train.teacher``: AdamW (β = 0.9, 0.95) with linear warmup and cosine
+decay, gradient clipping, gradient accumulation, an EMA of the weights, bf16 autocast on CUDA,
+resumable checkpoints (model, optimizer, EMA, step, data position, torch RNG; pickle-free), a
+held-out loss on a deterministic split of trajectory ids, metrics.jsonl (and TensorBoard when
+installed). A resumed run continues bit-for-bit: the data position seeks straight to the next
+batch, and the batch sequence does not depend on the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from models.data.trajectories import (
+    ExampleBatch,
+    Examples,
+    LoaderConfig,
+    TrajectoryLoader,
+    TrajectorySource,
+    open_trajectory_dataset,
+    table_arrays,
+)
+from models.errors import CheckpointError, ConfigError
+from models.flow_model import FlowModel, student_from_teacher
+from models.losses import segment_loss
+from models.train.common import (
+    EMA,
+    TrainerState,
+    get_lr,
+    latest_checkpoint,
+    load_trainer_state,
+    save_trainer_state,
+    seeded,
+)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "run_config.json"
+
+
+class DistillWarning(UserWarning):
+    """Something the user asked for that works but deserves a second look."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A distillation run.
+
+    Args:
+        data: dataset folder or Hub id ``org/name[@revision]``.
+        init: teacher (or student, to continue) checkpoint: folder or ``org/name[@rev]``.
+        out: run directory (checkpoints/, final/, metrics.jsonl, run_config.json).
+        steps: optimizer steps.
+        batch_size: examples (segments) per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr, warmup, weight_decay, grad_clip, ema: optimisation (ema = 0 switches EMA off).
+        final_weight: λ of the auxiliary cross-entropy toward x_1 (0 = the exact segment NLL).
+        student_steps: the S the student is meant to sample with; None = the dataset's grid.
+        allow_step_mismatch: accept a student_steps that differs from the dataset's S (warns).
+        shuffle_buffer: trajectories per shuffled window of a shard stream.
+        streams: shard streams read in parallel (part of the batch sequence).
+        heldout_fraction: share of trajectory ids held out of training.
+        heldout_trajectories: held-out trajectories scored at every evaluation.
+        checkpoint_every, eval_every, log_every: steps between checkpoints, held-out
+            evaluations and metrics lines.
+        seed: seed of the data order (and of dropout, if the backbone has any).
+        precision: "bf16" (autocast on CUDA; no effect on CPU) or "fp32".
+        device: "auto", "cpu" or "cuda[:i]" (not part of the run's identity).
+        num_workers: loader worker processes (not part of the run's identity).
+    """
+
+    data: str
+    init: str
+    out: str
+    steps: int = 2000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0
+    ema: float = 0.9995
+    final_weight: float = 0.0
+    student_steps: int | None = None
+    allow_step_mismatch: bool = False
+    shuffle_buffer: int = 256
+    streams: int = 4
+    heldout_fraction: float = 0.02
+    heldout_trajectories: int = 64
+    checkpoint_every: int = 500
+    eval_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "bf16"
+    device: str = "auto"
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not self.lr > 0 or self.warmup < 0 or not 0 <= self.ema < 1:
+            raise ConfigError("lr must be > 0, warmup >= 0 and ema in [0, 1)")
+        if self.grad_clip <= 0 or self.weight_decay < 0 or self.final_weight < 0:
+            raise ConfigError("grad_clip must be > 0, weight_decay and final_weight >= 0")
+        if self.student_steps is not None and self.student_steps < 1:
+            raise ConfigError(f"student_steps={self.student_steps} must be a positive integer")
+        if self.heldout_trajectories < 0 or self.num_workers < 0:
+            raise ConfigError("heldout_trajectories and num_workers must be >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {self.precision!r}; use 'fp32' or 'bf16'")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
+        self.loader_config()  # validates the loader's fields
+
+    def loader_config(self) -> LoaderConfig:
+        return LoaderConfig(
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            streams=self.streams,
+            heldout_fraction=self.heldout_fraction,
+            seed=self.seed,
+        )
+
+    def identity_dict(self) -> dict:
+        """The fields that decide the run's result (what a resumed run must share)."""
+        d = asdict(self)
+        for key in ("out", "device", "num_workers"):
+            d.pop(key)
+        return d
+
+
+@dataclass
+class DistillResult:
+    final_dir: Path
+    identity: str
+    steps: int
+    student_steps: int
+    final_loss: float
+    heldout_loss: float | None
+    history: list[dict]
+    warnings: list[str]
+
+
+# --------------------------------------------------------------------------- compatibility
+def _tokenizer_identity(ckpt: Checkpoint) -> str | None:
+    path = ckpt.directory / "tokenizer.json"
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def check_vocabulary(source: TrajectorySource, ckpt: Checkpoint) -> None:
+    """The dataset's tokens must be the checkpoint's: same L, ids in range, same [MASK]."""
+    mc = ckpt.config
+    if source.seq_len != mc.seq_len:
+        raise CheckpointError(
+            f"dataset {source.ref} has sequences of L={source.seq_len} tokens, checkpoint "
+            f"{ckpt.spec} L={mc.seq_len}; use the teacher that built the dataset as --init"
+        )
+    first = next(source.iter_tables(0, 16), None)
+    rows = table_arrays(first, source.times)
+    top = int(rows.states.max())
+    if top >= mc.input_vocab:
+        raise CheckpointError(
+            f"dataset {source.ref} holds token id {top}, but checkpoint {ckpt.spec} has a "
+            f"vocabulary of {mc.input_vocab} ids: the vocabularies differ; use the teacher that "
+            "built the dataset (or one with its tokenizer) as --init"
+        )
+    if mc.source == "mask":
+        x_0 = rows.states[:, 0]
+        if not (x_0 == mc.mask_token_id).all():
+            seen = sorted({int(v) for v in x_0.reshape(-1)[:8]})
+            raise CheckpointError(
+                f"dataset {source.ref} starts its trajectories from token(s) {seen}, but "
+                f"checkpoint {ckpt.spec} uses [MASK] = {mc.mask_token_id} (mask source, "
+                f"{mc.vocab_size} data tokens): the vocabularies differ; use the teacher that "
+                "built the dataset as --init"
+            )
+
+
+def _teacher_warning(source: TrajectorySource, ckpt: Checkpoint) -> str | None:
+    want = source.metadata.get("teacher_identity")
+    have = ckpt.identity
+    if ckpt.config.role == "student":
+        have = ckpt.config.provenance.get("teacher_identity", have)
+    if want is None or want == have:
+        return None
+    msg = (
+        f"dataset {source.ref} was built with teacher {str(want)[:23]}…, but --init "
+        f"{ckpt.spec} is {'a student of ' if ckpt.config.role == 'student' else ''}teacher "
+        f"{str(have)[:23]}…; the student starts from another model than the one it imitates"
+    )
+    tok = source.metadata.get("tokenizer_identity")
+    if tok is not None and tok != _tokenizer_identity(ckpt):
+        msg += " (its tokenizer file differs too)"
+    return msg
+
+
+def resolve_student_steps(
+    source: TrajectorySource, ckpt: Checkpoint, cfg: DistillConfig
+) -> tuple[int, str | None]:
+    """(S to record in the student, warning) — the dataset's S unless told otherwise."""
+    S = source.num_steps
+    asked = cfg.student_steps
+    origin = "--student-steps"
+    if asked is None and ckpt.config.role == "student":
+        asked = ckpt.config.provenance.get("student_steps")
+        origin = f"the --init student ({ckpt.spec})"
+    if asked is None or asked == S:
+        return S, None
+    msg = (
+        f"{origin} asks for S={asked} steps, but dataset {source.ref} has a grid of S={S} "
+        f"steps (h = {[round(float(h), 4) for h in (source.times[1:] - source.times[:-1])]})"
+    )
+    if not cfg.allow_step_mismatch:
+        raise ConfigError(
+            f"{msg}; pass --allow-step-mismatch to train on this grid anyway, or use a dataset "
+            f"built with -S {asked}"
+        )
+    return int(asked), msg + "; training on the dataset's grid as asked (--allow-step-mismatch)"
+
+
+def build_student(init: Checkpoint) -> FlowModel:
+    """A teacher becomes a step-conditioned student; a student continues as it is."""
+    if init.config.role == "student":
+        student = FlowModel(init.config)
+        student.load_state_dict(init.model.state_dict())
+        return student
+    return student_from_teacher(init.model)
+
+
+def _extra_files(init: Checkpoint) -> dict[str, Path]:
+    name = init.config.data.get("language")
+    if name and (init.directory / name).is_file():
+        return {name: init.directory / name}
+    return {}
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but no CUDA GPU is visible; use cpu")
+    return torch.device(device)
+
+
+def _check_run_config(out: Path, cfg: DistillConfig, data: dict, init_identity: str) -> None:
+    """A run directory belongs to one config, dataset and --init; another one is refused."""
+    record = json.loads(
+        json.dumps({"run": cfg.identity_dict(), "data": data, "init_identity": init_identity})
+    )
+    path = out / RUN_CONFIG_FILE
+    if not path.exists():
+        path.write_text(json.dumps(record, indent=1))
+        return
+    old = json.loads(path.read_text())
+    if old == record:
+        return
+    changed = sorted(
+        k for k in set(old["run"]) | set(record["run"]) if old["run"].get(k) != record["run"].get(k)
+    )
+    if old.get("data") != record["data"]:
+        changed.append("dataset")
+    if old.get("init_identity") != init_identity:
+        changed.append("init")
+    raise ConfigError(
+        f"{out} holds a run with a different config (changed: {', '.join(changed)}); "
+        "pass a new --out or delete the folder to start over"
+    )
+
+
+# --------------------------------------------------------------------------- the step
+class StudentStep:
+    """One optimizer step on micro-batches: loss, backward, clip, AdamW, EMA.
+
+    Shared by the trainer and benchmarks/distill_loader.py (which feeds it from memory).
+    """
+
+    def __init__(self, model: FlowModel, cfg: DistillConfig, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.path = model.config.path()
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+        )
+        self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+
+    def loss(self, batch: ExampleBatch) -> torch.Tensor:
+        logits = self.model(batch.x_t, batch.t, batch.h)
+        return segment_loss(
+            logits,
+            batch.x_t,
+            batch.x_next,
+            batch.x_1,
+            batch.t,
+            batch.h,
+            self.path,
+            self.cfg.final_weight,
+        )
+
+    def __call__(self, step: int, next_batch: Callable[[], ExampleBatch]) -> dict:
+        """Run optimizer step ``step`` (0-based) on ``grad_accum`` batches from next_batch()."""
+        cfg = self.cfg
+        lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        total, examples, wait = 0.0, 0, 0.0
+        for _ in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            batch = next_batch().to(self.device, non_blocking=True)
+            wait += time.perf_counter() - t0
+            loss = self.loss(batch)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            examples += len(batch)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return {
+            "loss": total,
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "examples": examples,
+            "data_wait": wait,
+        }
+
+    @torch.no_grad()
+    def heldout_loss(self, examples: list[ExampleBatch]) -> float | None:
+        """Mean segment loss of the held-out batches under the EMA weights."""
+        if not examples:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        with self.ema.applied(self.model) if self.ema is not None else nullcontext():
+            for batch in examples:
+                b = batch.to(self.device)
+                total += self.loss(b).item() * len(b)
+                n += len(b)
+        self.model.train(was_training)
+        return total / n
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class PreparedRun:
+    """A checked run: the dataset, the --init checkpoint and the student's S."""
+
+    cfg: DistillConfig
+    source: TrajectorySource
+    init: Checkpoint
+    student_steps: int
+    device: torch.device
+    warnings: list[str]
+
+
+def prepare_run(cfg: DistillConfig, warn: Callable[[str], None] | None = None) -> PreparedRun:
+    """Open the dataset and the checkpoint and check that they fit (fails before training).
+
+    Args:
+        cfg: the run.
+        warn: called with each warning (default: ``warnings.warn`` with DistillWarning).
+    """
+    issued: list[str] = []
+    device = _device(cfg.device)
+    source = open_trajectory_dataset(cfg.data)
+    init = load_checkpoint(cfg.init, "cpu", role=("teacher", "student"))
+    check_vocabulary(source, init)
+    S, step_msg = resolve_student_steps(source, init, cfg)
+    for msg in (_teacher_warning(source, init), step_msg):
+        if msg:
+            issued.append(msg)
+            if warn is not None:
+                warn(msg)
+            else:
+                warnings.warn(msg, DistillWarning, stacklevel=2)
+    return PreparedRun(cfg, source, init, S, device, issued)
+
+
+def train_student(
+    cfg: DistillConfig | PreparedRun,
+    progress: Callable[[int, int, dict], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> DistillResult:
+    """Distil (or resume distilling) a student from a trajectory dataset.
+
+    Args:
+        cfg: the run, or a run already checked by :func:`prepare_run`.
+        progress: called as progress(step, total, metrics) after every optimizer step.
+        warn: called with each warning (default: ``warnings.warn`` with DistillWarning).
+    """
+    run = cfg if isinstance(cfg, PreparedRun) else prepare_run(cfg, warn)
+    cfg, source, init, S, device = run.cfg, run.source, run.init, run.student_steps, run.device
+    issued = list(run.warnings)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_info = source.provenance()
+    _check_run_config(out, cfg, data_info, init.identity)
+
+    model = build_student(init)
+    model.config = model.config.replace(
+        provenance={
+            "trainer": "distill",
+            "student_steps": S,
+            "times": data_info["times"],
+            "dataset": data_info,
+            "teacher_identity": data_info["teacher_identity"],
+            "compass_identity": data_info["compass_identity"],
+            "init": {"spec": cfg.init, "identity": init.identity, "role": init.config.role},
+            "loss": "segment_nll" + (f"+{cfg.final_weight}*ce_x1" if cfg.final_weight else ""),
+            "run_config": cfg.identity_dict(),
+        }
+    )
+    model.to(device).set_precision(cfg.precision)
+    trainer = StudentStep(model, cfg, device)
+    loader = TrajectoryLoader(
+        source,
+        cfg.loader_config(),
+        cfg.num_workers,
+        max_token_id=model.config.input_vocab - 1,
+        pin_memory=device.type == "cuda",
+    )
+    extra_files = _extra_files(init)
+    start = 0
+    rng_state = None
+    resume_from = latest_checkpoint(out)
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        model.load_state_dict(state.model)
+        trainer.opt.load_state_dict(state.optimizer)
+        if trainer.ema is not None and state.ema is not None:
+            trainer.ema.load_state_dict(state.ema)
+        loader.load_state_dict(state.extra["data"])
+        rng_state = state.generators.get("torch")
+        start = state.step
+    held = loader.heldout(cfg.heldout_trajectories)
+    held_batches = _batches(held, cfg.batch_size)
+    if not held_batches and cfg.heldout_fraction > 0:
+        msg = (
+            f"dataset {source.ref} has no held-out trajectory at "
+            f"heldout_fraction={cfg.heldout_fraction}; the held-out loss is not reported"
+        )
+        issued.append(msg)
+        (warn or (lambda m: warnings.warn(m, DistillWarning, stacklevel=3)))(msg)
+    metrics_path = out / METRICS_FILE
+    _truncate_metrics(metrics_path, start)
+    tb = _tensorboard(out)
+    history: list[dict] = []
+    last: dict = {"loss": float("nan")}
+    window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
+    batches = iter(loader)
+    try:
+        with seeded(cfg.seed), metrics_path.open("a") as metrics_file:
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
+            t_run = time.perf_counter()
+            for step in range(start, cfg.steps):
+                m = trainer(step, lambda: next(batches))
+                window["examples"] += m["examples"]
+                window["wait"] += m["data_wait"]
+                elapsed = time.perf_counter() - window["t0"]
+                last = {
+                    "step": step + 1,
+                    "loss": m["loss"],
+                    "lr": m["lr"],
+                    "grad_norm": m["grad_norm"],
+                    "examples_per_second": window["examples"] / max(elapsed, 1e-9),
+                    "data_wait_share": window["wait"] / max(elapsed, 1e-9),
+                    "epoch": loader.state.epoch,
+                    "seconds": time.perf_counter() - t_run,
+                }
+                done = step + 1 == cfg.steps
+                if (step + 1) % cfg.eval_every == 0 or done:
+                    last["heldout_loss"] = trainer.heldout_loss(held_batches)
+                if (step + 1) % cfg.log_every == 0 or "heldout_loss" in last:
+                    history.append(last)
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                    if tb is not None:
+                        for k, v in last.items():
+                            if isinstance(v, (int, float)) and v is not None:
+                                tb.add_scalar(f"distill/{k}", v, step + 1)
+                    window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
+                if progress is not None:
+                    progress(step + 1, cfg.steps, last)
+                if (step + 1) % cfg.checkpoint_every == 0 or done:
+                    _save_step(out, step + 1, trainer, loader, init, extra_files)
+    finally:
+        batches.close()
+        if tb is not None:
+            tb.close()
+    final = out / "final"
+    with trainer.ema.applied(model) if trainer.ema is not None else nullcontext():
+        model.config = model.config.replace(
+            provenance={**model.config.provenance, "steps": cfg.steps}
+        )
+        ident = save_checkpoint(final, model.eval(), init.tokenizer, extra_files)
+    heldout = trainer.heldout_loss(held_batches)
+    return DistillResult(final, ident, cfg.steps, S, last["loss"], heldout, history, issued)
+
+
+def _batches(examples: Examples | None, size: int) -> list[ExampleBatch]:
+    if examples is None:
+        return []
+    return [examples.take(slice(i, i + size)).tensors() for i in range(0, len(examples), size)]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics lines written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard(out: Path):
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _save_step(out, step, trainer: StudentStep, loader, init: Checkpoint, extra_files) -> None:
+    ckpt_dir = out / "checkpoints" / f"step-{step:07d}"
+    save_checkpoint(ckpt_dir, trainer.model, init.tokenizer, extra_files)
+    save_trainer_state(
+        ckpt_dir,
+        TrainerState(
+            step=step,
+            model=trainer.model.state_dict(),
+            optimizer=trainer.opt.state_dict(),
+            ema=trainer.ema.state_dict() if trainer.ema is not None else None,
+            generators={"torch": torch.get_rng_state()},
+            extra={"data": loader.state_dict()},
+        ),
+    )
+    kept = sorted(out.glob("checkpoints/step-*"), key=lambda p: p.name)
+    for old in kept[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
