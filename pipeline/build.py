@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from models.errors import ConfigError, DataError
+from pipeline.card import write_card
 from pipeline.config import BuildConfig
 from pipeline.executor import ExecutionReport, Progress, connect, execute
 from pipeline.manifest import MANIFEST_FILE, Manifest, plan_status
@@ -127,6 +128,7 @@ def run_build(
     missing = manifest.missing()
     if missing:
         raise DataError(f"build ended with shards {missing} unrecorded; rerun to finish them")
+    write_card(root)  # README.md: the dataset card, from the finished manifest
     return BuildSummary(
         root=root,
         fingerprint=prov.fingerprint,

@@ -1,0 +1,582 @@
+"""The dataset card: ``README.md`` at the dataset root, generated from the manifest.
+
+The card is what a consumer sees first on the Hub, months after the build. Its YAML front
+matter lets ``datasets.load_dataset(path_or_repo)`` read the shards with the right features
+(``configs`` / ``data_files`` and ``dataset_info`` with ``num_bytes`` and ``num_examples``), and
+carries a ``tsdfm`` block (fingerprint, checkpoint identities, schema version, the teacher's
+vocabulary and source) that ``tsdfm-pipeline verify`` checks against the manifest and shards.
+The prose says how the data was made, by what, with which settings, and how to use it.
+
+The card is a pure function of (manifest, shard footers, teacher facts, build date, repo id,
+version): :func:`card_facts` gathers the inputs, :func:`render_card` renders them, and the same
+inputs give the same bytes. The manifest records no creation time, so the build date is taken,
+in this order, from the manifest (``created``, when a future manifest records it), from the
+card already at the root (regenerating keeps the date), or from today's UTC date.
+
+``num_bytes`` of the split is the uncompressed size of the data as recorded in the Parquet
+footers (read from the footers only, never by reading the data); ``download_size`` is the sum
+of the shard files' sizes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from models.errors import DataError
+from pipeline.manifest import Manifest
+from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
+from pipeline.shards import atomic_write, open_root, shard_name
+
+CARD_FILE = "README.md"
+DATA_FILES = "data/train-*.parquet"
+LICENSE = "apache-2.0"
+TAGS = ("tsdfm", "discrete-flow-matching", "distillation", "trajectories", "synthetic")
+REPO_PLACEHOLDER = "ORG/NAME"
+VERSION_PLACEHOLDER = "vN"
+
+#: What each column of the trajectory schema means (the card's schema table).
+COLUMN_MEANINGS = {
+    "trajectory_id": "global index: shard · rows_per_shard + row",
+    "shard": "shard index",
+    "seed": "seed of this trajectory's randomness (dataset seed · 2^32 + trajectory_id)",
+    "times": "student grid t_0 = 0 < … < t_S = 1 (S+1 values)",
+    "states": "x_{t_k} for k = 0 … S (S+1 rows of L token ids); states[0] is the source "
+    "sample, states[S] the final sequence",
+    "energies": "compass energies of the K candidates of each segment (S lists; empty where "
+    "the segment was not shaped)",
+    "chosen": "index of the kept candidate per segment (S values; 0 where not shaped)",
+    "text": "decoded final sequence (null without a tokenizer)",
+}
+
+_FRONT_MATTER = re.compile(r"\A---\n(.*?\n)---\n", re.DOTALL)
+
+
+# features ------------------------------------------------------------------------------------
+
+
+def _type_name(t: pa.DataType) -> str:
+    """``int64``, ``float32``, ``list<list<int32>>`` …"""
+    if pa.types.is_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    return {pa.string(): "string", pa.float32(): "float32"}.get(t, str(t))
+
+
+def _feature_type(t: pa.DataType) -> dict[str, Any]:
+    """A ``datasets`` YAML feature type: ``{"dtype": "int64"}`` or ``{"list": ...}``."""
+    if pa.types.is_list(t):
+        inner = _feature_type(t.value_type)
+        return {"list": inner.get("dtype", inner)}
+    return {"dtype": _type_name(t)}
+
+
+def features_yaml() -> list[dict[str, Any]]:
+    """``dataset_info.features`` of the trajectory schema, in the YAML form of ``datasets``."""
+    return [{"name": f.name, **_feature_type(f.type)} for f in trajectory_schema()]
+
+
+# facts ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardFooter:
+    """What a shard's Parquet footer says, without reading the data.
+
+    Attributes:
+        rows: number of rows.
+        uncompressed_bytes: sum of the row groups' uncompressed sizes.
+        max_row_group_bytes: the largest row group (uncompressed).
+        metadata: the ``tsdfm`` key-value metadata, parsed (None when absent or not JSON).
+        schema: the Arrow schema stored in the file (without metadata).
+    """
+
+    rows: int
+    uncompressed_bytes: int
+    max_row_group_bytes: int
+    metadata: dict[str, Any] | None
+    schema: pa.Schema
+
+
+def read_footer(root: str, name: str) -> ShardFooter:
+    """The footer of ``root/name``; DataError when the file is missing or not Parquet."""
+    fs, base = open_root(root)
+    path = f"{base.rstrip('/')}/{name}"
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            schema = pf.schema_arrow
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist: rebuild it (rerun the build)") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path} is not a readable Parquet file ({e}); rebuild it") from None
+    kv = md.metadata or {}
+    meta = None
+    if METADATA_KEY in kv:
+        try:
+            meta = json.loads(kv[METADATA_KEY])
+        except json.JSONDecodeError:
+            meta = None
+    sizes = [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
+    return ShardFooter(
+        rows=md.num_rows,
+        uncompressed_bytes=sum(sizes),
+        max_row_group_bytes=max(sizes, default=0),
+        metadata=meta if isinstance(meta, dict) else None,
+        schema=schema.remove_metadata(),
+    )
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a reader must know about the teacher to check the token ids.
+
+    Attributes:
+        vocab_size: V data tokens (ids 0 … V−1).
+        seq_len: L.
+        source: "mask" or "uniform".
+        mask_token_id: the [MASK] id (= V) under the mask source, else None.
+    """
+
+    vocab_size: int
+    seq_len: int
+    source: str
+    mask_token_id: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def teacher_facts(teacher: str) -> ModelFacts | None:
+    """The teacher's vocabulary and source from its config.json, if it is reachable.
+
+    A local checkpoint directory is read; a Hub id is looked up in the local Hub cache only
+    (never downloaded here). None when neither works.
+    """
+    from pathlib import Path
+
+    from models.flow_model import ModelConfig
+
+    path = Path(str(teacher)).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import snapshot_download
+
+            repo_id, _, revision = str(teacher).partition("@")
+            folder = snapshot_download(
+                repo_id,
+                revision=revision or None,
+                allow_patterns=["config.json"],
+                local_files_only=True,
+            )
+            path = Path(folder) / "config.json"
+        except Exception:  # not a Hub id, or not in the cache: the facts are optional
+            return None
+    try:
+        cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+    except Exception:
+        return None
+    return ModelFacts(cfg.vocab_size, cfg.seq_len, cfg.source, cfg.mask_token_id)
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the card says, gathered from the dataset root.
+
+    Attributes:
+        manifest: the manifest's JSON object.
+        identities: teacher/compass/tokenizer identities from the shard metadata.
+        uncompressed_bytes: sum of the shards' uncompressed sizes (Parquet footers).
+        model: teacher facts, when the teacher checkpoint was reachable.
+        build_date: ISO date (YYYY-MM-DD).
+    """
+
+    manifest: dict[str, Any]
+    identities: dict[str, str | None]
+    uncompressed_bytes: int
+    model: ModelFacts | None
+    build_date: str
+
+
+def read_card(root: str) -> tuple[dict[str, Any], str] | None:
+    """(YAML front matter, body) of ``root/README.md``; None if there is no card.
+
+    DataError when the card exists but its front matter is missing or not a YAML mapping.
+    """
+    fs, base = open_root(root)
+    path = f"{base.rstrip('/')}/{CARD_FILE}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    return parse_card(text, path)
+
+
+def parse_card(text: str, where: str = CARD_FILE) -> tuple[dict[str, Any], str]:
+    """Split a card into (YAML front matter, body); DataError if the YAML is not a mapping."""
+    m = _FRONT_MATTER.match(text)
+    if m is None:
+        raise DataError(f"{where} has no YAML front matter (--- … ---); regenerate the card")
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise DataError(f"{where}: the YAML front matter does not parse ({first})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: the YAML front matter is not a mapping")
+    return meta, text[m.end() :]
+
+
+def _existing_build_date(root: str) -> str | None:
+    try:
+        card = read_card(root)
+    except DataError:
+        return None
+    if card is None:
+        return None
+    date = (card[0].get("tsdfm") or {}).get("build_date")
+    return str(date) if date else None
+
+
+def card_facts(root: str, build_date: str | None = None) -> CardFacts:
+    """Gather the card's inputs at ``root``: manifest, shard footers, teacher facts, date.
+
+    Every planned shard must be committed (the card describes a finished dataset).
+    """
+    manifest = Manifest.load(root)
+    missing = manifest.missing()
+    if missing:
+        raise DataError(
+            f"{root} is not finished: shards {missing[:5]}{'…' if len(missing) > 5 else ''} "
+            "are not committed; rerun the build before writing the card"
+        )
+    footers = [read_footer(root, shard_name(i, manifest.num_shards)) for i in manifest.committed()]
+    meta = footers[0].metadata or {}
+    identities = {
+        k: meta.get(k) for k in ("teacher_identity", "compass_identity", "tokenizer_identity")
+    }
+    data = manifest.to_dict()
+    created = data.get("created")
+    date = build_date or (str(created)[:10] if created else None) or _existing_build_date(root)
+    date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    teacher = data["plan"].get("config", {}).get("teacher")
+    return CardFacts(
+        manifest=data,
+        identities=identities,
+        uncompressed_bytes=sum(f.uncompressed_bytes for f in footers),
+        model=teacher_facts(teacher) if teacher else None,
+        build_date=str(date),
+    )
+
+
+# rendering -----------------------------------------------------------------------------------
+
+
+def _size_category(n: int) -> str:
+    """The Hub's ``size_categories`` bucket of n rows."""
+    buckets = ["n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M"]
+    buckets += ["100M<n<1B", "1B<n<10B", "10B<n<100B", "100B<n<1T"]
+    for power, name in enumerate(buckets, start=3):
+        if n < 10**power:
+            return name
+    return "n>1T"
+
+
+def _weighted(stats: list[tuple[dict, int]], key: str, weight_key: str | None) -> float | None:
+    """Mean of ``key`` over shards, weighted by rows (or by ``stats[weight_key]``)."""
+    num = den = 0.0
+    for s, rows in stats:
+        if key not in s:
+            continue
+        w = s.get(weight_key, 0) if weight_key else rows
+        num += s[key] * w
+        den += w
+    return num / den if den else None
+
+
+def statistics(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Dataset statistics from the manifest: rows, bytes, energies, entropy, work counters."""
+    shards = [manifest["shards"][k] for k in sorted(manifest["shards"])]
+    pairs = [(e.get("stats", {}), e["rows"]) for e in shards]
+    rows = sum(e["rows"] for e in shards)
+    size = sum(e["bytes"] for e in shards)
+    counters: dict[str, float] = {}
+    for e in shards:
+        for k, v in e.get("counters", {}).items():
+            counters[k] = counters.get(k, 0) + v
+    return {
+        "shards": len(shards),
+        "rows": rows,
+        "bytes": size,
+        "bytes_per_trajectory": size / rows if rows else 0.0,
+        "energy_gain": _weighted(pairs, "energy_gain", "shaped_segments"),
+        "mean_chosen_energy": _weighted(pairs, "mean_chosen_energy", "shaped_segments"),
+        "mean_candidate_energy": _weighted(pairs, "mean_candidate_energy", "shaped_segments"),
+        "shaped_segments": sum(int(s.get("shaped_segments", 0)) for s, _ in pairs),
+        "mean_final_unigram_entropy": _weighted(pairs, "mean_final_unigram_entropy", None),
+        "candidates": counters.get("candidates"),
+        "energy_calls": counters.get("energy_calls"),
+        "teacher_forward_calls": counters.get("teacher_forward_calls"),
+    }
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k in sorted(d):
+        v = d[k]
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _is_hub_id(spec: Any) -> bool:
+    return isinstance(spec, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", spec)
+
+
+def pretty_name(manifest: dict[str, Any]) -> str:
+    nav = manifest["plan"]["config"]["navigator"]
+    kind = f"shaped, K={nav['candidates']}" if nav["candidates"] > 1 else "blind, K=1"
+    return (
+        f"TS-DFM teacher trajectories ({kind}, S={nav['student_steps']}, N={nav['teacher_steps']})"
+    )
+
+
+def front_matter(facts: CardFacts, license: str = LICENSE) -> dict[str, Any]:
+    """The card's YAML front matter as a dict (key order is the rendering order)."""
+    m = facts.manifest
+    stats = statistics(m)
+    tsdfm: dict[str, Any] = {
+        "format": m.get("format"),
+        "schema_version": m["schema_version"],
+        "fingerprint": m["fingerprint"],
+        **facts.identities,
+        "package_version": m.get("package_version"),
+        "build_date": facts.build_date,
+        "num_shards": m["plan"]["num_shards"],
+        "rows_per_shard": m["plan"]["rows_per_shard"],
+    }
+    if facts.model is not None:
+        tsdfm["model"] = facts.model.to_dict()
+    return {
+        "pretty_name": pretty_name(m),
+        "license": license,
+        "tags": list(TAGS),
+        "task_categories": ["text-generation"],
+        "size_categories": [_size_category(stats["rows"])],
+        "configs": [
+            {"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}
+        ],
+        "dataset_info": {
+            "features": features_yaml(),
+            "splits": [
+                {
+                    "name": "train",
+                    "num_bytes": facts.uncompressed_bytes,
+                    "num_examples": stats["rows"],
+                }
+            ],
+            "download_size": stats["bytes"],
+            "dataset_size": facts.uncompressed_bytes,
+        },
+        "tsdfm": tsdfm,
+    }
+
+
+def _how_it_was_made(m: dict[str, Any], model: ModelFacts | None) -> list[str]:
+    cfg = m["plan"]["config"]
+    nav = cfg["navigator"]
+    S, N, K, tau = nav["student_steps"], nav["teacher_steps"], nav["candidates"], nav["tau"]
+    source = model.source if model else "the teacher's"
+    first = (
+        "A discrete flow matching (DFM) teacher generates a sequence by starting from noise at "
+        f"t = 0 ({source} source"
+        + (": every position is [MASK]" if model and model.source == "mask" else "")
+        + ") and moving tokens toward data until t = 1. Each step draws x̂ ~ p(x_1 | x_t) and "
+        "moves a position to x̂ with probability (κ(t+h) − κ(t)) / (1 − κ(t)), the exact rate "
+        f"of the mixture path over a finite step. The teacher here takes N = {N} such steps. "
+        f"Each row records one trajectory on the student's grid of S = {S} segments: the "
+        "state at every grid time t_k, so a student that takes S steps can imitate it."
+    )
+    if K > 1:
+        sel = nav["selection"]
+        how = (
+            "keeps the lowest-energy candidate"
+            if sel == "argmin"
+            else f"samples a candidate with probability ∝ exp(−e / {nav['temperature']})"
+        )
+        second = (
+            "The trajectories are shaped by an energy-guided midpoint search (TS-DFM). At every "
+            f"grid time t_k ≥ τ = {tau}, the teacher rolls the current state forward N/S = "
+            f"{N // S} sub-steps in K = {K} independent candidates; a small time-conditioned "
+            "energy compass scores each candidate state (lower is more coherent) and the "
+            f"search {how}. The energies of all candidates and the chosen index are stored, so "
+            "the selection can be audited. Shaping costs compute only while building the data; "
+            "a student trained on it samples in S steps like any other."
+        )
+    else:
+        second = (
+            "This is the blind baseline (K = 1): every segment is the teacher's own rollout of "
+            f"N/S = {N // S} sub-steps, with no energy-guided selection. Energies are empty and "
+            "the chosen index is 0 in every segment. Train a student on it to measure what "
+            "shaping adds."
+        )
+    return [first, second]
+
+
+def render_card(
+    facts: CardFacts,
+    repo_id: str | None = None,
+    version: str | None = None,
+    license: str = LICENSE,
+) -> str:
+    """The card as Markdown with YAML front matter; the same inputs give the same bytes.
+
+    Args:
+        facts: from :func:`card_facts`.
+        repo_id: the Hub dataset repo for the snippets (a placeholder when None).
+        version: the tag consumers pin (``vN`` placeholder when None).
+        license: SPDX-like license id of the Hub metadata.
+    """
+    m = facts.manifest
+    cfg = m["plan"]["config"]
+    stats = statistics(m)
+    repo = repo_id or REPO_PLACEHOLDER
+    tag = version or VERSION_PLACEHOLDER
+    meta = front_matter(facts, license)
+    head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100)
+    teacher_spec = cfg.get("teacher")
+    init = teacher_spec if _is_hub_id(teacher_spec) else "TEACHER_CKPT"
+    lines = ["---", head.rstrip("\n"), "---", "", f"# {meta['pretty_name']}", ""]
+    lines += [
+        f"{stats['rows']:,} teacher trajectories for distilling few-step discrete-flow students, "
+        f"in {stats['shards']} Parquet shards ({stats['bytes']:,} bytes). One row is one "
+        "trajectory; built with "
+        f"[tsdfm-pipeline](https://pypi.org/project/tsdfm-pipeline/) {m.get('package_version')}.",
+        "",
+        "## How it was made",
+        "",
+    ]
+    for para in _how_it_was_made(m, facts.model):
+        lines += [para, ""]
+    lines += [
+        "## Use it",
+        "",
+        "Train an S-step student on it (no Ray needed):",
+        "",
+        "```bash",
+        f"tsdfm-pipeline distill --data {repo}@{tag} --init {init} --out DIR",
+        "```",
+        "",
+        "Read it with `datasets` (pin the version tag; tags are never moved):",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        f'ds = load_dataset("{repo}", revision="{tag}", split="train", streaming=True)',
+        "row = next(iter(ds))  # row['states'][k] is x at t = row['times'][k]",
+        "```",
+        "",
+        f"Check it: `tsdfm-pipeline verify {repo}@{tag}` (checksums, schema, provenance, "
+        "per-row invariants; add `--replay 2` to rebuild two shards and compare bytes).",
+        "",
+        "## Statistics",
+        "",
+        "| statistic | value |",
+        "|---|---|",
+        f"| trajectories (rows) | {stats['rows']:,} |",
+        f"| shards | {stats['shards']} × {m['plan']['rows_per_shard']} rows |",
+        f"| bytes (Parquet, zstd) | {stats['bytes']:,} |",
+        f"| bytes per trajectory | {stats['bytes_per_trajectory']:,.1f} |",
+        f"| uncompressed bytes | {facts.uncompressed_bytes:,} |",
+        f"| mean energy gain (mean candidate − chosen) | {_num(stats['energy_gain'])} |",
+        f"| mean chosen energy | {_num(stats['mean_chosen_energy'])} |",
+        f"| mean candidate energy | {_num(stats['mean_candidate_energy'])} |",
+        f"| shaped segments | {stats['shaped_segments']:,} |",
+        f"| mean unigram entropy of final sequences (nats) | "
+        f"{_num(stats['mean_final_unigram_entropy'])} |",
+        f"| candidates rolled out | {_num(stats['candidates'], ',.0f')} |",
+        f"| compass calls | {_num(stats['energy_calls'], ',.0f')} |",
+        f"| teacher forward calls | {_num(stats['teacher_forward_calls'], ',.0f')} |",
+        "",
+        "## Provenance",
+        "",
+        "| item | value |",
+        "|---|---|",
+        f"| teacher checkpoint | `{teacher_spec}` |",
+        f"| teacher identity | `{facts.identities.get('teacher_identity')}` |",
+        f"| compass checkpoint | `{cfg.get('compass')}` |",
+        f"| compass identity | `{facts.identities.get('compass_identity')}` |",
+        f"| tokenizer identity | `{facts.identities.get('tokenizer_identity')}` |",
+    ]
+    if facts.model is not None:
+        md = facts.model
+        lines += [
+            f"| teacher vocabulary / source | V = {md.vocab_size}, {md.source} source"
+            + (f", [MASK] = {md.mask_token_id}" if md.mask_token_id is not None else "")
+            + f", L = {md.seq_len} |"
+        ]
+    lines += [
+        f"| fingerprint | `{m['fingerprint']}` |",
+        f"| dataset schema | v{m['schema_version']} |",
+        f"| tsdfm-pipeline version | {m.get('package_version')} |",
+        f"| build date | {facts.build_date} |",
+    ]
+    for key, value in _flatten(cfg):
+        lines.append(f"| config `{key}` | `{json.dumps(value)}` |")
+    lines += [
+        "",
+        "Identities are sha256 over a checkpoint's config and weights; the fingerprint is the "
+        "sha256 of every value that decides a shard's bytes. Every shard carries the same record "
+        "in its Parquet key-value metadata `tsdfm`, and `manifest.json` lists each shard's rows, "
+        "bytes and sha256.",
+        "",
+        "## Schema",
+        "",
+        f"Dataset schema v{SCHEMA_VERSION}; one row per trajectory.",
+        "",
+        "| column | type | meaning |",
+        "|---|---|---|",
+    ]
+    for f in trajectory_schema():
+        lines.append(f"| `{f.name}` | `{_type_name(f.type)}` | {COLUMN_MEANINGS[f.name]} |")
+    lines += [
+        "",
+        "## Files",
+        "",
+        f"- `data/train-XXXXX-of-{m['plan']['num_shards']:05d}.parquet`: the shards (zstd, "
+        "content-defined chunking, page index).",
+        "- `manifest.json`: the build plan, the fingerprint and each shard's rows, bytes, "
+        "sha256, counters and statistics.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(
+    root: str,
+    build_date: str | None = None,
+    repo_id: str | None = None,
+    version: str | None = None,
+    license: str = LICENSE,
+) -> str:
+    """Render the card of the finished dataset at ``root`` and write ``root/README.md``.
+
+    Written by temp file + rename. Returns the card's text.
+    """
+    text = render_card(card_facts(root, build_date), repo_id, version, license)
+    fs, base = open_root(root)
+    atomic_write(fs, f"{base.rstrip('/')}/{CARD_FILE}", lambda f: f.write(text.encode()))
+    return text

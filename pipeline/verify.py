@@ -1,0 +1,850 @@
+"""``tsdfm-pipeline verify``: check a trajectory dataset against its contract; report every problem.
+
+A dataset passes when, for the folder (or Hub revision) as a whole:
+
+- ``manifest.json`` is valid, records every planned shard, and its totals, plan and fingerprint
+  agree with the recorded config and the checkpoint identities in the shards;
+- ``data/`` holds exactly the planned shard files (a stray ``train-*`` file would be read as
+  part of the split);
+- every shard has the recorded size and sha256, is readable Parquet with the exact trajectory
+  schema, the recorded number of rows, row groups under 100 MB, and ``tsdfm`` metadata that
+  agrees with the manifest (schema version, shard index, fingerprint, config, package version,
+  shard seed, the same identities in every shard);
+- every row keeps the invariants of the algorithm (DESIGN §3, §5): trajectory_id = shard ·
+  rows_per_shard + row, seed = dataset seed · 2^32 + trajectory_id, times strictly increasing
+  from t_0 = 0 to t_S = 1, S and L as planned, energies finite with K values exactly in the
+  shaped segments, chosen < K (0 where not shaped), token ids in [0, V) (the [MASK] id V also
+  allowed before t = 1 under the mask source), and under the mask source: x_0 all [MASK], a
+  revealed position never changes again (revealed once, never re-masked), no [MASK] at t = 1;
+- the card (``README.md``), if present, agrees with the manifest and the schema;
+- with ``replay``: the chosen shards, rebuilt from the recorded config and checkpoints, have
+  the recorded bytes.
+
+Problems are collected, not raised: the report lists all of them. A target that is not a
+trajectory dataset at all raises DataError.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from models.errors import ConfigError, DataError, TsdfmError
+from pipeline.card import CARD_FILE, DATA_FILES, features_yaml, read_card, read_footer
+from pipeline.manifest import FORMAT, MANIFEST_FILE, Manifest
+from pipeline.schema import SCHEMA_VERSION, trajectory_schema
+from pipeline.shards import DATA_DIR, file_sha256, open_root, shard_name
+
+MAX_ROW_GROUP_BYTES = 100 * 2**20
+_SHOW = 5  # rows named per broken invariant
+_HUB_TARGET = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the dataset: where (a file, or a part) and what."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found.
+
+    Attributes:
+        target: what was verified (folder, or org/name@rev).
+        problems: every problem found (empty when the dataset passes).
+        notes: facts about what could not be checked, not failures.
+        shards_checked: shard indices whose rows were checked.
+        rows_checked: rows whose invariants were checked.
+        replayed: shard indices rebuilt and compared byte for byte.
+    """
+
+    target: str
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    shards_checked: list[int] = field(default_factory=list)
+    rows_checked: int = 0
+    replayed: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, where: str, what: str) -> None:
+        self.problems.append(Problem(where, " ".join(what.split())))
+
+    def format(self) -> str:
+        head = (
+            f"{self.target}: {len(self.shards_checked)} shard(s), {self.rows_checked} row(s) "
+            "checked"
+            + (f", {len(self.replayed)} replayed {self.replayed}" if self.replayed else "")
+        )
+        lines = [head]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.ok:
+            lines.append("OK: no problems found")
+        else:
+            lines.append(f"FAILED: {len(self.problems)} problem(s)")
+            lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the rows must look like, from the manifest (or, without one, the shard metadata)."""
+
+    num_shards: int
+    rows_per_shard: int
+    config: dict[str, Any]
+    fingerprint: str | None
+    package_version: str | None
+
+    @property
+    def nav(self) -> dict[str, Any]:
+        return self.config.get("navigator", {})
+
+
+@dataclass
+class _Vocab:
+    """Token-id ranges: V data tokens, the [MASK] id under the mask source, L."""
+
+    vocab_size: int | None
+    mask_token_id: int | None
+    seq_len: int | None
+    source: str | None
+    origin: str
+
+
+# targets -------------------------------------------------------------------------------------
+
+
+def parse_target(target: str) -> tuple[str, str | None] | None:
+    """(repo_id, revision) when ``target`` names a Hub dataset, None for a local path."""
+    if Path(target).expanduser().exists() or "://" in target:
+        return None
+    m = _HUB_TARGET.match(target)
+    if m is None or target.startswith((".", "/", "~")):
+        return None
+    return m.group(1), m.group(2)
+
+
+def download(repo_id: str, revision: str | None, token: str | None = None) -> str:
+    """Download a Hub dataset revision (card, manifest, shards) and return the local folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(
+            repo_id,
+            repo_type="dataset",
+            revision=revision,
+            allow_patterns=[CARD_FILE, MANIFEST_FILE, f"{DATA_DIR}/*"],
+            token=token,
+        )
+    except RepositoryNotFoundError:
+        raise DataError(
+            f"Hub dataset {repo_id} not found or not accessible: check the id, and set HF_TOKEN "
+            "(or run `hf auth login`) if it is private"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"could not download {repo_id}@{revision or 'main'} ({what}); check the revision "
+            "(e.g. v1), the network or HF_ENDPOINT"
+        ) from None
+
+
+def verify(
+    target: str,
+    replay: int = 0,
+    replay_shards: Sequence[int] | None = None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    teacher: str | None = None,
+    compass: str | None = None,
+    token: str | None = None,
+) -> VerifyReport:
+    """Verify a dataset folder, fsspec URL or Hub dataset ``org/name[@rev]``.
+
+    Args:
+        target: local folder / URL, or Hub repo id with an optional revision.
+        replay: rebuild this many shards, chosen at random (``seed``), and compare bytes.
+        replay_shards: rebuild these shards instead.
+        seed: seed of the random choice of replayed shards.
+        device: where replayed shards are built.
+        teacher, compass: checkpoints to replay with, when the recorded ones have moved (their
+            identities must match the recorded ones).
+        token: Hub token for private repos (default: HF_TOKEN or the HF login).
+    """
+    hub = parse_target(target)
+    root = target if hub is None else download(hub[0], hub[1], token)
+    report = verify_folder(
+        root, replay, replay_shards, seed=seed, device=device, teacher=teacher, compass=compass
+    )
+    if hub is not None:
+        report.target = f"{hub[0]}@{hub[1] or 'main'}"
+    return report
+
+
+# the folder ----------------------------------------------------------------------------------
+
+
+def _is_dataset(root: str) -> bool:
+    fs, base = open_root(root)
+    if fs.exists(f"{base}/{MANIFEST_FILE}"):
+        return True
+    data = f"{base}/{DATA_DIR}"
+    return fs.isdir(data) and any(p.endswith(".parquet") for p in fs.ls(data, detail=False))
+
+
+def verify_folder(
+    root: str,
+    replay: int = 0,
+    replay_shards: Sequence[int] | None = None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    teacher: str | None = None,
+    compass: str | None = None,
+) -> VerifyReport:
+    """Verify the dataset at ``root`` (local path or fsspec URL); see the module docstring."""
+    root = str(root)
+    fs, base = open_root(root)
+    if not fs.exists(base):
+        raise DataError(f"{root} does not exist; pass a dataset folder or org/name[@rev]")
+    if not fs.isdir(base):
+        raise DataError(f"{root} is a file; pass the dataset folder that holds manifest.json")
+    if not _is_dataset(root):
+        raise DataError(
+            f"{root} is not a tsdfm trajectory dataset: it has no {MANIFEST_FILE} and no "
+            f"{DATA_DIR}/*.parquet (build one with `tsdfm-pipeline build`)"
+        )
+    report = VerifyReport(target=root)
+    manifest = _load_manifest(root, report)
+    names = _data_files(root)
+    plan = _plan(manifest, root, names, report)
+    if plan is None:
+        return report
+    if manifest is not None:
+        _check_manifest(manifest, plan, report)
+    expected = [shard_name(i, plan.num_shards) for i in range(plan.num_shards)]
+    for name in sorted(set(names) - set(expected)):
+        report.add(
+            name,
+            "unexpected file in data/: it does not belong to the plan of "
+            f"{plan.num_shards} shards"
+            + (" and would be read as part of the train split" if _in_split(name) else "")
+            + "; remove it",
+        )
+    card = _load_card(root, report)
+    vocab = _vocab(card, plan, root, report)
+    identities: dict[str, set] = {}
+    for i, name in enumerate(expected):
+        if name not in names:
+            report.add(name, "missing: rebuild it (rerun the build) or restore the file")
+            continue
+        entry = manifest.shard(i) if manifest is not None else None
+        _check_shard(root, i, name, entry, plan, vocab, report, identities)
+    _check_identities(identities, report)
+    if manifest is not None:
+        _check_fingerprint(manifest, plan, identities, report)
+    if card is not None and manifest is not None:
+        _check_card(card[0], manifest, identities, report)
+    if replay or replay_shards:
+        if manifest is None:
+            report.add("replay", "needs a valid manifest.json; fix it first")
+        else:
+            _replay(root, manifest, replay, replay_shards, seed, device, teacher, compass, report)
+    return report
+
+
+def _in_split(name: str) -> bool:
+    return re.fullmatch(r"data/train-[^/]*\.parquet", name) is not None
+
+
+def _data_files(root: str) -> list[str]:
+    """Files under root/data, as paths relative to root."""
+    fs, base = open_root(root)
+    folder = f"{base}/{DATA_DIR}"
+    if not fs.isdir(folder):
+        return []
+    out = []
+    for path in fs.find(folder):
+        rel = path[len(base.rstrip("/")) + 1 :] if path.startswith(base) else path
+        out.append(rel.lstrip("/"))
+    return sorted(out)
+
+
+def _load_manifest(root: str, report: VerifyReport) -> Manifest | None:
+    if not Manifest.exists(root):
+        report.add(MANIFEST_FILE, "missing: the dataset has no record of its shards")
+        return None
+    try:
+        return Manifest.load(root)
+    except TsdfmError as e:
+        report.add(MANIFEST_FILE, str(e))
+        return None
+
+
+def _plan(
+    manifest: Manifest | None, root: str, names: list[str], report: VerifyReport
+) -> _Plan | None:
+    if manifest is not None:
+        d = manifest.to_dict()
+        return _Plan(
+            manifest.num_shards,
+            manifest.rows_per_shard,
+            manifest.plan.get("config") or {},
+            manifest.fingerprint,
+            d.get("package_version"),
+        )
+    # no usable manifest: take the plan from the first shard that carries metadata
+    for name in names:
+        try:
+            meta = read_footer(root, name).metadata
+        except DataError:
+            continue
+        if (
+            meta
+            and isinstance(meta.get("config"), dict)
+            and isinstance(meta.get("num_shards"), int)
+        ):
+            cfg = meta["config"]
+            report.notes.append(f"plan taken from the metadata of {name} (no valid manifest)")
+            return _Plan(
+                meta["num_shards"],
+                int(cfg.get("trajectories_per_shard", 0)) or 1,
+                cfg,
+                None,
+                meta.get("package_version"),
+            )
+    report.add(DATA_DIR, "no readable shard with tsdfm metadata; nothing else can be checked")
+    return None
+
+
+def _check_manifest(manifest: Manifest, plan: _Plan, report: VerifyReport) -> None:
+    d = manifest.to_dict()
+    if d.get("format") != FORMAT:
+        report.add(MANIFEST_FILE, f"format is {d.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(d.get("package_version"), str):
+        report.add(MANIFEST_FILE, "package_version is missing")
+    missing = manifest.missing()
+    if missing:
+        report.add(
+            MANIFEST_FILE,
+            f"{len(missing)} planned shard(s) not recorded {missing[:10]}: the build did not "
+            "finish; rerun it",
+        )
+    if d.get("totals") != manifest.totals():
+        report.add(
+            MANIFEST_FILE,
+            f"totals {d.get('totals', {}).get('rows')} rows / {d.get('totals', {}).get('bytes')} "
+            f"bytes disagree with the shard entries ({manifest.totals()['rows']} rows / "
+            f"{manifest.totals()['bytes']} bytes): the manifest was edited",
+        )
+    cfg = plan.config
+    if cfg.get("shards") != plan.num_shards:
+        report.add(
+            MANIFEST_FILE,
+            f"plan.num_shards={plan.num_shards} but config.shards={cfg.get('shards')}",
+        )
+    if cfg.get("trajectories_per_shard") != plan.rows_per_shard:
+        report.add(
+            MANIFEST_FILE,
+            f"plan.rows_per_shard={plan.rows_per_shard} but "
+            f"config.trajectories_per_shard={cfg.get('trajectories_per_shard')}",
+        )
+    for i in manifest.committed():
+        entry = manifest.shard(i)
+        if entry["rows"] != plan.rows_per_shard:
+            report.add(
+                MANIFEST_FILE,
+                f"shard {i:05d} is recorded with {entry['rows']} rows, the plan has "
+                f"{plan.rows_per_shard} per shard",
+            )
+        if entry.get("path") != shard_name(i, plan.num_shards):
+            report.add(MANIFEST_FILE, f"shard {i:05d} is recorded at {entry.get('path')!r}")
+    total = sum(manifest.shard(i)["rows"] for i in manifest.committed())
+    if not missing and total != plan.num_shards * plan.rows_per_shard:
+        report.add(
+            MANIFEST_FILE,
+            f"{total} rows recorded, the plan has {plan.num_shards} × {plan.rows_per_shard}",
+        )
+
+
+def _build_config(config: dict[str, Any]):
+    from pipeline.config import BuildConfig
+
+    return BuildConfig.from_dict(config)
+
+
+def _check_fingerprint(
+    manifest: Manifest, plan: _Plan, identities: dict[str, set], report: VerifyReport
+) -> None:
+    """The manifest's fingerprint must be the one of its config and the shards' identities."""
+    teacher = identities.get("teacher_identity", set())
+    compass = identities.get("compass_identity", set())
+    if len(teacher) != 1 or len(compass) != 1:
+        return  # reported by _check_identities or per shard
+    try:
+        cfg = _build_config(plan.config)
+    except (TsdfmError, TypeError) as e:
+        report.add(MANIFEST_FILE, f"the recorded config is not a valid build config ({e})")
+        return
+    fp = cfg.fingerprint(next(iter(teacher)), next(iter(compass)))
+    if fp != manifest.fingerprint:
+        report.add(
+            MANIFEST_FILE,
+            f"fingerprint {manifest.fingerprint} is not the fingerprint of the recorded config "
+            f"and checkpoints ({fp}): the manifest's config or fingerprint was edited",
+        )
+
+
+def _check_identities(identities: dict[str, set], report: VerifyReport) -> None:
+    for key, values in sorted(identities.items()):
+        if len(values) > 1:
+            report.add(
+                DATA_DIR,
+                f"shards disagree on {key}: {sorted(map(str, values))} (mixed builds)",
+            )
+
+
+# the card ------------------------------------------------------------------------------------
+
+
+def _load_card(root: str, report: VerifyReport) -> tuple[dict[str, Any], str] | None:
+    try:
+        card = read_card(root)
+    except DataError as e:
+        report.add(CARD_FILE, str(e))
+        return None
+    if card is None:
+        report.notes.append(
+            f"no {CARD_FILE}: `tsdfm-pipeline publish` writes one; the build does at its end"
+        )
+    return card
+
+
+def _check_card(
+    meta: dict[str, Any], manifest: Manifest, identities: dict[str, set], report: VerifyReport
+) -> None:
+    def bad(what: str) -> None:
+        report.add(CARD_FILE, what + "; regenerate the card")
+
+    totals = manifest.totals()
+    configs = meta.get("configs") or []
+    paths = [
+        df.get("path")
+        for c in configs
+        if isinstance(c, dict)
+        for df in (c.get("data_files") or [])
+        if isinstance(df, dict)
+    ]
+    if paths != [DATA_FILES]:
+        bad(f"configs.data_files is {paths}, expected [{DATA_FILES!r}]")
+    info = meta.get("dataset_info") or {}
+    if info.get("features") != features_yaml():
+        bad("dataset_info.features do not match the trajectory schema")
+    splits = info.get("splits") or []
+    train = [s for s in splits if isinstance(s, dict) and s.get("name") == "train"]
+    if len(train) != 1 or train[0].get("num_examples") != totals["rows"]:
+        got = train[0].get("num_examples") if train else None
+        bad(f"dataset_info says {got} train examples, the manifest {totals['rows']}")
+    if info.get("download_size") != totals["bytes"]:
+        bad(f"download_size {info.get('download_size')} ≠ {totals['bytes']} bytes of shards")
+    t = meta.get("tsdfm") or {}
+    if t.get("fingerprint") != manifest.fingerprint:
+        bad(f"fingerprint {t.get('fingerprint')} ≠ the manifest's {manifest.fingerprint}")
+    if t.get("schema_version") != SCHEMA_VERSION:
+        bad(f"schema_version {t.get('schema_version')} ≠ {SCHEMA_VERSION}")
+    for key, values in identities.items():
+        if len(values) == 1 and t.get(key) != next(iter(values)):
+            bad(f"{key} {t.get(key)} ≠ the shards' {next(iter(values))}")
+
+
+# vocabulary ----------------------------------------------------------------------------------
+
+
+def _vocab(
+    card: tuple[dict[str, Any], str] | None, plan: _Plan, root: str, report: VerifyReport
+) -> _Vocab:
+    """Token-id ranges from the card, else the teacher's config, else the data itself."""
+    model = ((card[0].get("tsdfm") or {}).get("model") if card else None) or None
+    origin = f"{CARD_FILE} (tsdfm.model)"
+    if model is None and plan.config.get("teacher"):
+        from pipeline.card import teacher_facts
+
+        facts = teacher_facts(plan.config["teacher"])
+        model = facts.to_dict() if facts else None
+        origin = f"teacher checkpoint {plan.config['teacher']}"
+    if isinstance(model, dict) and isinstance(model.get("vocab_size"), int):
+        return _Vocab(
+            model["vocab_size"],
+            model.get("mask_token_id") if model.get("source") == "mask" else None,
+            model.get("seq_len"),
+            model.get("source"),
+            origin,
+        )
+    report.notes.append(
+        "teacher vocabulary unknown (no tsdfm.model in the card, teacher checkpoint not "
+        "reachable): the mask source and V are inferred from the data"
+    )
+    return _Vocab(None, None, None, None, "data")
+
+
+# one shard -----------------------------------------------------------------------------------
+
+
+def _check_shard(
+    root: str,
+    i: int,
+    name: str,
+    entry: dict[str, Any] | None,
+    plan: _Plan,
+    vocab: _Vocab,
+    report: VerifyReport,
+    identities: dict[str, set],
+) -> None:
+    fs, base = open_root(root)
+    path = f"{base.rstrip('/')}/{name}"
+    size = fs.size(path)
+    if entry is not None:
+        if size != entry["bytes"]:
+            report.add(name, f"{size} bytes, the manifest records {entry['bytes']} (truncated?)")
+        digest = file_sha256(fs, path)
+        if digest != entry["sha256"]:
+            report.add(
+                name,
+                f"sha256 {digest[:16]}… ≠ recorded {entry['sha256'][:16]}…: the file changed "
+                "after the build (corrupt or altered); rebuild it",
+            )
+    try:
+        footer = read_footer(root, name)
+    except DataError as e:
+        report.add(name, str(e).replace(f"{path} ", "", 1))
+        return
+    _check_metadata(i, name, footer.metadata, plan, report, identities)
+    if footer.schema != trajectory_schema():
+        report.add(name, "schema differs from the trajectory schema: " + _schema_diff(footer))
+        return
+    if entry is not None and footer.rows != entry["rows"]:
+        report.add(name, f"{footer.rows} rows, the manifest records {entry['rows']}")
+    if footer.rows != plan.rows_per_shard:
+        report.add(name, f"{footer.rows} rows, the plan has {plan.rows_per_shard} per shard")
+    if footer.max_row_group_bytes > MAX_ROW_GROUP_BYTES:
+        report.add(name, f"a row group holds {footer.max_row_group_bytes:,} bytes (> 100 MB)")
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read()
+    except (pa.ArrowInvalid, OSError) as e:
+        report.add(name, f"the data pages do not decode ({e}); rebuild the shard")
+        return
+    _check_rows(i, name, table, plan, vocab, report)
+    report.shards_checked.append(i)
+    report.rows_checked += table.num_rows
+
+
+def _schema_diff(footer) -> str:
+    want = trajectory_schema()
+    got = footer.schema
+    parts = []
+    for f in want:
+        if f.name not in got.names:
+            parts.append(f"column {f.name} is missing")
+        elif not got.field(f.name).equals(f):
+            parts.append(f"column {f.name} is {got.field(f.name).type}, the contract says {f.type}")
+    extra = [n for n in got.names if n not in want.names]
+    if extra:
+        parts.append(f"extra column(s) {extra}")
+    if not parts and got.names != want.names:
+        parts.append(f"columns are in the order {got.names}, expected {want.names}")
+    return "; ".join(parts) or "field nullability or metadata differ"
+
+
+def _check_metadata(
+    i: int,
+    name: str,
+    meta: dict[str, Any] | None,
+    plan: _Plan,
+    report: VerifyReport,
+    identities: dict[str, set],
+) -> None:
+    if meta is None:
+        report.add(name, "no tsdfm key-value metadata (not written by tsdfm-pipeline)")
+        return
+    expected: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "shard": i,
+        "num_shards": plan.num_shards,
+        "config": plan.config,
+    }
+    if plan.fingerprint is not None:
+        expected["fingerprint"] = plan.fingerprint
+    if plan.package_version is not None:
+        expected["package_version"] = plan.package_version
+    seed = plan.config.get("seed")
+    if isinstance(seed, int):
+        expected["shard_seed"] = seed * 2**32 + i * plan.rows_per_shard
+    for key, want in expected.items():
+        got = meta.get(key)
+        if got != want:
+            show = (lambda v: "{…}") if key == "config" else repr
+            report.add(
+                name,
+                f"metadata {key} = {show(got)}, the manifest says {show(want)}"
+                + (" (config differs)" if key == "config" else ""),
+            )
+    for key in ("teacher_identity", "compass_identity", "tokenizer_identity"):
+        identities.setdefault(key, set()).add(meta.get(key))
+
+
+# rows ----------------------------------------------------------------------------------------
+
+
+def _np(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _lengths(arr: pa.Array) -> np.ndarray:
+    return _np(pc.list_value_length(arr).fill_null(-1))
+
+
+class _Rows:
+    """Collects broken invariants of one shard and reports each with the first rows."""
+
+    def __init__(self, name: str, tid: np.ndarray, report: VerifyReport):
+        self.name, self.tid, self.report = name, tid, report
+
+    def check(self, bad: np.ndarray, what: str) -> None:
+        """bad: (B,) bool, True where row r breaks ``what``."""
+        rows = np.flatnonzero(bad)
+        if rows.size == 0:
+            return
+        shown = ", ".join(f"{r} (id {self.tid[r]})" for r in rows[:_SHOW].tolist())
+        more = f" and {rows.size - _SHOW} more" if rows.size > _SHOW else ""
+        self.report.add(self.name, f"{rows.size} row(s) break '{what}': rows {shown}{more}")
+
+
+def _check_rows(
+    i: int, name: str, table: pa.Table, plan: _Plan, vocab: _Vocab, report: VerifyReport
+) -> None:
+    """The per-row invariants (vectorised over the shard)."""
+    B = table.num_rows
+    if B == 0:
+        report.add(name, "holds no rows")
+        return
+    col = {n: table.column(n).combine_chunks() for n in table.column_names}
+    for n in trajectory_schema().names[:-1]:
+        if col[n].null_count:
+            report.add(name, f"column {n} holds {col[n].null_count} null(s)")
+            return
+    tid = _np(col["trajectory_id"])
+    rows = _Rows(name, tid, report)
+    R = plan.rows_per_shard
+    rows.check(tid != i * R + np.arange(B), f"trajectory_id = {i}·{R} + row")
+    rows.check(_np(col["shard"]) != i, f"shard = {i}")
+    cfg_seed = plan.config.get("seed")
+    if isinstance(cfg_seed, int):
+        rows.check(_np(col["seed"]) != cfg_seed * 2**32 + tid, "seed = dataset seed·2^32 + id")
+
+    nav = plan.nav
+    S = nav.get("student_steps")
+    K = nav.get("candidates")
+    if not isinstance(S, int) or not isinstance(K, int):
+        report.add(name, "the recorded config has no navigator.student_steps/candidates")
+        return
+
+    # times: S+1 values, t_0 = 0 < t_1 < ... < t_S = 1
+    tl = _lengths(col["times"])
+    rows.check(tl != S + 1, f"times has S+1 = {S + 1} values")
+    ok = tl == S + 1
+    if ok.any():
+        t = _np(col["times"].filter(pa.array(ok)).flatten()).reshape(-1, S + 1)
+        bad = ~np.isfinite(t).all(1) | (t[:, 0] != 0) | (t[:, -1] != 1)
+        bad |= ~(np.diff(t, axis=1) > 0).all(1)
+        full = np.zeros(B, bool)
+        full[ok] = bad
+        rows.check(full, "times increase strictly from 0 to 1")
+
+    # chosen: S values in [0, K)
+    cl = _lengths(col["chosen"])
+    rows.check(cl != S, f"chosen has S = {S} values")
+    chosen = None
+    if (cl == S).all():
+        chosen = _np(col["chosen"].flatten()).reshape(B, S).astype(np.int64)
+        rows.check(((chosen < 0) | (chosen >= K)).any(1), f"0 ≤ chosen < K = {K}")
+
+    # energies: S lists, K finite values in shaped segments, empty elsewhere
+    el = _lengths(col["energies"])
+    rows.check(el != S, f"energies has S = {S} lists")
+    if (el == S).all():
+        from pipeline.navigator import NavigatorConfig
+
+        try:
+            shaped = np.array(NavigatorConfig(**nav).shaped_segments(), dtype=bool)
+        except (TsdfmError, TypeError):
+            shaped = None
+        seg = col["energies"].flatten()
+        sl = _lengths(seg).reshape(B, S)
+        if shaped is not None:
+            want = np.where(shaped, K, 0)
+            rows.check(
+                (sl != want).any(1),
+                f"energies hold K = {K} values exactly in the shaped segments "
+                f"{np.flatnonzero(shaped).tolist()}",
+            )
+        values = _np(seg.flatten()).astype(np.float64)
+        owner = np.repeat(np.arange(B), sl.sum(1))
+        bad = np.zeros(B, bool)
+        np.logical_or.at(bad, owner, ~np.isfinite(values))
+        rows.check(bad, "energies are finite")
+        if chosen is not None:
+            rows.check(((sl == 0) & (chosen != 0)).any(1), "chosen = 0 where not shaped")
+
+    # states: S+1 rows of L token ids
+    _check_states(col["states"], B, S, vocab, rows, report, name)
+
+    if 0 < col["text"].null_count < B:
+        rows.check(_np(col["text"].is_null()), "text is present in every row or in none")
+
+
+def _check_states(
+    states: pa.Array,
+    B: int,
+    S: int,
+    vocab: _Vocab,
+    rows: _Rows,
+    report: VerifyReport,
+    name: str,
+) -> None:
+    ol = _lengths(states)
+    rows.check(ol != S + 1, f"states has S+1 = {S + 1} rows")
+    if not (ol == S + 1).all():
+        return
+    inner = states.flatten()
+    il = _lengths(inner).reshape(B, S + 1)
+    L = vocab.seq_len if vocab.seq_len else int(il[0, 0])
+    rows.check((il != L).any(1), f"every state has L = {L} tokens")
+    if not (il == L).all():
+        return
+    x = _np(inner.flatten()).reshape(B, S + 1, L).astype(np.int64)
+    rows.check((x < 0).any((1, 2)), "token ids ≥ 0")
+    source, V, mask = vocab.source, vocab.vocab_size, vocab.mask_token_id
+    if source is None:  # infer: under the mask source x_0 is all [MASK], the largest id
+        first = x[:, 0]
+        if (first == first.flat[0]).all() and (x <= first.flat[0]).all():
+            source, mask, V = "mask", int(first.flat[0]), int(first.flat[0])
+    if source == "mask" and mask is not None:
+        rows.check((x[:, 0] != mask).any(1), f"x_0 is all [MASK] = {mask}")
+        rows.check((x[:, :-1] > mask).any((1, 2)), f"token ids ≤ [MASK] = {mask} before t = 1")
+        rows.check((x[:, -1] == mask).any(1), "no [MASK] left at t = 1")
+        revealed = x[:, :-1] != mask
+        changed = x[:, 1:] != x[:, :-1]
+        rows.check(
+            (revealed & changed).any((1, 2)),
+            "a revealed position keeps its token (revealed once, never re-masked)",
+        )
+        if V is not None:
+            rows.check((x[:, -1] >= V).any(1), f"final token ids < V = {V}")
+    elif V is not None:
+        rows.check((x >= V).any((1, 2)), f"token ids < V = {V}")
+    else:
+        note = "uniform source with unknown V: token ids checked only for ≥ 0"
+        if note not in report.notes:
+            report.notes.append(note)
+
+
+# replay --------------------------------------------------------------------------------------
+
+
+def choose_replay(
+    committed: list[int], replay: int, named: Sequence[int] | None, seed: int, num_shards: int
+) -> list[int]:
+    """The shards to replay: the named ones, or ``replay`` of the committed ones at random."""
+    if named:
+        bad = [i for i in named if not 0 <= i < num_shards]
+        if bad:
+            raise ConfigError(f"replay shard(s) {bad} outside the plan of {num_shards} shards")
+        return sorted(set(named))
+    if replay < 0:
+        raise ConfigError(f"--replay {replay} must be ≥ 0")
+    rng = random.Random(seed)
+    return sorted(rng.sample(committed, min(replay, len(committed))))
+
+
+def _replay(
+    root: str,
+    manifest: Manifest,
+    replay: int,
+    named: Sequence[int] | None,
+    seed: int,
+    device: str,
+    teacher: str | None,
+    compass: str | None,
+    report: VerifyReport,
+) -> None:
+    """Rebuild shards with the recorded config into a temp dir and compare their bytes."""
+    import dataclasses
+
+    from pipeline.worker import ShardBuilder
+
+    indices = choose_replay(manifest.committed(), replay, named, seed, manifest.num_shards)
+    try:
+        recorded = _build_config(manifest.plan["config"])
+    except (TsdfmError, TypeError) as e:
+        report.add("replay", f"the recorded config does not load ({e})")
+        return
+    load_cfg = dataclasses.replace(
+        recorded,
+        teacher=teacher or recorded.teacher,
+        compass=compass if compass is not None else recorded.compass,
+    )
+    with tempfile.TemporaryDirectory(prefix="tsdfm-replay-") as tmp:
+        try:
+            builder = ShardBuilder(load_cfg, tmp, device)
+        except TsdfmError as e:
+            report.add(
+                "replay",
+                f"cannot load the recorded checkpoints ({e}); pass --teacher/--compass with "
+                "the checkpoints that built the dataset",
+            )
+            return
+        if builder.provenance.fingerprint != manifest.fingerprint:
+            report.add(
+                "replay",
+                f"the checkpoints give fingerprint {builder.provenance.fingerprint}, the dataset "
+                f"has {manifest.fingerprint}: pass --teacher/--compass with the checkpoints that "
+                "built it",
+            )
+            return
+        builder.cfg = recorded  # shard metadata records the config as the build wrote it
+        for i in indices:
+            result = builder.build(i)
+            entry = manifest.shard(i)
+            want = entry["sha256"] if entry else None
+            if result.info.sha256 != want:
+                report.add(
+                    shard_name(i, manifest.num_shards),
+                    f"replay gave different bytes (sha256 {result.info.sha256[:16]}… vs recorded "
+                    f"{str(want)[:16]}…): the shard was altered, or this machine's hardware or "
+                    "software differs from the build's",
+                )
+            report.replayed.append(i)

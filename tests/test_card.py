@@ -1,0 +1,150 @@
+"""The dataset card: YAML that `datasets` reads with the declared features; prose and numbers."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from datasets import Features, load_dataset
+
+from models.errors import DataError
+from pipeline.card import (
+    _flatten,
+    card_facts,
+    features_yaml,
+    parse_card,
+    read_card,
+    render_card,
+    statistics,
+    write_card,
+)
+from pipeline.manifest import Manifest
+from pipeline.schema import trajectory_schema
+
+
+def _contract_features() -> Features:
+    return Features.from_arrow_schema(trajectory_schema())
+
+
+def test_features_yaml_is_the_trajectory_schema():
+    assert Features._from_yaml_list(features_yaml()) == _contract_features()
+    assert [f["name"] for f in features_yaml()] == trajectory_schema().names
+
+
+def test_build_writes_a_card_whose_yaml_matches_the_data(tiny_shaped_dataset):
+    root = tiny_shaped_dataset
+    meta, _ = read_card(str(root))
+    manifest = json.loads((root / "manifest.json").read_text())
+    shards = sorted((root / "data").iterdir())
+    info = meta["dataset_info"]
+    uncompressed = sum(pq.ParquetFile(p).metadata.row_group(0).total_byte_size for p in shards)
+    assert meta["configs"] == [
+        {
+            "config_name": "default",
+            "data_files": [{"split": "train", "path": "data/train-*.parquet"}],
+        }
+    ]
+    assert Features._from_yaml_list(info["features"]) == _contract_features()
+    assert info["splits"] == [
+        {
+            "name": "train",
+            "num_bytes": uncompressed,
+            "num_examples": 24,
+        }
+    ]
+    assert info["download_size"] == sum(p.stat().st_size for p in shards)
+    assert info["download_size"] == manifest["totals"]["bytes"]
+    assert info["dataset_size"] == info["splits"][0]["num_bytes"]
+    assert meta["license"] == "apache-2.0" and "tsdfm" in meta["tags"]
+    assert meta["pretty_name"] == "TS-DFM teacher trajectories (shaped, K=3, S=4, N=32)"
+    assert meta["size_categories"] == ["n<1K"]
+    t = meta["tsdfm"]
+    shard_meta = json.loads(pq.ParquetFile(shards[0]).metadata.metadata[b"tsdfm"])
+    assert t["fingerprint"] == manifest["fingerprint"] == shard_meta["fingerprint"]
+    for key in ("teacher_identity", "compass_identity", "tokenizer_identity"):
+        assert t[key] == shard_meta[key] and t[key].startswith("sha256:")
+    assert t["model"] == {"vocab_size": 12, "seq_len": 8, "source": "mask", "mask_token_id": 12}
+    assert t["num_shards"] == 3 and t["rows_per_shard"] == 8
+
+
+def test_load_dataset_reads_the_folder_with_the_declared_features(tmp_path, tiny_shaped_dataset):
+    root = shutil.copytree(tiny_shaped_dataset, tmp_path / "ds")
+    declared = Features._from_yaml_list(read_card(str(root))[0]["dataset_info"]["features"])
+    ds = load_dataset(str(root), split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.features == declared == _contract_features()
+    assert ds.num_rows == 24
+    assert sorted(ds["trajectory_id"]) == list(range(24))
+    row = ds.sort("trajectory_id")[9]
+    table = pq.read_table(root / "data" / "train-00001-of-00003.parquet")
+    assert row == table.slice(1, 1).to_pylist()[0]
+    assert len(row["times"]) == 5 and len(row["energies"][0]) == 3
+    streamed = load_dataset(str(root), split="train", streaming=True)
+    assert streamed.features == declared
+    assert sum(1 for _ in streamed) == 24
+
+
+def test_card_is_deterministic_and_keeps_its_build_date(tmp_path, tiny_blind_dataset):
+    root = shutil.copytree(tiny_blind_dataset, tmp_path / "ds")
+    built = (root / "README.md").read_text()
+    assert write_card(str(root)) == built  # regenerating keeps the bytes (and the date)
+    facts = card_facts(str(root))
+    assert render_card(facts) == render_card(facts) == built
+    old = write_card(str(root), build_date="2020-01-02")
+    assert "| build date | 2020-01-02 |" in old
+    assert write_card(str(root)) == old  # the recorded date sticks
+    diff = [(a, b) for a, b in zip(built.splitlines(), old.splitlines(), strict=True) if a != b]
+    assert all("build" in a and "build" in b for a, b in diff) and len(diff) == 2
+
+
+def test_prose_has_provenance_statistics_schema_and_snippets(tiny_shaped_dataset):
+    facts = card_facts(str(tiny_shaped_dataset))
+    text = render_card(facts, repo_id="my-org/traj", version="v3")
+    m = facts.manifest
+    _, body = parse_card(text)
+    for section in ("## How it was made", "## Use it", "## Statistics", "## Provenance"):
+        assert section in body
+    how = body.split("## How it was made")[1].split("## Use it")[0].strip()
+    assert len([p for p in how.split("\n\n") if p.strip()]) == 2  # the algorithm, two paragraphs
+    assert "K = 3 independent candidates" in how and "τ = 0.0" in how
+    assert "tsdfm-pipeline distill --data my-org/traj@v3 --init TEACHER_CKPT --out DIR" in body
+    assert 'load_dataset("my-org/traj", revision="v3", split="train", streaming=True)' in body
+    for key, value in _flatten(m["plan"]["config"]):
+        assert f"| config `{key}` | `{json.dumps(value)}` |" in body
+    for key in ("teacher_identity", "compass_identity", "tokenizer_identity"):
+        assert f"`{facts.identities[key]}`" in body
+    assert f"| fingerprint | `{m['fingerprint']}` |" in body
+    assert f"| tsdfm-pipeline version | {m['package_version']} |" in body
+    # energy gain: mean over shaped segments of (mean candidate − chosen), from the manifest
+    entries = list(m["shards"].values())
+    segs = sum(e["stats"]["shaped_segments"] for e in entries)
+    gain = sum(e["stats"]["energy_gain"] * e["stats"]["shaped_segments"] for e in entries) / segs
+    assert gain > 0  # argmin keeps a lower-than-average energy
+    assert f"| mean energy gain (mean candidate − chosen) | {gain:.4f} |" in body
+    ent = sum(e["stats"]["mean_final_unigram_entropy"] * e["rows"] for e in entries) / 24
+    assert f"| mean unigram entropy of final sequences (nats) | {ent:.4f} |" in body
+    assert f"| bytes (Parquet, zstd) | {m['totals']['bytes']:,} |" in body
+    assert statistics(m)["rows"] == 24 and statistics(m)["shaped_segments"] == segs == 96
+    for name in trajectory_schema().names:
+        assert f"| `{name}` |" in body
+    assert "| `states` | `list<list<int32>>` |" in body
+
+
+def test_blind_card_says_blind(tiny_blind_dataset):
+    text = (tiny_blind_dataset / "README.md").read_text()
+    assert "blind baseline (K = 1)" in text
+    assert "| mean energy gain (mean candidate − chosen) | – |" in text
+    assert "ORG/NAME@vN" in text  # placeholders until published
+
+
+def test_unfinished_dataset_has_no_card(tmp_path, tiny_blind_dataset):
+    root = shutil.copytree(tiny_blind_dataset, tmp_path / "ds")
+    Manifest.load(str(root)).forget(1)
+    with pytest.raises(DataError, match=r"shards \[1\] are not committed"):
+        write_card(str(root))
+
+
+def test_card_without_front_matter_is_refused():
+    with pytest.raises(DataError, match="no YAML front matter"):
+        parse_card("# just a title\n")
+    with pytest.raises(DataError, match="does not parse"):
+        parse_card("---\na: [1, 2\n---\n")
