@@ -680,13 +680,13 @@ class TrajectoryLoader:
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_identity,
-            pin_memory=False,
+            pin_memory=self.pin_memory,  # the pin thread calls ExampleBatch.pin_memory()
             prefetch_factor=4,
         )
         return iter(loader)
 
     def __iter__(self) -> Iterator[ExampleBatch]:
-        P = self.cfg.streams
+        P, workers = self.cfg.streams, self.num_workers
         while True:
             st = self.state
             items = self._epoch_items([replace(s) for s in st.streams])
@@ -713,7 +713,7 @@ class TrajectoryLoader:
                     st.streams[s] = pos
                     st.batches += 1
                     produced = True
-                    yield batch.pin_memory() if self.pin_memory else batch
+                    yield batch.pin_memory() if self.pin_memory and not workers else batch
             finally:
                 del items
             if not produced and all(p.file == 0 and p.row == 0 for p in st.streams):

@@ -261,13 +261,18 @@ def resolve_student_steps(
     return int(asked), msg + "; training on the dataset's grid as asked (--allow-step-mismatch)"
 
 
-def build_student(init: Checkpoint) -> FlowModel:
-    """A teacher becomes a step-conditioned student; a student continues as it is."""
-    if init.config.role == "student":
+def build_student(init: Checkpoint, seed: int = 0) -> FlowModel:
+    """A teacher becomes a step-conditioned student; a student continues as it is.
+
+    The new branches' inner layers are initialised under ``seed`` (their output layers start
+    at zero), so the same run config gives the same student.
+    """
+    with seeded(seed):
+        if init.config.role == "teacher":
+            return student_from_teacher(init.model)
         student = FlowModel(init.config)
-        student.load_state_dict(init.model.state_dict())
-        return student
-    return student_from_teacher(init.model)
+    student.load_state_dict(init.model.state_dict())
+    return student
 
 
 def _extra_files(init: Checkpoint) -> dict[str, Path]:
@@ -440,7 +445,7 @@ def train_student(
     data_info = source.provenance()
     _check_run_config(out, cfg, data_info, init.identity)
 
-    model = build_student(init)
+    model = build_student(init, cfg.seed)
     model.config = model.config.replace(
         provenance={
             "trainer": "distill",
