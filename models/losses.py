@@ -125,7 +125,8 @@ def segment_loss(
     k_t = path.scheduler.kappa(t64)
     k_next = path.scheduler.kappa(t64 + h64)
     q = ((k_next - k_t) / (1.0 - k_t).clamp(min=1e-12)).clamp(0.0, 1.0)
-    q = torch.where(t64 + h64 >= 1.0 - 1e-12, torch.ones_like(q), q).to(log_p.dtype).view(-1, 1)
+    last = t64 + h64 >= 1.0 - 1e-6  # t and h arrive as float32
+    q = torch.where(last, torch.ones_like(q), q).to(log_p.dtype).view(-1, 1)
     jump = torch.log(q) + log_p.gather(-1, x_next.unsqueeze(-1)).squeeze(-1)
     stay = torch.where(x_next == x_t, torch.log1p(-q), torch.full_like(jump, -torch.inf))
     nll_next = -torch.logaddexp(jump, stay)  # −log[(1 − q)·δ + q·p_θ], stable for tiny p_θ

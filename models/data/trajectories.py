@@ -359,8 +359,8 @@ def trajectory_examples(times: np.ndarray, states: np.ndarray, ids: np.ndarray) 
     """Every segment of every trajectory as an example, trajectory-major (k fastest).
 
     For trajectory j and segment k: x_t = states[j, k], t = times[k],
-    h = times[k+1] − times[k] (computed in float64 from the stored float32 grid, so t + h is
-    exactly t_{k+1}), x_next = states[j, k+1], x_1 = states[j, S].
+    h = times[k+1] − times[k] (the difference taken in float64, stored as float32),
+    x_next = states[j, k+1], x_1 = states[j, S].
 
     Args:
         times: (S+1,) grid.
