@@ -272,9 +272,10 @@ def test_resume_gives_the_same_next_loss(tmp_path, tiny_blind_dataset, saved_tin
 # --------------------------------------------------------------------------- bad input
 
 
-def _rewrite_shard(root, transform):
-    """Rewrite every shard of a copied dataset with transform(table, meta) -> (table, meta)."""
-    for f in sorted((root / "data").glob("*.parquet")):
+def _rewrite_shard(root, transform, shards=None):
+    """Rewrite shards (default: all) of a copied dataset with transform(table, meta)."""
+    files = sorted((root / "data").glob("*.parquet"))
+    for f in files if shards is None else [files[i] for i in shards]:
         pf = pq.ParquetFile(f)
         meta = json.loads(pf.metadata.metadata[b"tsdfm"])
         table, meta = transform(pf.read().replace_schema_metadata(None), meta)
@@ -290,6 +291,14 @@ def test_missing_column_and_unknown_schema_version(tmp_path, tiny_blind_dataset)
     _rewrite_shard(future, lambda t, m: (t, {**m, "schema_version": 99}))
     with pytest.raises(DataError, match="uses trajectory schema v99, but this tsdfm-pipeline"):
         open_trajectory_dataset(future)
+
+
+def test_a_shard_of_another_build_is_refused_while_reading(tmp_path, tiny_blind_dataset):
+    mixed = shutil.copytree(tiny_blind_dataset, tmp_path / "mixed")
+    _rewrite_shard(mixed, lambda t, m: (t, {**m, "fingerprint": "sha256:other"}), shards=[2])
+    loader = TrajectoryLoader(open_trajectory_dataset(mixed), LOADER)
+    with pytest.raises(DataError, match="shards of different builds are mixed"):
+        _take(loader, 30)
 
 
 def test_unreadable_revision(monkeypatch, tiny_blind_dataset):

@@ -225,8 +225,23 @@ class TrajectorySource:
             columns=list(columns),
         )
 
+    def check_shard(self, index: int) -> None:
+        """Columns, schema version and fingerprint of shard file ``index`` (its footer only)."""
+        url = self.files[index]
+        names, info = _read_footer(url)
+        check_shard_footer(url, names, info)
+        if info.get("fingerprint") != self.fingerprint:
+            raise DataError(
+                f"shard {url} was built with fingerprint {info.get('fingerprint')}, the first "
+                f"shard with {self.fingerprint}: shards of different builds are mixed; rebuild "
+                "or re-download the dataset"
+            )
+
     def iter_tables(self, index: int, rows: int, skip: int = 0) -> Iterator[Any]:
-        """Arrow tables of ≤ ``rows`` rows of shard file ``index``, after skipping ``skip``."""
+        """Arrow tables of ≤ ``rows`` rows of shard file ``index``, after skipping ``skip``;
+        the shard's footer is checked first."""
+        if index:
+            self.check_shard(index)
         for table in self.file_dataset(index).with_format("arrow").iter(batch_size=rows):
             if skip >= table.num_rows:
                 skip -= table.num_rows
