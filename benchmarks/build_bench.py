@@ -17,7 +17,6 @@ Results: docs/results/build.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import shutil
@@ -26,12 +25,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+from results_io import write_results
 
 from models.checkpoint import bundled_path, load_checkpoint
 from pipeline.build import run_build
 from pipeline.config import BuildConfig
 from pipeline.navigator import NavigatorConfig
+
+
+def _column_bytes(root: Path) -> dict[str, int]:
+    """Compressed bytes per top-level column, summed over all shards' row groups."""
+    sizes: dict[str, int] = {}
+    for shard in sorted((root / "data").glob("*.parquet")):
+        meta = pq.ParquetFile(shard).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                name = col.path_in_schema.split(".", 1)[0]
+                sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return sizes
 
 
 def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str) -> dict:
@@ -42,6 +57,7 @@ def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str) -> dict:
     wall = time.perf_counter() - t0
     c = summary.totals["counters"]
     rows = summary.totals["rows"]
+    columns = _column_bytes(root)
     return {
         "name": name,
         "workers": workers,
@@ -57,6 +73,7 @@ def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str) -> dict:
         "teacher_row_forwards_per_trajectory": c["teacher_row_forwards"] / rows,
         "bytes": summary.totals["bytes"],
         "bytes_per_trajectory": summary.totals["bytes"] / rows,
+        "column_bytes_per_trajectory": {k: v / rows for k, v in columns.items()},
     }
 
 
@@ -120,11 +137,7 @@ def main() -> None:
         "runs": runs,
         "figures": figures,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result))
-    print(out.with_suffix(".md").read_text())
+    print(write_results(args.out, result, _markdown(result)).read_text())
 
 
 def _markdown(r: dict) -> str:
@@ -155,6 +168,18 @@ def _markdown(r: dict) -> str:
         f"| bytes per trajectory over the information minimum ({f['information_minimum_bytes']:.0f}"
         f" B) (K=1 / K=8) | {f['bytes_over_minimum_K1']:.2f}x / {f['bytes_over_minimum_K8']:.2f}x"
         " | ≤ 1.5x |",
+        "",
+        "Compressed bytes per trajectory by column (column chunks only; the rest of a file is "
+        "Parquet footer, page index and the `tsdfm` metadata):",
+        "",
+        "| run | " + " | ".join(r["runs"][0]["column_bytes_per_trajectory"]) + " |",
+        "|---|" + "---|" * len(r["runs"][0]["column_bytes_per_trajectory"]),
+        *[
+            f"| {run['name']} | "
+            + " | ".join(f"{v:.0f}" for v in run["column_bytes_per_trajectory"].values())
+            + " |"
+            for run in r["runs"]
+        ],
         "",
         f"Command: `{r['command']}`",
         "",

@@ -15,12 +15,11 @@ Results go to docs/results/compass.{json,md}. Numbers are measured, never assert
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+from results_io import write_results
 
 from models.checkpoint import bundled_path, load_checkpoint
 from models.compass import CausalLMScorer
@@ -77,11 +76,7 @@ def main() -> None:
     report["benchmark"] = "compass_eval"
     report["command"] = "python " + " ".join(sys.argv)
     report["seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(_markdown(report))
-    print(out.with_suffix(".md").read_text())
+    print(write_results(args.out, report, _markdown(report)).read_text())
 
 
 def _table(name: str, rows: list[list[str]]) -> list[str]:

@@ -14,9 +14,9 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from results_io import result_paths, write_results
 
 from models.checkpoint import bundled_path, load_checkpoint
 from models.eval.evaluate import EvalConfig, evaluate_checkpoint
@@ -34,11 +34,9 @@ def main() -> None:
         "--render", action="store_true", help="Only re-render the Markdown from --out.json"
     )
     args = ap.parse_args()
-    out = Path(args.out)
     if args.render:
-        out.with_suffix(".md").write_text(
-            _markdown(json.loads(out.with_suffix(".json").read_text()))
-        )
+        json_path, md_path = result_paths(args.out)
+        md_path.write_text(_markdown(json.loads(json_path.read_text())))
         return
 
     ckpt = load_checkpoint(args.model)
@@ -71,10 +69,7 @@ def main() -> None:
         "summary": summary,
         "runs": runs,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result))
-    print(out.with_suffix(".md").read_text())
+    print(write_results(args.out, result, _markdown(result)).read_text())
 
 
 def _mean_sd(values):

@@ -274,7 +274,7 @@ class CompassTrainConfig:
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
-    steps: int = 4000
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -282,7 +282,7 @@ class CompassTrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     teacher_steps: int = 1024
-    negative_temperature: float = 1.5
+    negative_temperature: float = 2.0
     bank_trajectories: int = 256
     records_per_trajectory: int = 16
     refresh_every: int = 64
