@@ -52,6 +52,13 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         allow_teacher_mismatch: Annotated[
             bool, typer.Option(help="Accept a compass trained on another teacher (warns).")
         ] = False,
+        push_to_hub: Annotated[
+            str | None,
+            typer.Option(help="Then publish to this Hub dataset repo (org/name) as the next vN."),
+        ] = None,
+        private: Annotated[
+            bool, typer.Option(help="With --push-to-hub: create the repo private.")
+        ] = False,
     ) -> None:
         """Build a trajectory dataset with energy-guided midpoint search on Ray (resumable).
 
@@ -66,6 +73,10 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
 
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+        if push_to_hub is not None:  # fail before the build, not after it
+            from pipeline.hub import check_repo_id, resolve_token
+
+            resolve_token(None, check_repo_id(push_to_hub))
         if teacher is None:
             from models.checkpoint import bundled_path
 
@@ -138,6 +149,10 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 f"teacher forward {c.get('teacher_forward_seconds', 0):.1f}s, "
                 f"compass {c.get('compass_seconds', 0):.1f}s"
             )
+        if push_to_hub is not None:
+            from pipeline.hub_cli import push_after_build
+
+            push_after_build(out, push_to_hub, private)
 
     @app.command("inspect")
     @user_errors

@@ -446,6 +446,7 @@ def data_synthetic(
 
 
 register_build_commands(app, user_errors, _progress, _default_teacher)
+__import__("pipeline.hub_cli").hub_cli.register(app, user_errors)  # publish, verify
 __import__("pipeline.train_cli").train_cli.register(app, user_errors, _progress, _default_teacher)
 
 

@@ -146,7 +146,11 @@ def parse_target(target: str) -> tuple[str, str | None] | None:
 def download(repo_id: str, revision: str | None, token: str | None = None) -> str:
     """Download a Hub dataset revision (card, manifest, shards) and return the local folder."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return snapshot_download(
@@ -156,6 +160,11 @@ def download(repo_id: str, revision: str | None, token: str | None = None) -> st
             allow_patterns=[CARD_FILE, MANIFEST_FILE, f"{DATA_DIR}/*"],
             token=token,
         )
+    except RevisionNotFoundError:
+        raise DataError(
+            f"Hub dataset {repo_id} has no revision {revision!r}: pin a published version tag "
+            "(v1, v2, …) or a commit"
+        ) from None
     except RepositoryNotFoundError:
         raise DataError(
             f"Hub dataset {repo_id} not found or not accessible: check the id, and set HF_TOKEN "

@@ -1,0 +1,648 @@
+"""Publish a verified dataset folder to the Hugging Face Hub: pull request → merge → tag ``vN``.
+
+Consumers pin ``revision="vN"``, so a published version must be immutable and ``main`` must
+never show a half-uploaded dataset. :func:`publish` therefore
+
+1. refuses a malformed repo id, a missing token, and a folder that fails ``verify``;
+2. creates the dataset repo if needed (``private`` on creation);
+3. stops early if a ``vN`` tag already holds exactly this content ("already published");
+4. opens a pull request (or reuses the open one of an interrupted run of the same content,
+   recognised by the content id in its title) and uploads to its ref ``refs/pr/N`` only the
+   files that are not there yet with the same sha256 — in several commits, shards first and
+   ``manifest.json`` + ``README.md`` last, so a rerun resumes where the last run stopped;
+5. checks that the PR now holds exactly the folder, then merges it;
+6. tags the merged commit ``vN`` (the next free integer, or the one asked for; a tag that
+   exists with other content is refused, tags are never moved or deleted).
+
+Content = ``manifest.json`` and the shards: the card (``README.md``) is regenerated for the
+upload with the repo id and version in its snippets, so it is not part of the identity.
+
+Every Hub call goes through one retry helper (:meth:`Hub.call`): 429 and 5xx back off
+exponentially (honouring ``Retry-After``) up to a cap, 412 (a concurrent commit moved the
+branch) retries, network errors retry, and 401/403/404 fail at once with a message saying
+what to fix. The token comes from the argument, ``HF_TOKEN`` or the HF login; it is held in
+memory only, never printed, logged or written (error messages are scrubbed of it).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.errors import TsdfmError
+from pipeline.manifest import MANIFEST_FILE, Manifest
+from pipeline.shards import DATA_DIR, shard_name
+
+REPO_TYPE = "dataset"
+CARD_FILE = "README.md"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VERSION = re.compile(r"^v([1-9][0-9]*)$")
+_CHUNK = 2**20
+
+
+class HubError(TsdfmError):
+    """Publishing failed; the message says what to fix. ``status`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# inputs --------------------------------------------------------------------------------------
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``org/name`` with letters, digits, ``-``, ``_``, ``.``; HubError otherwise."""
+    ok = (
+        isinstance(repo_id, str)
+        and _REPO_ID.match(repo_id) is not None
+        and len(repo_id) <= 96
+        and "--" not in repo_id
+        and ".." not in repo_id
+        and not repo_id.endswith((".git", ".", "-"))
+    )
+    if not ok:
+        raise HubError(
+            f"repo id {repo_id!r} is malformed: use org/name (letters, digits, '-', '_', '.'; "
+            "no '--' or '..'; at most 96 characters), e.g. my-org/tsdfm-shaped-k8"
+        )
+    return repo_id
+
+
+def resolve_token(token: str | None, repo_id: str) -> str:
+    """The token to publish with: the argument, else HF_TOKEN, else the HF login."""
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    found = get_token()
+    if not found:
+        org = repo_id.split("/")[0]
+        raise HubError(
+            f"no Hugging Face token: set HF_TOKEN or run `hf auth login` with a token that may "
+            f"write to '{org}'"
+        )
+    return found
+
+
+def parse_version(tag: str) -> int | None:
+    m = _VERSION.match(tag)
+    return int(m.group(1)) if m else None
+
+
+# the retry helper ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How :meth:`Hub.call` waits: delay_n = min(cap, Retry-After or base · 2^(n−1)).
+
+    Args:
+        attempts: tries in all (the first call included).
+        base_delay: seconds before the first retry without Retry-After.
+        max_delay: cap on any single wait (Retry-After included).
+        conflict_delay: seconds before retrying a 412 (concurrent commit).
+    """
+
+    attempts: int = 6
+    base_delay: float = 2.0
+    max_delay: float = 60.0
+    conflict_delay: float = 1.0
+
+    def delay(self, attempt: int, status: int | None, retry_after: float | None) -> float:
+        if status == 412:
+            return min(self.max_delay, self.conflict_delay)
+        if retry_after is not None:
+            return min(self.max_delay, max(0.0, retry_after))
+        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _response(exc: BaseException):
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if response is not None and hasattr(response, "status_code"):
+            return response
+    return None
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    import httpx2  # huggingface_hub 2.x's HTTP client
+
+    kinds = (httpx2.TransportError, ConnectionError, TimeoutError)
+    return any(isinstance(e, kinds) for e in _chain(exc))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: an integer, or an HTTP date (seconds from now)."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_message(exc: BaseException, response) -> str:
+    for e in _chain(exc):
+        msg = getattr(e, "server_message", None)
+        if msg:
+            return " ".join(str(msg).split())[:200]
+    try:
+        return " ".join(response.text.split())[:200]
+    except Exception:
+        return ""
+
+
+class Hub:
+    """One dataset repo on the Hub, every call through :meth:`call`.
+
+    Args:
+        repo_id: org/name.
+        token: write token (kept in memory only).
+        policy: retry waits.
+        sleep: the wait function (tests pass a recorder).
+        log: progress lines (never contain the token).
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        token: str,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        from huggingface_hub import HfApi
+
+        self.repo_id = repo_id
+        self.api = HfApi(token=token)
+        self._token = token
+        self.policy = policy if policy is not None else RetryPolicy()
+        self.sleep = sleep if sleep is not None else _sleep
+        self.log = log if log is not None else (lambda line: None)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the token replaced (defence in depth for server echoes)."""
+        return text.replace(self._token, "hf_***") if self._token else text
+
+    def _fatal(self, status: int, what: str, detail: str) -> HubError:
+        org = self.repo_id.split("/")[0]
+        hint = {
+            401: "the Hub rejected the token: set HF_TOKEN to a valid token or run `hf auth login`",
+            403: f"the token may not do this on {self.repo_id}: use a token with write access "
+            f"to '{org}' (a fine-grained token needs write permission on that namespace or repo)",
+            404: f"{self.repo_id} (or the revision) was not found: check the repo id, that it is "
+            "a dataset repo, and that the token can see it (private repos need a token of a "
+            "member)",
+        }[status]
+        extra = f" [{detail}]" if detail else ""
+        return HubError(self.scrub(f"{what}: HTTP {status}: {hint}{extra}"), status)
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with retries: 429/5xx/412/network retried, 4xx fatal."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                response = _response(e)
+                status = response.status_code if response is not None else None
+                transient = status is not None and (status in (412, 429) or status >= 500)
+                if status is None and _is_network_error(e):
+                    transient = True
+                detail = _server_message(e, response) if response is not None else ""
+                if status in (401, 403, 404):
+                    raise self._fatal(status, what, detail) from None
+                if not transient:
+                    if status is not None or isinstance(e, HfHubHTTPError):
+                        raise HubError(
+                            self.scrub(f"{what}: the Hub refused it (HTTP {status}: {detail})"),
+                            status,
+                        ) from None
+                    raise
+                if attempt >= self.policy.attempts:
+                    cause = f"HTTP {status}" if status is not None else type(e).__name__
+                    raise HubError(
+                        self.scrub(
+                            f"{what}: the Hub still fails after {attempt} attempts ({cause}); "
+                            "rerun the same command later to resume"
+                        ),
+                        status,
+                    ) from None
+                header = response.headers.get("Retry-After") if response is not None else None
+                wait = self.policy.delay(attempt, status, retry_after_seconds(header))
+                cause = f"HTTP {status}" if status is not None else type(e).__name__
+                left = self.policy.attempts - 1
+                self.log(f"{what}: {cause}; retry {attempt}/{left} in {wait:g}s")
+                self.sleep(wait)
+
+    # small wrappers ---------------------------------------------------------------------------
+
+    def tree(self, revision: str) -> dict[str, Any]:
+        """path → RepoFile of every file at ``revision``."""
+        entries = self.call(
+            f"listing files at {revision}",
+            lambda: list(
+                self.api.list_repo_tree(
+                    self.repo_id, recursive=True, revision=revision, repo_type=REPO_TYPE
+                )
+            ),
+        )
+        return {e.path: e for e in entries if hasattr(e, "size")}
+
+    def refs(self):
+        return self.call(
+            "listing branches, tags and pull requests",
+            self.api.list_repo_refs,
+            self.repo_id,
+            repo_type=REPO_TYPE,
+            include_pull_requests=True,
+        )
+
+
+# local files ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file to publish: its place in the repo, size, sha256 and git blob sha1."""
+
+    path: str
+    size: int
+    sha256: str
+    git_sha1: str
+    source: Path | None = None
+    data: bytes | None = None
+
+    @staticmethod
+    def from_bytes(path: str, data: bytes) -> LocalFile:
+        sha, git = _digests([data], len(data))
+        return LocalFile(path, len(data), sha, git, None, data)
+
+    @staticmethod
+    def from_path(path: str, source: Path) -> LocalFile:
+        size = source.stat().st_size
+
+        def chunks():
+            with open(source, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield chunk
+
+        sha, git = _digests(chunks(), size)
+        return LocalFile(path, size, sha, git, source, None)
+
+    def matches(self, remote: Any) -> bool:
+        """True iff the remote file (a RepoFile) has these bytes."""
+        if remote is None or getattr(remote, "size", None) != self.size:
+            return False
+        lfs = getattr(remote, "lfs", None)
+        if lfs is not None:
+            return lfs.sha256 == self.sha256
+        return remote.blob_id == self.git_sha1
+
+    def operation(self):
+        from huggingface_hub import CommitOperationAdd
+
+        content = self.data if self.data is not None else str(self.source)
+        return CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=content)
+
+
+def _digests(chunks, size: int) -> tuple[str, str]:
+    """(sha256, git blob sha1) of the bytes in ``chunks``, in one pass."""
+    sha = hashlib.sha256()
+    git = hashlib.sha1(f"blob {size}\0".encode())
+    for chunk in chunks:
+        sha.update(chunk)
+        git.update(chunk)
+    return sha.hexdigest(), git.hexdigest()
+
+
+def content_files(root: Path, manifest: Manifest) -> list[LocalFile]:
+    """manifest.json and every planned shard: the dataset's content."""
+    paths = [MANIFEST_FILE] + [shard_name(i, manifest.num_shards) for i in manifest.committed()]
+    return [LocalFile.from_path(p, root / p) for p in paths]
+
+
+def content_id(files: list[LocalFile]) -> str:
+    """sha256 over the sorted (path, sha256) of the content files."""
+    blob = "".join(f"{f.path} {f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def same_content(files: list[LocalFile], remote: dict[str, Any]) -> bool:
+    """The remote tree holds exactly these content files (other paths outside data/ ignored)."""
+    if not all(f.matches(remote.get(f.path)) for f in files):
+        return False
+    wanted = {f.path for f in files}
+    return not [p for p in remote if p.startswith(f"{DATA_DIR}/") and p not in wanted]
+
+
+# publish -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PublishResult:
+    """What :func:`publish` did.
+
+    Attributes:
+        repo_id: the dataset repo.
+        version: the tag, ``vN``.
+        commit: the tagged commit.
+        pull_request: the PR number (None when nothing had to be uploaded).
+        uploaded: paths uploaded by this run.
+        already_published: the content was already tagged; nothing was changed.
+    """
+
+    repo_id: str
+    version: str
+    commit: str
+    pull_request: int | None = None
+    uploaded: list[str] = field(default_factory=list)
+    already_published: bool = False
+
+    @property
+    def load_line(self) -> str:
+        return f'load_dataset("{self.repo_id}", revision="{self.version}", split="train")'
+
+
+def _batches(files: list[LocalFile], max_files: int, max_bytes: int) -> list[list[LocalFile]]:
+    out: list[list[LocalFile]] = []
+    cur: list[LocalFile] = []
+    size = 0
+    for f in files:
+        if cur and (len(cur) >= max_files or size + f.size > max_bytes):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(f)
+        size += f.size
+    if cur:
+        out.append(cur)
+    return out
+
+
+def publish(
+    path: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    version: int | None = None,
+    license: str | None = None,
+    files_per_commit: int = 50,
+    bytes_per_commit: int = 4 * 2**30,
+    policy: RetryPolicy | None = None,
+    sleep: Callable[[float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PublishResult:
+    """Publish the dataset folder ``path`` to the Hub dataset ``repo_id`` as version ``vN``.
+
+    Args:
+        path: a local dataset folder (it must pass ``verify``).
+        repo_id: org/name.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: write token; default HF_TOKEN or the HF login.
+        version: publish as ``v{version}``; default the next free integer.
+        license: license of the card's metadata (default apache-2.0).
+        files_per_commit, bytes_per_commit: split the upload into commits of at most this many
+            files / bytes, so an interrupted upload loses at most one commit's worth.
+        policy, sleep: retry waits (tests pass a recording ``sleep``).
+        log: progress lines.
+
+    Returns:
+        what was done; ``result.load_line`` is the line consumers copy.
+    """
+    from pipeline.card import LICENSE, card_facts, render_card
+    from pipeline.verify import verify_folder
+
+    say = log if log is not None else (lambda line: None)
+    check_repo_id(repo_id)
+    if files_per_commit < 1 or bytes_per_commit < 1:
+        raise HubError("files_per_commit and bytes_per_commit must be positive")
+    if version is not None and (not isinstance(version, int) or version < 1):
+        raise HubError(f"version {version!r} must be a positive integer (published as vN)")
+    root = Path(str(path)).expanduser()
+    if "://" in str(path) or not root.is_dir():
+        raise HubError(
+            f"{path} is not a local folder: publish reads a local dataset folder (copy a remote "
+            "one locally first)"
+        )
+    secret = resolve_token(token, repo_id)
+
+    report = verify_folder(str(root))
+    if not report.ok:
+        first = report.problems[0]
+        raise HubError(
+            f"refusing to publish {path}: verify found {len(report.problems)} problem(s), e.g. "
+            f"{first}; run `tsdfm-pipeline verify {path}` for all of them and fix or rebuild"
+        )
+    manifest = Manifest.load(str(root))
+    files = content_files(root, manifest)
+    cid = content_id(files)
+    hub = Hub(repo_id, secret, policy, sleep, say)
+
+    hub.call(
+        f"creating dataset repo {repo_id}",
+        hub.api.create_repo,
+        repo_id,
+        repo_type=REPO_TYPE,
+        private=private,
+        exist_ok=True,
+    )
+    refs = hub.refs()
+    tags = {t.name: t.target_commit for t in refs.tags}
+    versions = sorted((parse_version(n), n) for n in tags if parse_version(n) is not None)
+    for _, name in reversed(versions):
+        if same_content(files, hub.tree(tags[name])):
+            if version is not None and name != f"v{version}":
+                say(f"note: this content is already published as {name}; not tagging v{version}")
+            say(f"{repo_id}: this content is already published as {name}; nothing to do")
+            return PublishResult(repo_id, name, tags[name], already_published=True)
+    if version is not None:
+        tag = f"v{version}"
+        if tag in tags:
+            raise HubError(
+                f"tag {tag} already exists on {repo_id} with different content; tags are "
+                "immutable: publish without --version to get the next free one"
+            )
+    else:
+        tag = f"v{(versions[-1][0] if versions else 0) + 1}"
+    facts = card_facts(str(root))
+    card = render_card(facts, repo_id, tag, license or LICENSE).encode()
+    upload = [*files, LocalFile.from_bytes(CARD_FILE, card)]
+
+    main_head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+    uploaded: list[str] = []
+    pr_num: int | None = None
+    if main_head is not None and same_content(files, hub.tree(main_head)):
+        say(f"main already holds this content (an earlier run merged it); tagging it {tag}")
+        commit = main_head
+    else:
+        pr_num, uploaded = _upload_via_pr(
+            hub, upload, cid, manifest, files_per_commit, bytes_per_commit, say
+        )
+        hub.call(
+            f"merging pull request #{pr_num}",
+            hub.api.merge_pull_request,
+            repo_id,
+            pr_num,
+            repo_type=REPO_TYPE,
+            comment=f"Upload complete and checked ({len(upload)} files); merged by tsdfm-pipeline.",
+        )
+        say(f"merged pull request #{pr_num}")
+        refs = hub.refs()
+        commit = next(b.target_commit for b in refs.branches if b.name == "main")
+        if not same_content(files, hub.tree(commit)):
+            raise HubError(
+                f"main of {repo_id} does not hold the merged content (someone committed at the "
+                "same time?); rerun the same command"
+            )
+    tag = _create_tag(hub, tag, commit, version is not None, manifest.fingerprint, say)
+    say(f"tagged {commit[:12]} as {tag}")
+    return PublishResult(repo_id, tag, commit, pr_num, uploaded)
+
+
+def _upload_via_pr(
+    hub: Hub,
+    upload: list[LocalFile],
+    cid: str,
+    manifest: Manifest,
+    files_per_commit: int,
+    bytes_per_commit: int,
+    say: Callable[[str], None],
+) -> tuple[int, list[str]]:
+    """Open (or resume) the PR of this content and upload what it lacks; (PR number, paths)."""
+    from huggingface_hub import CommitOperationDelete
+
+    repo_id = hub.repo_id
+    marker = f"[tsdfm {cid[:16]}]"
+    open_prs = hub.call(
+        "listing open pull requests",
+        lambda: list(
+            hub.api.get_repo_discussions(
+                repo_id,
+                discussion_type="pull_request",
+                discussion_status="open",
+                repo_type=REPO_TYPE,
+            )
+        ),
+    )
+    pr = next((d for d in open_prs if marker in d.title), None)
+    if pr is None:
+        short = manifest.fingerprint.removeprefix("sha256:")[:12]
+        title = f"Publish tsdfm dataset {short} {marker}"
+        totals = manifest.totals()
+        description = (
+            f"Trajectory dataset {manifest.fingerprint}: {totals['shards']} shards, "
+            f"{totals['rows']} rows, {totals['bytes']} bytes. Opened by `tsdfm-pipeline "
+            "publish`; merged once every file is uploaded."
+        )
+        pr = hub.call(
+            "opening a pull request",
+            hub.api.create_pull_request,
+            repo_id,
+            title,
+            description=description,
+            repo_type=REPO_TYPE,
+        )
+        say(f"opened pull request #{pr.num}")
+    else:
+        say(f"resuming pull request #{pr.num}")
+    ref = f"refs/pr/{pr.num}"
+    remote = hub.tree(ref)
+    todo = [f for f in upload if not f.matches(remote.get(f.path))]
+    wanted = {f.path for f in upload}
+    stale = sorted(p for p in remote if p.startswith(f"{DATA_DIR}/") and p not in wanted)
+    if len(todo) < len(upload):
+        say(f"{len(upload) - len(todo)} file(s) already on {ref}; uploading {len(todo)}")
+    shards = [f for f in todo if f.path.startswith(f"{DATA_DIR}/")]
+    last = [f for f in todo if not f.path.startswith(f"{DATA_DIR}/")]
+    batches = _batches(shards, files_per_commit, bytes_per_commit)
+    if last or stale:
+        batches.append(last)
+    uploaded: list[str] = []
+    for n, batch in enumerate(batches, start=1):
+        deletes = stale if n == len(batches) else []
+        names = [f.path for f in batch]
+
+        def commit(batch=batch, deletes=deletes):
+            ops = [f.operation() for f in batch]
+            ops += [CommitOperationDelete(path_in_repo=p) for p in deletes]
+            return hub.api.create_commit(
+                repo_id,
+                ops,
+                commit_message=f"Add {len(batch)} file(s)"
+                + (f", remove {len(deletes)} stale" if deletes else ""),
+                revision=ref,
+                repo_type=REPO_TYPE,
+            )
+
+        hub.call(f"uploading commit {n}/{len(batches)} to {ref}", commit)
+        uploaded += names
+        say(f"uploaded {len(names)} file(s) to {ref} ({n}/{len(batches)})")
+    final = hub.tree(ref)
+    wrong = [f.path for f in upload if not f.matches(final.get(f.path))]
+    extra = [p for p in final if p.startswith(f"{DATA_DIR}/") and p not in wanted]
+    if wrong or extra:
+        raise HubError(
+            f"pull request #{pr.num} does not hold the folder after the upload (differs: "
+            f"{(wrong + extra)[:3]}); rerun the same command to finish it"
+        )
+    return pr.num, uploaded
+
+
+def _create_tag(
+    hub: Hub, tag: str, commit: str, explicit: bool, fingerprint: str, say: Callable[[str], None]
+) -> str:
+    """Tag ``commit``; on a race for the tag name, take the next free one (unless explicit)."""
+    for _ in range(20):
+        try:
+            hub.call(
+                f"creating tag {tag}",
+                hub.api.create_tag,
+                hub.repo_id,
+                tag=tag,
+                revision=commit,
+                tag_message=f"tsdfm dataset {fingerprint}",
+                repo_type=REPO_TYPE,
+            )
+            return tag
+        except HubError as e:
+            if e.status != 409:
+                raise
+        tags = {t.name: t.target_commit for t in hub.refs().tags}
+        if tags.get(tag) == commit:
+            return tag
+        if explicit:
+            raise HubError(
+                f"tag {tag} was just created on {hub.repo_id} for another commit; tags are "
+                "immutable: publish without --version"
+            )
+        taken = [v for v in (parse_version(n) for n in tags) if v is not None]
+        say(f"tag {tag} was taken meanwhile; trying the next version")
+        tag = f"v{max(taken, default=0) + 1}"
+    raise HubError(f"could not find a free version tag on {hub.repo_id}; retry later")

@@ -1,0 +1,131 @@
+"""``tsdfm-pipeline publish`` and ``verify``: registered on the main typer app by pipeline.cli."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EXIT_VERIFY_FAILED = 1
+
+
+def _stderr(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def register(app: typer.Typer, user_errors) -> None:
+    """Add the publish and verify commands to ``app``."""
+
+    @app.command("publish")
+    @user_errors
+    def publish_cmd(
+        path: Annotated[Path, typer.Argument(help="Dataset folder (it must pass verify).")],
+        repo: Annotated[str, typer.Option(help="Hub dataset repo, org/name.")],
+        private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+        version: Annotated[
+            int | None,
+            typer.Option(help="Publish as vN with this N; default: the next free version."),
+        ] = None,
+        license: Annotated[
+            str | None, typer.Option(help="License id for the card; default apache-2.0.")
+        ] = None,
+        files_per_commit: Annotated[
+            int, typer.Option(help="Shards per commit (a rerun resumes after the last one).")
+        ] = 50,
+    ) -> None:
+        """Upload a verified dataset to a Hub pull request, merge it, and tag it vN.
+
+        The token comes from HF_TOKEN or `hf auth login`. Rerun the same command to finish an
+        interrupted upload; publishing content that is already tagged changes nothing.
+        """
+        from pipeline.hub import publish
+
+        result = publish(
+            str(path),
+            repo,
+            private=private,
+            version=version,
+            license=license,
+            files_per_commit=files_per_commit,
+            log=_stderr,
+        )
+        _report_published(result)
+
+    @app.command("verify")
+    @user_errors
+    def verify_cmd(
+        target: Annotated[
+            str, typer.Argument(help="Dataset folder, fsspec URL, or Hub org/name[@rev].")
+        ],
+        replay: Annotated[
+            int, typer.Option(help="Rebuild this many shards (chosen at random) and compare bytes.")
+        ] = 0,
+        replay_shard: Annotated[
+            list[int] | None,
+            typer.Option("--replay-shard", help="Rebuild this shard and compare (repeatable)."),
+        ] = None,
+        seed: Annotated[int, typer.Option(help="Seed of the random choice of shards.")] = 0,
+        device: Annotated[str, typer.Option(help="Device of the replay: cpu or cuda.")] = "cpu",
+        teacher: Annotated[
+            str | None, typer.Option(help="Teacher to replay with, if the recorded one moved.")
+        ] = None,
+        compass: Annotated[
+            str | None, typer.Option(help="Compass to replay with, if the recorded one moved.")
+        ] = None,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+        ] = None,
+    ) -> None:
+        """Check a dataset: checksums, schema, provenance, card, per-row invariants, replay.
+
+        Exits 1 and lists every problem found when the dataset fails.
+        """
+        from pipeline.verify import verify
+
+        report = verify(
+            target,
+            replay,
+            replay_shard,
+            seed=seed,
+            device=device,
+            teacher=teacher,
+            compass=compass,
+        )
+        typer.echo(report.format())
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            body = {
+                "target": report.target,
+                "ok": report.ok,
+                "problems": [{"where": p.where, "what": p.what} for p in report.problems],
+                "notes": report.notes,
+                "shards_checked": report.shards_checked,
+                "rows_checked": report.rows_checked,
+                "replayed": report.replayed,
+            }
+            json_out.write_text(json.dumps(body, indent=2) + "\n")
+        if not report.ok:
+            raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+def _report_published(result) -> None:
+    if result.already_published:
+        typer.echo(f"{result.repo_id}: already published as {result.version}")
+    else:
+        typer.echo(
+            f"published {result.repo_id} {result.version} (commit {result.commit[:12]}, "
+            f"pull request #{result.pull_request}, {len(result.uploaded)} file(s) uploaded)"
+            if result.pull_request is not None
+            else f"published {result.repo_id} {result.version} (commit {result.commit[:12]})"
+        )
+    typer.echo("from datasets import load_dataset")
+    typer.echo(f"ds = {result.load_line}")
+
+
+def push_after_build(out: str, repo_id: str, private: bool) -> None:
+    """``build --push-to-hub``: publish the finished build folder."""
+    from pipeline.hub import publish
+
+    _report_published(publish(out, repo_id, private=private, log=_stderr))
