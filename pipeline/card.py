@@ -24,6 +24,7 @@ import datetime as _dt
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -160,8 +161,6 @@ def teacher_facts(teacher: str) -> ModelFacts | None:
     A local checkpoint directory is read; a Hub id is looked up in the local Hub cache only
     (never downloaded here). None when neither works.
     """
-    from pathlib import Path
-
     from models.flow_model import ModelConfig
 
     path = Path(str(teacher)).expanduser() / "config.json"
@@ -342,8 +341,12 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
 def _is_hub_id(spec: Any) -> bool:
-    return isinstance(spec, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", spec)
+    """A Hub id (org/name[@rev]) rather than a local path."""
+    return isinstance(spec, str) and bool(_HUB_ID.fullmatch(spec)) and not Path(spec).exists()
 
 
 def pretty_name(manifest: dict[str, Any]) -> str:

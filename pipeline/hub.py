@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import TsdfmError
+from pipeline.card import CARD_FILE
 from pipeline.manifest import MANIFEST_FILE, Manifest
 from pipeline.shards import DATA_DIR, shard_name
 
 REPO_TYPE = "dataset"
-CARD_FILE = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 _CHUNK = 2**20

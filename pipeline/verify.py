@@ -729,7 +729,7 @@ def _check_rows(
             rows.check(((sl == 0) & (chosen != 0)).any(1), "chosen = 0 where not shaped")
 
     # states: S+1 rows of L token ids
-    _check_states(col["states"], B, S, vocab, rows, report, name)
+    _check_states(col["states"], B, S, vocab, rows, report)
 
     if 0 < col["text"].null_count < B:
         rows.check(_np(col["text"].is_null()), "text is present in every row or in none")
@@ -742,8 +742,9 @@ def _check_states(
     vocab: _Vocab,
     rows: _Rows,
     report: VerifyReport,
-    name: str,
 ) -> None:
+    """S+1 states of L tokens; token ranges; under the mask source, reveal-once and no mask
+    left at t = 1."""
     ol = _lengths(states)
     rows.check(ol != S + 1, f"states has S+1 = {S + 1} rows")
     if not (ol == S + 1).all():

@@ -129,6 +129,13 @@ def test_prose_has_provenance_statistics_schema_and_snippets(tiny_shaped_dataset
     assert "| `states` | `list<list<int32>>` |" in body
 
 
+def test_distill_snippet_names_a_hub_teacher(tiny_blind_dataset):
+    facts = card_facts(str(tiny_blind_dataset))
+    facts.manifest["plan"]["config"]["teacher"] = "some-org/teacher@v2"
+    text = render_card(facts, "a/b", "v1")
+    assert "tsdfm-pipeline distill --data a/b@v1 --init some-org/teacher@v2 --out DIR" in text
+
+
 def test_blind_card_says_blind(tiny_blind_dataset):
     text = (tiny_blind_dataset / "README.md").read_text()
     assert "blind baseline (K = 1)" in text
