@@ -82,8 +82,11 @@ def register(app: typer.Typer, user_errors) -> None:
 
         Exits 1 and lists every problem found when the dataset fails.
         """
+        from models.errors import ConfigError
         from pipeline.verify import verify
 
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
         report = verify(
             target,
             replay,
