@@ -78,18 +78,28 @@ class ShardActor:
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at ``address`` or start a local one (reuse one already running)."""
+    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start a fresh local one.
+
+    Without an address a new local cluster always starts: ``ray.init()`` alone would attach to
+    whatever cluster this machine ran last (``/tmp/ray/ray_current_cluster``), and wait for
+    minutes when that one is gone. ``--address auto`` asks for exactly that behaviour.
+    """
+    import os
+
     import ray
 
     if ray.is_initialized():
         return
-    if address and address != "auto":
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address not in ("auto", "local"):
         _probe(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
         else:
-            ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
+            ray.init(
+                address="local", num_cpus=num_cpus, log_to_driver=False, include_dashboard=False
+            )
     except (ConnectionError, ValueError, RuntimeError) as e:
         where = address or "a local cluster"
         raise BuildError(

@@ -83,6 +83,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to another cluster running on this machine
             num_cpus=2,
             num_gpus=2,
             include_dashboard=False,

@@ -1,0 +1,232 @@
+"""``tsdfm-pipeline demo``: the whole loop on the bundled teacher and compass, on a laptop CPU.
+
+1. build a blind (K = 1) and a shaped (K = 8) trajectory dataset on a local Ray cluster;
+2. verify both (checksums, schema, provenance, per-row invariants);
+3. distil a student briefly from each, with the same budget;
+4. evaluate the teacher (1,024 and 8 steps) and both students (8 steps) under the exact
+   likelihood of the synthetic language, beside the samples' unigram entropy and real data.
+
+Every stage is resumable (rerun the command: committed shards and finished students are
+kept). The settings are small so that the loop finishes in minutes on 2 cores; they show the
+machinery, not the size of the shaping effect (see docs/results/ for the measured benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from models.checkpoint import bundled_path, load_checkpoint
+from models.errors import DataError
+
+DEFAULT_OUT = "tsdfm-out/demo"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo.
+
+    Args:
+        shards, trajectories_per_shard: plan of each dataset.
+        student_steps, teacher_steps, candidates: S, N and K of the shaped build.
+        distill_steps, distill_batch: the students' (equal) training budget.
+        eval_samples: samples per evaluated arm.
+        seed: seed of the datasets, the students' data order and the evaluation.
+    """
+
+    shards: int = 2
+    trajectories_per_shard: int = 48
+    student_steps: int = 8
+    teacher_steps: int = 1024
+    candidates: int = 8
+    distill_steps: int = 150
+    distill_batch: int = 64
+    eval_samples: int = 500
+    seed: int = 0
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    rows: list[dict] = field(default_factory=list)
+    datasets: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+Log = Callable[[str], None]
+
+
+def _build(cfg: DemoConfig, root: Path, compass: str | None, k: int, log: Log) -> dict:
+    from pipeline.build import run_build
+    from pipeline.card import statistics
+    from pipeline.config import BuildConfig
+    from pipeline.manifest import Manifest
+    from pipeline.navigator import NavigatorConfig
+
+    nav = NavigatorConfig(cfg.student_steps, cfg.teacher_steps, k)
+    build_cfg = BuildConfig(
+        teacher=str(bundled_path("teacher")),
+        compass=compass,
+        shards=cfg.shards,
+        trajectories_per_shard=cfg.trajectories_per_shard,
+        batch_size=cfg.trajectories_per_shard,
+        navigator=nav,
+        seed=cfg.seed,
+    )
+    t0 = time.perf_counter()
+    summary = run_build(build_cfg, str(root), device="cpu")
+    totals = summary.totals
+    gain = statistics(Manifest.load(str(root)).to_dict())["energy_gain"]
+    log(
+        f"  {root.name}: {totals['rows']} trajectories, {totals['bytes']:,} bytes, "
+        f"{len(summary.built)} shard(s) built, {len(summary.skipped)} kept "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
+    return {"root": str(root), "fingerprint": summary.fingerprint, "totals": totals, "gain": gain}
+
+
+def _verify(root: Path, log: Log) -> None:
+    from pipeline.verify import verify
+
+    report = verify(str(root))
+    if not report.ok:
+        raise DataError(f"demo dataset {root} failed verification:\n{report.format()}")
+    log(f"  {root.name}: OK ({report.rows_checked} rows checked)")
+
+
+def _distill(cfg: DemoConfig, data: Path, out: Path, log: Log) -> Path:
+    from models.train.distill import DistillConfig, train_student
+
+    t0 = time.perf_counter()
+    result = train_student(
+        DistillConfig(
+            data=str(data),
+            init=str(bundled_path("teacher")),
+            out=str(out),
+            steps=cfg.distill_steps,
+            batch_size=cfg.distill_batch,
+            warmup=min(100, cfg.distill_steps // 5),
+            eval_every=cfg.distill_steps,
+            checkpoint_every=cfg.distill_steps,
+            heldout_fraction=0.1,
+            heldout_trajectories=16,
+            streams=2,
+            num_workers=0,
+            seed=cfg.seed,
+            device="cpu",
+        ),
+        warn=lambda msg: log(f"  warning: {msg}"),
+    )
+    log(
+        f"  {out.name}: {result.steps} steps, final loss {result.final_loss:.3f} "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
+    return result.final_dir
+
+
+def _evaluate(spec: str, steps: tuple[int, ...], cfg: DemoConfig, label: str) -> list[dict]:
+    from models.eval.evaluate import EvalConfig, evaluate_checkpoint
+
+    ckpt = load_checkpoint(spec)
+    report = evaluate_checkpoint(ckpt, EvalConfig(steps, cfg.eval_samples, 250, cfg.seed))
+    rows = [
+        {
+            "arm": f"{label}, {arm['steps']} steps",
+            "steps": arm["steps"],
+            "gen_ppl": arm["gen_ppl"],
+            "entropy": arm["entropy_mean"],
+            "seconds_per_sample": arm["seconds_per_sample"],
+        }
+        for arm in report["arms"]
+    ]
+    real = report["real_data"]
+    rows.append(
+        {
+            "arm": "real data (the language itself)",
+            "steps": None,
+            "gen_ppl": real["gen_ppl"],
+            "entropy": real["entropy_mean"],
+            "seconds_per_sample": None,
+            "true_perplexity": report["true_perplexity"],
+        }
+    )
+    return rows
+
+
+def run_demo(out: str | Path = DEFAULT_OUT, cfg: DemoConfig | None = None, log: Log = print):
+    """Run the demo into ``out``; returns the results table (also written as JSON/Markdown)."""
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    compass = bundled_path("compass")
+    if not compass.is_dir():
+        raise DataError(f"the bundled compass is missing ({compass}); reinstall tsdfm-pipeline")
+    start = time.perf_counter()
+    result = DemoResult(out)
+
+    log(f"1/4 building datasets (S={cfg.student_steps}, N={cfg.teacher_steps}) in {out}")
+    result.datasets["blind"] = _build(cfg, out / "data-blind", None, 1, log)
+    result.datasets["shaped"] = _build(cfg, out / "data-shaped", str(compass), cfg.candidates, log)
+    log("2/4 verifying")
+    for name in ("blind", "shaped"):
+        _verify(out / f"data-{name}", log)
+    log(f"3/4 distilling one student from each ({cfg.distill_steps} steps each)")
+    students = {
+        name: _distill(cfg, out / f"data-{name}", out / f"student-{name}", log)
+        for name in ("blind", "shaped")
+    }
+    log(f"4/4 evaluating ({cfg.eval_samples} samples per arm, exact likelihood)")
+    teacher_rows = _evaluate(
+        str(bundled_path("teacher")), (cfg.teacher_steps, cfg.student_steps), cfg, "teacher"
+    )
+    result.rows = teacher_rows[:-1]
+    for name in ("blind", "shaped"):
+        result.rows += _evaluate(
+            str(students[name]), (cfg.student_steps,), cfg, f"student from {name} data"
+        )[:-1]
+    result.rows.append(teacher_rows[-1])
+    result.seconds = time.perf_counter() - start
+    (out / "results.json").write_text(
+        json.dumps(
+            {"config": asdict(cfg), "rows": result.rows, "datasets": result.datasets}, indent=2
+        )
+        + "\n"
+    )
+    (out / "results.md").write_text(format_results(result) + "\n")
+    return result
+
+
+def format_results(result: DemoResult) -> str:
+    """The results table in Markdown, with what each number means."""
+    lines = [
+        "| arm | steps | gen. perplexity | unigram entropy (nats) | s/sample |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result.rows:
+        sps = "" if r["seconds_per_sample"] is None else f"{r['seconds_per_sample']:.4f}"
+        steps = "" if r["steps"] is None else str(r["steps"])
+        lines.append(f"| {r['arm']} | {steps} | {r['gen_ppl']:.3f} | {r['entropy']:.3f} | {sps} |")
+    truth = result.rows[-1].get("true_perplexity")
+    gains = {k: v.get("gain") for k, v in result.datasets.items()}
+    lines += [
+        "",
+        "- gen. perplexity: exp of the mean negative log-likelihood per token of the samples "
+        "under the synthetic language itself (exact, not a model); lower is more coherent"
+        + (f"; the language's true perplexity is {truth:.3f}." if truth else "."),
+        "- unigram entropy: entropy of the token histogram within each sample, averaged; far "
+        "below real data's means repetitive samples (perplexity can be gamed that way).",
+        "- s/sample: sampling wall time per sequence on this machine.",
+        "- shaped data: at each of the S midpoints the teacher rolled out K candidates and the "
+        "compass kept the lowest-energy one"
+        + (
+            f" (chosen energy on average {gains['shaped']:.3f} below the candidates' mean)."
+            if gains.get("shaped") is not None
+            else "."
+        ),
+        "- the students here train for seconds on a few dozen trajectories: the demo shows the "
+        "loop; docs/results/ holds the measured benchmark.",
+    ]
+    return "\n".join(lines)
