@@ -85,9 +85,8 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 compass = str(bundled_path("compass"))
                 if not Path(compass).is_dir():
                     raise ConfigError(
-                        "this version ships no bundled compass yet; pass --compass CKPT "
-                        "(train one with `tsdfm-pipeline compass train`) or --k 1 for a blind "
-                        "dataset"
+                        f"the bundled compass is missing ({compass}); reinstall tsdfm-pipeline, "
+                        "pass --compass CKPT, or --k 1 for a blind dataset"
                     )
         nav = NavigatorConfig(student_steps, teacher_steps, k, tau, selection, temperature)
         cfg = BuildConfig(
