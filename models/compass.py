@@ -18,7 +18,6 @@ teacher's denoised guess of each state with a local causal language model.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -26,14 +25,18 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from models.backbone import Backbone, BackboneConfig
+from models.causal_lm import (
+    check_lm_directory,
+    document_tokens,
+    load_causal_lm,
+    sequence_nll,
+)
+from models.causal_lm import lm_identity as causal_lm_identity
 from models.checkpoint import (
-    PICKLE_SUFFIXES,
     Checkpoint,
     canonical_json,
-    identity,
     load_checkpoint,
     register_role,
 )
@@ -289,7 +292,8 @@ class CausalLMScorer:
 
         E(x_t, t) = −(1/T) Σ_{j=1..T} log p_LM(y_j | y_0, y_<j)
 
-    with y_0 the LM's BOS token (its EOS when it has none; an empty decoding is scored as the
+    with y_0 the token that starts a document for the LM (``models.causal_lm.document_tokens``:
+    ``<|endoftext|>`` when it has one, else BOS, else EOS; an empty decoding is scored as the
     single token y_1 = y_0). Everything is batched: one teacher
     forward and one LM forward per call (padding on the right, masked out of the mean).
 
@@ -313,14 +317,7 @@ class CausalLMScorer:
         lm_identity: str | None = None,
         name: str = "causal-lm",
     ):
-        start = lm_tokenizer.bos_token_id
-        if start is None:
-            start = lm_tokenizer.eos_token_id
-        if start is None:
-            raise ConfigError(
-                "the causal LM's tokenizer has neither a BOS nor an EOS token to start scoring "
-                "from; set bos_token in its tokenizer_config.json"
-            )
+        start, _ = document_tokens(lm_tokenizer)
         self.lm = lm.eval()
         self.lm_tokenizer = lm_tokenizer
         self.teacher = teacher.eval()
@@ -328,7 +325,7 @@ class CausalLMScorer:
         self.teacher_identity = teacher_identity
         self.start_id = int(start)
         self.max_len = getattr(lm.config, "max_position_embeddings", None)
-        self.lm_identity = lm_identity or _lm_identity(lm, lm_tokenizer)
+        self.lm_identity = lm_identity or causal_lm_identity(lm, lm_tokenizer)
         parts = {"scorer": "causal-lm", "lm": self.lm_identity, "teacher": teacher_identity}
         self.identity = "sha256:" + hashlib.sha256(canonical_json(parts)).hexdigest()
         self.name = name
@@ -339,32 +336,14 @@ class CausalLMScorer:
     ) -> CausalLMScorer:
         """A scorer from a local ``save_pretrained`` directory (safetensors only) and a teacher."""
         lm_dir = Path(lm_dir)
-        if str(lm_dir).endswith(PICKLE_SUFFIXES):
-            raise CheckpointError(
-                f"{lm_dir} is a pickle file; pass a directory saved with save_pretrained "
-                "(config.json + model.safetensors)"
-            )
-        if not (lm_dir / "config.json").is_file():
-            raise CheckpointError(
-                f"causal LM directory {lm_dir} not found or lacks config.json; pass a local "
-                "directory written by save_pretrained"
-            )
+        check_lm_directory(lm_dir)
         if teacher.config.role != "teacher":
             raise CheckpointError(
                 f"{teacher.spec} is a {teacher.config.role} checkpoint, but the causal-LM scorer "
                 "denoises with a teacher"
             )
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), use_safetensors=True)
-            tok = AutoTokenizer.from_pretrained(str(lm_dir))
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"could not load the causal LM in {lm_dir} ({first})") from None
-        lm.to(device)
+        loaded = load_causal_lm(lm_dir, device)
+        lm, tok = loaded.model, loaded.tokenizer
         return CausalLMScorer(lm, tok, teacher.model, teacher.tokenizer, teacher.identity)
 
     @torch.no_grad()
@@ -385,24 +364,7 @@ class CausalLMScorer:
         texts = self.teacher_tokenizer.decode_batch(x_hat.tolist(), skip_special_tokens=True)
         encoded = self.lm_tokenizer(texts, add_special_tokens=False)["input_ids"]
         limit = None if self.max_len is None else self.max_len - 1
-        seqs = [torch.tensor([self.start_id, *(y[:limit] or [self.start_id])]) for y in encoded]
-        lengths = torch.tensor([len(s) for s in seqs])
-        ids = pad_sequence(seqs, batch_first=True, padding_value=self.start_id).to(device)
-        attn = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long().to(device)
+        seqs = [[self.start_id, *(y[:limit] or [self.start_id])] for y in encoded]
         _follow_device(self.lm, device)
-        logits = self.lm(input_ids=ids, attention_mask=attn).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        w = attn[:, 1:].float()
-        return ((nll * w).sum(1) / w.sum(1)).float()
-
-
-def _lm_identity(lm: Any, tokenizer: Any) -> str:
-    """sha256 of the LM's config and weights (as for checkpoints) plus its tokenizer."""
-    config = json.loads(lm.config.to_json_string(use_diff=False))
-    weights = identity(config, lm.state_dict())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    tok_text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab())
-    h = hashlib.sha256(weights.encode())
-    h.update(tok_text.encode())
-    return "sha256:" + h.hexdigest()
+        nll, counts = sequence_nll(self.lm, seqs, device, pad_id=self.start_id)
+        return (nll / counts).float().to(device)

@@ -16,6 +16,7 @@ import typer
 
 from pipeline.build_cli import register as register_build_commands
 from pipeline.hub_cli import register as register_hub_commands
+from pipeline.lm_cli import register as register_lm_commands
 from pipeline.train_cli import register as register_train_commands
 
 app = typer.Typer(
@@ -99,11 +100,26 @@ def eval_cmd(
             help="Checkpoint dir or org/name[@rev]; default: the bundled tiny teacher.",
         ),
     ] = None,
+    evaluator: Annotated[
+        str | None,
+        typer.Option(
+            help="exact (default for synthetic-language checkpoints), lm:DIR (an LM from "
+            "`lm train`), hf:DIR[::FILE.gguf] (any local transformers causal LM), "
+            "smollm2[:CACHE_DIR|:nocache]. Text checkpoints need one of the LMs.",
+        ),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Held-out text (.txt file or folder) for the real-data row (text only)."),
+    ] = None,
     steps: Annotated[
         list[int] | None, typer.Option("--steps", help="Step counts (repeatable).")
     ] = None,
     samples: Annotated[int, typer.Option(help="Samples per step count.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Samples per batched rollout.")] = 250,
+    score_batch_size: Annotated[
+        int, typer.Option(help="Sequences per evaluator LM forward pass.")
+    ] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the samples.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 or bf16 (CUDA only)")] = "fp32",
@@ -111,17 +127,26 @@ def eval_cmd(
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
 ) -> None:
-    """Sample unconditionally and report generative perplexity, entropy, NFE and speed."""
+    """Sample unconditionally; report generative perplexity, entropy, distinct-n, NFE, speed."""
     from rich.console import Console
     from rich.table import Table
 
     from models.checkpoint import load_checkpoint
-    from models.eval.evaluate import TABLE_HEADER, EvalConfig, evaluate_checkpoint, format_table
+    from models.eval.evaluate import (
+        EvalConfig,
+        evaluate_checkpoint,
+        format_table,
+        reference_windows,
+        table_header,
+    )
+    from models.eval.evaluators import evaluator_for
 
     cfg = EvalConfig(tuple(steps or (1024, 8)), samples, batch_size, seed)
     _check_device(device)
     ckpt = load_checkpoint(model or _default_teacher(), device, role=("teacher", "student"))
     ckpt.model.set_precision(precision)
+    scorer = evaluator_for(evaluator, ckpt, device, score_batch_size)
+    real = None if reference is None else reference_windows(reference, ckpt, samples, seed)
     with _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -130,12 +155,14 @@ def eval_cmd(
                 tasks[label] = bar.add_task(f"sampling {label}", total=total, info="")
             bar.update(tasks[label], completed=done)
 
-        result = evaluate_checkpoint(ckpt, cfg, device, report)
-    table = Table(
-        title=f"{ckpt.config.role} {ckpt.identity[:19]} — evaluator: exact likelihood "
-        f"(true PPL {result['true_perplexity']:.3f})"
-    )
-    for col in TABLE_HEADER:
+        result = evaluate_checkpoint(ckpt, cfg, device, report, scorer, real)
+    info = result["evaluator_info"]
+    if result["true_perplexity"] is not None:
+        judge = f"exact likelihood (true PPL {result['true_perplexity']:.3f})"
+    else:
+        judge = f"{info['name']} {info['identity'][:19]}, PPL over {info['tokens']} tokens"
+    table = Table(title=f"{ckpt.config.role} {ckpt.identity[:19]} — evaluator: {judge}")
+    for col in table_header(result):
         table.add_column(col)
     for row in format_table(result):
         table.add_row(*row)
@@ -482,6 +509,7 @@ def demo(
 register_build_commands(app, user_errors, _progress, _default_teacher)
 register_hub_commands(app, user_errors)  # publish, verify
 register_train_commands(app, user_errors, _progress, _default_teacher)  # distill, sample
+register_lm_commands(app, user_errors, _progress, _check_device)  # lm train
 
 
 def main() -> None:

@@ -1,9 +1,12 @@
 """``tsdfm-pipeline eval``: unconditional samples at several step counts, scored by an evaluator.
 
-For each step count the report holds the token-weighted generative perplexity, the mean and sd of
-per-sample unigram entropy, NFE (steps, and per-sequence forward passes actually run), and
-seconds per sample; the same figures (but speed) for real data where the evaluator has a
-data sampler; and, for the synthetic language, the true perplexity exp(H/L).
+For each step count the report holds the token-weighted generative perplexity under the chosen
+evaluator (``models.eval.evaluators``; which tokens weight it is in ``evaluator_info.tokens``),
+the mean and sd of per-sample unigram entropy (nats, over the generator's L tokens), distinct-n
+for n = 1..4 (per-sample mean and over the whole set, generator tokens), NFE (steps, and
+per-sequence forward passes actually run) and seconds per sample; the same figures (but speed)
+for real data: fresh sequences of the synthetic language, or windows of a reference text for a
+text checkpoint; and, for the synthetic language, the true perplexity exp(H/L).
 """
 
 from __future__ import annotations
@@ -12,14 +15,33 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from models.checkpoint import Checkpoint
-from models.errors import ConfigError
-from models.eval.metrics import ExactEvaluator, generative_perplexity, unigram_entropy
+from models.errors import ConfigError, DataError
+from models.eval.metrics import (
+    Evaluator,
+    ExactEvaluator,
+    distinct_n,
+    generative_perplexity,
+    unigram_entropy,
+)
+from models.eval.sampling import decode as decode_samples
 from models.solver import Counters, sample
-from models.train.teacher import load_language
+
+DISTINCT_ORDERS = (1, 2, 3, 4)
+METRICS = {
+    "gen_ppl": "exp(sum of NLL / sum of counted tokens) over all samples (token-weighted)",
+    "tokens_scored": "tokens counted in gen_ppl (evaluator_info.tokens says whose tokens)",
+    "entropy_mean": "mean per-sample unigram entropy (nats) of the generator's L tokens",
+    "distinct": "mean per-sample fraction of unique n-grams of generator tokens, n = 1..4",
+    "distinct_set": "fraction of unique n-grams over all samples together, n = 1..4",
+    "nfe": "sampler steps (network evaluations per sequence without caching)",
+    "forwards_per_sample": "per-sequence forward passes actually run",
+    "seconds_per_sample": "sampler wall time / samples (scoring excluded)",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,7 @@ class EvalConfig:
 
 @dataclass
 class ArmResult:
-    """Figures for one way of producing sequences."""
+    """Figures for one way of producing sequences (see ``METRICS``)."""
 
     name: str
     steps: int | None
@@ -58,13 +80,44 @@ class ArmResult:
     nfe: int | None = None
     forwards_per_sample: float | None = None
     seconds_per_sample: float | None = None
+    tokens_scored: int = 0
+    distinct: dict[str, float] = field(default_factory=dict)
+    distinct_set: dict[str, float] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
 
 
-def _describe(name, steps, x, evaluator, vocab, counters=None, seconds=None, decode=None):
+def describe_samples(
+    name: str,
+    x: torch.Tensor,
+    evaluator: Evaluator,
+    vocab_size: int,
+    *,
+    steps: int | None = None,
+    row_forwards: int | None = None,
+    seconds: float | None = None,
+    decode: Callable[[torch.Tensor], list[str] | None] | None = None,
+) -> ArmResult:
+    """Score a set of samples (any sampler: teacher, student, best-of-K) into an ArmResult.
+
+    Args:
+        name: label of the arm.
+        x: (n, L) int64 final sequences x_1.
+        evaluator: an evaluator already bound to the generator (``evaluator.bind(ckpt)``).
+        vocab_size: ids lie in [0, vocab_size) (the generator's input vocabulary).
+        steps: sampler steps (NFE), None for real data.
+        row_forwards: per-sequence forward passes the sampler ran, if counted.
+        seconds: sampler wall time, if measured.
+        decode: rows → texts for the three examples kept in the report.
+    """
     nll, n_tok = evaluator.nll(x)
-    ent = unigram_entropy(x, vocab)
-    n = x.shape[0]
+    ent = unigram_entropy(x, vocab_size)
+    n, L = x.shape
+    per, whole = {}, {}
+    for order in DISTINCT_ORDERS:
+        if order <= L:
+            d, d_set = distinct_n(x, order)
+            per[str(order)], whole[str(order)] = float(d.mean()), d_set
+    texts = decode(x[:3]) if decode is not None else None
     return ArmResult(
         name=name,
         steps=steps,
@@ -73,10 +126,33 @@ def _describe(name, steps, x, evaluator, vocab, counters=None, seconds=None, dec
         entropy_mean=float(ent.mean()),
         entropy_sd=float(ent.std()) if n > 1 else 0.0,
         nfe=steps,
-        forwards_per_sample=None if counters is None else counters.row_forwards / n,
+        forwards_per_sample=None if row_forwards is None else row_forwards / n,
         seconds_per_sample=None if seconds is None else seconds / n,
-        examples=[decode(row) for row in x[:3]] if decode else [],
+        tokens_scored=int(n_tok.sum()),
+        distinct=per,
+        distinct_set=whole,
+        examples=texts or [],
     )
+
+
+def reference_windows(path: str | Path, ckpt: Checkpoint, samples: int, seed: int) -> torch.Tensor:
+    """Real-data rows for a text checkpoint: ``samples`` windows of L tokens of the text at
+    ``path`` (a .txt file or a folder of them), cut with the checkpoint's own tokenizer exactly
+    as its training corpus was, chosen by a permutation seeded with ``seed + 1``. Use held-out
+    text: the figures are those of the data the samples should look like."""
+    from models.data.corpus import CorpusConfig, TokenizedCorpus
+
+    mc = ckpt.config
+    if mc.data.get("kind") == "synthetic":
+        raise ConfigError(
+            f"{ckpt.spec} is a synthetic-language checkpoint; its real data is the language "
+            "itself, so drop --reference"
+        )
+    if ckpt.tokenizer is None:
+        raise ConfigError(f"{ckpt.spec} has no tokenizer to cut reference text with")
+    corpus = TokenizedCorpus.from_path(path, ckpt.tokenizer, CorpusConfig(seq_len=mc.seq_len))
+    perm = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed + 1))
+    return corpus.windows[perm[:samples].sort().values]
 
 
 @torch.no_grad()
@@ -85,24 +161,42 @@ def evaluate_checkpoint(
     cfg: EvalConfig,
     device: str = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    evaluator: Evaluator | None = None,
+    reference: torch.Tensor | None = None,
 ) -> dict:
-    """Evaluate a teacher or student checkpoint trained on the synthetic language.
+    """Sample a teacher or student at each of ``cfg.steps`` and score the samples.
 
-    Returns a JSON-able report (see module docstring).
+    Args:
+        ckpt: the generator.
+        cfg: step counts, samples, seed.
+        device: where to sample.
+        progress: called as progress(label, done, total) after each batch.
+        evaluator: loaded once with ``models.eval.evaluators.load_evaluator`` (bound to
+            ``ckpt`` here); None is the exact likelihood, which only synthetic checkpoints have.
+        reference: (n, L) real-data rows of a text checkpoint (:func:`reference_windows`); the
+            synthetic language draws its own.
+
+    Returns:
+        A JSON-able report (see the module docstring).
     """
     mc = ckpt.config
-    if mc.data.get("kind") != "synthetic":
-        raise ConfigError(
-            f"{ckpt.spec} was trained on {mc.data.get('kind', 'unknown')} data; this version of "
-            "eval scores the synthetic language's exact likelihood only"
+    evaluator = (evaluator if evaluator is not None else ExactEvaluator()).bind(ckpt)
+    synthetic = mc.data.get("kind") == "synthetic"
+    language = None
+    if synthetic:
+        from models.train.teacher import load_language
+
+        language = load_language(ckpt.directory, mc.data)
+    elif reference is not None and (reference.dim() != 2 or reference.shape[1] != mc.seq_len):
+        raise DataError(
+            f"reference rows must have shape (n, {mc.seq_len}), got {tuple(reference.shape)}"
         )
-    language = load_language(ckpt.directory, mc.data)
-    evaluator = ExactEvaluator(language)
     model = ckpt.model.to(device).eval()
     path = mc.path()
+    vocab = mc.input_vocab
 
-    def decode(row):
-        return language.decode(row, mc.mask_token_id)
+    def decode(rows: torch.Tensor) -> list[str] | None:
+        return decode_samples(ckpt, rows)
 
     arms = []
     for steps in cfg.steps:
@@ -117,37 +211,44 @@ def evaluate_checkpoint(
             xs.append(res.x_1.cpu())
             if progress:
                 progress(f"{steps} steps", start + n, cfg.samples)
-        x = torch.cat(xs)
         arms.append(
-            _describe(
+            describe_samples(
                 f"{mc.role} {steps} steps",
-                steps,
-                x,
+                torch.cat(xs),
                 evaluator,
-                mc.vocab_size,
-                counters,
-                seconds,
-                decode,
+                vocab,
+                steps=steps,
+                row_forwards=counters.row_forwards,
+                seconds=seconds,
+                decode=decode,
             )
         )
-    real = language.sample(cfg.samples, torch.Generator().manual_seed(cfg.seed + 1))
-    reference = _describe("real data", None, real, evaluator, mc.vocab_size, decode=decode)
+    if language is not None:
+        reference = language.sample(cfg.samples, torch.Generator().manual_seed(cfg.seed + 1))
+    real = (
+        None
+        if reference is None
+        else asdict(describe_samples("real data", reference.cpu(), evaluator, vocab, decode=decode))
+    )
     return {
         "model": {
             "spec": ckpt.spec,
             "identity": ckpt.identity,
             "role": mc.role,
             "source": mc.source,
+            "data": mc.data.get("kind"),
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "evaluator": evaluator.name,
-        "true_perplexity": language.perplexity(),
-        "true_entropy_per_token": language.entropy_per_token(),
+        "evaluator_info": evaluator.describe(),
+        "true_perplexity": None if language is None else language.perplexity(),
+        "true_entropy_per_token": None if language is None else language.entropy_per_token(),
         "config": asdict(cfg),
         "sampler": "ancestral jump rule, float64 inverse-CDF draws, no temperature, no nucleus",
+        "metrics": METRICS,
         "device": _device_info(device),
         "arms": [asdict(a) for a in arms],
-        "real_data": asdict(reference),
+        "real_data": real,
     }
 
 
@@ -164,31 +265,42 @@ def _device_info(device: str) -> dict:
     return info
 
 
+def table_header(report: dict) -> list[str]:
+    """Columns of :func:`format_table` (no ratio to the truth without a true perplexity)."""
+    head = ["arm", "steps (NFE)", "gen-PPL"]
+    if report.get("true_perplexity") is not None:
+        head.append("× true PPL")
+    return [
+        *head,
+        "unigram entropy (nats)",
+        "distinct-1/2/3/4",
+        "forwards/sample",
+        "s/sample",
+    ]
+
+
 def format_table(report: dict) -> list[list[str]]:
-    """Rows of the eval table: arm, steps, gen-PPL, ratio to truth, entropy, NFE, s/sample."""
-    truth = report["true_perplexity"]
+    """Rows of the eval table (columns: :func:`table_header`)."""
+    truth = report.get("true_perplexity")
     rows = []
-    for arm in [*report["arms"], report["real_data"]]:
-        rows.append(
-            [
-                arm["name"],
-                "-" if arm["steps"] is None else str(arm["steps"]),
-                f"{arm['gen_ppl']:.3f}",
-                f"{arm['gen_ppl'] / truth:.3f}",
-                f"{arm['entropy_mean']:.3f} ± {arm['entropy_sd']:.3f}",
-                "-" if arm["forwards_per_sample"] is None else f"{arm['forwards_per_sample']:.1f}",
-                "-" if arm["seconds_per_sample"] is None else f"{arm['seconds_per_sample']:.4f}",
-            ]
-        )
+    arms = report["arms"] + ([report["real_data"]] if report.get("real_data") else [])
+    for arm in arms:
+        row = [
+            arm["name"],
+            "-" if arm["steps"] is None else str(arm["steps"]),
+            f"{arm['gen_ppl']:.3f}",
+        ]
+        if truth is not None:
+            row.append(f"{arm['gen_ppl'] / truth:.3f}")
+        distinct = arm.get("distinct") or {}
+        row += [
+            f"{arm['entropy_mean']:.3f} ± {arm['entropy_sd']:.3f}",
+            "/".join(f"{distinct[k]:.2f}" for k in sorted(distinct)) or "-",
+            "-" if arm["forwards_per_sample"] is None else f"{arm['forwards_per_sample']:.1f}",
+            "-" if arm["seconds_per_sample"] is None else f"{arm['seconds_per_sample']:.4f}",
+        ]
+        rows.append(row)
     return rows
 
 
-TABLE_HEADER = [
-    "arm",
-    "steps (NFE)",
-    "gen-PPL",
-    "× true PPL",
-    "unigram entropy (nats)",
-    "forwards/sample",
-    "s/sample",
-]
+TABLE_HEADER = table_header({"true_perplexity": 1.0})
