@@ -2,6 +2,7 @@
 
     python benchmarks/shaping.py                       # synthetic track, default preset
     python benchmarks/shaping.py --preset ci           # minutes: the smallest end-to-end run
+    python benchmarks/shaping.py --preset quick        # main arms and controls only, no sweeps
     python benchmarks/shaping.py --preset gpu --device cuda
 
 Every arm is made with the project's own machinery (``run_build`` on Ray, ``train_student``,
@@ -90,6 +91,23 @@ PRESETS = {
         teacher_eval_steps=(4, 32),
         student_eval_steps=(1, 4),
         heldout_fraction=0.1,
+    ),
+    "quick": Preset(
+        trajectories=256,
+        shards=4,
+        control_factor=8,
+        candidates=8,
+        k_sweep=(1, 8),
+        tau_sweep=(0.0,),
+        student_steps=8,
+        teacher_steps=1024,
+        distill_steps=200,
+        distill_batch=64,
+        distill_lr=3e-4,
+        eval_samples=1000,
+        seeds=3,
+        teacher_eval_steps=(8, 32, 1024),
+        student_eval_steps=(1, 2, 4, 8, 16),
     ),
     "default": Preset(
         trajectories=512,
@@ -410,6 +428,7 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
         "seconds": time.perf_counter() - start,
     }
     dest = out or str(work / f"shaping-{track}")
+    result["plots"] = [f"{Path(dest).name}-steps.png", f"{Path(dest).name}-entropy.png"]
     md = write_results(dest, result, markdown(result))
     plot(result, dest)
     print(md.read_text())
@@ -508,11 +527,8 @@ def markdown(r: dict) -> str:
         "",
         f"Command: `{r['command']}`",
         "",
-        "Plots: `shaping-"
-        + r["track"]
-        + "-steps.png` (perplexity vs steps), `shaping-"
-        + r["track"]
-        + "-entropy.png` (perplexity vs entropy).",
+        f"Plots: `{r['plots'][0]}` (perplexity vs steps), `{r['plots'][1]}` (perplexity vs "
+        "entropy).",
         "",
     ]
     return "\n".join(lines)
@@ -586,7 +602,8 @@ def main() -> None:
     work = Path(args.work or f"runs/shaping/{args.track}-{args.preset}")
     out = args.out
     if out is None and args.preset != "ci":
-        out = f"docs/results/shaping-{args.track}"
+        suffix = "" if args.preset == "default" else f"-{args.preset}"
+        out = f"docs/results/shaping-{args.track}{suffix}"
     run(args.track, args.preset, work, out, args.device, args)
 
 
