@@ -303,6 +303,24 @@ def test_lm_training_resumes_exactly_and_refuses_another_config(tmp_path, text_f
         train_lm(dataclasses.replace(cfg, steps=7))
 
 
+def test_lm_train_cli_trains_and_refuses_a_missing_tokenizer(tmp_path, text_fixture):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    corpus, _, ckpt = text_fixture
+    base = ["lm", "train", "--corpus", str(corpus), "--out", str(tmp_path / "run")]
+    tiny = ["--seq-len", "32", "--d-model", "16", "--n-layers", "1", "--n-heads", "2"]
+    res = CliRunner().invoke(
+        app, [*base, "--tokenizer", str(ckpt.directory), *tiny, "--steps", "2", "--warmup", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"--evaluator lm:{tmp_path / 'run' / 'final'}" in res.output
+    assert (tmp_path / "run" / "final" / "tsdfm_lm.json").is_file()
+    res = CliRunner().invoke(app, [*base, "--tokenizer", str(tmp_path / "none"), *tiny])
+    assert res.exit_code == 2 and "no tokenizer at" in res.output.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------------------- hf:
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
