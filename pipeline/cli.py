@@ -119,7 +119,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Samples per batched rollout.")] = 250,
     score_batch_size: Annotated[
         int, typer.Option(help="Sequences per evaluator LM forward pass.")
-    ] = 32,
+    ] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the samples.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 or bf16 (CUDA only)")] = "fp32",
