@@ -4,13 +4,13 @@
 
 The pins start from the dev venv: every package in the runtime closure of the dependencies in
 pyproject.toml is pinned to the version installed here, so the images run what the tests ran.
-pip then resolves, without installing anything, what the images add on top (``ray[default]`` for the
-dashboard that KubeRay jobs and probes need, ``s3fs`` for ``--out s3://...``, the build
-backend) for the GPU image's Python (Ubuntu 24.04: CPython 3.12, manylinux x86_64, torch
-from PyPI), then checks that the CPU image's Python (3.11) resolves under the same pins.
-A venv pin that an image package cannot accept is listed in ``RELAXED`` with the reason and
-left to the resolver. Needs network access to the package index; run it after changing
-dependencies or the venv.
+pip then resolves, without installing anything, what the images add on top: ``ray[default]``
+(the dashboard that KubeRay job submission and probes need), ``s3fs`` (``--out s3://...``),
+``boto3`` (the Ray autoscaler's AWS node provider) and the build backend. It resolves for
+the GPU image's Python (Ubuntu 24.04: CPython 3.12, manylinux x86_64, torch from PyPI), then
+checks that the CPU image's Python (3.11) resolves under the same pins. A venv pin that an
+image package cannot accept is listed in ``RELAXED`` with the reason and left to the resolver.
+Needs network access to the package index; run it after changing dependencies or the venv.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "constraints.txt"
 TORCH = "2.13.0"  # the Dockerfiles install torch==2.13.0 (GPU) / 2.13.0+cpu (CPU) themselves
-EXTRAS = ["ray[default]", "s3fs", "setuptools", "wheel"]
+EXTRAS = ["ray[default]", "s3fs", "boto3", "setuptools", "wheel"]
 RELAXED = {
     "python-dateutil": "s3fs needs aiobotocore, which requires <3; the venv has 4.x (pandas)",
 }

@@ -145,6 +145,7 @@ def run_cluster_builds(teacher: str, out: Path) -> dict:
             remover.join()
         killed_worker_gone = all(_gone(r["actor_pid"]) for r in removed)
         worker_nodes_left = len(cluster.worker_nodes)
+        job = _run_build_job(cluster.address, teacher, out / "job", gpus=GPU_NODES - 1)
     finally:
         ray.shutdown()  # the driver must be gone before the head node is removed
         cluster.shutdown()
@@ -165,6 +166,40 @@ def run_cluster_builds(teacher: str, out: Path) -> dict:
         "removed": removed,
         "killed_worker_gone": killed_worker_gone,
         "worker_nodes_left": worker_nodes_left,
+        "job": job,
+    }
+
+
+def _run_build_job(address: str, teacher: str, out: Path, gpus: int) -> dict:
+    """Run docker/build-job.sh (the cluster launcher's job) as a user would, on the head node.
+
+    RAY_ADDRESS stands in for the address file that `ray start --head` leaves on a real head,
+    so `--address auto` finds this cluster. No Hub repo: the publish step is not run here.
+    """
+    flags = "--k 1 --trajectories-per-shard {} --batch-size 4 --student-steps 4 "
+    flags += "--teacher-steps 128 --seed 1 --num-workers {}"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_ADDRESS": address,
+        "TSDFM_OUT": str(out),
+        "TSDFM_GPUS": str(gpus),
+        "TSDFM_TEACHER": teacher,
+        "TSDFM_SHARDS": str(SHARDS),
+        "TSDFM_ARGS": flags.format(ROWS_PER_SHARD, WORKERS),
+    }
+    env.pop("TSDFM_REPO", None)
+    proc = subprocess.run(
+        ["bash", str(REPO / "docker" / "build-job.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return {
+        "returncode": proc.returncode,
+        "stdout": proc.stdout[-2000:],
+        "stderr": proc.stderr[-4000:],
     }
 
 
@@ -191,7 +226,8 @@ def test_build_on_a_cluster_survives_losing_a_node(tmp_path, saved_tiny_teacher)
     """Three simulated GPU nodes, two workers; one node is killed while its worker builds a shard.
 
     The build completes on the remaining nodes: every trajectory exactly once, and the shards
-    equal (sha256) those of an uninterrupted build on the same cluster.
+    equal (sha256) those of an uninterrupted build on the same cluster. Then the cluster
+    launcher's job script builds the same dataset through the CLI on the two nodes left.
     """
     ray_tmp = tempfile.mkdtemp(prefix="tsdfm-ray-")  # short: Ray's socket paths must fit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -231,6 +267,11 @@ def test_build_on_a_cluster_survives_losing_a_node(tmp_path, saved_tiny_teacher)
     for name in ("reference", "lost-node"):
         assert sorted(_trajectory_ids(tmp_path / name)) == list(range(total))
     assert _checksums(tmp_path / "lost-node") == _checksums(tmp_path / "reference")
+
+    # docker/build-job.sh, as the launcher runs it: same config through the CLI, same bytes
+    job = r["job"]
+    assert job["returncode"] == 0, f"build-job.sh failed:\n{job['stdout']}\n{job['stderr']}"
+    assert _checksums(tmp_path / "job") == _checksums(tmp_path / "reference")
 
 
 if __name__ == "__main__":
