@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_args import parse_cli
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 TOKEN_LITERAL = re.compile(r"hf_[A-Za-z0-9]{8,}")
@@ -22,21 +23,6 @@ TOKEN_LITERAL = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 def _load(name: str) -> dict:
     return yaml.safe_load((DOCKER / name).read_text())
-
-
-def _cli_context(argv: list[str]):
-    """Parse ``tsdfm-pipeline ARGS`` with the real typer app (nothing runs); the leaf context."""
-    import typer.main
-
-    from pipeline.cli import app
-
-    assert argv[0] == "tsdfm-pipeline", argv
-    cmd, args, name = typer.main.get_command(app), argv[1:], "tsdfm-pipeline"
-    while hasattr(cmd, "get_command"):  # a group: descend into the named subcommand
-        sub = cmd.get_command(cmd.make_context(name, list(args)), args[0])
-        assert sub is not None, f"no command {args[0]!r} in {argv}"
-        cmd, name, args = sub, args[0], args[1:]
-    return cmd.make_context(name, list(args))
 
 
 def _commands(script: str) -> list[list[str]]:
@@ -115,13 +101,13 @@ def test_rayjob_runs_build_on_gpu_workers_with_the_token_from_a_secret():
     build, fetch, publish = commands[1:]
 
     assert build[:2] == ["tsdfm-pipeline", "build"]
-    params = _cli_context(build).params
+    params = parse_cli(build).params
     assert params["address"] == "auto" and params["device"] == "cuda"
     assert params["out"].startswith("s3://") and params["teacher"] and params["compass"]
     assert fetch[:2] == ["python", "-c"] and fetch[3:] == [params["out"], "/data/tsdfm-publish"]
     compile(fetch[2], "<entrypoint fetch>", "exec")
     assert publish[:2] == ["tsdfm-pipeline", "publish"]
-    pub = _cli_context(publish).params
+    pub = parse_cli(publish).params
     assert str(pub["path"]) == "/data/tsdfm-publish" and re.fullmatch(
         r"[\w.-]+/[\w.-]+", pub["repo"]
     )
