@@ -17,7 +17,8 @@
 #   TSDFM_COMPASS  compass checkpoint (default: the bundled one)
 #   TSDFM_SHARDS   number of shards (default 256)
 #   TSDFM_ARGS     more `tsdfm-pipeline build` flags, e.g. "--k 8 --trajectories-per-shard 64"
-#   HF_TOKEN       Hub write token (needed with TSDFM_REPO); never put it in this file
+#   HF_TOKEN       Hub write token for TSDFM_REPO, unless `hf auth login` stored one on the
+#                  head; never put it in this file or on a command line
 set -euo pipefail
 
 : "${TSDFM_OUT:?set TSDFM_OUT to the dataset URL, e.g. s3://bucket/tsdfm/shaped-k8}"
