@@ -20,6 +20,8 @@ from models.errors import ConfigError, TsdfmError
 from pipeline.config import BuildConfig
 from pipeline.worker import ShardBuilder, ShardResult
 
+STALL_SECONDS = 600  # fail when every live worker has been restarting this long
+
 
 class BuildError(TsdfmError):
     """The build could not finish (a shard kept failing, no worker left, Ray unreachable)."""
@@ -169,7 +171,7 @@ def execute(
     pid, device and CUDA_VISIBLE_DEVICES once they are up.
     """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
     device, workers, options = plan_workers(device, num_workers)
     workers = min(workers, max(1, len(todo)))
@@ -184,21 +186,51 @@ def execute(
         on_workers(ray.get([a.info.remote() for a in actors]))
     queue: deque[int] = deque(todo)
     attempts: dict[int, int] = {}
-    deaths: dict[int, int] = {}
     idle = deque(actors)
-    in_flight: dict[Any, tuple[int, Any]] = {}
+    # shard builds (index, actor) and probes (None, actor) of actors that failed: an actor gets
+    # shards again only after it answered a probe, so a worker whose node is gone (restart
+    # pending, or impossible) cannot use up the retries of the shards queued behind it.
+    in_flight: dict[Any, tuple[int | None, Any]] = {}
+    alive = len(actors)
+    stalled = 0.0  # since when no shard could be built (every live actor restarting)
     start = time.perf_counter()
     trajectories = 0
     gains: list[float] = []
+
+    def building() -> bool:
+        return any(i is not None for i, _ in in_flight.values())
+
     try:
-        while queue or in_flight:
+        while queue or building():
             while queue and idle:
                 index = queue.popleft()
                 actor = idle.popleft()
                 in_flight[actor.build.remote(index)] = (index, actor)
+            if queue and not building():
+                if alive == 0:
+                    raise BuildError(f"every worker died; shards {sorted(queue)} were not built")
+                stalled = stalled or time.perf_counter()
+                if time.perf_counter() - stalled > STALL_SECONDS:
+                    raise BuildError(
+                        f"no worker came back for {STALL_SECONDS // 60} minutes (their nodes "
+                        "are gone and Ray cannot place them again); add capacity and rerun the "
+                        "same command to resume"
+                    )
+            else:
+                stalled = 0.0
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             ref = ready[0]
             index, actor = in_flight.pop(ref)
+            if index is None:  # a probe of a restarting actor
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except ActorDiedError:
+                    alive -= 1  # Ray gave up restarting it
+                except RayActorError:
+                    time.sleep(1.0)  # restart pending (e.g. waiting for a node): ask again
+                    in_flight[actor.info.remote()] = (None, actor)
+                continue
             try:
                 result: ShardResult = ray.get(ref)
             except RayActorError as e:
@@ -210,14 +242,9 @@ def execute(
                         f"died ({_first_line(e)})"
                     ) from None
                 queue.appendleft(index)
-                deaths[id(actor)] = deaths.get(id(actor), 0) + 1
-                if deaths[id(actor)] <= max_retries:
-                    idle.append(actor)  # Ray restarts it; calls wait until it is back
-                if not idle and not in_flight:
-                    raise BuildError(
-                        f"every worker died; shard {index} was in flight on the last one "
-                        f"({_first_line(e)})"
-                    ) from None
+                # Ray restarts the actor (at most max_retries times): probe it before giving
+                # it work; the probe fails with ActorDiedError once Ray has given up.
+                in_flight[actor.info.remote()] = (None, actor)
                 if progress:
                     progress(
                         _progress(

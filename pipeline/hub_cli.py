@@ -128,7 +128,34 @@ def _report_published(result) -> None:
 
 
 def push_after_build(out: str, repo_id: str, private: bool) -> None:
-    """``build --push-to-hub``: publish the finished build folder."""
+    """``build --push-to-hub``: publish the finished build folder.
+
+    A build written to an fsspec URL (``s3://…``, shared by the cluster's nodes) is first
+    copied to a local temporary folder, which is what the upload reads.
+    """
+    import tempfile
+
     from pipeline.hub import publish
 
-    _report_published(publish(out, repo_id, private=private, log=_stderr))
+    if "://" not in out:
+        _report_published(publish(out, repo_id, private=private, log=_stderr))
+        return
+    with tempfile.TemporaryDirectory(prefix="tsdfm-publish-") as tmp:
+        _stderr(f"copying {out} to a local folder for the upload")
+        copy_to_local(out, tmp)
+        _report_published(publish(tmp, repo_id, private=private, log=_stderr))
+
+
+def copy_to_local(url: str, dest: str) -> None:
+    """Copy every file under the dataset at ``url`` to the local folder ``dest``."""
+    from pathlib import Path
+
+    from pipeline.shards import open_root
+
+    fs, base = open_root(url)
+    base = base.rstrip("/")
+    for remote in fs.find(base):
+        rel = remote[len(base) :].lstrip("/")
+        target = Path(dest) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(target))

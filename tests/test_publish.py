@@ -294,9 +294,11 @@ def test_build_push_to_hub_checks_inputs_before_building(hub, tmp_path):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_build_push_to_hub_publishes_the_build(hub, tmp_path, saved_tiny_teacher):
+@pytest.mark.parametrize("url", [False, True], ids=["folder", "fsspec-url"])
+def test_build_push_to_hub_publishes_the_build(hub, tmp_path, saved_tiny_teacher, url):
     out = tmp_path / "ds"
-    args = ["build", "--teacher", saved_tiny_teacher, "--out", out, "--shards", 2]
+    target = f"file://{out}" if url else out  # a URL is copied locally before the upload
+    args = ["build", "--teacher", saved_tiny_teacher, "--out", target, "--shards", 2]
     args += ["--trajectories-per-shard", 4, "--batch-size", 4, "-S", 4, "-N", 16, "--k", 1]
     args += ["--device", "cpu", "--push-to-hub", REPO]
     res = runner.invoke(app, [str(a) for a in args])
