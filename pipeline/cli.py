@@ -482,9 +482,9 @@ def demo(
     ),
     trajectories_per_shard: Annotated[
         int, typer.Option(help="Rows per shard (2 shards per dataset).")
-    ] = 48,
-    distill_steps: Annotated[int, typer.Option(help="Training steps of each student.")] = 150,
-    eval_samples: Annotated[int, typer.Option(help="Samples per evaluated arm.")] = 500,
+    ] = 32,
+    distill_steps: Annotated[int, typer.Option(help="Training steps of each student.")] = 100,
+    eval_samples: Annotated[int, typer.Option(help="Samples per evaluated arm.")] = 400,
 ) -> None:
     """The whole loop on the bundled teacher and compass, on this machine's CPU, in minutes.
 

@@ -38,13 +38,13 @@ class DemoConfig:
     """
 
     shards: int = 2
-    trajectories_per_shard: int = 48
+    trajectories_per_shard: int = 32
     student_steps: int = 8
     teacher_steps: int = 1024
     candidates: int = 8
-    distill_steps: int = 150
+    distill_steps: int = 100
     distill_batch: int = 64
-    eval_samples: int = 500
+    eval_samples: int = 400
     seed: int = 0
 
 
