@@ -167,3 +167,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         key=lambda p: int(p.name.split("-")[1]),
     )
     return candidates[-1] if candidates else None
+
+
+def resume_latest(
+    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None
+) -> TrainerState | None:
+    """Load the newest complete checkpoint of ``run_dir`` into model, optimizer and EMA.
+
+    Returns its state (step, generators, extra) for the caller's own RNGs and data position,
+    or None when the run has no checkpoint yet.
+    """
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is None:
+        return None
+    state = load_trainer_state(resume_from)
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    if ema is not None and state.ema is not None:
+        ema.load_state_dict(state.ema)
+    return state

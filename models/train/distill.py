@@ -69,8 +69,7 @@ from models.train.common import (
     EMA,
     TrainerState,
     get_lr,
-    latest_checkpoint,
-    load_trainer_state,
+    resume_latest,
     save_trainer_state,
     seeded,
 )
@@ -471,13 +470,8 @@ def train_student(
     extra_files = _extra_files(init)
     start = 0
     rng_state = None
-    resume_from = latest_checkpoint(out)
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        model.load_state_dict(state.model)
-        trainer.opt.load_state_dict(state.optimizer)
-        if trainer.ema is not None and state.ema is not None:
-            trainer.ema.load_state_dict(state.ema)
+    state = resume_latest(out, model, trainer.opt, trainer.ema)
+    if state is not None:
         loader.load_state_dict(state.extra["data"])
         rng_state = state.generators.get("torch")
         start = state.step

@@ -51,8 +51,7 @@ from models.errors import CheckpointError, ConfigError, DataError
 from models.train.common import (
     TrainerState,
     get_lr,
-    latest_checkpoint,
-    load_trainer_state,
+    resume_latest,
     save_trainer_state,
     seeded,
 )
@@ -255,11 +254,8 @@ def train_lm(
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
-    resume_from = latest_checkpoint(out)
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        model.load_state_dict(state.model)
-        opt.load_state_dict(state.optimizer)
+    state = resume_latest(out, model, opt, None)
+    if state is not None:
         gen.set_state(state.generators["data"])
         start = state.step
     held_windows = held.windows[: cfg.heldout_windows]

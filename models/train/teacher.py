@@ -28,8 +28,7 @@ from models.train.common import (
     EMA,
     TrainerState,
     get_lr,
-    latest_checkpoint,
-    load_trainer_state,
+    resume_latest,
     save_trainer_state,
     seeded,
 )
@@ -218,13 +217,8 @@ def train_teacher(
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
-    resume_from = latest_checkpoint(out)
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        model.load_state_dict(state.model)
-        opt.load_state_dict(state.optimizer)
-        if ema is not None and state.ema is not None:
-            ema.load_state_dict(state.ema)
+    state = resume_latest(out, model, opt, ema)
+    if state is not None:
         gen.set_state(state.generators["data"])
         start = state.step
     heldout_gen = torch.Generator().manual_seed(cfg.seed + 7919)
