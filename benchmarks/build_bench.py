@@ -2,6 +2,8 @@
 
     python benchmarks/build_bench.py            # bundled teacher + compass, CPU, ~10 minutes
     python benchmarks/build_bench.py --quick    # smaller plan
+    python benchmarks/build_bench.py --device cuda --precision bf16 \
+        --trajectories-per-shard 256 --out docs/results/build-gpu   # GPU actors, one per GPU
 
 Measures (targets from issue 4; measured, never asserted):
 - share of actor wall time in teacher + compass forward passes (target ≥ 90%);
@@ -10,6 +12,9 @@ Measures (targets from issue 4; measured, never asserted):
 - Parquet bytes per trajectory against the information minimum (target ≤ 1.5x): the final
   tokens at ⌈log2 V⌉ bits each plus, for the mask source, the segment in which each position
   was revealed at ⌈log2 (S+1)⌉ bits.
+
+On CUDA the runs use 1 worker and, when the machine has more than one GPU, one per GPU (one
+actor per GPU); trajectories per GPU-hour = 3600 × the 1-worker traj/s.
 
 Results: docs/results/build.{json,md}.
 """
@@ -49,11 +54,11 @@ def _column_bytes(root: Path) -> dict[str, int]:
     return sizes
 
 
-def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str) -> dict:
+def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str, device: str) -> dict:
     root = tmp / name
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = run_build(cfg, str(root), device="cpu", num_workers=workers)
+    summary = run_build(cfg, str(root), device=device, num_workers=workers)
     wall = time.perf_counter() - t0
     c = summary.totals["counters"]
     rows = summary.totals["rows"]
@@ -82,58 +87,88 @@ def main() -> None:
     ap.add_argument("--teacher", default=str(bundled_path("teacher")))
     ap.add_argument("--compass", default=str(bundled_path("compass")))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="actor kind (default: cpu)"
+    )
+    ap.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast on CUDA"
+    )
+    ap.add_argument(
+        "--trajectories-per-shard",
+        type=int,
+        default=None,
+        help="rows per shard, also the batch size (default: 32, --quick 8)",
+    )
     ap.add_argument("--out", default="docs/results/build")
     args = ap.parse_args()
+    if args.precision == "bf16" and args.device != "cuda":
+        sys.exit("--precision bf16 needs --device cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but torch sees no GPU on this machine")
 
     teacher = load_checkpoint(args.teacher)
     V, L = teacher.config.vocab_size, teacher.config.seq_len
     shards, per = (4, 8) if args.quick else (4, 32)
+    per = args.trajectories_per_shard or per
+    # CPU: one actor per core, 1 and 2 of them; CUDA: one actor per GPU, 1 and all GPUs.
+    many = 2 if args.device == "cpu" else torch.cuda.device_count()
     nav1 = NavigatorConfig(8, 1024, 1)
     nav8 = NavigatorConfig(8, 1024, 8)
     base = dict(
-        teacher=args.teacher, shards=shards, trajectories_per_shard=per, batch_size=per, seed=0
+        teacher=args.teacher,
+        shards=shards,
+        trajectories_per_shard=per,
+        batch_size=per,
+        seed=0,
+        precision=args.precision,
     )
     runs = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        runs.append(_build(BuildConfig(**base, navigator=nav1), 1, tmp, "K=1, 1 worker"))
-        runs.append(_build(BuildConfig(**base, navigator=nav1), 2, tmp, "K=1, 2 workers"))
-        runs.append(
-            _build(
-                BuildConfig(**base, compass=args.compass, navigator=nav8), 1, tmp, "K=8, 1 worker"
-            )
-        )
-        runs.append(
-            _build(
-                BuildConfig(**base, compass=args.compass, navigator=nav8), 2, tmp, "K=8, 2 workers"
-            )
-        )
+        for k, nav, compass in ((1, nav1, None), (8, nav8, args.compass)):
+            cfg = BuildConfig(**base, compass=compass, navigator=nav)
+            for workers in (1, many) if many > 1 else (1,):
+                name = f"K={k}, {workers} worker" + ("s" if workers > 1 else "")
+                runs.append(_build(cfg, workers, tmp, name, args.device))
     S = nav1.student_steps
     info_bits = L * math.ceil(math.log2(V)) + L * math.ceil(math.log2(S + 1))
     info_bytes = info_bits / 8
-    k1, k1w2, k8, k8w2 = runs
+    k1, k8 = (next(r for r in runs if r["K"] == k and r["workers"] == 1) for k in (1, 8))
+    k1w, k8w = (next((r for r in runs if r["K"] == k and r["workers"] > 1), None) for k in (1, 8))
     figures = {
         "forward_share_K1": k1["forward_share"],
         "forward_share_K8": k8["forward_share"],
         "cost_K8_over_K1": k8["execute_seconds"] / k1["execute_seconds"],
-        "speedup_2_workers_K1": k1w2["trajectories_per_second"] / k1["trajectories_per_second"],
-        "speedup_2_workers_K8": k8w2["trajectories_per_second"] / k8["trajectories_per_second"],
+        "many_workers": many if many > 1 else None,
+        "speedup_many_workers_K1": k1w["trajectories_per_second"] / k1["trajectories_per_second"]
+        if k1w
+        else None,
+        "speedup_many_workers_K8": k8w["trajectories_per_second"] / k8["trajectories_per_second"]
+        if k8w
+        else None,
+        "trajectories_per_worker_hour_K1": 3600 * k1["trajectories_per_second"],
+        "trajectories_per_worker_hour_K8": 3600 * k8["trajectories_per_second"],
         "information_minimum_bytes": info_bytes,
         "bytes_over_minimum_K1": k1["bytes_per_trajectory"] / info_bytes,
         "bytes_over_minimum_K8": k8["bytes_per_trajectory"] / info_bytes,
     }
+    device = {
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads_per_worker": 1 if args.device == "cpu" else None,
+        "python": platform.python_version(),
+        "precision": args.precision,
+    }
+    if args.device == "cuda":
+        device["gpu"] = torch.cuda.get_device_name(0)
+        device["gpus"] = torch.cuda.device_count()
     result = {
         "benchmark": "build",
         "command": "python " + " ".join(sys.argv),
         "teacher": teacher.identity,
         "plan": {"shards": shards, "trajectories_per_shard": per, "S": 8, "N": 1024},
-        "device": {
-            "device": "cpu",
-            "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads_per_worker": 1,
-            "python": platform.python_version(),
-        },
+        "device": device,
         "runs": runs,
         "figures": figures,
     }
@@ -163,8 +198,10 @@ def _markdown(r: dict) -> str:
         f"| forward share of actor time (K=1 / K=8) | {f['forward_share_K1']:.1%} / "
         f"{f['forward_share_K8']:.1%} | ≥ 90% |",
         f"| cost of K=8 over K=1 | {f['cost_K8_over_K1']:.2f}x | ≤ 8.4x |",
-        f"| 2 workers over 1 (K=1 / K=8) | {f['speedup_2_workers_K1']:.2f}x / "
-        f"{f['speedup_2_workers_K8']:.2f}x | ≥ 1.8x |",
+        _speedup_line(f),
+        f"| trajectories per worker-hour, 1 worker (K=1 / K=8) | "
+        f"{f['trajectories_per_worker_hour_K1']:,.0f} / "
+        f"{f['trajectories_per_worker_hour_K8']:,.0f} | |",
         f"| bytes per trajectory over the information minimum ({f['information_minimum_bytes']:.0f}"
         f" B) (K=1 / K=8) | {f['bytes_over_minimum_K1']:.2f}x / {f['bytes_over_minimum_K8']:.2f}x"
         " | ≤ 1.5x |",
@@ -185,6 +222,15 @@ def _markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _speedup_line(f: dict) -> str:
+    if f["many_workers"] is None:
+        return "| several workers over 1 | not measured (one worker only) | ≥ 1.8x for 2 |"
+    return (
+        f"| {f['many_workers']} workers over 1 (K=1 / K=8) | {f['speedup_many_workers_K1']:.2f}x"
+        f" / {f['speedup_many_workers_K8']:.2f}x | ≥ 1.8x for 2 |"
+    )
 
 
 if __name__ == "__main__":
