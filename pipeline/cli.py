@@ -288,6 +288,10 @@ def compass_train(
         str | None,
         typer.Option(help="Teacher checkpoint dir or org/name@rev; default: the bundled one."),
     ] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="A text teacher's training text (.txt file or folder)."),
+    ] = None,
     d_model: int = 64,
     n_layers: int = 2,
     n_heads: int = 2,
@@ -316,7 +320,8 @@ def compass_train(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
 ) -> None:
     """Train an energy compass on the teacher's own states (resumable: rerun the command)."""
-    from models.train.compass import CompassTrainConfig, train_compass
+    from models.checkpoint import load_checkpoint
+    from models.train.compass import CompassTrainConfig, default_data_source, train_compass
 
     cfg = CompassTrainConfig(
         out=str(out),
@@ -348,7 +353,9 @@ def compass_train(
                 info += f"  held-out AUC {m['heldout_auc']:.3f}"
             bar.update(task, completed=step, info=info)
 
-        result = train_compass(cfg, teacher or _default_teacher(), None, report, device=device)
+        ckpt = load_checkpoint(teacher or _default_teacher(), device, role="teacher")
+        data = default_data_source(ckpt, corpus)
+        result = train_compass(cfg, ckpt, data, report, device=device)
     typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
     typer.echo(
         f"held-out ROC AUC (real vs teacher states): {result.heldout_auc:.4f}  "

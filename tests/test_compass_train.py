@@ -411,3 +411,38 @@ def test_allow_teacher_mismatch_flag_evaluates_anyway(tmp_path, tiny_language, t
     )
     assert res.exit_code == 0, res.output
     assert "warning: compass" in res.output and "not from teacher" in res.output
+
+
+def test_cli_trains_a_compass_for_a_text_teacher_from_its_corpus(tmp_path):
+    from models.data.corpus import (
+        CorpusConfig,
+        TokenizedCorpus,
+        load_texts,
+        train_bpe_tokenizer,
+        write_demo_corpus,
+    )
+
+    corpus = write_demo_corpus(tmp_path / "corpus", num_documents=6, sentences_per_document=10)
+    tok = train_bpe_tokenizer(load_texts(corpus), 300)
+    windows = TokenizedCorpus.from_path(corpus, tok, CorpusConfig(seq_len=16))
+    data = {"kind": "corpus", "source": str(corpus), "eos_token_id": windows.eos_token_id}
+    cfg = teacher_config(windows.vocab_size, 16, d_model=32, n_layers=1, n_heads=2, data=data)
+    with seeded(0):
+        model = FlowModel(cfg)
+    teacher = tmp_path / "teacher"
+    save_checkpoint(teacher, model, tok)
+    small = ["--steps", "4", "--d-model", "16", "--n-layers", "1", "--teacher-steps", "8"]
+    small += ["--bank-trajectories", "8", "--records-per-trajectory", "2"]
+    small += ["--heldout-trajectories", "8", "--eval-every", "2"]
+    base = ["compass", "train", "--teacher", str(teacher), *small]
+
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "pass its corpus (--corpus PATH" in res.output
+
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--corpus", str(corpus)])
+    assert res.exit_code == 0, res.output
+    compass = load_checkpoint(tmp_path / "b" / "final")
+    assert compass.config.role == "compass"
+    assert compass.tokenizer.get_vocab() == tok.get_vocab()
+    run = json.loads((tmp_path / "b" / "run_config.json").read_text())
+    assert run["data"]["kind"] == "corpus" and run["data"]["windows"] == len(windows)

@@ -325,13 +325,30 @@ class CompassTrainResult:
     history: list[dict]
 
 
-def default_data_source(teacher: Checkpoint) -> DataSource:
-    """The teacher's own data: the synthetic language stored beside it."""
+def default_data_source(teacher: Checkpoint, corpus: str | Path | None = None) -> DataSource:
+    """The teacher's own data: the synthetic language stored beside it, or, for a text teacher,
+    the windows of ``corpus`` (a .txt file or folder) cut with the teacher's own tokenizer and
+    split as its training run split them."""
     kind = teacher.config.data.get("kind")
+    if corpus is not None:
+        if kind == "synthetic":
+            raise DataError(
+                f"teacher {teacher.spec} was trained on the synthetic language, which is its "
+                "data; drop --corpus"
+            )
+        if teacher.tokenizer is None:
+            raise DataError(f"teacher {teacher.spec} has no tokenizer.json to cut the corpus with")
+        from models.data.corpus import CorpusConfig, TokenizedCorpus
+        from models.train.teacher import CorpusSource
+
+        windows = TokenizedCorpus.from_path(
+            corpus, teacher.tokenizer, CorpusConfig(seq_len=teacher.config.seq_len)
+        )
+        return CorpusSource(windows)
     if kind != "synthetic":
         raise DataError(
-            f"teacher {teacher.spec} was trained on {kind or 'unknown'} data; compass training "
-            "reads the synthetic language by default: pass a DataSource of the teacher's data"
+            f"teacher {teacher.spec} was trained on {kind or 'unknown'} data; pass its corpus "
+            "(--corpus PATH, the text the teacher was trained on)"
         )
     return SyntheticSource(load_language(teacher.directory, teacher.config.data))
 
