@@ -149,7 +149,7 @@ SYNTHETIC_PRESETS = {
         student_eval_steps=(1, 2, 4, 8, 16),
     ),
     "default": Preset(
-        trajectories=512,
+        trajectories=256,
         shards=4,
         control_factor=8,
         candidates=8,
@@ -157,7 +157,7 @@ SYNTHETIC_PRESETS = {
         tau_sweep=(0.0, 0.25, 0.5),
         student_steps=8,
         teacher_steps=1024,
-        distill_steps=400,
+        distill_steps=200,
         distill_batch=64,
         distill_lr=3e-4,
         eval_samples=1000,
