@@ -710,15 +710,41 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
             "python": platform.python_version(),
             **({"gpu": torch.cuda.get_device_name(0)} if device.startswith("cuda") else {}),
         },
+        "versions": _versions(),
         "command": "python " + " ".join(sys.argv),
         "seconds": time.perf_counter() - start,
     }
+    result["invocations"] = _record_invocation(work, result["command"], result["seconds"])
+    result["seconds_total"] = sum(i["seconds"] for i in result["invocations"])
     dest = out or str(work / f"shaping-{track}")
     result["plots"] = [f"{Path(dest).name}-steps.png", f"{Path(dest).name}-entropy.png"]
     md = write_results(dest, result, markdown(result))
     plot(result, dest)
     print(md.read_text())
     return result
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("torch", "ray", "pyarrow", "datasets", "transformers", "tsdfm-pipeline"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _record_invocation(work: Path, command: str, seconds: float) -> list[dict]:
+    """Append this invocation to WORK/invocations.json: a resumed run's wall time is the sum."""
+    path = work / "invocations.json"
+    runs = json.loads(path.read_text()) if path.is_file() else []
+    runs.append(
+        {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "command": command}
+    )
+    path.write_text(json.dumps(runs, indent=1) + "\n")
+    return runs
 
 
 EVALUATOR_TEXT = {
@@ -871,7 +897,13 @@ def markdown(r: dict) -> str:
         f"Device: {dev['device']} ({dev['cpu']}, {dev['threads']} threads), torch "
         f"{dev['torch']}, Python {dev['python']}"
         + (f", GPU {dev['gpu']}" if "gpu" in dev else "")
-        + f". Wall time {r['seconds'] / 60:.1f} min.",
+        + f". Wall time {r['seconds'] / 60:.1f} min"
+        + (
+            f" ({r['seconds_total'] / 60:.1f} min over {len(r['invocations'])} invocations "
+            "of the resumable command)."
+            if len(r.get("invocations", [])) > 1
+            else "."
+        ),
         "",
         f"Command: `{r['command']}`",
         "",

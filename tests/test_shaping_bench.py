@@ -56,6 +56,8 @@ def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
     # rerun: everything is cached or resumed, and the numbers are identical
     again = shaping.run("synthetic", "ci", tmp_path / "work", str(out), "cpu", args)
     assert again["rows"] == result["rows"]
+    assert [i["seconds"] for i in again["invocations"]] == [result["seconds"], again["seconds"]]
+    assert again["seconds_total"] == result["seconds"] + again["seconds"]
 
 
 def test_text_ci_preset_trains_its_models_and_scores_with_the_in_project_lm(tmp_path):
