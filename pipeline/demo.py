@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models.checkpoint import bundled_path, load_checkpoint
-from models.errors import DataError
+from models.errors import ConfigError, DataError
 
 DEFAULT_OUT = "tsdfm-out/demo"
 
@@ -46,6 +46,20 @@ class DemoConfig:
     distill_batch: int = 64
     eval_samples: int = 400
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "trajectories_per_shard", "distill_steps", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"demo {name} must be a positive integer")
+        # each trajectory gives S training examples, read by the student's 2 streams
+        per_stream = self.shards * self.trajectories_per_shard * self.student_steps // 2
+        if per_stream < self.distill_batch:
+            need = -(-2 * self.distill_batch // (self.shards * self.student_steps))
+            raise ConfigError(
+                f"demo datasets of {self.shards} × {self.trajectories_per_shard} trajectories "
+                f"are too small for the students' batch of {self.distill_batch}: use "
+                f"--trajectories-per-shard {need} or more"
+            )
 
 
 @dataclass

@@ -79,6 +79,11 @@ def test_eval_on_a_tiny_checkpoint_writes_a_json_report(tmp_path, tiny_teacher, 
         (["teacher", "train", "--out", "{tmp}/run", "--steps", "-3"], "must be a positive"),
         (["teacher", "train", "--out", "{tmp}/run", "--corpus", "{tmp}/none"], "does not exist"),
         (["data", "synthetic", "--out", "{tmp}/l.json", "--branching", "0"], "branching"),
+        (
+            ["demo", "--out", "{tmp}/demo", "--trajectories-per-shard", "4"],
+            "use --trajectories-per-shard 8 or more",
+        ),
+        (["demo", "--out", "{tmp}/demo", "--eval-samples", "0"], "eval_samples must be a"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, args, message):
@@ -88,6 +93,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, args, message):
     line = _error_line(res)
     assert line.startswith("error: ") and message in line
     assert "Traceback" not in res.output
+    assert not (tmp_path / "demo").exists()  # refused before anything is written
 
 
 def test_missing_checkpoint_file_is_named(tmp_path, tiny_teacher, tiny_language):
