@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from results_io import cpu_model
 from tokenizers import Tokenizer
 
 from models.checkpoint import bundled_path
@@ -40,16 +41,6 @@ from pipeline.navigator import NavigatorConfig
 
 MASKED, EARLIER, NEW = 0, 1, 2
 COLOURS = ("#e4e4e4", "#9ecae1", "#e6550d")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_one_row(teacher: str, compass: str, row: int, trajectories: int) -> dict:
@@ -271,7 +262,7 @@ def main() -> None:
         "fingerprint": built["fingerprint"],
         "device": {
             "device": "cpu",
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "workers": 1,
         },

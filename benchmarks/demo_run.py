@@ -27,22 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from results_io import write_results
+from results_io import cpu_model, package_versions, write_results
 
 TARGET_SECONDS = 300.0  # issue 8: the demo prints its table within 5 minutes on 2 cores
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _memory_gib() -> float | None:
@@ -56,13 +45,8 @@ def _memory_gib() -> float | None:
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("tsdfm-pipeline", "torch", "ray", "pyarrow", "datasets", "numpy"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = None
-    return out
+    packages = ("tsdfm-pipeline", "torch", "ray", "pyarrow", "datasets", "numpy")
+    return {"python": platform.python_version(), **package_versions(packages)}
 
 
 def _demo_command(out: Path, args: argparse.Namespace) -> list[str]:
@@ -153,7 +137,7 @@ def main() -> None:
         "stdout": lines,
         "device": {
             "device": "cpu",
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": cores,
             "usable_cores": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")

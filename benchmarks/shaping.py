@@ -56,12 +56,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from results_io import write_results
+from results_io import package_versions, write_results
 from safetensors.torch import load_file, save_file
 
 from models.checkpoint import Checkpoint, bundled_path, load_checkpoint
 from models.eval.evaluate import describe_samples
 from models.eval.evaluators import load_evaluator
+from models.eval.metrics import Evaluator
 from models.solver import sample
 
 SCHEMA = "tsdfm-shaping/2"
@@ -263,7 +264,8 @@ class Run:
         self.work, self.p, self.teacher, self.compass = work, preset, teacher, compass
         self.device = device
         self.evaluators: list[EvaluatorUse] = []
-        self._loaded: dict[str, object] = {}
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._evaluators: dict[str, Evaluator] = {}
         (work / "evals").mkdir(parents=True, exist_ok=True)
         (work / "samples").mkdir(parents=True, exist_ok=True)
 
@@ -349,9 +351,9 @@ class Run:
 
     # -- samples and scores (cached) --------------------------------------------------------
     def checkpoint(self, spec: str) -> Checkpoint:
-        if spec not in self._loaded:
-            self._loaded[spec] = load_checkpoint(spec, self.device)
-        return self._loaded[spec]  # type: ignore[return-value]
+        if spec not in self._checkpoints:
+            self._checkpoints[spec] = load_checkpoint(spec, self.device)
+        return self._checkpoints[spec]
 
     def samples(self, key: str, make: Callable[[], tuple[torch.Tensor, dict]]):
         """(x, info) of a sampler, made once and kept as safetensors under samples/."""
@@ -419,16 +421,19 @@ class Run:
 
         return make
 
+    def _score_path(self, key: str, use: EvaluatorUse) -> Path:
+        return self.work / "evals" / f"{_slug(key)}--{use.name}.json"
+
     def score(self, key: str, spec: str, x: torch.Tensor, info: dict, use: EvaluatorUse) -> dict:
         """The figures of samples ``x`` of the generator ``spec`` under one evaluator."""
-        path = self.work / "evals" / f"{_slug(key)}--{use.name}.json"
+        path = self._score_path(key, use)
         if path.is_file():
             return json.loads(path.read_text())
-        if use.name not in self._loaded:
+        if use.name not in self._evaluators:
             self.log(f"loading evaluator {use.name} ({use.spec or 'exact'})")
-            self._loaded[use.name] = load_evaluator(use.spec, self.device, use.batch_size)
-        evaluator = self._loaded[use.name].bind(self.checkpoint(spec))  # type: ignore[attr-defined]
+            self._evaluators[use.name] = load_evaluator(use.spec, self.device, use.batch_size)
         ckpt = self.checkpoint(spec)
+        evaluator = self._evaluators[use.name].bind(ckpt)
         arm = describe_samples(key, x, evaluator, ckpt.config.input_vocab, steps=info.get("steps"))
         figures = {**_figures(asdict(arm)), **{k: v for k, v in info.items() if k != "steps"}}
         tmp = path.with_name(path.name + ".tmp")
@@ -437,19 +442,13 @@ class Run:
         return figures
 
     def arm_scores(self, key: str, spec: str, make: Callable, seed: int, headline: bool):
-        """{evaluator: figures} for one sampler and seed, under every evaluator that scores it."""
+        """{evaluator: figures} for one sampler and seed, under every evaluator that scores it;
+        the sampler runs (or its samples load) only when some score is not cached."""
         todo = [u for u in self.evaluators if u.scores(seed, headline)]
-        cached = all((self.work / "evals" / f"{_slug(key)}--{u.name}.json").is_file() for u in todo)
-        x, info = (None, None) if cached else self.samples(key, make)
-        out = {}
-        for u in todo:
-            if x is None:
-                out[u.name] = json.loads(
-                    (self.work / "evals" / f"{_slug(key)}--{u.name}.json").read_text()
-                )
-            else:
-                out[u.name] = self.score(key, spec, x, info, u)
-        return out
+        if all(self._score_path(key, u).is_file() for u in todo):
+            return {u.name: json.loads(self._score_path(key, u).read_text()) for u in todo}
+        x, info = self.samples(key, make)
+        return {u.name: self.score(key, spec, x, info, u) for u in todo}
 
     def real_scores(self, real: torch.Tensor) -> dict:
         """{evaluator: figures} of real data, under every evaluator."""
@@ -710,7 +709,9 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
             "python": platform.python_version(),
             **({"gpu": torch.cuda.get_device_name(0)} if device.startswith("cuda") else {}),
         },
-        "versions": _versions(),
+        "versions": package_versions(
+            ("torch", "ray", "pyarrow", "datasets", "transformers", "tsdfm-pipeline")
+        ),
         "command": "python " + " ".join(sys.argv),
         "seconds": time.perf_counter() - start,
     }
@@ -722,18 +723,6 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
     plot(result, dest)
     print(md.read_text())
     return result
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for name in ("torch", "ray", "pyarrow", "datasets", "transformers", "tsdfm-pipeline"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _record_invocation(work: Path, command: str, seconds: float) -> list[dict]:
