@@ -54,9 +54,21 @@ def _config(teacher: str):
 
 
 def _remove_busy_node(cluster, pids, first_commit, stop, removed) -> None:
-    """After the first committed shard, SIGKILL the node of a worker that is building a shard."""
+    """After the first committed shard, SIGKILL the node of a worker that is building a shard.
+
+    Ray titles a worker ``ray::ShardActor.build`` while the task runs and resets the title before
+    the reply leaves the worker. A title read from outside can be stale by the time the node is
+    killed (the shard finished, so nothing is retried), so the worker is frozen with SIGSTOP and
+    its title read again: still building means the reply has not been sent.
+    """
+    import contextlib
+    import signal
+
     import psutil  # vendored by Ray; importable once ray is imported
     from ray._private.ray_constants import PROCESS_TYPE_RAYLET
+
+    def building(proc) -> bool:
+        return " ".join(proc.cmdline()).startswith("ray::ShardActor.build")
 
     first_commit.wait(timeout=120)
     deadline = time.time() + 120
@@ -64,17 +76,23 @@ def _remove_busy_node(cluster, pids, first_commit, stop, removed) -> None:
         for pid in pids:
             try:
                 proc = psutil.Process(pid)
-                title = " ".join(proc.cmdline())
+                if not building(proc):
+                    continue
                 raylet = proc.ppid()  # Ray workers are children of their node's raylet
+                proc.send_signal(signal.SIGSTOP)
+                if not building(proc):
+                    proc.send_signal(signal.SIGCONT)
+                    continue
             except psutil.NoSuchProcess:
-                continue
-            if not title.startswith("ray::ShardActor.build"):
                 continue
             for node in list(cluster.worker_nodes):
                 if node.all_processes[PROCESS_TYPE_RAYLET][0].process.pid == raylet:
                     cluster.remove_node(node, allow_graceful=False)
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.send_signal(signal.SIGKILL)  # raylet gone: do not leave it stopped
                     removed.append({"actor_pid": pid, "node_id": node.node_id})
                     return
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.01)
 
 
