@@ -1,7 +1,15 @@
-"""Pieces shared by the trainers: learning-rate schedule, EMA, and pickle-free trainer state.
+"""Pieces shared by the trainers: learning-rate schedule, EMA, pickle-free trainer state, and
+the run folder (run_config.json, metrics.jsonl, rotated checkpoints).
 
 Trainer state (optimizer moments, EMA weights, RNG states, step) is written as one safetensors
 file plus a JSON file, never with pickle, so a resumed run continues bit-for-bit.
+
+A run folder holds::
+
+    run_config.json              the record the run belongs to (see check_run_config)
+    metrics.jsonl                one JSON line per logged step (MetricsLog)
+    checkpoints/step-0000250/    model files + trainer state; the newest KEEP_CHECKPOINTS kept
+    final/                       the trained model
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,10 +27,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.errors import CheckpointError
+from models.errors import CheckpointError, ConfigError
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.jsonl"
+KEEP_CHECKPOINTS = 2
 
 
 @contextmanager
@@ -186,3 +198,124 @@ def resume_latest(
     if ema is not None and state.ema is not None:
         ema.load_state_dict(state.ema)
     return state
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint taken after ``step`` steps: checkpoints/step-0000123."""
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def rotate_checkpoints(run_dir: Path, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Delete all but the newest ``keep`` checkpoint folders of a run."""
+    assert keep >= 1, keep
+    folders = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: p.name)
+    for old in folders[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_step_state(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    generators: dict[str, torch.Tensor],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the trainer state after ``step`` steps into :func:`checkpoint_dir` (beside the
+    model files the trainer saved there first), then rotate the run's checkpoints.
+
+    The counterpart of :func:`resume_latest`.
+    """
+    directory = checkpoint_dir(run_dir, step)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_trainer_state(
+        directory,
+        TrainerState(
+            step=step,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            ema=ema.state_dict() if ema is not None else None,
+            generators=generators,
+            extra=extra if extra is not None else {},
+        ),
+    )
+    rotate_checkpoints(run_dir)
+
+
+def check_run_config(
+    run_dir: Path, record: dict[str, Any], holds: str = "a run", names: dict[str, str] | None = None
+) -> None:
+    """A run folder belongs to one record; resuming it with another one is refused.
+
+    The first call writes ``record`` to run_config.json; a later call with a different record
+    raises a ConfigError naming what changed: each changed key of ``record["run"]`` (the
+    trainer config), then each other changed part of the record, in record order.
+
+    Args:
+        run_dir: the run folder.
+        record: JSON-able; ``record["run"]`` is the trainer config, the other keys are what
+            else the run depends on (data, teacher, ...).
+        holds: what the folder holds, for the message ("a run", "an LM run").
+        names: how a changed part is named in the message (default: its key), e.g.
+            ``{"data": "dataset"}``.
+    """
+    names = names or {}
+    record = json.loads(json.dumps(record))
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.exists():
+        path.write_text(json.dumps(record, indent=1))
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} is not valid JSON; delete {run_dir} to start over") from None
+    if old == record:
+        return
+    run, old_run = record["run"], old.get("run", {})
+    changed = sorted(k for k in set(old_run) | set(run) if old_run.get(k) != run.get(k))
+    parts = [k for k in record if k != "run"] + [k for k in old if k not in record]
+    changed += [names.get(k, k) for k in parts if old.get(k) != record.get(k)]
+    raise ConfigError(
+        f"{run_dir} holds {holds} with a different config (changed: {', '.join(changed)}); "
+        "pass a new --out or delete the folder to start over"
+    )
+
+
+def due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic action (evaluation, checkpoint) runs once ``done`` of ``total``
+    steps are done: every ``every`` steps and after the last one."""
+    return done % every == 0 or done == total
+
+
+class MetricsLog:
+    """A run's metrics.jsonl, appended to one line per logged step and flushed at once.
+
+    ``history`` holds the lines this session wrote. Use as a context manager.
+
+    Args:
+        run_dir: the run folder.
+        resume_step: drop the lines of steps after this one first (a resumed run rewrites
+            them); None keeps the file as it is.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / METRICS_FILE
+        self.resume_step = resume_step
+        self.history: list[dict] = []
+
+    def __enter__(self) -> MetricsLog:
+        if self.resume_step is not None and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= self.resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def write(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()

@@ -36,8 +36,6 @@ Everything else random comes from one checkpointed ``torch.Generator``.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -57,10 +55,13 @@ from models.rng import CounterRNG
 from models.solver import Counters, DenoiserCache, rollout, uniform_grid
 from models.train.common import (
     EMA,
-    TrainerState,
+    MetricsLog,
+    check_run_config,
+    checkpoint_dir,
+    due,
     get_lr,
     resume_latest,
-    save_trainer_state,
+    save_step_state,
     seeded,
 )
 from models.train.teacher import LANGUAGE_FILE, DataSource, SyntheticSource, load_language
@@ -445,7 +446,7 @@ def train_compass(
         "negatives": neg_info,
         "data": data.describe(),
     }
-    _check_run_config(out, record)
+    check_run_config(out, record, holds="a compass run")
     provenance = {
         "trainer": "compass",
         "objective": "generation-aware NCE (logistic, logit -E)",
@@ -472,12 +473,11 @@ def train_compass(
         start = state.step
     files = _checkpoint_files(teacher)
     heldout = _heldout_set(negatives, data, path, tcfg, cfg.seed, device)
-    history: list[dict] = []
     last: dict = {"loss": float("nan")}
     bank_index, bank = -1, None
     t0 = time.perf_counter()
     model.train()
-    with (out / "metrics.jsonl").open("a") as metrics_file:
+    with MetricsLog(out) as log:
         for step in range(start, cfg.steps):
             refresh = step // cfg.refresh_every
             bank_seconds = None
@@ -509,14 +509,12 @@ def train_compass(
             }
             if bank_seconds is not None:
                 last["bank_seconds"] = bank_seconds
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if due(step + 1, cfg.eval_every, cfg.steps):
                 last.update(_heldout_metrics(model, ema, heldout))
-                history.append(last)
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+                log.write(last)
             if progress is not None:
                 progress(step + 1, cfg.steps, last)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if due(step + 1, cfg.checkpoint_every, cfg.steps):
                 _save_step(out, step + 1, model, opt, ema, gen, teacher, files)
     final_metrics = _heldout_metrics(model, ema, heldout)
     final = out / "final"
@@ -536,7 +534,7 @@ def train_compass(
         last["loss"],
         final_metrics["heldout_auc"],
         final_metrics["heldout_loss"],
-        history,
+        log.history,
     )
 
 
@@ -609,42 +607,6 @@ def _jsonable(cfg: CompassTrainConfig) -> dict:
     return d
 
 
-def _check_run_config(out: Path, record: dict) -> None:
-    """A run directory belongs to one config and one teacher; resuming with others is refused."""
-    record = json.loads(json.dumps(record))
-    path = out / "run_config.json"
-    if not path.exists():
-        path.write_text(json.dumps(record, indent=1))
-        return
-    old = json.loads(path.read_text())
-    if old == record:
-        return
-    changed = sorted(
-        k
-        for k in set(old.get("run", {})) | set(record["run"])
-        if old.get("run", {}).get(k) != record["run"].get(k)
-    )
-    changed += [k for k in ("teacher", "negatives", "data") if old.get(k) != record[k]]
-    raise ConfigError(
-        f"{out} holds a compass run with a different config (changed: {', '.join(changed)}); "
-        "pass a new --out or delete the folder to start over"
-    )
-
-
 def _save_step(out: Path, step: int, model, opt, ema, gen, teacher: Checkpoint, files) -> None:
-    ckpt_dir = out / "checkpoints" / f"step-{step:07d}"
-    save_checkpoint(ckpt_dir, model, teacher.tokenizer, files)
-    save_trainer_state(
-        ckpt_dir,
-        TrainerState(
-            step=step,
-            model=model.state_dict(),
-            optimizer=opt.state_dict(),
-            ema=ema.state_dict() if ema is not None else None,
-            generators={"data": gen.get_state()},
-            extra={},
-        ),
-    )
-    kept = sorted(out.glob("checkpoints/step-*"), key=lambda p: p.name)
-    for old in kept[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    save_checkpoint(checkpoint_dir(out, step), model, teacher.tokenizer, files)
+    save_step_state(out, step, model, opt, ema, {"data": gen.get_state()})

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -67,15 +65,15 @@ from models.flow_model import FlowModel, student_from_teacher
 from models.losses import segment_loss
 from models.train.common import (
     EMA,
-    TrainerState,
+    MetricsLog,
+    check_run_config,
+    checkpoint_dir,
+    due,
     get_lr,
     resume_latest,
-    save_trainer_state,
+    save_step_state,
     seeded,
 )
-
-METRICS_FILE = "metrics.jsonl"
-RUN_CONFIG_FILE = "run_config.json"
 
 
 class DistillWarning(UserWarning):
@@ -289,31 +287,6 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _check_run_config(out: Path, cfg: DistillConfig, data: dict, init_identity: str) -> None:
-    """A run directory belongs to one config, dataset and --init; another one is refused."""
-    record = json.loads(
-        json.dumps({"run": cfg.identity_dict(), "data": data, "init_identity": init_identity})
-    )
-    path = out / RUN_CONFIG_FILE
-    if not path.exists():
-        path.write_text(json.dumps(record, indent=1))
-        return
-    old = json.loads(path.read_text())
-    if old == record:
-        return
-    changed = sorted(
-        k for k in set(old["run"]) | set(record["run"]) if old["run"].get(k) != record["run"].get(k)
-    )
-    if old.get("data") != record["data"]:
-        changed.append("dataset")
-    if old.get("init_identity") != init_identity:
-        changed.append("init")
-    raise ConfigError(
-        f"{out} holds a run with a different config (changed: {', '.join(changed)}); "
-        "pass a new --out or delete the folder to start over"
-    )
-
-
 # --------------------------------------------------------------------------- the step
 class StudentStep:
     """One optimizer step on micro-batches: loss, backward, clip, AdamW, EMA.
@@ -442,7 +415,11 @@ def train_student(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data_info = source.provenance()
-    _check_run_config(out, cfg, data_info, init.identity)
+    check_run_config(
+        out,
+        {"run": cfg.identity_dict(), "data": data_info, "init_identity": init.identity},
+        names={"data": "dataset", "init_identity": "init"},
+    )
 
     model = build_student(init, cfg.seed)
     model.config = model.config.replace(
@@ -484,15 +461,13 @@ def train_student(
         )
         issued.append(msg)
         (warn or (lambda m: warnings.warn(m, DistillWarning, stacklevel=3)))(msg)
-    metrics_path = out / METRICS_FILE
-    _truncate_metrics(metrics_path, start)
     tb = _tensorboard(out)
-    history: list[dict] = []
     last: dict = {"loss": float("nan")}
     window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
     batches = iter(loader)
     try:
-        with seeded(cfg.seed), metrics_path.open("a") as metrics_file:
+        # on resume, lines written after the checkpoint we resume from are dropped
+        with seeded(cfg.seed), MetricsLog(out, resume_step=start) as log:
             if rng_state is not None:
                 torch.set_rng_state(rng_state)
             t_run = time.perf_counter()
@@ -511,13 +486,10 @@ def train_student(
                     "epoch": loader.state.epoch,
                     "seconds": time.perf_counter() - t_run,
                 }
-                done = step + 1 == cfg.steps
-                if (step + 1) % cfg.eval_every == 0 or done:
+                if due(step + 1, cfg.eval_every, cfg.steps):
                     last["heldout_loss"] = trainer.heldout_loss(held_batches)
                 if (step + 1) % cfg.log_every == 0 or "heldout_loss" in last:
-                    history.append(last)
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
+                    log.write(last)
                     if tb is not None:
                         for k, v in last.items():
                             if isinstance(v, (int, float)) and v is not None:
@@ -525,7 +497,7 @@ def train_student(
                     window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
                 if progress is not None:
                     progress(step + 1, cfg.steps, last)
-                if (step + 1) % cfg.checkpoint_every == 0 or done:
+                if due(step + 1, cfg.checkpoint_every, cfg.steps):
                     _save_step(out, step + 1, trainer, loader, init, extra_files)
     finally:
         batches.close()
@@ -538,21 +510,13 @@ def train_student(
         )
         ident = save_checkpoint(final, model.eval(), init.tokenizer, extra_files)
     heldout = trainer.heldout_loss(held_batches)
-    return DistillResult(final, ident, cfg.steps, S, last["loss"], heldout, history, issued)
+    return DistillResult(final, ident, cfg.steps, S, last["loss"], heldout, log.history, issued)
 
 
 def _batches(examples: Examples | None, size: int) -> list[ExampleBatch]:
     if examples is None:
         return []
     return [examples.take(slice(i, i + size)).tensors() for i in range(0, len(examples), size)]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metrics lines written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _tensorboard(out: Path):
@@ -564,19 +528,13 @@ def _tensorboard(out: Path):
 
 
 def _save_step(out, step, trainer: StudentStep, loader, init: Checkpoint, extra_files) -> None:
-    ckpt_dir = out / "checkpoints" / f"step-{step:07d}"
-    save_checkpoint(ckpt_dir, trainer.model, init.tokenizer, extra_files)
-    save_trainer_state(
-        ckpt_dir,
-        TrainerState(
-            step=step,
-            model=trainer.model.state_dict(),
-            optimizer=trainer.opt.state_dict(),
-            ema=trainer.ema.state_dict() if trainer.ema is not None else None,
-            generators={"torch": torch.get_rng_state()},
-            extra={"data": loader.state_dict()},
-        ),
+    save_checkpoint(checkpoint_dir(out, step), trainer.model, init.tokenizer, extra_files)
+    save_step_state(
+        out,
+        step,
+        trainer.model,
+        trainer.opt,
+        trainer.ema,
+        generators={"torch": torch.get_rng_state()},
+        extra={"data": loader.state_dict()},
     )
-    kept = sorted(out.glob("checkpoints/step-*"), key=lambda p: p.name)
-    for old in kept[:-2]:
-        shutil.rmtree(old, ignore_errors=True)

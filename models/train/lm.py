@@ -47,12 +47,14 @@ from models.data.corpus import (
     load_texts,
 )
 from models.data.synthetic import MASK_TOKEN
-from models.errors import CheckpointError, ConfigError, DataError
+from models.errors import ConfigError, DataError
 from models.train.common import (
-    TrainerState,
+    MetricsLog,
+    check_run_config,
+    due,
     get_lr,
     resume_latest,
-    save_trainer_state,
+    save_step_state,
     seeded,
 )
 
@@ -237,7 +239,12 @@ def train_lm(
         "tokenizer_sha256": hashlib.sha256(tok.to_str().encode()).hexdigest(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    _check_run_config(out, cfg, data_info)
+    check_run_config(
+        out,
+        {"run": cfg.run_dict(), "data": data_info},
+        holds="an LM run",
+        names={"data": "corpus or tokenizer"},
+    )
 
     with seeded(cfg.seed):
         model = LlamaForCausalLM(lm_config(tok.get_vocab_size(), cfg))
@@ -259,10 +266,9 @@ def train_lm(
         gen.set_state(state.generators["data"])
         start = state.step
     held_windows = held.windows[: cfg.heldout_windows]
-    history: list[dict] = []
     last: dict = {"loss": float("nan")}
     t0 = time.perf_counter()
-    with (out / "metrics.jsonl").open("a") as metrics_file:
+    with MetricsLog(out) as log:
         for step in range(start, cfg.steps):
             lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
             for group in opt.param_groups:
@@ -280,15 +286,13 @@ def train_lm(
                 "grad_norm": gnorm.item(),
                 "seconds": time.perf_counter() - t0,
             }
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if due(step + 1, cfg.eval_every, cfg.steps):
                 last["heldout_nll"] = heldout_nll(model, held_windows, cfg.batch_size, device)
-                history.append(last)
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+                log.write(last)
             if progress is not None:
                 progress(step + 1, cfg.steps, last)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                _save_step(out, step + 1, model, opt, gen)
+            if due(step + 1, cfg.checkpoint_every, cfg.steps):
+                save_step_state(out, step + 1, model, opt, None, {"data": gen.get_state()})
     model.eval()
     nll = heldout_nll(model, held_windows, cfg.batch_size, device)
     meta = {
@@ -308,7 +312,7 @@ def train_lm(
     }
     final = out / "final"
     save_lm(final, model, tok, meta)
-    return LMTrainResult(final, cfg.steps, last["loss"], nll, math.exp(nll), history)
+    return LMTrainResult(final, cfg.steps, last["loss"], nll, math.exp(nll), log.history)
 
 
 def save_lm(directory: str | Path, model: Any, tokenizer: Any, meta: dict) -> Path:
@@ -342,43 +346,3 @@ def save_lm(directory: str | Path, model: Any, tokenizer: Any, meta: dict) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _check_run_config(out: Path, cfg: LMTrainConfig, data_info: dict) -> None:
-    """A run directory belongs to one config and one corpus; resuming with others is refused."""
-    record = json.loads(json.dumps({"run": cfg.run_dict(), "data": data_info}))
-    path = out / "run_config.json"
-    if not path.exists():
-        path.write_text(json.dumps(record, indent=1))
-        return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path} is not valid JSON; delete {out} to start over") from None
-    if old != record:
-        changed = sorted(k for k in record["run"] if old.get("run", {}).get(k) != record["run"][k])
-        if old.get("data") != record["data"]:
-            changed.append("corpus or tokenizer")
-        raise ConfigError(
-            f"{out} holds an LM run with a different config (changed: {', '.join(changed)}); "
-            "pass a new --out or delete the folder to start over"
-        )
-
-
-def _save_step(out: Path, step: int, model, opt, gen: torch.Generator) -> None:
-    ckpt_dir = out / "checkpoints" / f"step-{step:07d}"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_trainer_state(
-        ckpt_dir,
-        TrainerState(
-            step=step,
-            model=model.state_dict(),
-            optimizer=opt.state_dict(),
-            ema=None,
-            generators={"data": gen.get_state()},
-            extra={},
-        ),
-    )
-    kept = sorted(out.glob("checkpoints/step-*"), key=lambda p: p.name)
-    for old in kept[:-2]:
-        shutil.rmtree(old, ignore_errors=True)

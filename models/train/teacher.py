@@ -8,7 +8,6 @@ from one explicit ``torch.Generator`` whose state is checkpointed, so a resumed 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,10 +25,13 @@ from models.flow_model import FlowModel, teacher_config
 from models.losses import cross_entropy_loss, generalized_kl_loss
 from models.train.common import (
     EMA,
-    TrainerState,
+    MetricsLog,
+    check_run_config,
+    checkpoint_dir,
+    due,
     get_lr,
     resume_latest,
-    save_trainer_state,
+    save_step_state,
     seeded,
 )
 
@@ -196,7 +198,7 @@ def train_teacher(
     data = data if data is not None else SyntheticSource(SyntheticLanguage.generate(cfg.language))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_run_config(out, cfg, data)
+    check_run_config(out, {"run": _jsonable(cfg), "data": data.describe()})
     mcfg = teacher_config(
         data.vocab_size,
         data.seq_len,
@@ -224,42 +226,38 @@ def train_teacher(
     heldout_gen = torch.Generator().manual_seed(cfg.seed + 7919)
     heldout = [data.heldout(cfg.batch_size, heldout_gen) for _ in range(4)]
     loss_fn = _loss_fn(cfg, path)
-    history: list[dict] = []
-    metrics_file = (out / "metrics.jsonl").open("a")
     last = {"loss": float("nan")}
     t0 = time.perf_counter()
     model.train()
-    for step in range(start, cfg.steps):
-        lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x_1 = data.batch(cfg.batch_size, gen)
-        t = torch.rand(cfg.batch_size, generator=gen)
-        ps = path.sample(x_1, t, gen)
-        loss = loss_fn(model(ps.x_t, t), ps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(model)
-        last = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "lr": lr,
-            "grad_norm": gnorm.item(),
-            "seconds": time.perf_counter() - t0,
-        }
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            last["heldout_loss"] = _heldout_loss(model, ema, heldout, path, loss_fn, cfg.seed)
-            history.append(last)
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-        if progress is not None:
-            progress(step + 1, cfg.steps, last)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_step(out, step + 1, model, opt, ema, gen, data)
-    metrics_file.close()
+    with MetricsLog(out) as log:
+        for step in range(start, cfg.steps):
+            lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x_1 = data.batch(cfg.batch_size, gen)
+            t = torch.rand(cfg.batch_size, generator=gen)
+            ps = path.sample(x_1, t, gen)
+            loss = loss_fn(model(ps.x_t, t), ps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            last = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "lr": lr,
+                "grad_norm": gnorm.item(),
+                "seconds": time.perf_counter() - t0,
+            }
+            if due(step + 1, cfg.eval_every, cfg.steps):
+                last["heldout_loss"] = _heldout_loss(model, ema, heldout, path, loss_fn, cfg.seed)
+                log.write(last)
+            if progress is not None:
+                progress(step + 1, cfg.steps, last)
+            if due(step + 1, cfg.checkpoint_every, cfg.steps):
+                _save_step(out, step + 1, model, opt, ema, gen, data)
     final = out / "final"
     with ema.applied(model) if ema is not None else nullcontext():
         model.config = model.config.replace(
@@ -267,7 +265,7 @@ def train_teacher(
         )
         ident = save_checkpoint(final, model.eval(), data.tokenizer(), data.checkpoint_files())
     heldout_loss = _heldout_loss(model, ema, heldout, path, loss_fn, cfg.seed)
-    return TrainResult(final, ident, cfg.steps, last["loss"], heldout_loss, history)
+    return TrainResult(final, ident, cfg.steps, last["loss"], heldout_loss, log.history)
 
 
 def _special_tokens(data: DataSource) -> dict:
@@ -279,27 +277,6 @@ def _jsonable(cfg: TeacherTrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("out")
     return d
-
-
-def _check_run_config(out: Path, cfg: TeacherTrainConfig, data: DataSource) -> None:
-    """A run directory belongs to one config; resuming with another is refused."""
-    record = {"run": _jsonable(cfg), "data": data.describe()}
-    path = out / "run_config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(record)):
-            changed = sorted(
-                k
-                for k in set(old["run"]) | set(record["run"])
-                if old["run"].get(k) != json.loads(json.dumps(record["run"])).get(k)
-            )
-            raise ConfigError(
-                f"{out} holds a run with a different config "
-                f"(changed: {', '.join(changed) or 'data'}); "
-                "pass a new --out or delete the folder to start over"
-            )
-    else:
-        path.write_text(json.dumps(record, indent=1))
 
 
 @torch.no_grad()
@@ -318,22 +295,8 @@ def _heldout_loss(model, ema, batches, path, loss_fn, seed: int) -> float:
 
 
 def _save_step(out: Path, step: int, model, opt, ema, gen, data: DataSource) -> None:
-    ckpt_dir = out / "checkpoints" / f"step-{step:07d}"
-    save_checkpoint(ckpt_dir, model, data.tokenizer(), data.checkpoint_files())
-    save_trainer_state(
-        ckpt_dir,
-        TrainerState(
-            step=step,
-            model=model.state_dict(),
-            optimizer=opt.state_dict(),
-            ema=ema.state_dict() if ema is not None else None,
-            generators={"data": gen.get_state()},
-            extra={},
-        ),
-    )
-    kept = sorted(out.glob("checkpoints/step-*"), key=lambda p: p.name)
-    for old in kept[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+    save_checkpoint(checkpoint_dir(out, step), model, data.tokenizer(), data.checkpoint_files())
+    save_step_state(out, step, model, opt, ema, {"data": gen.get_state()})
 
 
 def load_language(directory: Path, data_info: dict) -> SyntheticLanguage:
