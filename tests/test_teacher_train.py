@@ -44,20 +44,21 @@ def test_tiny_overfit_lowers_the_loss(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    full = train_teacher(_cfg(tmp_path / "full"))
-    half = _cfg(tmp_path / "resumed", steps=8)
+    full = train_teacher(_cfg(tmp_path / "full", eval_every=2))
+    half = _cfg(tmp_path / "resumed", eval_every=2)
 
     # run the first half only: a run of 4 steps whose config we then extend is refused, so
-    # interrupt by raising from the progress callback after step 4's checkpoint
+    # interrupt by raising from the progress callback at step 7: the checkpoint is step 4's,
+    # the metrics file already holds step 6's line, which the resumed run must not repeat
     class Stop(Exception):
         pass
 
-    def stop_after_4(step, total, metrics):
-        if step == 5:
+    def stop_at_7(step, total, metrics):
+        if step == 7:
             raise Stop
 
     with pytest.raises(Stop):
-        train_teacher(half, progress=stop_after_4)
+        train_teacher(half, progress=stop_at_7)
     resumed = train_teacher(half)
     assert resumed.identity == full.identity
     a = load_file(str(tmp_path / "full/checkpoints/step-0000008/trainer_state.safetensors"))
@@ -65,7 +66,7 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
-    assert steps == [4, 8]
+    assert steps == [2, 4, 6, 8]
 
 
 def test_changed_config_is_refused(tmp_path):

@@ -477,7 +477,7 @@ def train_compass(
     bank_index, bank = -1, None
     t0 = time.perf_counter()
     model.train()
-    with MetricsLog(out) as log:
+    with MetricsLog(out, resume_step=start) as log:
         for step in range(start, cfg.steps):
             refresh = step // cfg.refresh_every
             bank_seconds = None

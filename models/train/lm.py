@@ -268,7 +268,7 @@ def train_lm(
     held_windows = held.windows[: cfg.heldout_windows]
     last: dict = {"loss": float("nan")}
     t0 = time.perf_counter()
-    with MetricsLog(out) as log:
+    with MetricsLog(out, resume_step=start) as log:
         for step in range(start, cfg.steps):
             lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
             for group in opt.param_groups:

@@ -229,7 +229,7 @@ def train_teacher(
     last = {"loss": float("nan")}
     t0 = time.perf_counter()
     model.train()
-    with MetricsLog(out) as log:
+    with MetricsLog(out, resume_step=start) as log:
         for step in range(start, cfg.steps):
             lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
             for group in opt.param_groups:
