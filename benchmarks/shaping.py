@@ -818,6 +818,8 @@ def targets(rows: list[dict], p: Preset, real: dict, evaluator: str) -> list[dic
 def _fmt(cell: dict | None, digits: int = 3) -> str:
     if not cell:
         return ""
+    if len(cell.get("per_seed", [])) == 1:
+        return f"{cell['mean']:.{digits}f}"  # one seed: no spread to report
     return f"{cell['mean']:.{digits}f} ± {cell['sd']:.{digits}f}"
 
 
