@@ -898,8 +898,9 @@ def markdown(r: dict) -> str:
         "",
         f"Command: `{r['command']}`",
         "",
-        f"Plots: `{r['plots'][0]}` (perplexity vs steps), `{r['plots'][1]}` (perplexity vs "
-        "entropy).",
+        f"![Generative perplexity against sampling steps, per arm]({r['plots'][0]})",
+        "",
+        f"![Generative perplexity against unigram entropy, per arm]({r['plots'][1]})",
         "",
     ]
     return "\n".join(lines)
