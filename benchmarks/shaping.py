@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from results_io import package_versions, write_results
+from results_io import cpu_model, package_versions, write_results
 from safetensors.torch import load_file, save_file
 
 from models.checkpoint import Checkpoint, bundled_path, load_checkpoint
@@ -703,7 +703,7 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
         "targets": [t for ev in names for t in targets(rows, p, real, ev)],
         "device": {
             "device": device,
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),

@@ -92,6 +92,26 @@ class EMA:
             model.load_state_dict(backup)
 
 
+def optimizer_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    grad_clip: float,
+    ema: EMA | None = None,
+) -> float:
+    """One update from ``loss``: backward, clip the gradient norm, step, update the EMA.
+
+    Returns the gradient norm before clipping.
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    if ema is not None:
+        ema.update(model)
+    return gnorm.item()
+
+
 @dataclass
 class TrainerState:
     """Everything needed to continue a run exactly."""

@@ -60,6 +60,7 @@ from models.train.common import (
     checkpoint_dir,
     due,
     get_lr,
+    optimizer_step,
     resume_latest,
     save_step_state,
     seeded,
@@ -493,18 +494,13 @@ def train_compass(
             x_pos = path.sample(x_1, t.cpu(), gen).x_t.to(device)
             e_pos, e_neg = _energies(model, x_pos, x_neg, t.to(device))
             loss = nce_loss(e_pos, e_neg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.update(model)
+            gnorm = optimizer_step(model, opt, loss, cfg.grad_clip, ema)
             last = {
                 "step": step + 1,
                 "loss": loss.item(),
                 "accuracy": 0.5 * ((e_pos < 0).float().mean() + (e_neg > 0).float().mean()).item(),
                 "lr": lr,
-                "grad_norm": gnorm.item(),
+                "grad_norm": gnorm,
                 "seconds": time.perf_counter() - t0,
             }
             if bank_seconds is not None:

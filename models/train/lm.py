@@ -53,6 +53,7 @@ from models.train.common import (
     check_run_config,
     due,
     get_lr,
+    optimizer_step,
     resume_latest,
     save_step_state,
     seeded,
@@ -275,15 +276,12 @@ def train_lm(
                 group["lr"] = lr
             w = train.batch(cfg.batch_size, gen).to(device)
             loss = window_nll(model, w).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            gnorm = optimizer_step(model, opt, loss, cfg.grad_clip)
             last = {
                 "step": step + 1,
                 "loss": loss.item(),
                 "lr": lr,
-                "grad_norm": gnorm.item(),
+                "grad_norm": gnorm,
                 "seconds": time.perf_counter() - t0,
             }
             if due(step + 1, cfg.eval_every, cfg.steps):

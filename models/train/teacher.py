@@ -30,6 +30,7 @@ from models.train.common import (
     checkpoint_dir,
     due,
     get_lr,
+    optimizer_step,
     resume_latest,
     save_step_state,
     seeded,
@@ -238,17 +239,12 @@ def train_teacher(
             t = torch.rand(cfg.batch_size, generator=gen)
             ps = path.sample(x_1, t, gen)
             loss = loss_fn(model(ps.x_t, t), ps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.update(model)
+            gnorm = optimizer_step(model, opt, loss, cfg.grad_clip, ema)
             last = {
                 "step": step + 1,
                 "loss": loss.item(),
                 "lr": lr,
-                "grad_norm": gnorm.item(),
+                "grad_norm": gnorm,
                 "seconds": time.perf_counter() - t0,
             }
             if due(step + 1, cfg.eval_every, cfg.steps):
