@@ -14,6 +14,10 @@ move (a revealed token is final); under the uniform source every position may mo
 The teacher sampler is the rollout over the uniform grid of N steps; the step-size-aware
 (student) sampler is the same rollout over a grid of S steps, the denoiser receiving h as well.
 
+Temperature T reshapes every draw: x̂ ~ softmax(logits / T) ∝ (p_1t)^{1/T} in place of p_1t
+(:class:`TemperedDenoiser`); T < 1 sharpens the draws (lower entropy), T > 1 flattens them,
+and T = 1 is the model itself, bit for bit. The jump probabilities q(t, h) do not change.
+
 Masked-source denoisers that are time-invariant (p(x_1 | x_t) does not depend on t under the
 mask path) are only re-evaluated for rows whose state changed since their last evaluation;
 this is exact, not an approximation, and makes N ≫ L steps cost about L forward passes.
@@ -21,12 +25,14 @@ this is exact, not an approximation, and makes N ≫ L steps cost about L forwar
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from models.errors import ConfigError
 from models.path import MixturePath
 from models.rng import CounterRNG, Stream, categorical
 
@@ -39,6 +45,47 @@ class Denoiser(Protocol):
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x_t: (B, L) int64; t, h: (B,) float32 → (B, L, V) logits."""
         ...
+
+
+class TemperedDenoiser:
+    """A denoiser whose p(x_1 | x_t) is sharpened (T < 1) or flattened (T > 1):
+
+        logits_T(x_t, t, h) = logits(x_t, t, h) / T,   softmax(logits_T) ∝ (p_1t)^{1/T}
+
+    Args:
+        model: the denoiser; its ``time_invariant`` carries over (dividing by a constant keeps
+            p(x_1 | x_t) independent of t), so the sampler's cache works through the wrapper.
+        temperature: T > 0; T = 1 returns the model's logits unchanged (the same tensor).
+    """
+
+    def __init__(self, model: Denoiser, temperature: float):
+        self.model = model
+        self.temperature = check_temperature(temperature)
+        self.time_invariant = model.time_invariant
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x_t: (B, L) int64; t, h: (B,) float32 → (B, L, V) logits / T."""
+        logits = self.model(x_t, t, h)
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+    """T as a float, or a ConfigError saying what a valid T is."""
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"{name}={temperature!r} must be a finite number > 0: 1 samples the model as it is, "
+            "< 1 sharpens its draws, > 1 flattens them"
+        )
+    return value
+
+
+def tempered(model: Denoiser, temperature: float) -> Denoiser:
+    """``model`` itself at T = 1 (so T = 1 is today's sampler exactly), else the wrapper."""
+    return model if check_temperature(temperature) == 1.0 else TemperedDenoiser(model, temperature)
 
 
 def uniform_grid(n_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -68,7 +115,8 @@ def jump_step(
 
     Args:
         x_t: (B, L) int64 current state.
-        logits_1t: (B, L, V) logits of p(x_1 | x_t); only rows/positions that move are read.
+        logits_1t: (B, L, V) logits of p(x_1 | x_t) (divided by T for tempered sampling, see
+            :class:`TemperedDenoiser`); only rows/positions that move are read.
         q: jump probability q(t, h) for this step.
         rng: counter-based randomness of the B rows.
         step: global step counter (keys the random streams).
@@ -214,12 +262,13 @@ def sample(
     seq_len: int,
     n_steps: int,
     times: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> SampleResult:
     """Unconditional samples: x_0 from the source, then ``n_steps`` jump steps to t = 1.
 
     With a teacher this is the N-step teacher sampler; with a step-size-conditioned student it is
     the S-step sampler (the student sees h = 1/S, or the grid's own intervals if ``times`` is
-    given).
+    given). Every draw is from softmax(logits / T) (:class:`TemperedDenoiser`).
 
     Args:
         model: denoiser.
@@ -228,7 +277,9 @@ def sample(
         seq_len: L.
         n_steps: number of steps (ignored when ``times`` is given).
         times: optional explicit (n+1,) grid from 0 to 1.
+        temperature: T > 0 of the draws; T = 1 (the default) is the model itself.
     """
+    model = tempered(model, temperature)
     rng = CounterRNG(seeds)
     grid = uniform_grid(n_steps, seeds.device) if times is None else times
     x_0 = path.sample_source((len(seeds), seq_len), rng)

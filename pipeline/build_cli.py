@@ -35,7 +35,19 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         ] = 8,
         tau: Annotated[float, typer.Option(help="Shape segments starting at t ≥ tau.")] = 0.0,
         selection: Annotated[str, typer.Option(help="argmin or softmax")] = "argmin",
-        temperature: Annotated[float, typer.Option(help="Softmax selection temperature.")] = 1.0,
+        selection_temperature: Annotated[
+            float, typer.Option(help="T of the softmax selection, ∝ exp(−energy / T).")
+        ] = 1.0,
+        teacher_temperature: Annotated[
+            float,
+            typer.Option(
+                help="T of the teacher's draws, softmax(logits / T); 1 is the teacher itself. "
+                "With --k 1 and T < 1: a lower-entropy blind control arm."
+            ),
+        ] = 1.0,
+        old_temperature: Annotated[
+            str | None, typer.Option("--temperature", hidden=True, show_default=False)
+        ] = None,
         seed: int = 0,
         precision: Annotated[str, typer.Option(help="fp32 or bf16 (CUDA)")] = "fp32",
         device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -71,6 +83,11 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         from pipeline.config import BuildConfig
         from pipeline.navigator import NavigatorConfig
 
+        if old_temperature is not None:
+            raise ConfigError(
+                "--temperature is ambiguous and no longer accepted: use --selection-temperature "
+                "for the softmax selection or --teacher-temperature for the teacher's draws"
+            )
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
         if push_to_hub is not None:  # fail before the build, not after it
@@ -88,7 +105,15 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                         f"the bundled compass is missing ({compass}); reinstall tsdfm-pipeline, "
                         "pass --compass CKPT, or --k 1 for a blind dataset"
                     )
-        nav = NavigatorConfig(student_steps, teacher_steps, k, tau, selection, temperature)
+        nav = NavigatorConfig(
+            student_steps,
+            teacher_steps,
+            k,
+            tau,
+            selection,
+            temperature=selection_temperature,
+            teacher_temperature=teacher_temperature,
+        )
         cfg = BuildConfig(
             teacher,
             compass,

@@ -349,11 +349,19 @@ def _is_hub_id(spec: Any) -> bool:
     return isinstance(spec, str) and bool(_HUB_ID.fullmatch(spec)) and not Path(spec).exists()
 
 
+def _teacher_temperature(nav: dict[str, Any]) -> float:
+    """The teacher's T (recorded only away from 1, see pipeline.config)."""
+    return float(nav.get("teacher_temperature", 1.0))
+
+
 def pretty_name(manifest: dict[str, Any]) -> str:
     nav = manifest["plan"]["config"]["navigator"]
     kind = f"shaped, K={nav['candidates']}" if nav["candidates"] > 1 else "blind, K=1"
+    T = _teacher_temperature(nav)
+    tempered = "" if T == 1.0 else f", teacher T={T:g}"
     return (
-        f"TS-DFM teacher trajectories ({kind}, S={nav['student_steps']}, N={nav['teacher_steps']})"
+        f"TS-DFM teacher trajectories ({kind}, S={nav['student_steps']}, "
+        f"N={nav['teacher_steps']}{tempered})"
     )
 
 
@@ -436,7 +444,27 @@ def _how_it_was_made(m: dict[str, Any], model: ModelFacts | None) -> list[str]:
             "the chosen index is 0 in every segment. Train a student on it to measure what "
             "shaping adds."
         )
-    return [first, second]
+    T = _teacher_temperature(nav)
+    if T == 1.0:
+        return [first, second]
+    third = (
+        f"The teacher's draws are tempered: every x̂ is drawn from softmax(logits / T) with "
+        f"T = {T:g} in place of the teacher's own p(x_1 | x_t)"
+        + (
+            ", which sharpens them and lowers the samples' entropy"
+            if T < 1
+            else ", which flattens them and raises the samples' entropy"
+        )
+        + ". "
+        + (
+            "A blind dataset at T < 1 is the control arm for shaping: it buys lower perplexity "
+            "with lower entropy alone, so compare students trained on it and on shaped data at "
+            "matched entropy."
+            if K == 1 and T < 1
+            else "Compare students trained on it with others at matched entropy."
+        )
+    )
+    return [first, second, third]
 
 
 def render_card(

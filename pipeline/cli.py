@@ -115,7 +115,23 @@ def eval_cmd(
     steps: Annotated[
         list[int] | None, typer.Option("--steps", help="Step counts (repeatable).")
     ] = None,
-    samples: Annotated[int, typer.Option(help="Samples per step count.")] = 1000,
+    temperature: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--temperature",
+            help="Sampler temperature T > 0, logits / T (repeatable; each T at each step count "
+            "is an arm); default 1.0, the model itself.",
+        ),
+    ] = None,
+    match_entropy: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--match-entropy",
+            help="Report the gen-PPL interpolated on each step count's temperature frontier at "
+            "this unigram entropy (nats; repeatable).",
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Samples per arm.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Samples per batched rollout.")] = 250,
     score_batch_size: Annotated[
         int, typer.Option(help="Sequences per evaluator LM forward pass.")
@@ -127,7 +143,11 @@ def eval_cmd(
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
 ) -> None:
-    """Sample unconditionally; report generative perplexity, entropy, distinct-n, NFE, speed."""
+    """Sample unconditionally; report generative perplexity, entropy, distinct-n, NFE, speed.
+
+    Several --temperature values trace each step count's gen-PPL / entropy frontier; compare
+    generators at matched entropy with --match-entropy (docs/evaluation.md).
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -135,13 +155,21 @@ def eval_cmd(
     from models.eval.evaluate import (
         EvalConfig,
         evaluate_checkpoint,
+        format_matches,
         format_table,
         reference_windows,
         table_header,
     )
     from models.eval.evaluators import evaluator_for
 
-    cfg = EvalConfig(tuple(steps or (1024, 8)), samples, batch_size, seed)
+    cfg = EvalConfig(
+        tuple(steps or (1024, 8)),
+        samples,
+        batch_size,
+        seed,
+        temperatures=tuple(temperature or (1.0,)),
+        match_entropy=tuple(match_entropy or ()),
+    )
     _check_device(device)
     ckpt = load_checkpoint(model or _default_teacher(), device, role=("teacher", "student"))
     ckpt.model.set_precision(precision)
@@ -167,6 +195,8 @@ def eval_cmd(
     for row in format_table(result):
         table.add_row(*row)
     Console().print(table)
+    for line in format_matches(result):
+        typer.echo(line)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")
@@ -497,7 +527,8 @@ def demo(
 
     Builds a blind (K=1) and a shaped (K=8) dataset on a local Ray cluster, verifies both,
     distils a student from each with the same budget, evaluates teacher and students under the
-    synthetic language's exact likelihood, and prints a results table. Rerun to resume.
+    synthetic language's exact likelihood (the blind student also at the temperature whose
+    entropy matches the shaped student's), and prints a results table. Rerun to resume.
     """
     from pipeline.demo import DemoConfig, format_results, run_demo
 

@@ -4,18 +4,27 @@ Everything that decides the bytes of a shard is in :class:`BuildConfig` (togethe
 identities of the teacher and compass checkpoints); where the output goes and how many workers
 run it are not. The fingerprint is the sha256 of the canonical JSON of those content-defining
 values, and it identifies the dataset: a rerun into the same folder resumes only if it matches.
+
+Navigator settings added after datasets were first published (:data:`LATER_NAVIGATOR_FIELDS`)
+are recorded only when they differ from their default: a dataset built before they existed
+keeps its recorded config, the bytes of its shards (their metadata holds the config) and its
+fingerprint, and a build at the default reproduces it exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from models.errors import ConfigError
 from pipeline.navigator import NavigatorConfig
 
 PRECISIONS = ("fp32", "bf16")
+# navigator fields newer than the first published datasets → their defaults (left out at these)
+LATER_NAVIGATOR_FIELDS = {
+    f.name: f.default for f in fields(NavigatorConfig) if f.name in ("teacher_temperature",)
+}
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class BuildConfig:
         shards: number of Parquet shards.
         trajectories_per_shard: rows per shard.
         batch_size: trajectories navigated together (the B of B·K rows per forward pass).
-        navigator: S, N, K, τ, selection, temperature.
+        navigator: S, N, K, τ, selection, selection temperature, teacher temperature.
         seed: dataset seed; trajectory i has seed ``seed · 2^32 + i``.
         precision: fp32, or bf16 autocast on CUDA.
         allow_teacher_mismatch: accept a compass trained on another teacher's states (warns).
@@ -69,7 +78,13 @@ class BuildConfig:
         return self.seed * 2**32 + trajectory_id
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as recorded in the manifest and every shard (see the module docstring)."""
+        d = asdict(self)
+        nav = d["navigator"]
+        for name, default in LATER_NAVIGATOR_FIELDS.items():
+            if nav[name] == default:
+                del nav[name]
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> BuildConfig:

@@ -4,7 +4,10 @@
 2. verify both (checksums, schema, provenance, per-row invariants);
 3. distil a student briefly from each, with the same budget;
 4. evaluate the teacher (1,024 and 8 steps) and both students (8 steps) under the exact
-   likelihood of the synthetic language, beside the samples' unigram entropy and real data.
+   likelihood of the synthetic language, beside the samples' unigram entropy and real data;
+   and the blind student once more at the temperature T whose samples match the shaped
+   student's unigram entropy (bisection on T), so the two students also meet at matched
+   entropy: shaping must beat mere sharpening.
 
 Every stage is resumable (rerun the command: committed shards and finished students are
 kept). The settings are small so that the loop finishes in minutes on 2 cores; they show the
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.checkpoint import bundled_path, load_checkpoint
+from models.checkpoint import Checkpoint, bundled_path, load_checkpoint
 from models.errors import ConfigError, DataError
 
 DEFAULT_OUT = "tsdfm-out/demo"
@@ -35,6 +38,9 @@ class DemoConfig:
         distill_steps, distill_batch: the students' (equal) training budget.
         eval_samples: samples per evaluated arm.
         seed: seed of the datasets, the students' data order and the evaluation.
+        match_range: the range of T searched for the entropy-matched blind student.
+        match_evaluations: the most evaluations of the bisection on T.
+        match_tolerance: the bisection stops at |entropy − target| below this (nats).
     """
 
     shards: int = 2
@@ -46,11 +52,20 @@ class DemoConfig:
     distill_batch: int = 64
     eval_samples: int = 400
     seed: int = 0
+    match_range: tuple[float, float] = (0.3, 1.0)
+    match_evaluations: int = 6
+    match_tolerance: float = 0.005
 
     def __post_init__(self) -> None:
         for name in ("shards", "trajectories_per_shard", "distill_steps", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"demo {name} must be a positive integer")
+        lo, hi = self.match_range
+        if not 0 < lo < hi or self.match_evaluations < 1 or not self.match_tolerance > 0:
+            raise ConfigError(
+                f"demo entropy match: range {self.match_range} must satisfy 0 < lo < hi, "
+                "evaluations ≥ 1 and tolerance > 0"
+            )
         # each trajectory gives S training examples, read by the student's 2 streams
         per_stream = self.shards * self.trajectories_per_shard * self.student_steps // 2
         if per_stream < self.distill_batch:
@@ -67,6 +82,7 @@ class DemoResult:
     out: Path
     rows: list[dict] = field(default_factory=list)
     datasets: dict = field(default_factory=dict)
+    entropy_match: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -141,15 +157,18 @@ def _distill(cfg: DemoConfig, data: Path, out: Path, log: Log) -> Path:
     return result.final_dir
 
 
-def _evaluate(spec: str, steps: tuple[int, ...], cfg: DemoConfig, label: str) -> list[dict]:
+def _evaluate(
+    ckpt: Checkpoint, steps: tuple[int, ...], cfg: DemoConfig, label: str, temperature: float = 1.0
+) -> list[dict]:
     from models.eval.evaluate import EvalConfig, evaluate_checkpoint
 
-    ckpt = load_checkpoint(spec)
-    report = evaluate_checkpoint(ckpt, EvalConfig(steps, cfg.eval_samples, 250, cfg.seed))
+    eval_cfg = EvalConfig(steps, cfg.eval_samples, 250, cfg.seed, temperatures=(temperature,))
+    report = evaluate_checkpoint(ckpt, eval_cfg)
     rows = [
         {
             "arm": f"{label}, {arm['steps']} steps",
             "steps": arm["steps"],
+            "temperature": arm["temperature"],
             "gen_ppl": arm["gen_ppl"],
             "entropy": arm["entropy_mean"],
             "seconds_per_sample": arm["seconds_per_sample"],
@@ -161,6 +180,7 @@ def _evaluate(spec: str, steps: tuple[int, ...], cfg: DemoConfig, label: str) ->
         {
             "arm": "real data (the language itself)",
             "steps": None,
+            "temperature": None,
             "gen_ppl": real["gen_ppl"],
             "entropy": real["entropy_mean"],
             "seconds_per_sample": None,
@@ -168,6 +188,53 @@ def _evaluate(spec: str, steps: tuple[int, ...], cfg: DemoConfig, label: str) ->
         }
     )
     return rows
+
+
+def _match_entropy(
+    cfg: DemoConfig, student: Checkpoint, at_one: dict, target: float, log: Log
+) -> tuple[dict, dict]:
+    """The blind student's row at the T whose entropy matches ``target`` (bisection on T), and
+    what the search did. ``at_one`` is its row at T = 1, which costs no new evaluation."""
+    from models.eval.evaluate import temperature_for_entropy
+
+    rows = {1.0: at_one}
+
+    def entropy_at(temperature: float) -> float:
+        rows[temperature] = _evaluate(
+            student, (cfg.student_steps,), cfg, "student from blind data", temperature
+        )[0]
+        return rows[temperature]["entropy"]
+
+    lo, hi = cfg.match_range
+    match = temperature_for_entropy(
+        entropy_at,
+        target,
+        lo,
+        hi,
+        cfg.match_evaluations,
+        cfg.match_tolerance,
+        known={1.0: at_one["entropy"]} if lo <= 1.0 <= hi else None,
+    )
+    row = dict(rows[match.temperature])
+    row["arm"] = (
+        f"student from blind data, {cfg.student_steps} steps, T={match.temperature:.3f} "
+        + ("(entropy of the shaped student)" if match.converged else "(nearest the shaped entropy)")
+    )
+    log(
+        f"  blind student at T={match.temperature:.3f}: entropy {match.entropy:.3f}, shaped "
+        f"student {target:.3f} ({match.evaluations} evaluation(s)"
+        + ("" if match.converged else f"; the closest in T ∈ [{lo}, {hi}]")
+        + ")"
+    )
+    summary = {
+        "target_entropy": target,
+        "temperature": match.temperature,
+        "entropy": match.entropy,
+        "converged": match.converged,
+        "evaluations": match.evaluations,
+        "tried": [list(t) for t in match.tried],
+    }
+    return row, summary
 
 
 def run_demo(out: str | Path = DEFAULT_OUT, cfg: DemoConfig | None = None, log: Log = print):
@@ -193,19 +260,28 @@ def run_demo(out: str | Path = DEFAULT_OUT, cfg: DemoConfig | None = None, log: 
         for name in ("blind", "shaped")
     }
     log(f"4/4 evaluating ({cfg.eval_samples} samples per arm, exact likelihood)")
-    teacher_rows = _evaluate(
-        str(bundled_path("teacher")), (cfg.teacher_steps, cfg.student_steps), cfg, "teacher"
-    )
+    teacher = load_checkpoint(str(bundled_path("teacher")))
+    teacher_rows = _evaluate(teacher, (cfg.teacher_steps, cfg.student_steps), cfg, "teacher")
     result.rows = teacher_rows[:-1]
-    for name in ("blind", "shaped"):
-        result.rows += _evaluate(
-            str(students[name]), (cfg.student_steps,), cfg, f"student from {name} data"
-        )[:-1]
-    result.rows.append(teacher_rows[-1])
+    ckpts = {name: load_checkpoint(str(students[name])) for name in ("blind", "shaped")}
+    student_rows = {
+        name: _evaluate(ckpts[name], (cfg.student_steps,), cfg, f"student from {name} data")[0]
+        for name in ("blind", "shaped")
+    }
+    matched, result.entropy_match = _match_entropy(
+        cfg, ckpts["blind"], student_rows["blind"], student_rows["shaped"]["entropy"], log
+    )
+    result.rows += [student_rows["blind"], student_rows["shaped"], matched, teacher_rows[-1]]
     result.seconds = time.perf_counter() - start
     (out / "results.json").write_text(
         json.dumps(
-            {"config": asdict(cfg), "rows": result.rows, "datasets": result.datasets}, indent=2
+            {
+                "config": asdict(cfg),
+                "rows": result.rows,
+                "datasets": result.datasets,
+                "entropy_match": result.entropy_match,
+            },
+            indent=2,
         )
         + "\n"
     )
@@ -225,6 +301,7 @@ def format_results(result: DemoResult) -> str:
         lines.append(f"| {r['arm']} | {steps} | {r['gen_ppl']:.3f} | {r['entropy']:.3f} | {sps} |")
     truth = result.rows[-1].get("true_perplexity")
     gains = {k: v.get("gain") for k, v in result.datasets.items()}
+    match = result.entropy_match
     lines += [
         "",
         "- gen. perplexity: exp of the mean negative log-likelihood per token of the samples "
@@ -233,6 +310,15 @@ def format_results(result: DemoResult) -> str:
         "- unigram entropy: entropy of the token histogram within each sample, averaged; far "
         "below real data's means repetitive samples (perplexity can be gamed that way).",
         "- s/sample: sampling wall time per sequence on this machine.",
+        "- T: the blind student sampled at temperature T (logits / T, found by bisection) so that "
+        "its unigram entropy matches the shaped student's: a lower temperature buys lower "
+        "perplexity with lower entropy, so this row is the fair comparison for shaping"
+        + (
+            f" (T = {match['temperature']:.3f}, entropy {match['entropy']:.3f} vs "
+            f"{match['target_entropy']:.3f})."
+            if match
+            else "."
+        ),
         "- shaped data: at each of the S midpoints the teacher rolled out K candidates and the "
         "compass kept the lowest-energy one"
         + (

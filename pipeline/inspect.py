@@ -51,7 +51,9 @@ def inspect_dataset(root: str, example: int = 0) -> str:
         f"bytes {totals['bytes']:,} ({totals['bytes'] / max(totals['rows'], 1):,.0f} per "
         "trajectory)",
         f"navigator: S={nav['student_steps']} N={nav['teacher_steps']} K={nav['candidates']} "
-        f"tau={nav['tau']} selection={nav['selection']}",
+        f"tau={nav['tau']} selection={nav['selection']}"
+        + (f" selection_temperature={nav['temperature']}" if nav["selection"] == "softmax" else "")
+        + f" teacher_temperature={nav.get('teacher_temperature', 1.0)}",
     ]
     shard = (
         committed[0]

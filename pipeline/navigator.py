@@ -27,7 +27,7 @@ import torch
 from models.errors import ConfigError
 from models.path import MixturePath
 from models.rng import CounterRNG, Stream, categorical
-from models.solver import Counters, Denoiser, rollout, uniform_grid
+from models.solver import Counters, Denoiser, check_temperature, rollout, tempered, uniform_grid
 
 SELECTIONS = ("argmin", "softmax")
 
@@ -50,7 +50,11 @@ class NavigatorConfig:
         candidates: K rollouts per shaped midpoint; K = 1 is the blind baseline.
         tau: shaping starts at the first segment with t_k ≥ τ.
         selection: "argmin" or "softmax" (sample with probabilities ∝ exp(−e / temperature)).
-        temperature: softmax temperature (> 0).
+        temperature: softmax *selection* temperature (> 0).
+        teacher_temperature: T > 0 of the teacher's own draws, softmax(logits / T)
+            (``models.solver.TemperedDenoiser``); 1 is the teacher itself, T < 1 a sharper,
+            lower-entropy teacher (a blind K = 1 build at T < 1 is the control arm for
+            shaping at matched entropy).
     """
 
     student_steps: int = 8
@@ -59,6 +63,7 @@ class NavigatorConfig:
     tau: float = 0.0
     selection: str = "argmin"
     temperature: float = 1.0
+    teacher_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         S, N, K = self.student_steps, self.teacher_steps, self.candidates
@@ -77,6 +82,8 @@ class NavigatorConfig:
             raise ConfigError(f"unknown selection {self.selection!r}; use argmin or softmax")
         if not self.temperature > 0:
             raise ConfigError(f"temperature={self.temperature} must be positive")
+        T = check_temperature(self.teacher_temperature, "teacher_temperature")
+        object.__setattr__(self, "teacher_temperature", T)  # 1 and 1.0: one config, one print
 
     @property
     def substeps(self) -> int:
@@ -141,6 +148,7 @@ def navigate(
         seq_len: L.
         cfg: S, N, K, τ, selection.
     """
+    teacher = tempered(teacher, cfg.teacher_temperature)  # itself at T = 1, else logits / T
     shaped = cfg.shaped_segments()
     if any(shaped) and scorer is None:
         raise ConfigError("shaping with K > 1 needs a compass; pass --compass or use K=1")

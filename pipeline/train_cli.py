@@ -149,6 +149,10 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             typer.Option(help="Sampler steps; default: a student's S, a teacher's 1024."),
         ] = None,
         num_samples: Annotated[int, typer.Option("--num-samples", "-n")] = 8,
+        temperature: Annotated[
+            float,
+            typer.Option(help="T > 0 of every draw, softmax(logits / T); 1 is the model itself."),
+        ] = 1.0,
         seed: Annotated[int, typer.Option(help="Sample i has seed seed·2^32 + i.")] = 0,
         batch_size: int = 64,
         device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
@@ -174,10 +178,10 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 f"note: this student was distilled for S={own} steps; sampling with {steps}",
                 err=True,
             )
-        res = sample_checkpoint(ckpt, num_samples, steps, seed, batch_size, device)
+        res = sample_checkpoint(ckpt, num_samples, steps, seed, batch_size, device, temperature)
         typer.echo(
             f"{ckpt.config.role} {ckpt.identity[:19]}: {num_samples} samples, {res.steps} steps, "
-            f"{res.seconds / num_samples:.4f} s/sample"
+            f"T={res.temperature:g}, {res.seconds / num_samples:.4f} s/sample"
         )
         for i, row in enumerate(res.tokens):
             text = res.texts[i] if res.texts is not None else " ".join(map(str, row.tolist()))
@@ -189,6 +193,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                     record = {
                         "seed": int(res.seeds[i]),
                         "steps": res.steps,
+                        "temperature": res.temperature,
                         "tokens": row.tolist(),
                         "text": None if res.texts is None else res.texts[i],
                     }

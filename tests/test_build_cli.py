@@ -56,6 +56,46 @@ def test_build_then_inspect(tmp_path, saved_tiny_teacher):
     assert "energy: not shaped" in text
 
 
+def test_tempered_blind_build_is_a_new_dataset_that_replays_byte_exactly(
+    tmp_path, saved_tiny_teacher
+):
+    import json
+
+    from pipeline.card import read_card
+    from pipeline.manifest import Manifest
+    from pipeline.shards import read_shard
+    from pipeline.verify import verify
+
+    plain, tempered = tmp_path / "plain", tmp_path / "tempered"
+    assert _small(saved_tiny_teacher, plain).exit_code == 0
+    # T = 1 spelled out is the same dataset: same fingerprint, so the rerun skips every shard
+    again = _small(saved_tiny_teacher, plain, "--teacher-temperature", "1.0")
+    assert again.exit_code == 0 and "skipped 2" in again.output, again.output
+    res = _small(saved_tiny_teacher, tempered, "--teacher-temperature", "0.7")
+    assert res.exit_code == 0, res.output
+    m_plain, m_temp = Manifest.load(str(plain)), Manifest.load(str(tempered))
+    assert m_plain.fingerprint != m_temp.fingerprint
+    assert (
+        "teacher_temperature"
+        not in json.loads((plain / "manifest.json").read_text())["plan"]["config"]["navigator"]
+    )  # the default is not recorded: older datasets keep their bytes
+    assert m_temp.plan["config"]["navigator"]["teacher_temperature"] == 0.7
+    table_p, _ = read_shard(str(plain), "data/train-00000-of-00002.parquet")
+    table_t, meta = read_shard(str(tempered), "data/train-00000-of-00002.parquet")
+    assert meta["config"]["navigator"]["teacher_temperature"] == 0.7
+    assert table_p.column("states").to_pylist() != table_t.column("states").to_pylist()
+    # rebuilt from the recorded config, the tempered shards have the recorded bytes
+    report = verify(str(tempered), replay=2)
+    assert report.ok, report.format()
+    assert report.replayed == [0, 1]
+    card = read_card(str(tempered))
+    assert card[0]["pretty_name"].endswith("teacher T=0.7)")
+    assert "softmax(logits / T) with T = 0.7" in card[1]
+    assert "T = 0.7" not in read_card(str(plain))[1]
+    shown = runner.invoke(app, ["inspect", str(tempered)])
+    assert shown.exit_code == 0 and "teacher_temperature=0.7" in shown.output
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -74,6 +114,13 @@ def _closed_port() -> int:
         (["--k", "4"], "need a compass"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--precision", "fp8"], "precision 'fp8'"),
+        (["--selection-temperature", "0"], "temperature=0.0 must be positive"),
+        (["--teacher-temperature", "0"], "teacher_temperature=0.0 must be a finite number > 0"),
+        (
+            ["--temperature", "0.5"],
+            "use --selection-temperature for the softmax selection or --teacher-temperature "
+            "for the teacher's draws",
+        ),
     ],
 )
 def test_bad_build_flags(tmp_path, saved_tiny_teacher, extra, message):

@@ -22,15 +22,33 @@ def test_demo_runs_the_whole_loop_and_resumes(tmp_path):
     lines: list[str] = []
     result = run_demo(tmp_path, cfg, log=lines.append)
     arms = [r["arm"] for r in result.rows]
+    match = result.entropy_match
+    matched_arm = f"student from blind data, 8 steps, T={match['temperature']:.3f} " + (
+        "(entropy of the shaped student)" if match["converged"] else "(nearest the shaped entropy)"
+    )
     assert arms == [
         "teacher, 32 steps",
         "teacher, 8 steps",
         "student from blind data, 8 steps",
         "student from shaped data, 8 steps",
+        matched_arm,
         "real data (the language itself)",
     ]
     for r in result.rows:
         assert 1.0 < r["gen_ppl"] < 128 and 0.0 < r["entropy"] < 5.0
+    # the blind student at the T (bisection in [0.3, 1]) matching the shaped student's entropy
+    blind, shaped, matched = result.rows[2:5]
+    assert match["target_entropy"] == shaped["entropy"]
+    assert 0.3 <= match["temperature"] <= 1.0 and match["evaluations"] <= 6
+    assert matched["temperature"] == match["temperature"]
+    assert matched["entropy"] == match["entropy"]
+    closest = min(abs(e - shaped["entropy"]) for _, e in match["tried"])
+    assert abs(matched["entropy"] - shaped["entropy"]) == closest
+    assert match["converged"] == (closest < 0.005)
+    if blind["entropy"] < shaped["entropy"]:  # T = 1 already has too little entropy
+        assert match["temperature"] == 1.0 and match["evaluations"] == 0
+    said = f"  blind student at T={match['temperature']:.3f}: entropy {match['entropy']:.3f}"
+    assert any(line.startswith(said) for line in lines)
     # K=3 shaping chose lower energies than the candidates' mean
     assert result.datasets["shaped"]["gain"] > 0
     assert result.datasets["blind"]["gain"] is None

@@ -40,6 +40,20 @@ def test_k1_equals_the_plain_teacher_sampler(tiny_teacher):
     assert torch.allclose(res.times, torch.tensor([0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
 
 
+def test_teacher_temperature_is_the_tempered_teacher_sampler(tiny_teacher):
+    seeds = torch.arange(24) + 5
+    L = tiny_teacher.config.seq_len
+    res, _ = _nav(tiny_teacher, None, seeds, candidates=1, teacher_temperature=0.5)
+    hot = sample(tiny_teacher, tiny_teacher.path, seeds, L, 32, temperature=0.5)
+    assert torch.equal(res.states[:, -1], hot.x_1)
+    plain = sample(tiny_teacher, tiny_teacher.path, seeds, L, 32)
+    assert not torch.equal(hot.x_1, plain.x_1)
+    # shaped: every candidate is a tempered rollout, so lane 0 is still the blind tempered one
+    scorer = TokenSumScorer(tiny_teacher.config.vocab_size)
+    shaped, _ = _nav(tiny_teacher, scorer, seeds, teacher_temperature=0.5, tau=0.5)
+    assert torch.equal(shaped.states[:, :3], res.states[:, :3])  # blind until t = 0.5
+
+
 def test_argmin_keeps_the_lowest_recorded_energy(tiny_teacher):
     scorer = TokenSumScorer(tiny_teacher.config.vocab_size)
     res, cfg = _nav(tiny_teacher, scorer, torch.arange(16))

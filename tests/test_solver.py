@@ -3,7 +3,14 @@ import torch
 
 from models.path import MixturePath, PolynomialScheduler
 from models.rng import CounterRNG
-from models.solver import jump_probability, jump_step, rollout, sample, uniform_grid
+from models.solver import (
+    TemperedDenoiser,
+    jump_probability,
+    jump_step,
+    rollout,
+    sample,
+    uniform_grid,
+)
 
 
 def _path(source, V, n=1.0):
@@ -144,3 +151,92 @@ def test_cache_is_exact_and_saves_forward_passes(oracle_factory):
     assert torch.equal(a.x_1, b.x_1)
     assert b.counters.row_forwards == 500 * 128
     assert a.counters.row_forwards <= 500 * 3  # initial pass + at most one per reveal
+
+
+# --------------------------------------------------------------------------- temperature
+# the bundled teacher's tokens for seeds 5·2^32 + (0..3), 32 steps, drawn by the sampler as it
+# was before temperature existed: T = 1 must keep reproducing them bit for bit
+BUNDLED_32_STEP_SHA256 = "4bc85a547d1cdc86d064b2f51599ce328f40e4390a62d2e2e33183e505e5041a"
+
+
+@pytest.fixture(scope="module")
+def bundled_teacher():
+    from models.checkpoint import bundled_path, load_checkpoint
+
+    return load_checkpoint(str(bundled_path("teacher")))
+
+
+def test_temperature_one_is_the_old_sampler_bit_for_bit(bundled_teacher):
+    import hashlib
+
+    model, mc = bundled_teacher.model.eval(), bundled_teacher.config
+    seeds = torch.arange(4) + 5 * 2**32
+    x = sample(model, mc.path(), seeds, mc.seq_len, 32, temperature=1.0).x_1
+    assert hashlib.sha256(x.numpy().tobytes()).hexdigest() == BUNDLED_32_STEP_SHA256
+    assert torch.equal(x, sample(model, mc.path(), seeds, mc.seq_len, 32).x_1)
+    # the wrapper at T = 1 hands back the model's own logits
+    x_t = torch.full((2, mc.seq_len), mc.mask_token_id)
+    t = torch.zeros(2)
+    assert torch.equal(TemperedDenoiser(model, 1.0)(x_t, t, t), model(x_t, t, t))
+
+
+def test_lower_temperature_gives_lower_unigram_entropy(bundled_teacher):
+    from models.eval.metrics import unigram_entropy
+
+    model, mc = bundled_teacher.model.eval(), bundled_teacher.config
+    seeds = torch.arange(24)
+    entropy = {
+        T: unigram_entropy(
+            sample(model, mc.path(), seeds, mc.seq_len, 16, temperature=T).x_1, mc.input_vocab
+        ).mean()
+        for T in (0.5, 1.0)
+    }
+    assert entropy[0.5] < entropy[1.0] - 0.1
+
+
+def test_tempered_draws_follow_softmax_of_logits_over_t():
+    V, B, T = 4, 20000, 0.5
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).expand(B, 1, V)
+
+    class Fixed:
+        time_invariant = True
+
+        def __call__(self, x_t, t, h):
+            return logits[: x_t.shape[0]]
+
+    x = sample(TemperedDenoiser(Fixed(), T), _path("mask", V), torch.arange(B), 1, 1).x_1
+    freq = torch.bincount(x[:, 0], minlength=V).double() / B
+    expected = torch.softmax(logits[0, 0].double() / T, dim=0)  # ∝ p^2: 16:9:4:1 / 30
+    assert torch.allclose(freq, expected, atol=0.01)  # sd ≤ 0.0035
+
+
+def test_cache_works_through_the_wrapper(oracle_factory):
+    joint = _joint()
+    path = _path("mask", 3)
+    cached = TemperedDenoiser(oracle_factory(joint, "mask"), 0.7)
+    uncached = TemperedDenoiser(oracle_factory(joint, "mask"), 0.7)
+    uncached.time_invariant = False
+    a = sample(cached, path, torch.arange(500), 2, 128)
+    b = sample(uncached, path, torch.arange(500), 2, 128)
+    assert cached.time_invariant
+    assert torch.equal(a.x_1, b.x_1)
+    assert a.counters.row_forwards <= 500 * 3 < b.counters.row_forwards == 500 * 128
+    # through sample(temperature=...) as well: the same draws as the explicit wrapper
+    c = sample(oracle_factory(joint, "mask"), path, torch.arange(500), 2, 128, temperature=0.7)
+    assert torch.equal(c.x_1, a.x_1) and c.counters.row_forwards == a.counters.row_forwards
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature_is_a_config_error_naming_the_fix(tiny_teacher, bad):
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"temperature=.* must be a finite number > 0"):
+        sample(tiny_teacher, tiny_teacher.path, torch.arange(2), 8, 4, temperature=bad)
+    with pytest.raises(ConfigError, match="must be a finite number > 0"):
+        TemperedDenoiser(tiny_teacher, bad)
+
+
+def test_compass_training_keeps_its_tempered_denoiser():
+    from models.train import compass
+
+    assert compass.TemperedDenoiser is TemperedDenoiser

@@ -3,7 +3,8 @@
 A student samples on its own grid: S steps of h = 1/S, or the dataset grid it was distilled on
 (``provenance.times``) when asked for that S. A teacher samples N uniform steps. Sample i has
 seed ``seed · 2^32 + i`` and all randomness is counter-based, so a sample does not depend on
-the batch it was drawn in.
+the batch it was drawn in. Temperature T divides the logits before every draw
+(``models.solver.TemperedDenoiser``); T = 1 is the model itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from models.checkpoint import Checkpoint
 from models.errors import ConfigError
-from models.solver import sample
+from models.solver import check_temperature, sample
 
 TEACHER_DEFAULT_STEPS = 1024
 
@@ -31,6 +32,7 @@ class Samples:
         steps: the step count sampled with.
         seconds: wall time of the sampler.
         row_forwards: per-sequence forward passes run.
+        temperature: T of the draws (logits / T); 1 is the model itself.
     """
 
     tokens: torch.Tensor
@@ -39,6 +41,7 @@ class Samples:
     steps: int
     seconds: float
     row_forwards: int
+    temperature: float = 1.0
 
 
 def default_steps(ckpt: Checkpoint) -> int:
@@ -83,10 +86,13 @@ def sample_checkpoint(
     seed: int = 0,
     batch_size: int = 64,
     device: str = "cpu",
+    temperature: float = 1.0,
 ) -> Samples:
-    """Draw ``num_samples`` unconditional samples with the step-size-aware jump-rule sampler."""
+    """Draw ``num_samples`` unconditional samples with the step-size-aware jump-rule sampler,
+    every draw from softmax(logits / ``temperature``)."""
     if num_samples < 1 or batch_size < 1:
         raise ConfigError("num_samples and batch_size must be positive integers")
+    temperature = check_temperature(temperature)
     steps = default_steps(ckpt) if steps is None else steps
     if steps < 1:
         raise ConfigError(f"steps={steps} must be a positive integer")
@@ -98,9 +104,10 @@ def sample_checkpoint(
     xs, forwards = [], 0
     t0 = time.perf_counter()
     for lo in range(0, num_samples, batch_size):
-        res = sample(model, path, seeds[lo : lo + batch_size].to(device), mc.seq_len, steps, grid)
+        batch = seeds[lo : lo + batch_size].to(device)
+        res = sample(model, path, batch, mc.seq_len, steps, grid, temperature)
         xs.append(res.x_1.cpu())
         forwards += res.counters.row_forwards
     seconds = time.perf_counter() - t0
     tokens = torch.cat(xs)
-    return Samples(tokens, decode(ckpt, tokens), seeds, steps, seconds, forwards)
+    return Samples(tokens, decode(ckpt, tokens), seeds, steps, seconds, forwards, temperature)

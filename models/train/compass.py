@@ -52,7 +52,7 @@ from models.errors import CheckpointError, ConfigError, DataError
 from models.flow_model import FlowModel, ModelConfig
 from models.path import MixturePath
 from models.rng import CounterRNG
-from models.solver import Counters, DenoiserCache, rollout, uniform_grid
+from models.solver import Counters, DenoiserCache, TemperedDenoiser, rollout, uniform_grid
 from models.train.common import (
     EMA,
     MetricsLog,
@@ -82,26 +82,6 @@ def nce_loss(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
         e_neg: (B',) energies of teacher states.
     """
     return 0.5 * (F.softplus(e_pos).mean() + F.softplus(-e_neg).mean())
-
-
-class TemperedDenoiser:
-    """A denoiser whose p(x_1 | x_t) is sharpened (T < 1) or flattened (T > 1): logits / T.
-
-    Args:
-        model: the denoiser.
-        temperature: T > 0; T = 1 returns the model's logits unchanged.
-    """
-
-    def __init__(self, model, temperature: float):
-        if not temperature > 0:
-            raise ConfigError(f"temperature={temperature} must be > 0")
-        self.model = model
-        self.temperature = float(temperature)
-        self.time_invariant = model.time_invariant
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x_t, t, h)
-        return logits if self.temperature == 1.0 else logits / self.temperature
 
 
 @torch.no_grad()
