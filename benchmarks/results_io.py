@@ -2,11 +2,14 @@
 machine and package facts every results file records.
 
 OUT is a path prefix, not a file name with a suffix: ``docs/results/eval_T1.5`` writes
-``eval_T1.5.json`` (``Path.with_suffix`` would have replaced the ``.5``).
+``eval_T1.5.json`` (``Path.with_suffix`` would have replaced the ``.5``). Samples small
+enough to commit beside them go through :func:`write_jsonl_gz`.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -48,3 +51,42 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def write_jsonl_gz(path: str | Path, records: list[dict], max_bytes: int) -> dict:
+    """Write ``records`` as gzip'd JSON lines at ``path``, keeping the first n that fit.
+
+    The bytes depend only on the records (no file name or time in the gzip header), so a rerun
+    rewrites the same file. n is the largest count whose compressed file is at most
+    ``max_bytes``; the file is written to ``PATH.tmp`` and renamed into place.
+
+    Returns:
+        {"file": name, "records": n, "of": len(records), "bytes", "sha256"}.
+    """
+    path = Path(path)
+    lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records]
+
+    def blob(n: int) -> bytes:
+        return gzip.compress("".join(lines[:n]).encode(), compresslevel=9, mtime=0)
+
+    n, data = len(lines), blob(len(lines))
+    if len(data) > max_bytes:  # the largest n that fits, by bisection on the compressed size
+        lo, hi = 0, len(lines)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(blob(mid)) <= max_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        n, data = lo, blob(lo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.rename(path)
+    return {
+        "file": path.name,
+        "records": n,
+        "of": len(records),
+        "bytes": len(data),
+        "sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+    }

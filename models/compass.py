@@ -277,6 +277,62 @@ class CompassScorer:
         return self.model(x_t, t)
 
 
+EXACT_SCORERS = {"exact": "likelihood", "exact-ratio": "ratio"}
+
+
+class ExactScorer:
+    """The synthetic language's own likelihood as a scorer: the oracle no compass can beat.
+
+    ``likelihood``: E(x_t) = −log p(x_visible), the exact marginal likelihood of the revealed
+    tokens (``SyntheticLanguage.log_marginal``). Between candidates that share x_{t_k} and the
+    reveal pattern, argmin keeps the likeliest joint draw (mode-seeking).
+
+    ``ratio``: E(x_t) = log q − log p(x_visible), with log q the teacher's log-probability of
+    the tokens the candidate drew in the segment (the navigator passes it: ``uses_proposal``).
+    Candidates share x_{t_k}, so softmax(−E) ∝ p(x_R | x_{t_k}) / q(x_R | x_{t_k}): importance
+    resampling toward the language itself, the ceiling of density-ratio selection.
+
+    Only for teachers of the synthetic language (``--compass exact`` or ``exact-ratio``).
+    """
+
+    def __init__(self, language, mask_token_id: int, mode: str = "ratio"):
+        if mode not in EXACT_SCORERS.values():
+            raise ConfigError(f"unknown exact scorer mode {mode!r}; use likelihood or ratio")
+        self.language = language
+        self.mask_token_id = int(mask_token_id)
+        self.mode = mode
+        self.uses_proposal = mode == "ratio"
+        self.name = "exact" if mode == "likelihood" else "exact-ratio"
+        digest = hashlib.sha256(canonical_json(language.to_dict())).hexdigest()
+        self.identity = f"{self.name}:sha256:{digest}"
+
+    @staticmethod
+    def for_teacher(spec: str, teacher: Checkpoint) -> ExactScorer:
+        """The exact scorer named ``spec`` ("exact" or "exact-ratio") for a synthetic teacher."""
+        from models.train.teacher import load_language
+
+        if teacher.config.data.get("kind") != "synthetic" or teacher.config.source != "mask":
+            raise ConfigError(
+                f"--compass {spec} scores with the synthetic language's exact likelihood, but "
+                f"teacher {teacher.spec} is not a mask-source teacher of the synthetic language; "
+                "pass a compass checkpoint"
+            )
+        language = load_language(teacher.directory, teacher.config.data)
+        return ExactScorer(language, teacher.config.mask_token_id, EXACT_SCORERS[spec])
+
+    @torch.no_grad()
+    def energy(
+        self, x_t: torch.Tensor, t: float | torch.Tensor, log_q: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) states → (B,) float32 energies on x_t's device (see the class docstring)."""
+        e = -self.language.log_marginal(x_t.cpu(), self.mask_token_id)
+        if self.mode == "ratio":
+            if log_q is None:
+                raise ConfigError("the exact-ratio scorer needs the proposal log q of each state")
+            e = e + log_q.cpu().double()
+        return e.float().to(x_t.device)
+
+
 def load_compass(spec: str | Path, device: str | torch.device = "cpu") -> CompassScorer:
     """Load a compass checkpoint (directory or ``org/name[@rev]``) as a scorer."""
     return CompassScorer.from_checkpoint(load_checkpoint(spec, device, role="compass"))

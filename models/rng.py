@@ -56,17 +56,28 @@ class CounterRNG:
         seeds: (B,) int64 seeds, one per trajectory (row).
         lane: an extra key that separates independent copies of the same trajectory, e.g. the
             K candidates of a midpoint search (lane 0 is the trajectory's own stream).
+        shared: streams drawn from lane 0 whatever the row's lane, so that copies of one
+            trajectory share them (e.g. ``(Stream.JUMP,)``: every candidate reveals the same
+            positions and only the token draws differ).
     """
 
-    def __init__(self, seeds: torch.Tensor, lane: torch.Tensor | int = 0):
+    def __init__(
+        self,
+        seeds: torch.Tensor,
+        lane: torch.Tensor | int = 0,
+        shared: tuple[Stream, ...] = (),
+    ):
         seeds = torch.as_tensor(seeds, dtype=torch.long)
         assert seeds.dim() == 1, "seeds must be a 1-D tensor"
         self.seeds = seeds
         lane = torch.as_tensor(lane, dtype=torch.long, device=seeds.device)
         self.lane = lane.expand_as(seeds) if lane.dim() == 0 else lane
+        self.shared = tuple(Stream(s) for s in shared)
         lo = seeds & _M32
         hi = (seeds >> 32) & _M32
-        self._key = _mix(_mix(hash32(lo), hi), self.lane)
+        base = _mix(hash32(lo), hi)
+        self._key = _mix(base, self.lane)
+        self._key0 = _mix(base, torch.zeros_like(self.lane)) if self.shared else self._key
 
     @property
     def device(self) -> torch.device:
@@ -77,17 +88,18 @@ class CounterRNG:
 
     def index(self, rows: torch.Tensor) -> CounterRNG:
         """The RNG of a subset of rows (same streams, so results do not depend on batching)."""
-        return CounterRNG(self.seeds[rows], self.lane[rows])
+        return CounterRNG(self.seeds[rows], self.lane[rows], self.shared)
 
     def with_lanes(self, lanes: torch.Tensor) -> CounterRNG:
-        return CounterRNG(self.seeds, lanes)
+        return CounterRNG(self.seeds, lanes, self.shared)
 
     def to(self, device: torch.device | str) -> CounterRNG:
-        return CounterRNG(self.seeds.to(device), self.lane.to(device))
+        return CounterRNG(self.seeds.to(device), self.lane.to(device), self.shared)
 
     def uniform(self, step: int, stream: Stream, n: int) -> torch.Tensor:
         """(B, n) float64 uniforms in [0, 1) for counter (step, stream, position 0..n−1)."""
-        key = _mix(_mix(self._key, int(step) & _M32), int(stream))
+        base = self._key0 if stream in self.shared else self._key
+        key = _mix(_mix(base, int(step) & _M32), int(stream))
         pos = torch.arange(n, device=self.device, dtype=torch.long)
         a = hash32(key.unsqueeze(1) ^ hash32(pos * 2 + 0x632BE5AB))
         b = hash32(key.unsqueeze(1) ^ hash32(pos * 2 + 1 + 0x632BE5AB))

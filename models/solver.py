@@ -103,10 +103,95 @@ def jump_probability(path: MixturePath, t: float, h: float) -> float:
     return min(1.0, max(0.0, (k_next - k_t) / (1.0 - k_t)))
 
 
+REVEAL_ORDERS = ("random", "dilated")
+
+
+def dilated_ranks(seq_len: int) -> torch.Tensor:
+    """rank[i] of position i in the dilated order: positions sorted by the base-2 radical inverse
+    of their index (van der Corput), so that for L = 64 the first 8 ranks are the positions
+    0, 32, 16, 48, 8, 40, 24, 56 (every 8th), the next 8 are 4 mod 8, then 2, 6, 1, 5, 3, 7 mod 8.
+    Any prefix of the order is spread as evenly over the sequence as it can be. (L,) int64."""
+    bits = max(1, (seq_len - 1).bit_length())
+    key = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(seq_len)]
+    order = sorted(range(seq_len), key=lambda i: key[i])
+    rank = torch.empty(seq_len, dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(seq_len)
+    return rank
+
+
+@dataclass(frozen=True)
+class RevealPlan:
+    """Which masked positions may move in a step, and with what probability.
+
+    ``random`` is the mixture path's own rule: every masked position moves with
+    q(t, h) = (κ(t+h) − κ(t)) / (1 − κ(t)), independently, so the positions revealed together
+    in a coarse step are a random subset (adjacent ones included).
+
+    ``dilated`` fixes *where* each segment of the grid t_k = k / S reveals and keeps *how many*
+    as the path says: positions are ranked by :func:`dilated_ranks` and segment k reveals the
+    ranks [c_k, c_{k+1}) with c_k = round(L · κ(t_k)). Within a segment each of its positions
+    moves with probability h / (t_{k+1} − t) (1 at the segment's last step), i.e. at a uniform
+    time inside the segment; so an S-step sampler reveals exactly its group at step k, and an
+    N-step teacher rolled over the same S segments reveals the same groups one token at a time.
+    With L = 64 and S = 8, step k reveals every 8th position: tokens drawn together are never
+    neighbours, and from step 2 on each lies between tokens already known, which is where a
+    per-position (factorised) step loses least. Mask source only.
+
+    Args:
+        order: "random" or "dilated".
+        segments: S, the segments of the dilated grid (ignored by ``random``).
+    """
+
+    order: str = "random"
+    segments: int = 8
+
+    def __post_init__(self) -> None:
+        if self.order not in REVEAL_ORDERS:
+            raise ConfigError(
+                f"unknown reveal order {self.order!r}; use one of {', '.join(REVEAL_ORDERS)}"
+            )
+        if self.segments < 1:
+            raise ConfigError(f"reveal segments={self.segments} must be a positive integer")
+
+    def check(self, path: MixturePath) -> None:
+        if self.order == "dilated" and path.source != "mask":
+            raise ConfigError(
+                "the dilated reveal order needs the mask source (every position of a uniform "
+                "source may move at every step); use --order random"
+            )
+
+    def segment_of(self, path: MixturePath, seq_len: int, device=None) -> torch.Tensor:
+        """(L,) int64: the segment k in which each position is revealed (dilated order)."""
+        S = self.segments
+        c = [round(seq_len * float(path.scheduler.kappa(k / S))) for k in range(S + 1)]
+        c[-1] = seq_len
+        rank = dilated_ranks(seq_len)
+        seg = torch.zeros(seq_len, dtype=torch.long)
+        for k in range(S):
+            seg[(rank >= c[k]) & (rank < c[k + 1])] = k
+        return seg.to(device) if device is not None else seg
+
+    def move_probability(
+        self, path: MixturePath, t: float, h: float, seq_len: int, device=None
+    ) -> float | torch.Tensor:
+        """q of a step from t to t + h: a float (random order) or an (L,) float64 tensor."""
+        if self.order == "random":
+            return jump_probability(path, t, h)
+        S = self.segments
+        k = min(S - 1, int(t * S + 1e-9))
+        end = (k + 1) / S
+        q = 1.0 if t + h >= end - 1e-9 else h / (end - t)
+        seg = self.segment_of(path, seq_len, device)
+        return torch.where(seg == k, q, 0.0).to(torch.float64)
+
+    def to_dict(self) -> dict:
+        return {"order": self.order, "segments": self.segments}
+
+
 def jump_step(
     x_t: torch.Tensor,
     logits_1t: torch.Tensor,
-    q: float,
+    q: float | torch.Tensor,
     rng: CounterRNG,
     step: int,
     mask_token_id: int | None,
@@ -117,7 +202,8 @@ def jump_step(
         x_t: (B, L) int64 current state.
         logits_1t: (B, L, V) logits of p(x_1 | x_t) (divided by T for tempered sampling, see
             :class:`TemperedDenoiser`); only rows/positions that move are read.
-        q: jump probability q(t, h) for this step.
+        q: jump probability q(t, h) for this step, or an (L,) tensor of per-position
+            probabilities (:class:`RevealPlan`).
         rng: counter-based randomness of the B rows.
         step: global step counter (keys the random streams).
         mask_token_id: id of [MASK] under the mask source, None under the uniform source.
@@ -208,6 +294,8 @@ def rollout(
     step_offset: int = 0,
     cache: DenoiserCache | None = None,
     counters: Counters | None = None,
+    plan: RevealPlan | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DenoiserCache]:
     """Roll a batch from times[0] to times[-1] with the jump rule, one step per grid interval.
 
@@ -221,19 +309,32 @@ def rollout(
             rolled in segments equals one rolled in a single call).
         cache: denoiser cache carried over from a previous segment (time-invariant models).
         counters: accumulates forward calls and time.
+        plan: where positions may move (:class:`RevealPlan`); None is the random order.
+        log_q: optional (B,) float64 accumulator: adds log p(x̂^i | x_t) of every token drawn
+            (the proposal probability of the rollout's draws, for density-ratio selection).
 
     Returns:
         (x at times[-1], cache for the next segment).
     """
     counters = counters if counters is not None else Counters()
     cache = cache if cache is not None else DenoiserCache()
+    plan = plan if plan is not None else RevealPlan()
+    plan.check(path)
     mask_id = path.mask_token_id if path.source == "mask" else None
     grid = times.tolist()
     for j in range(len(grid) - 1):
         t, h = grid[j], grid[j + 1] - grid[j]
+        q = plan.move_probability(path, t, h, x.shape[1], x.device)
+        if isinstance(q, torch.Tensor) and mask_id is not None and not q.any():
+            counters.steps += 1
+            continue  # nothing may move in this step: no forward pass
         cache = _evaluate(model, x, t, h, cache, counters)
-        q = jump_probability(path, t, h)
         x_next = jump_step(x, cache.logits, q, rng, step_offset + j, mask_id)
+        if log_q is not None:
+            rows, cols = (x_next != x).nonzero(as_tuple=True)
+            if rows.numel():
+                lp = torch.log_softmax(cache.logits[rows, cols].double(), dim=-1)
+                log_q.index_add_(0, rows, lp.gather(1, x_next[rows, cols, None]).squeeze(1))
         changed = (x_next != x).any(dim=1)
         cache.valid = cache.valid & ~changed
         x = x_next
@@ -263,6 +364,7 @@ def sample(
     n_steps: int,
     times: torch.Tensor | None = None,
     temperature: float = 1.0,
+    order: str = "random",
 ) -> SampleResult:
     """Unconditional samples: x_0 from the source, then ``n_steps`` jump steps to t = 1.
 
@@ -278,11 +380,14 @@ def sample(
         n_steps: number of steps (ignored when ``times`` is given).
         times: optional explicit (n+1,) grid from 0 to 1.
         temperature: T > 0 of the draws; T = 1 (the default) is the model itself.
+        order: reveal order (:class:`RevealPlan`): "random", or "dilated" with one segment
+            per step of the grid.
     """
     model = tempered(model, temperature)
     rng = CounterRNG(seeds)
     grid = uniform_grid(n_steps, seeds.device) if times is None else times
+    plan = RevealPlan(order, len(grid) - 1)
     x_0 = path.sample_source((len(seeds), seq_len), rng)
     counters = Counters()
-    x_1, _ = rollout(model, path, x_0, grid, rng, 0, None, counters)
+    x_1, _ = rollout(model, path, x_0, grid, rng, 0, None, counters, plan)
     return SampleResult(x_1=x_1, counters=counters)

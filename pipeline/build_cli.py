@@ -22,7 +22,11 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         ] = None,
         compass: Annotated[
             str | None,
-            typer.Option(help="Compass checkpoint; default: bundled when --teacher is not given."),
+            typer.Option(
+                help="Compass checkpoint; default: bundled when --teacher is not given. "
+                "'exact' / 'exact-ratio': the synthetic language's own likelihood (an oracle "
+                "control for synthetic teachers)."
+            ),
         ] = None,
         out: Annotated[str, typer.Option(help="Output folder or fsspec URL.")] = DEFAULT_OUT,
         shards: Annotated[int, typer.Option(help="Number of Parquet shards.")] = 4,
@@ -45,6 +49,20 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 "With --k 1 and T < 1: a lower-entropy blind control arm."
             ),
         ] = 1.0,
+        reveal_order: Annotated[
+            str,
+            typer.Option(
+                help="random (the path's rule) or dilated (segment k reveals a fixed, evenly "
+                "spread group of positions: the group the student's step k reveals)."
+            ),
+        ] = "random",
+        shared_reveals: Annotated[
+            bool,
+            typer.Option(
+                help="Candidates share the reveal randomness: the same positions move, only "
+                "the token draws differ."
+            ),
+        ] = False,
         old_temperature: Annotated[
             str | None, typer.Option("--temperature", hidden=True, show_default=False)
         ] = None,
@@ -113,6 +131,8 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             selection,
             temperature=selection_temperature,
             teacher_temperature=teacher_temperature,
+            reveal_order=reveal_order,
+            shared_reveals=shared_reveals,
         )
         cfg = BuildConfig(
             teacher,

@@ -131,6 +131,13 @@ def eval_cmd(
             "this unigram entropy (nats; repeatable).",
         ),
     ] = None,
+    order: Annotated[
+        str | None,
+        typer.Option(
+            help="Reveal order: random or dilated (default: the checkpoint's own; a student "
+            "samples in its dataset's order)."
+        ),
+    ] = None,
     samples: Annotated[int, typer.Option(help="Samples per arm.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Samples per batched rollout.")] = 250,
     score_batch_size: Annotated[
@@ -169,6 +176,7 @@ def eval_cmd(
         seed,
         temperatures=tuple(temperature or (1.0,)),
         match_entropy=tuple(match_entropy or ()),
+        order=order,
     )
     _check_device(device)
     ckpt = load_checkpoint(model or _default_teacher(), device, role=("teacher", "student"))

@@ -23,7 +23,9 @@ from pipeline.navigator import NavigatorConfig
 PRECISIONS = ("fp32", "bf16")
 # navigator fields newer than the first published datasets → their defaults (left out at these)
 LATER_NAVIGATOR_FIELDS = {
-    f.name: f.default for f in fields(NavigatorConfig) if f.name in ("teacher_temperature",)
+    f.name: f.default
+    for f in fields(NavigatorConfig)
+    if f.name in ("teacher_temperature", "reveal_order", "shared_reveals")
 }
 
 

@@ -14,6 +14,18 @@ segment. For a batch of trajectories with state x at t_k:
 Lane j draws its randomness from stream (seed, lane j) with the same global step counters as
 the blind trajectory, so lane 0 *is* the blind continuation and K = 1 reproduces the plain
 teacher sampler exactly. A trajectory's result does not depend on its batch-mates.
+
+Two options make selection compare like with like. ``shared_reveals``: the lanes share the
+reveal randomness (lane 0's JUMP stream), so every candidate reveals the same positions and
+only the token draws differ; an energy then cannot prefer a candidate for revealing more or
+fewer tokens. ``reveal_order = "dilated"``: every segment reveals a fixed, evenly spread group
+of positions (``models.solver.RevealPlan``), the same group the student's S-step sampler
+reveals at that step, so the trajectories follow a schedule the student can follow.
+
+Selection by ``softmax`` at temperature 1 with an energy E = log q − log p (a density ratio:
+an untempered NCE compass, or the exact scorer given the proposal ``log_q``) is importance
+resampling: the kept candidate is distributed closer to p (the data) than the teacher's q,
+without sharpening it. ``argmin`` keeps the mode of the K candidates (mode-seeking).
 """
 
 from __future__ import annotations
@@ -27,13 +39,26 @@ import torch
 from models.errors import ConfigError
 from models.path import MixturePath
 from models.rng import CounterRNG, Stream, categorical
-from models.solver import Counters, Denoiser, check_temperature, rollout, tempered, uniform_grid
+from models.solver import (
+    Counters,
+    Denoiser,
+    RevealPlan,
+    check_temperature,
+    rollout,
+    tempered,
+    uniform_grid,
+)
 
 SELECTIONS = ("argmin", "softmax")
 
 
 class Scorer(Protocol):
-    """Energy of a batch of states at time t (lower = more coherent)."""
+    """Energy of a batch of states at time t (lower = more coherent).
+
+    A scorer with ``uses_proposal = True`` is also given ``log_q``: (B,) float64, the log
+    probability with which the teacher drew the tokens each candidate revealed in the segment
+    (its proposal), so that it can return a density-ratio energy log q − log p.
+    """
 
     def energy(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
         """(B, L) int64 states → (B,) float32 energies."""
@@ -55,6 +80,13 @@ class NavigatorConfig:
             (``models.solver.TemperedDenoiser``); 1 is the teacher itself, T < 1 a sharper,
             lower-entropy teacher (a blind K = 1 build at T < 1 is the control arm for
             shaping at matched entropy).
+        reveal_order: "random" (the path's own rule) or "dilated": segment k reveals a fixed,
+            evenly spread group of positions (``models.solver.RevealPlan``), the group the
+            student's S-step sampler will reveal at step k.
+        shared_reveals: candidates of one midpoint share the reveal randomness (the JUMP
+            stream of lane 0): the same positions move in every lane and only the token
+            draws differ, so selection compares like with like; lane 0 stays the blind
+            trajectory.
     """
 
     student_steps: int = 8
@@ -64,6 +96,8 @@ class NavigatorConfig:
     selection: str = "argmin"
     temperature: float = 1.0
     teacher_temperature: float = 1.0
+    reveal_order: str = "random"
+    shared_reveals: bool = False
 
     def __post_init__(self) -> None:
         S, N, K = self.student_steps, self.teacher_steps, self.candidates
@@ -84,6 +118,13 @@ class NavigatorConfig:
             raise ConfigError(f"temperature={self.temperature} must be positive")
         T = check_temperature(self.teacher_temperature, "teacher_temperature")
         object.__setattr__(self, "teacher_temperature", T)  # 1 and 1.0: one config, one print
+        self.plan()  # validates reveal_order
+        if not isinstance(self.shared_reveals, bool):
+            raise ConfigError(f"shared_reveals={self.shared_reveals!r} must be true or false")
+
+    def plan(self) -> RevealPlan:
+        """The reveal plan of every rollout: ``reveal_order`` over the S segments."""
+        return RevealPlan(self.reveal_order, self.student_steps)
 
     @property
     def substeps(self) -> int:
@@ -155,7 +196,11 @@ def navigate(
     S, K, n = cfg.student_steps, cfg.candidates, cfg.substeps
     B, device = len(seeds), seeds.device
     rng = CounterRNG(seeds)
-    lanes_rng = CounterRNG(seeds.repeat_interleave(K), torch.arange(K, device=device).repeat(B))
+    shared = (Stream.JUMP,) if cfg.shared_reveals else ()
+    lanes = torch.arange(K, device=device).repeat(B)
+    lanes_rng = CounterRNG(seeds.repeat_interleave(K), lanes, shared)
+    plan = cfg.plan()
+    wants_proposal = bool(getattr(scorer, "uses_proposal", False))
     grid = uniform_grid(cfg.teacher_steps, device)
     x = path.sample_source((B, seq_len), rng)
     states = [x]
@@ -170,8 +215,13 @@ def navigate(
         if shaped[k]:
             rows = torch.arange(B, device=device).repeat_interleave(K)
             cache_k = cache.select(rows) if cache is not None else None
-            xk, cache_k = rollout(teacher, path, x[rows], seg, lanes_rng, k * n, cache_k, counters)
-            e = _score(scorer, xk, float(seg[-1]), counters).view(B, K)
+            log_q = (
+                torch.zeros(B * K, dtype=torch.float64, device=device) if wants_proposal else None
+            )
+            xk, cache_k = rollout(
+                teacher, path, x[rows], seg, lanes_rng, k * n, cache_k, counters, plan, log_q
+            )
+            e = _score(scorer, xk, float(seg[-1]), counters, log_q).view(B, K)
             j = select(e, cfg, rng, k)
             pick = torch.arange(B, device=device) * K + j
             x = xk[pick]
@@ -180,7 +230,7 @@ def navigate(
             chosen[:, k] = j
             counters.extra["candidates"] += B * K
         else:
-            x, cache = rollout(teacher, path, x, seg, rng, k * n, cache, counters)
+            x, cache = rollout(teacher, path, x, seg, rng, k * n, cache, counters, plan)
         states.append(x)
     return NavigationResult(
         times=grid[::n].clone(),
@@ -192,9 +242,15 @@ def navigate(
     )
 
 
-def _score(scorer: Scorer, x: torch.Tensor, t: float, counters: Counters) -> torch.Tensor:
+def _score(
+    scorer: Scorer,
+    x: torch.Tensor,
+    t: float,
+    counters: Counters,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
     start = time.perf_counter()
-    e = scorer.energy(x, t).float()
+    e = (scorer.energy(x, t) if log_q is None else scorer.energy(x, t, log_q=log_q)).float()
     counters.extra["compass_seconds"] += time.perf_counter() - start
     counters.extra["compass_calls"] += 1
     counters.extra["compass_rows"] += x.shape[0]

@@ -153,6 +153,13 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             float,
             typer.Option(help="T > 0 of every draw, softmax(logits / T); 1 is the model itself."),
         ] = 1.0,
+        order: Annotated[
+            str | None,
+            typer.Option(
+                help="Reveal order: random or dilated (default: the checkpoint's own; a "
+                "student samples in its dataset's order)."
+            ),
+        ] = None,
         seed: Annotated[int, typer.Option(help="Sample i has seed seed·2^32 + i.")] = 0,
         batch_size: int = 64,
         device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
@@ -178,10 +185,12 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 f"note: this student was distilled for S={own} steps; sampling with {steps}",
                 err=True,
             )
-        res = sample_checkpoint(ckpt, num_samples, steps, seed, batch_size, device, temperature)
+        res = sample_checkpoint(
+            ckpt, num_samples, steps, seed, batch_size, device, temperature, order
+        )
         typer.echo(
             f"{ckpt.config.role} {ckpt.identity[:19]}: {num_samples} samples, {res.steps} steps, "
-            f"T={res.temperature:g}, {res.seconds / num_samples:.4f} s/sample"
+            f"T={res.temperature:g}, {res.order} order, {res.seconds / num_samples:.4f} s/sample"
         )
         for i, row in enumerate(res.tokens):
             text = res.texts[i] if res.texts is not None else " ".join(map(str, row.tolist()))
@@ -194,6 +203,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                         "seed": int(res.seeds[i]),
                         "steps": res.steps,
                         "temperature": res.temperature,
+                        "order": res.order,
                         "tokens": row.tolist(),
                         "text": None if res.texts is None else res.texts[i],
                     }

@@ -51,22 +51,30 @@ def tokenizer_identity(ckpt: Checkpoint) -> str | None:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Checkpoint | None]:
-    """Load teacher and compass, check that they fit together."""
+def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Any]:
+    """Load teacher and compass, check that they fit together.
+
+    The compass is a checkpoint, or for ``exact`` / ``exact-ratio`` the synthetic language's
+    own likelihood (:class:`models.compass.ExactScorer`, the oracle of research controls).
+    """
+    from models.compass import EXACT_SCORERS, ExactScorer
+
     teacher = load_checkpoint(cfg.teacher, device, role="teacher")
     compass = None
-    if cfg.compass is not None:
+    if cfg.compass in EXACT_SCORERS:
+        compass = ExactScorer.for_teacher(cfg.compass, teacher)
+    elif cfg.compass is not None:
         from models.compass import check_compass_for_teacher
 
         compass = load_checkpoint(cfg.compass, device, role="compass")
         check_compass_for_teacher(compass, teacher, cfg.allow_teacher_mismatch)
     for ck in (teacher, compass):
-        if ck is not None and hasattr(ck.model, "set_precision"):
+        if hasattr(getattr(ck, "model", None), "set_precision"):
             ck.model.set_precision(cfg.precision)
     return teacher, compass
 
 
-def provenance(cfg: BuildConfig, teacher: Checkpoint, compass: Checkpoint | None) -> Provenance:
+def provenance(cfg: BuildConfig, teacher: Checkpoint, compass: Any) -> Provenance:
     compass_id = compass.identity if compass is not None else None
     return Provenance(
         teacher_identity=teacher.identity,
@@ -92,10 +100,12 @@ class ShardBuilder:
         self.teacher, self.compass = load_models(cfg, device)
         self.provenance = provenance(cfg, self.teacher, self.compass)
         self.scorer = None
-        if self.compass is not None:
+        if isinstance(self.compass, Checkpoint):
             from models.compass import CompassScorer
 
             self.scorer = CompassScorer.from_checkpoint(self.compass)
+        elif self.compass is not None:
+            self.scorer = self.compass  # the exact scorer
 
     def metadata(self, index: int) -> dict:
         return {

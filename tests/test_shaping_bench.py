@@ -1,90 +1,268 @@
 """The shaping benchmark's smallest preset end to end, and the schema of its results."""
 
+import gzip
 import json
 import sys
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+ARGS = Namespace(teacher=None, compass=None, distill_steps=None)
 
+
+def _rows(result, **match):
+    return [r for r in result["rows"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def _check_samples(result, out, p, headline_arms):
+    """Every headline arm has a small samples file whose lines decode and carry their seeds."""
+    import shaping
+
+    folder = Path(f"{out}-samples")
+    files = {f["arm"]: f for f in result["samples"]["files"]}
+    assert set(headline_arms) <= set(files)
+    index = json.loads((folder / "index.json").read_text())
+    assert [f["file"] for f in index["files"]] == [f["file"] for f in files.values()]
+    for arm, f in files.items():
+        path = folder / f["file"]
+        assert path.stat().st_size == f["bytes"] <= shaping.SAMPLES_MAX_BYTES
+        lines = [json.loads(x) for x in gzip.decompress(path.read_bytes()).splitlines()]
+        row = next(r for r in result["rows"] if r["arm"] == arm)
+        assert len(lines) == f["records"] == min(shaping.SAMPLES_KEPT, row["samples"])
+        base = f["seeds"].get("eval", f["seeds"].get("dataset"))
+        for i, line in enumerate(lines):
+            assert line["i"] == i and line["seed"] == base * 2**32 + i
+            assert len(line["ids"]) > 1 and isinstance(line["text"], str)
+
+
+@pytest.mark.parametrize("cut_at", [0.2, 0.5])
+def test_split_documents_gives_the_evaluator_a_disjoint_tail_of_every_document(tmp_path, cut_at):
+    from corpora import split_documents
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    docs = {
+        "a.txt": "".join(f"Line {i} of the first document.\n" for i in range(40)),
+        "b.txt": "one long paragraph without line breaks " * 30,
+    }
+    for name, text in docs.items():
+        (src / name).write_text(text)
+    split = split_documents(src, tmp_path / "t", tmp_path / "e", cut_at)
+    assert split["documents"] == 2
+    assert abs(split["evaluator_share"] - cut_at) < 0.05
+    for name, text in docs.items():
+        head, tail = ((tmp_path / part / name).read_text() for part in ("t", "e"))
+        assert head.strip() and tail.strip()
+        assert text.startswith(head.rstrip()) and text.rstrip().endswith(tail.strip())
+        # one cut: together they are the document, no character in both
+        assert len(head.rstrip()) + len(tail.strip()) <= len(text)
+    # a rerun finds the record and rewrites nothing
+    stamp = (tmp_path / "t" / "a.txt").stat().st_mtime_ns
+    assert split_documents(src, tmp_path / "t", tmp_path / "e", cut_at) == split
+    assert (tmp_path / "t" / "a.txt").stat().st_mtime_ns == stamp
+
+
+def test_presets_keep_dataset_and_evaluation_seeds_apart():
+    import shaping
+
+    from models.errors import ConfigError
+
+    p = shaping.PRESETS["synthetic"]["default"]
+    assert len(p.dataset_seeds) >= 2 and max(p.dataset_seeds) < shaping.EVAL_SEED_BASE
+    with pytest.raises(ConfigError, match="evaluation seeds start at 1000"):
+        replace(p, dataset_seeds=(0, shaping.EVAL_SEED_BASE))
+    with pytest.raises(ConfigError, match=r"must hold 1\.0"):
+        replace(p, frontier_temperatures=(0.9, 0.8))
+    with pytest.raises(ConfigError, match="come from the preset"):
+        shaping.DataArm("bad", 8, navigator={"candidates": 4})
+    arm = shaping.DataArm("soft", 8, navigator={"selection": "softmax"}, group="headline")
+    arms = shaping.data_arms(replace(p, extra_arms=(arm,)))
+    assert arms[-1] == arm and [a.name for a in arms[:3]] == [
+        "blind",
+        "shaped K=8",
+        "blind (teacher T=0.8)",
+    ]
+    # default preset: 2 dataset seeds x 2 training seeds per headline arm
+    assert shaping.student_units(p, arms[1]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
     import shaping
 
-    args = Namespace(teacher=None, compass=None, distill_steps=None)
+    from models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
+
     out = tmp_path / "results" / "shaping-synthetic"
-    result = shaping.run("synthetic", "ci", tmp_path / "work", str(out), "cpu", args)
+    result = shaping.run("synthetic", "ci", tmp_path / "work", str(out), "cpu", ARGS)
 
     saved = json.loads(Path(f"{out}.json").read_text())
     assert saved["schema"] == shaping.SCHEMA and saved["preset"] == "ci"
-    for key in ("rows", "datasets", "targets", "device", "command", "real_data", "config"):
+    for key in (
+        *("rows", "datasets", "targets", "device", "command", "real_data", "config", "seeds"),
+        *("frontiers", "matched_entropy", "samples", "sampler"),
+    ):
         assert key in saved
     p = shaping.PRESETS["synthetic"]["ci"]
+    S, K, top = p.student_steps, p.candidates, max(p.teacher_eval_steps)
+    students = len(p.dataset_seeds) * p.student_seeds
     arms = {r["arm"] for r in saved["rows"]}
     for steps in p.teacher_eval_steps:
         assert f"teacher, {steps} steps" in arms
     for steps in p.student_eval_steps:
         assert f"student from blind, {steps} steps" in arms
-        assert f"student from shaped K={p.candidates}, {steps} steps" in arms
-    assert f"student from blind x{p.control_factor} data, {p.student_steps} steps" in arms
-    assert f"student from shaped K=2, {p.student_steps} steps" in arms
-    assert f"student from shaped K={p.candidates} tau=0.5, {p.student_steps} steps" in arms
-    assert any(r["kind"] == "search control" for r in saved["rows"])
+        assert f"student from shaped K={K}, {steps} steps" in arms
+    assert f"student from blind (teacher T={p.control_temperature:g}), {S} steps" in arms
+    assert f"student from shaped K=2, {S} steps" in arms
+    assert not any("x2 data" in a or "x8 data" in a for a in arms)  # the dropped control
+
+    # every row records its temperature; the three frontiers hold every preset temperature
+    assert all(isinstance(r["temperature"], float) for r in saved["rows"])
+    names = [f"teacher@{S}", f"teacher@{top}", f"blind student@{S}"]
+    assert [f["name"] for f in saved["frontiers"]] == names
+    for f in saved["frontiers"]:
+        temps = {r["temperature"] for r in _rows(saved, frontier=f["name"])}
+        assert temps == set(p.frontier_temperatures) == set(f["temperatures"])
+        assert len(f["points"]["exact"]) == len(p.frontier_temperatures)
+    assert "student from blind, 4 steps, T=0.8" in arms
+
+    # ± over dataset seeds x training seeds, each student sampled with its own seed
+    shaped = next(r for r in saved["rows"] if r["arm"] == f"student from shaped K={K}, {S} steps")
+    assert len(shaped["gen_ppl"]["per_seed"]) == students == len(shaped["seeds"])
+    assert {s["dataset"] for s in shaped["seeds"]} == set(p.dataset_seeds)
+    assert "2 dataset seeds" in shaped["spread"]
     for r in saved["rows"]:
-        assert len(r["gen_ppl"]["per_seed"]) == p.seeds
         assert 1.0 < r["gen_ppl"]["mean"] < 1e6  # 1-step samples are near-random
         assert r["scores"]["exact"]["gen_ppl"] == r["gen_ppl"]
         assert set(r["distinct"]) == {"1", "2", "3", "4"}
         assert 0.0 < r["distinct"]["1"] <= 1.0
-    sizes = {d["name"]: d["trajectories"] for d in saved["datasets"]}
-    assert sizes["blind"] == p.trajectories
-    assert sizes[f"blind x{p.control_factor} data"] == p.trajectories * p.control_factor
-    shaped = next(d for d in saved["datasets"] if d["name"] == f"shaped K={p.candidates}")
-    assert shaped["energy_gain"] > 0
-    assert {t["goal"] for t in saved["targets"]} >= {"≤ 0.68", "≤ 0.8", "< 1"}
+
+    # evaluation seeds are disjoint from every dataset seed, and the run says so
+    seeds = saved["seeds"]
+    assert seeds["disjoint"] and not set(seeds["eval_seeds"]) & set(seeds["dataset_seeds"])
+    assert min(seeds["eval_seeds"]) >= shaping.EVAL_SEED_BASE
+    used = {s["eval"] for r in saved["rows"] for s in r["seeds"] if "eval" in s}
+    assert used <= set(seeds["eval_seeds"]) and not used & set(seeds["dataset_seeds"])
+    assert "do not overlap" in Path(f"{out}.md").read_text()
+
+    # the datasets' own finals are arms, scored like any sampler, one unit per dataset seed
+    for name in ("blind", f"shaped K={K}"):
+        finals = _rows(saved, arm=f"dataset finals, {name}")[0]
+        assert finals["kind"] == "dataset finals" and finals["samples"] == p.trajectories
+        assert [s["dataset"] for s in finals["seeds"]] == list(p.dataset_seeds)
+    # the search control rolls every candidate with the build's N/S sub-steps
+    search = _rows(saved, kind="search control")[0]
+    assert search["nfe"]["mean"] == K * p.teacher_steps  # τ = 0: every segment shaped
+    assert search["samples"] == p.search_samples
+    assert search["forwards_per_sample"]["mean"] > K * S
+    assert search["compass_rows_per_sample"]["mean"] == K * S
+
+    # matched entropy: the blind student at S lies on its own frontier
+    on_own = next(
+        m for m in saved["matched_entropy"] if m["arm"] == f"student from blind, {S} steps"
+    )
+    assert on_own["vs"][f"blind student@{S}"]["ratio"] == pytest.approx(1.0)
+    matched = [t for t in saved["targets"] if t["reading"] == "matched entropy"]
+    assert {t["frontier"] for t in matched} == set(names)
+    for t in matched:  # a number, or an explicit marker saying why there is none
+        f = next(f for f in saved["frontiers"] if f["name"] == t["frontier"])
+        pts = [
+            FrontierPoint(q["temperature"], q["gen_ppl"], q["entropy_mean"])
+            for q in f["points"]["exact"]
+        ]
+        at = gen_ppl_at_entropy(pts, t["entropy"])
+        if t["measured"] is None:
+            assert at is None and t["status"] == shaping.OUTSIDE and t["met"] is None
+            lo, hi = t["frontier_range"]
+            assert not lo <= t["entropy"] <= hi
+        else:
+            assert t["status"] == "matched" and isinstance(t["met"], bool)
+            ppl = _rows(saved, arm=t["arm"])[0]["gen_ppl"]["mean"]
+            assert t["measured"] == pytest.approx(ppl / at)
+    raw = [t for t in saved["targets"] if t["reading"] == "raw, not entropy-matched"]
+    assert len(raw) == 3 and all(t["goal"] is None for t in raw)
+    assert {t["goal"] for t in matched} >= {"≤ 0.9", "≤ 0.68 at entropy ≥ 0.98 × real"}
     assert {t["evaluator"] for t in saved["targets"]} == {"exact"}
+
+    sizes = {(d["name"], d["dataset_seed"]): d["trajectories"] for d in saved["datasets"]}
+    assert sizes[("blind", 0)] == sizes[("blind", 1)] == p.trajectories
+    tempered = next(d for d in saved["datasets"] if d["group"] == "control")
+    assert tempered["navigator"]["teacher_temperature"] == p.control_temperature
+    shaped_data = [d for d in saved["datasets"] if d["name"] == f"shaped K={K}"]
+    assert len(shaped_data) == 2 and all(d["energy_gain"] > 0 for d in shaped_data)
+    assert shaped_data[0]["fingerprint"] != shaped_data[1]["fingerprint"]
     # the exact evaluator's real-data perplexity is the language's, near its true value
     assert 1.0 < saved["real_data"]["gen_ppl"] < 1e3
     assert Path(f"{out}-steps.png").stat().st_size > 1000
-    assert Path(f"{out}-entropy.png").stat().st_size > 1000
-    assert "## Targets" in Path(f"{out}.md").read_text()
+    assert Path(f"{out}-frontier.png").stat().st_size > 1000
+    text = Path(f"{out}.md").read_text()
+    assert "## Targets" in text and "## At matched entropy" in text and "± over" in text
+    headline = [
+        f"teacher, {S} steps",
+        f"teacher, {top} steps",
+        search["arm"],
+        f"student from shaped K={K}, {S} steps",
+        f"student from blind, {S} steps",
+        "dataset finals, blind",
+        f"dataset finals, shaped K={K}",
+    ]
+    _check_samples(saved, out, p, headline)
 
     # rerun: everything is cached or resumed, and the numbers are identical
-    again = shaping.run("synthetic", "ci", tmp_path / "work", str(out), "cpu", args)
+    again = shaping.run("synthetic", "ci", tmp_path / "work", str(out), "cpu", ARGS)
     assert again["rows"] == result["rows"]
     assert [i["seconds"] for i in again["invocations"]] == [result["seconds"], again["seconds"]]
     assert again["seconds_total"] == result["seconds"] + again["seconds"]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_text_ci_preset_trains_its_models_and_scores_with_the_in_project_lm(tmp_path):
     import shaping
 
-    args = Namespace(teacher=None, compass=None, distill_steps=None)
     out = tmp_path / "results" / "shaping-text"
-    result = shaping.run("text", "ci", tmp_path / "work", str(out), "cpu", args)
+    result = shaping.run("text", "ci", tmp_path / "work", str(out), "cpu", ARGS)
 
     work = tmp_path / "work"
     for part in ("teacher", "lm", "compass"):
         assert (work / part / "final" / "config.json").is_file(), part
     assert result["models"]["lm"] == str(work / "lm" / "final")
+    # the evaluator LM trained on its own split; teacher and compass on the other
+    split = result["corpus_split"]
+    assert split["teacher_corpus"] == str(work / "corpus-teacher") == result["models"]["corpus"]
+    assert split["evaluator_corpus"] == str(work / "corpus-evaluator")
+    assert 0.15 < split["evaluator_share"] < 0.3
+    lm_meta = json.loads((work / "lm" / "final" / "tsdfm_lm.json").read_text())
+    assert lm_meta["corpus"]["source"] == split["evaluator_corpus"]
+    teacher_cfg = json.loads((work / "teacher" / "final" / "config.json").read_text())
+    assert teacher_cfg["data"]["source"] == split["teacher_corpus"]
+    for name in (p.name for p in (work / "corpus-evaluator").glob("*.txt")):
+        tail = (work / "corpus-evaluator" / name).read_text().strip()
+        assert tail not in (work / "corpus-teacher" / name).read_text()
+
     assert [e["name"] for e in result["evaluators"]] == ["lm"]  # SmolLM2 is off in ci
     p = shaping.PRESETS["text"]["ci"]
+    S = p.student_steps
     arms = {r["arm"] for r in result["rows"]}
-    assert f"student from shaped K={p.candidates}, {p.student_steps} steps" in arms
+    assert f"student from shaped K={p.candidates}, {S} steps" in arms
+    assert f"dataset finals, shaped K={p.candidates}" in arms
     for r in result["rows"]:
-        assert len(r["scores"]["lm"]["gen_ppl"]["per_seed"]) == p.seeds
+        assert len(r["scores"]["lm"]["gen_ppl"]["per_seed"]) == len(r["seeds"])
         # a 30-step LM is weak but far better than uniform over the 300-token vocabulary
         assert 1.0 < r["gen_ppl"]["mean"] < 1e5
-    assert result["real_data"]["gen_ppl"] < min(r["gen_ppl"]["mean"] for r in result["rows"])
     assert {t["evaluator"] for t in result["targets"]} == {"lm"}
+    below = [t for t in result["targets"] if t["goal"] == "< 1 (below the blind frontier)"]
+    assert len(below) == 1 and below[0]["frontier"] == f"blind student@{S}"
     assert "gen-PPL (lm)" in Path(f"{out}.md").read_text()
+    assert "Corpus split" in Path(f"{out}.md").read_text()
+    _check_samples(result, out, p, [f"student from shaped K={p.candidates}, {S} steps"])
 
     # rerun: models are not retrained, samples and scores come from the cache
     stamp = (work / "teacher" / "final" / "model.safetensors").stat().st_mtime_ns
-    again = shaping.run("text", "ci", tmp_path / "work", str(out), "cpu", args)
+    again = shaping.run("text", "ci", tmp_path / "work", str(out), "cpu", ARGS)
     assert again["rows"] == result["rows"]
     assert (work / "teacher" / "final" / "model.safetensors").stat().st_mtime_ns == stamp

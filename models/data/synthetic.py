@@ -183,13 +183,93 @@ class SyntheticLanguage:
             s = self._delta[s, x[:, t]]
         return total
 
-    def state_marginals(self, length: int | None = None) -> np.ndarray:
-        """(L, Q) float64: P(S_t = s) for t = 1..L."""
-        L = self.seq_len if length is None else length
+    def log_marginal(self, x: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+        """Exact log p(x_visible) in nats for (B, L) partially masked states; float64 (B,).
+
+        The masked positions are summed out (forward algorithm over the hidden states):
+
+            α_1 = 1[start],   α_{t+1}(s') = Σ_s α_t(s) Σ_x E[s, x] 1[δ(s, x) = s'] · m_t(x),
+
+        m_t(x) = 1 at a masked position, 1[x = x_t] at a visible one; log p(x_vis) = log Σ α_{L+1}.
+        A state with no visible token has log-probability 0; a fully visible one gets
+        :meth:`log_likelihood`.
+        """
+        x = torch.as_tensor(x).long().cpu()
+        B, L = x.shape
+        E = torch.from_numpy(self.emission)
+        Q = self.num_states
+        step = torch.from_numpy(self._step_matrix())
+        alpha = torch.zeros(B, Q, dtype=torch.float64)
+        alpha[:, self.start_state] = 1.0
+        total = torch.zeros(B, dtype=torch.float64)
+        for t in range(L):
+            xt = x[:, t]
+            visible = xt != mask_token_id
+            xv = xt.clamp(0, self.vocab_size - 1)
+            moved = alpha @ step
+            seen = torch.zeros_like(alpha).scatter_add_(1, self._delta[:, xv].T, alpha * E[:, xv].T)
+            alpha = torch.where(visible[:, None], seen, moved)
+            z = alpha.sum(1)
+            total += torch.log(z)
+            alpha = alpha / z[:, None]
+        return total
+
+    def posterior_logits(self, x: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+        """Exact log p(x_i = v | x_visible) for every position: (B, L, V) float64.
+
+        Forward-backward over the hidden states with the masked positions summed out:
+
+            p(x_i = v | x_vis) ∝ Σ_s α_i(s) · E[s, v] · β_{i+1}(δ(s, v)),
+
+        α_i(s) = P(S_i = s, x_vis before i), β_i(s) = P(x_vis from i on | S_i = s). At a visible
+        position this is the language's conditional given everything else visible. The
+        perfect denoiser of the mask path (``ExactDenoiser``), for reference samplers.
+        """
+        x = torch.as_tensor(x).long().cpu()
+        B, L = x.shape
+        Q, V = self.num_states, self.vocab_size
+        E = torch.from_numpy(self.emission)
+        step = torch.from_numpy(self._step_matrix())
+        visible = x != mask_token_id
+        xv = x.clamp(0, V - 1)
+        alphas = torch.empty(L, B, Q, dtype=torch.float64)
+        alpha = torch.zeros(B, Q, dtype=torch.float64)
+        alpha[:, self.start_state] = 1.0
+        for t in range(L):
+            alphas[t] = alpha
+            seen = torch.zeros_like(alpha).scatter_add_(
+                1, self._delta[:, xv[:, t]].T, alpha * E[:, xv[:, t]].T
+            )
+            alpha = torch.where(visible[:, t, None], seen, alpha @ step)
+            alpha = alpha / alpha.sum(1, keepdim=True)
+        out = torch.empty(B, L, V, dtype=torch.float64)
+        beta = torch.ones(B, Q, dtype=torch.float64)
+        delta = self._delta.reshape(-1)
+        for t in reversed(range(L)):
+            ahead = beta[:, delta].view(B, Q, V)  # β_{t+1}(δ(s, v))
+            joint = alphas[t][:, :, None] * E[None] * ahead  # (B, Q, V)
+            pv = joint.sum(1)
+            out[:, t] = torch.log(pv / pv.sum(1, keepdim=True))
+            m = torch.where(
+                visible[:, t, None], torch.nn.functional.one_hot(xv[:, t], V).double(), 1.0
+            )
+            beta = (E[None] * ahead * m[:, None, :]).sum(-1)
+            beta = beta / beta.sum(1, keepdim=True)
+        return out
+
+    def _step_matrix(self) -> np.ndarray:
+        """(Q, Q): P(S_{t+1} = s' | S_t = s) = Σ_x E[s, x] 1[δ(s, x) = s']."""
         Q = self.num_states
         step = np.zeros((Q, Q))
         for s in range(Q):
             np.add.at(step[s], self.transition[s], self.emission[s])
+        return step
+
+    def state_marginals(self, length: int | None = None) -> np.ndarray:
+        """(L, Q) float64: P(S_t = s) for t = 1..L."""
+        L = self.seq_len if length is None else length
+        Q = self.num_states
+        step = self._step_matrix()
         out = np.zeros((L, Q))
         p = np.zeros(Q)
         p[self.start_state] = 1.0
@@ -314,3 +394,23 @@ def _strongly_connected(support: np.ndarray, transition: np.ndarray) -> bool:
         return len(seen)
 
     return reach(adj) == Q and reach(radj) == Q
+
+
+class ExactDenoiser:
+    """The perfect mask-path denoiser of a synthetic language: logits of the exact posterior
+    p(x_1 | x_t) (:meth:`SyntheticLanguage.posterior_logits`). Time-invariant, like every
+    mask-source posterior. A reference sampler: what any teacher sampled the same way could
+    reach at best.
+    """
+
+    time_invariant = True
+
+    def __init__(self, language: SyntheticLanguage, mask_token_id: int):
+        self.language = language
+        self.mask_token_id = int(mask_token_id)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x_t: (B, L) int64 → (B, L, V) float32 logits on x_t's device."""
+        logits = self.language.posterior_logits(x_t, self.mask_token_id)
+        return logits.float().to(x_t.device)
+

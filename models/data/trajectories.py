@@ -211,6 +211,9 @@ class TrajectorySource:
             "num_shards": len(self.files),
             "student_steps": self.num_steps,
             "times": [float(t) for t in self.times],
+            "reveal_order": (m.get("config") or {})
+            .get("navigator", {})
+            .get("reveal_order", "random"),
         }
 
     def file_dataset(self, index: int, columns: tuple[str, ...] = TRAIN_COLUMNS):

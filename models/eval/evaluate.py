@@ -39,7 +39,8 @@ from models.eval.metrics import (
     unigram_entropy,
 )
 from models.eval.sampling import decode as decode_samples
-from models.solver import Counters, check_temperature, sample
+from models.eval.sampling import default_order
+from models.solver import Counters, RevealPlan, check_temperature, sample
 
 DISTINCT_ORDERS = (1, 2, 3, 4)
 METRICS = {
@@ -67,6 +68,8 @@ class EvalConfig:
         temperatures: sampler temperatures T > 0; every (steps, T) pair is an arm.
         match_entropy: entropies (nats) at which to read each step count's frontier
             (:func:`gen_ppl_at_entropy`).
+        order: reveal order of the sampler (``models.solver.RevealPlan``); None is the
+            checkpoint's own (``models.eval.sampling.default_order``: a student's dataset's).
     """
 
     steps: tuple[int, ...] = (1024, 8)
@@ -75,8 +78,11 @@ class EvalConfig:
     seed: int = 0
     temperatures: tuple[float, ...] = (1.0,)
     match_entropy: tuple[float, ...] = ()
+    order: str | None = None
 
     def __post_init__(self) -> None:
+        if self.order is not None:
+            RevealPlan(self.order)  # validates the name
         if not self.steps or any(s < 1 for s in self.steps):
             raise ConfigError(f"steps {list(self.steps)} must be positive integers")
         if self.samples < 1 or self.batch_size < 1:
@@ -106,6 +112,7 @@ class ArmResult:
     entropy_mean: float
     entropy_sd: float
     temperature: float | None = None
+    order: str | None = None
     nfe: int | None = None
     forwards_per_sample: float | None = None
     seconds_per_sample: float | None = None
@@ -226,6 +233,8 @@ def evaluate_checkpoint(
     model = ckpt.model.to(device).eval()
     path = mc.path()
     vocab = mc.input_vocab
+    order = cfg.order if cfg.order is not None else default_order(ckpt)
+    RevealPlan(order).check(path)
 
     def decode(rows: torch.Tensor) -> list[str] | None:
         return decode_samples(ckpt, rows)
@@ -238,7 +247,7 @@ def evaluate_checkpoint(
             n = min(cfg.batch_size, cfg.samples - start)
             seeds = torch.arange(start, start + n, dtype=torch.long) + cfg.seed * 2**32
             t0 = time.perf_counter()
-            res = sample(model, path, seeds.to(device), mc.seq_len, steps, None, temperature)
+            res = sample(model, path, seeds.to(device), mc.seq_len, steps, None, temperature, order)
             seconds += time.perf_counter() - t0
             counters.add(res.counters)
             xs.append(res.x_1.cpu())
@@ -246,7 +255,7 @@ def evaluate_checkpoint(
                 progress(label, start + n, cfg.samples)
         arms.append(
             describe_samples(
-                arm_name(mc.role, steps, temperature),
+                arm_name(mc.role, steps, temperature, order),
                 torch.cat(xs),
                 evaluator,
                 vocab,
@@ -257,6 +266,7 @@ def evaluate_checkpoint(
                 temperature=temperature,
             )
         )
+        arms[-1].order = order
     if language is not None:
         reference = language.sample(cfg.samples, torch.Generator().manual_seed(cfg.seed + 1))
     real = (
@@ -279,7 +289,9 @@ def evaluate_checkpoint(
         "true_entropy_per_token": None if language is None else language.entropy_per_token(),
         "config": asdict(cfg),
         "sampler": "ancestral jump rule, float64 inverse-CDF draws from softmax(logits / T) at "
-        "each arm's temperature T (T = 1: the model itself), no nucleus",
+        "each arm's temperature T (T = 1: the model itself), no nucleus; "
+        f"reveal order {order}",
+        "order": order,
         "metrics": METRICS,
         "device": _device_info(device),
         "arms": [asdict(a) for a in arms],
@@ -288,9 +300,11 @@ def evaluate_checkpoint(
     }
 
 
-def arm_name(role: str, steps: int, temperature: float) -> str:
-    """The arm's label: "teacher 8 steps", with ", T=0.8" away from T = 1."""
-    return f"{role} {steps} steps" + ("" if temperature == 1.0 else f", T={temperature:g}")
+def arm_name(role: str, steps: int, temperature: float, order: str = "random") -> str:
+    """The arm's label: "teacher 8 steps", with ", T=0.8" away from T = 1 and ", dilated"
+    for a reveal order other than the random one."""
+    name = f"{role} {steps} steps" + ("" if temperature == 1.0 else f", T={temperature:g}")
+    return name + ("" if order == "random" else f", {order}")
 
 
 # the frontier ------------------------------------------------------------------------------

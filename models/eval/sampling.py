@@ -16,7 +16,7 @@ import torch
 
 from models.checkpoint import Checkpoint
 from models.errors import ConfigError
-from models.solver import check_temperature, sample
+from models.solver import RevealPlan, check_temperature, sample
 
 TEACHER_DEFAULT_STEPS = 1024
 
@@ -33,6 +33,7 @@ class Samples:
         seconds: wall time of the sampler.
         row_forwards: per-sequence forward passes run.
         temperature: T of the draws (logits / T); 1 is the model itself.
+        order: the reveal order sampled with (``models.solver.RevealPlan``).
     """
 
     tokens: torch.Tensor
@@ -42,6 +43,15 @@ class Samples:
     seconds: float
     row_forwards: int
     temperature: float = 1.0
+    order: str = "random"
+
+
+def default_order(ckpt: Checkpoint) -> str:
+    """A student's reveal order is its dataset's (it learned the states of that order); a
+    teacher's is the path's own random order."""
+    if ckpt.config.role == "student":
+        return str(ckpt.config.provenance.get("reveal_order", "random"))
+    return "random"
 
 
 def default_steps(ckpt: Checkpoint) -> int:
@@ -87,9 +97,11 @@ def sample_checkpoint(
     batch_size: int = 64,
     device: str = "cpu",
     temperature: float = 1.0,
+    order: str | None = None,
 ) -> Samples:
     """Draw ``num_samples`` unconditional samples with the step-size-aware jump-rule sampler,
-    every draw from softmax(logits / ``temperature``)."""
+    every draw from softmax(logits / ``temperature``), revealing in ``order`` (None: the
+    checkpoint's own, :func:`default_order`)."""
     if num_samples < 1 or batch_size < 1:
         raise ConfigError("num_samples and batch_size must be positive integers")
     temperature = check_temperature(temperature)
@@ -97,6 +109,8 @@ def sample_checkpoint(
     if steps < 1:
         raise ConfigError(f"steps={steps} must be a positive integer")
     mc = ckpt.config
+    order = default_order(ckpt) if order is None else order
+    RevealPlan(order).check(mc.path())
     model = ckpt.model.to(device).eval()
     path = mc.path()
     grid = _grid(ckpt, steps, device)
@@ -105,9 +119,11 @@ def sample_checkpoint(
     t0 = time.perf_counter()
     for lo in range(0, num_samples, batch_size):
         batch = seeds[lo : lo + batch_size].to(device)
-        res = sample(model, path, batch, mc.seq_len, steps, grid, temperature)
+        res = sample(model, path, batch, mc.seq_len, steps, grid, temperature, order)
         xs.append(res.x_1.cpu())
         forwards += res.counters.row_forwards
     seconds = time.perf_counter() - t0
     tokens = torch.cat(xs)
-    return Samples(tokens, decode(ckpt, tokens), seeds, steps, seconds, forwards, temperature)
+    return Samples(
+        tokens, decode(ckpt, tokens), seeds, steps, seconds, forwards, temperature, order
+    )

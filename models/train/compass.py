@@ -19,7 +19,10 @@ Were the tempered states distributed as q_T ∝ p_data^{1/T}, the optimum would 
     E*(x_t, t) = −(1 − 1/T) · log p_data,t(x_t) + const(t),
 
 a likelihood ranker at every t, sharpened by the teacher's own errors where q_T and p_data
-differ otherwise; per-token tempering only approximates p^{1/T}, but keeps the ordering.
+differ otherwise. Two caveats (docs/compass.md): per-token tempering only approximates
+p^{1/T}, and the normaliser of p^{1/T} depends on the reveal pattern of x_t, so the tempered
+optimum also rewards revealing more tokens; it ranks like the likelihood only among states
+with the same reveal pattern (``NavigatorConfig.shared_reveals`` or the dilated order).
 T = 1 gives the plain generation-aware NCE of DESIGN §3.
 
 Negatives come from a *bank* of (state, t) pairs: M fresh teacher trajectories, each rolled

@@ -427,6 +427,7 @@ def train_student(
             "trainer": "distill",
             "student_steps": S,
             "times": data_info["times"],
+            "reveal_order": data_info["reveal_order"],
             "dataset": data_info,
             "teacher_identity": data_info["teacher_identity"],
             "compass_identity": data_info["compass_identity"],
