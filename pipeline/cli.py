@@ -342,6 +342,20 @@ def compass_train(
     negative_temperature: Annotated[
         float, typer.Option(help="Temperature T >= 1 of the teacher's draws for negatives.")
     ] = 2.0,
+    reveal_order: Annotated[
+        str,
+        typer.Option(
+            help="random (the path's rule) or dilated: train on the reveal patterns of a "
+            "dataset built with --reveal-order dilated."
+        ),
+    ] = "random",
+    student_steps: Annotated[
+        int,
+        typer.Option(
+            help="S, segments of the dilated order (the dataset's --student-steps); "
+            "--teacher-steps must be a multiple of it."
+        ),
+    ] = 8,
     bank_trajectories: Annotated[
         int, typer.Option(help="Fresh teacher trajectories per negative bank.")
     ] = 256,
@@ -373,6 +387,8 @@ def compass_train(
         ema=ema,
         teacher_steps=teacher_steps,
         negative_temperature=negative_temperature,
+        reveal_order=reveal_order,
+        student_steps=student_steps,
         bank_trajectories=bank_trajectories,
         records_per_trajectory=records_per_trajectory,
         refresh_every=refresh_every,

@@ -13,13 +13,16 @@ from models.compass import TeacherMismatchWarning, load_compass
 from models.errors import CheckpointError, ConfigError, DataError
 from models.eval.compass_metrics import energy_auc
 from models.flow_model import FlowModel, teacher_config
+from models.path import MixturePath, PolynomialScheduler
 from models.rng import CounterRNG
-from models.solver import sample
+from models.solver import RevealPlan, sample
 from models.train.common import seeded
 from models.train.compass import (
     CompassTrainConfig,
     TeacherNegatives,
+    _jsonable,
     nce_loss,
+    noise_like,
     teacher_states,
     train_compass,
 )
@@ -245,6 +248,141 @@ def test_negatives_of_another_teacher_are_refused_unless_allowed(tmp_path, teach
     assert load_checkpoint(res.final_dir).config.provenance["negatives"]["kind"] == "foreign"
 
 
+# ---------------------------------------------------------------------------- reveal orders
+def _revealed(x, path):
+    return x != path.mask_token_id
+
+
+@pytest.mark.parametrize(("L", "S"), [(64, 8), (8, 3)])
+def test_dilated_noise_like_reveals_exactly_the_segments_before_t(L, S):
+    V, B = 5, 2000
+    path = MixturePath(PolynomialScheduler(1.0), "mask", V, V)
+    plan = RevealPlan("dilated", S)
+    seg = plan.segment_of(path, L)
+    gen = torch.Generator().manual_seed(0)
+    x_1 = torch.randint(0, V, (B, L), generator=gen)
+    for k in range(S + 1):  # at a segment end t = k / S (float32, as the bank holds it)
+        x_t = noise_like(path, plan, x_1, torch.full((B,), k / S), gen)
+        assert torch.equal(_revealed(x_t, path), (seg < k).expand(B, L))
+        assert torch.equal(x_t[:, seg < k], x_1[:, seg < k])
+    for k in range(S):  # inside segment k only its own positions are partly revealed
+        frac = 0.3
+        t = torch.full((B,), (k + frac) / S)
+        r = _revealed(noise_like(path, plan, x_1, t, gen), path)
+        assert r[:, seg < k].all() and not r[:, seg > k].any()
+        # each position of segment k is revealed at a uniform time in it: P = tS − k
+        assert r[:, seg == k].double().mean().item() == pytest.approx(frac, abs=0.03)
+
+
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_random_noise_like_is_the_path_sample_bit_for_bit(source):
+    V, B, L = 7, 32, 10
+    path = MixturePath(PolynomialScheduler(2.0), source, V, V if source == "mask" else None)
+    x_1 = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(1))
+    t = torch.rand(B, generator=torch.Generator().manual_seed(2))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = noise_like(path, RevealPlan("random", 4), x_1, t, g1)
+    b = path.sample(x_1, t, g2).x_t
+    assert torch.equal(a, b) and torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_dilated_negatives_have_the_reveal_pattern_of_the_positives(tiny_language, teacher_dir):
+    teacher = load_checkpoint(teacher_dir)
+    path, L, N, S = teacher.config.path(), tiny_language.seq_len, 16, 4
+    plan = RevealPlan("dilated", S)
+    seg = plan.segment_of(path, L)
+    B = 6
+    seeds = torch.arange(B, dtype=torch.long) + 2**32
+    ends = torch.arange(0, N + 1, N // S)  # 0, 4, 8, 12, 16
+    record = ends.expand(B, S + 1)
+    neg = teacher_states(teacher.model, path, CounterRNG(seeds), L, N, record, plan=plan)
+    gen = torch.Generator().manual_seed(5)
+    for k in range(S + 1):
+        x_1 = tiny_language.sample(B, gen)
+        pos = noise_like(path, plan, x_1, torch.full((B,), k / S), gen)
+        assert torch.equal(_revealed(neg[:, k], path), (seg < k).expand(B, L))
+        assert torch.equal(_revealed(neg[:, k], path), _revealed(pos, path))
+    # a bank: at segment ends the patterns agree exactly; in between both lie between the
+    # segment's start and end patterns, and reveal segment k at the same rate tS − k
+    source = TeacherNegatives(teacher.model, teacher.identity, N, 256, 4, 8, seed=2, plan=plan)
+    x_neg, t = source.bank(0)
+    x_pos = noise_like(path, plan, tiny_language.sample(len(t), gen), t, gen)
+    k = (t.double() * S).floor().long().clamp(max=S - 1)
+    at_end = (t.double() * S).frac() == 0
+    r_neg, r_pos = _revealed(x_neg, path), _revealed(x_pos, path)
+    assert at_end.sum() > 10 and torch.equal(r_neg[at_end], r_pos[at_end])
+    for r in (r_neg, r_pos):
+        assert torch.equal(r[at_end], seg.unsqueeze(0) < (t[at_end, None] * S).round())
+        assert r[seg < k[:, None]].all() and not r[seg > k[:, None]].any()
+    inner = ~at_end
+    excess = t[inner].double() * S - k[inner]  # expected share of segment k revealed
+    own = seg.unsqueeze(0) == k[inner, None]
+    for r in (r_neg[inner], r_pos[inner]):
+        share = (r & own).sum(1).double() / own.sum(1)
+        assert (share - excess).mean().abs().item() < 0.04
+    assert source.describe()["reveal_order"] == "dilated"
+    assert source.describe()["student_steps"] == S
+    plain = TeacherNegatives(teacher.model, teacher.identity, N, 4, 2, 4, seed=2)
+    assert "reveal_order" not in plain.describe() and "student_steps" not in plain.describe()
+
+
+def test_default_run_records_exactly_what_the_bundled_compass_recorded(tiny_teacher):
+    """The bundled compass is the default run: its run config and negatives description, and
+    with them the identity of a default run, must not change."""
+    from models.checkpoint import bundled_path
+
+    prov = json.loads((bundled_path("compass") / "config.json").read_text())["provenance"]
+    assert _jsonable(CompassTrainConfig(out="runs/compass")) == prov["run_config"]
+    # under the random order student_steps is ignored and not recorded
+    assert _jsonable(CompassTrainConfig(out="x", student_steps=3)) == prov["run_config"]
+    neg = TeacherNegatives(
+        tiny_teacher, prov["teacher_identity"], 1024, 256, 16, 128, 0, temperature=2.0
+    )
+    assert neg.describe() == prov["negatives"]
+    dilated = _jsonable(CompassTrainConfig(out="x", reveal_order="dilated"))
+    assert dilated == {**prov["run_config"], "reveal_order": "dilated", "student_steps": 8}
+
+
+def test_reveal_order_options_are_validated(tmp_path, tiny_language, teacher_dir):
+    with pytest.raises(ConfigError, match=r"reveal_order='zigzag' is unknown; use random or"):
+        _cfg(tmp_path, reveal_order="zigzag")
+    with pytest.raises(ConfigError, match="student_steps=0 must be a positive integer"):
+        _cfg(tmp_path, reveal_order="dilated", student_steps=0)
+    with pytest.raises(ConfigError, match=r"teacher_steps=16 is not divisible by student_st"):
+        _cfg(tmp_path, reveal_order="dilated", student_steps=3)
+    cfg = teacher_config(
+        tiny_language.vocab_size,
+        tiny_language.seq_len,
+        "uniform",
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        data=DATA,
+    )
+    with seeded(0):
+        uniform = FlowModel(cfg)
+    save_checkpoint(
+        tmp_path / "u",
+        uniform,
+        tiny_language.tokenizer(),
+        {"language.json": json.dumps(tiny_language.to_dict())},
+    )
+    dilated = _cfg(tmp_path / "a", reveal_order="dilated", student_steps=4, steps=1)
+    with pytest.raises(ConfigError, match=r"needs a mask-source teacher, but teacher .* uniform"):
+        train_compass(dilated, tmp_path / "u")
+    teacher = load_checkpoint(teacher_dir)
+    plain = TeacherNegatives(teacher.model, teacher.identity, 16, 8, 2, 8, seed=0)
+    with pytest.raises(ConfigError, match="follows the random reveal order, but the run trains"):
+        train_compass(dilated, teacher, negatives=plain)
+
+
+def test_a_dilated_run_is_refused_where_a_random_one_ran(tmp_path, teacher_dir):
+    train_compass(_cfg(tmp_path / "run", steps=1), teacher_dir)
+    dilated = _cfg(tmp_path / "run", steps=1, reveal_order="dilated", student_steps=4)
+    with pytest.raises(ConfigError, match=r"changed: reveal_order, student_steps, negatives\)"):
+        train_compass(dilated, teacher_dir)
+
+
 # ---------------------------------------------------------------------------- CLI
 runner = CliRunner()
 
@@ -332,6 +470,19 @@ def test_cli_train_then_eval(tmp_path, teacher_dir):
         (
             ["compass", "train", "--out", "{tmp}/r", "--teacher", "{teacher}", "--device", "cuda"],
             "no CUDA GPU",
+        ),
+        (
+            [
+                "compass",
+                "train",
+                "--out",
+                "{tmp}/r",
+                "--teacher",
+                "{teacher}",
+                "--reveal-order",
+                "zigzag",
+            ],
+            "reveal_order='zigzag' is unknown; use random or dilated",
         ),
         (
             ["compass", "eval", "--compass", "{teacher}", "--teacher", "{teacher}"],
@@ -446,3 +597,32 @@ def test_cli_trains_a_compass_for_a_text_teacher_from_its_corpus(tmp_path):
     assert compass.tokenizer.get_vocab() == tok.get_vocab()
     run = json.loads((tmp_path / "b" / "run_config.json").read_text())
     assert run["data"]["kind"] == "corpus" and run["data"]["windows"] == len(windows)
+
+
+def test_cli_trains_a_three_step_dilated_compass(tmp_path, tiny_language, teacher_dir):
+    out = tmp_path / "run"
+    args = ["compass", "train", "--teacher", str(teacher_dir), "--out", str(out)]
+    args += ["--reveal-order", "dilated", "--student-steps", "3", "--teacher-steps", "15"]
+    args += ["--steps", "6", "--d-model", "16", "--n-layers", "1", "--batch-size", "16"]
+    args += ["--bank-trajectories", "8", "--records-per-trajectory", "4"]
+    args += ["--heldout-trajectories", "8", "--eval-every", "3", "--refresh-every", "3"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "held-out ROC AUC (real vs teacher states): " in res.output
+    ck = load_checkpoint(out / "final", role="compass")
+    prov = ck.config.provenance
+    assert prov["reveal_order"] == "dilated" and prov["student_steps"] == 3
+    assert prov["negatives"]["reveal_order"] == "dilated"
+    assert prov["negatives"]["student_steps"] == 3 and prov["negatives"]["teacher_steps"] == 15
+    assert prov["run_config"]["reveal_order"] == "dilated"
+    assert prov["run_config"]["student_steps"] == 3
+    assert 0.0 <= prov["heldout_auc"] <= 1.0
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["run"] == prov["run_config"] and run["negatives"] == prov["negatives"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [3, 6]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["heldout_loss"]) for m in metrics)
+    # rerunning the finished command resumes it and reproduces the same compass
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert load_checkpoint(out / "final", role="compass").identity == ck.identity

@@ -413,4 +413,3 @@ class ExactDenoiser:
         """x_t: (B, L) int64 → (B, L, V) float32 logits on x_t's device."""
         logits = self.language.posterior_logits(x_t, self.mask_token_id)
         return logits.float().to(x_t.device)
-

@@ -1,9 +1,12 @@
 """Compass training by generation-aware noise-contrastive estimation (NCE).
 
 Positives are real sequences x_1 noised to time t along the mixture path, x_t ~ p_t(· | x_1);
-negatives are the teacher's own trajectory states at the same t. With energy E_θ(x_t, t) and
-the logistic classifier P(real | x_t, t) = σ(−E_θ(x_t, t)), the loss is the binary
-cross-entropy with logit −E averaged over the B positives and B negatives of a step:
+negatives are the teacher's own trajectory states at the same t. Both follow one reveal order
+(``models.solver.RevealPlan``, :func:`noise_like`): "random", the path's own rule, or
+"dilated", the order of a dataset built with ``--reveal-order dilated``, so that the compass
+learns on the reveal patterns it will score. With energy E_θ(x_t, t) and the logistic
+classifier P(real | x_t, t) = σ(−E_θ(x_t, t)), the loss is the binary cross-entropy with
+logit −E averaged over the B positives and B negatives of a step:
 
     ℓ(θ) = ½ [ mean_b softplus(E_θ(x_t^{+,b}, t_b)) + mean_b softplus(−E_θ(x_t^{−,b}, t_b)) ]
 
@@ -55,7 +58,15 @@ from models.errors import CheckpointError, ConfigError, DataError
 from models.flow_model import FlowModel, ModelConfig
 from models.path import MixturePath
 from models.rng import CounterRNG
-from models.solver import Counters, DenoiserCache, TemperedDenoiser, rollout, uniform_grid
+from models.solver import (
+    REVEAL_ORDERS,
+    Counters,
+    DenoiserCache,
+    RevealPlan,
+    TemperedDenoiser,
+    rollout,
+    uniform_grid,
+)
 from models.train.common import (
     EMA,
     MetricsLog,
@@ -87,6 +98,50 @@ def nce_loss(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(e_pos).mean() + F.softplus(-e_neg).mean())
 
 
+def noise_like(
+    path: MixturePath,
+    plan: RevealPlan,
+    x_1: torch.Tensor,
+    t: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """x_t: real sequences noised to t in the reveal order of ``plan`` (the positives).
+
+    random: x_t ~ p_t(· | x_1) of the mixture path, exactly ``path.sample(x_1, t, generator)``
+    (same generator calls). dilated (mask source): position i, in segment k_i of the S-segment
+    grid (``plan.segment_of``), is revealed at
+
+        τ_i = (k_i + u_i) / S,   u_i ~ U(0, 1],   x_t^i = x_1^i if τ_i ≤ t else [MASK],
+
+    a uniform time inside its segment, as the dilated teacher reveals it; at a segment end
+    t = k / S exactly the segments < k are revealed. t is compared in units of segments, a t
+    equal in float32 to a segment end counting as that end (the bank's times are float32).
+
+    Args:
+        path: the teacher's mixture path.
+        plan: the reveal order and its S segments.
+        x_1: (B, L) int64 data tokens.
+        t: (B,) times in [0, 1].
+        generator: explicit generator on x_1's device.
+
+    Returns:
+        (B, L) int64 x_t.
+    """
+    if plan.order == "random":
+        return path.sample(x_1, t, generator).x_t
+    plan.check(path)
+    B, L = x_1.shape
+    S = plan.segments
+    seg = plan.segment_of(path, L, x_1.device)
+    u = 1.0 - torch.rand((B, L), generator=generator, device=x_1.device, dtype=torch.float64)
+    t = t.to(x_1.device)
+    ts = t.double() * S
+    end = ts.round()
+    ts = torch.where(t.float() == (end / S).float(), end, ts)  # a segment end, in float32
+    revealed = seg + u <= ts.unsqueeze(1)
+    return torch.where(revealed, x_1, torch.full_like(x_1, path.mask_token_id))
+
+
 @torch.no_grad()
 def teacher_states(
     teacher: FlowModel | TemperedDenoiser,
@@ -96,12 +151,14 @@ def teacher_states(
     n_steps: int,
     record_at: torch.Tensor,
     counters: Counters | None = None,
+    plan: RevealPlan | None = None,
 ) -> torch.Tensor:
     """States x_{t_j} of B blind teacher trajectories at per-row grid indices j.
 
     Each row is one trajectory of the N-step teacher sampler (``models.solver.sample``): x_0
-    from the source, then the jump rule over t_j = j / N. The batch is rolled in segments
-    between the requested indices (exact: the counter RNG is keyed by the global step).
+    from the source, then the jump rule over t_j = j / N in the reveal order of ``plan``. The
+    batch is rolled in segments between the requested indices (exact: the counter RNG is keyed
+    by the global step).
 
     Args:
         teacher: the denoiser.
@@ -111,6 +168,8 @@ def teacher_states(
         n_steps: N, teacher steps over [0, 1].
         record_at: (B, R) int64 grid indices in [0, N] at which each row is recorded.
         counters: accumulates the teacher's forward calls.
+        plan: the reveal order (:class:`models.solver.RevealPlan`; dilated needs N a multiple
+            of its S segments); None is the random order.
 
     Returns:
         (B, R, L) int64 states; [b, r] is trajectory b at t = record_at[b, r] / N.
@@ -124,7 +183,7 @@ def teacher_states(
     cur, cache = 0, DenoiserCache()
     for j in torch.unique(record_at).tolist():
         if j > cur:
-            x, cache = rollout(teacher, path, x, grid[cur : j + 1], rng, cur, cache, counters)
+            x, cache = rollout(teacher, path, x, grid[cur : j + 1], rng, cur, cache, counters, plan)
             cur = j
         rows, cols = (record_at == j).nonzero(as_tuple=True)
         out[rows, cols] = x[rows]
@@ -163,6 +222,7 @@ class TeacherNegatives:
         records: R states recorded per trajectory.
         heldout_trajectories: trajectories of the held-out set (R records each).
         temperature: T of the teacher's draws (the module docstring says why T > 1).
+        plan: reveal order of the rollouts (:class:`models.solver.RevealPlan`); None = random.
         seed: base seed; bank r uses trajectory seeds seed·2^32 + r·M + j in lane NEGATIVE_LANE,
             the held-out set seeds seed·2^32 + j in lane HELDOUT_LANE. Record times are drawn
             from a generator seeded with seed·2^20 + r for bank r and 2^62 + seed for the
@@ -181,9 +241,11 @@ class TeacherNegatives:
         seed: int,
         device: str | torch.device = "cpu",
         temperature: float = 1.0,
+        plan: RevealPlan | None = None,
     ):
         self.teacher = teacher.eval()
         self.temperature = float(temperature)
+        self.plan = plan if plan is not None else RevealPlan()
         self.sampler = TemperedDenoiser(self.teacher, temperature)
         self.teacher_identity = teacher_identity
         self.n_steps = n_steps
@@ -200,7 +262,14 @@ class TeacherNegatives:
         cfg = self.teacher.config
         rng = CounterRNG(seeds.to(self.device), lane)
         x = teacher_states(
-            self.sampler, cfg.path(), rng, cfg.seq_len, self.n_steps, record_at, self.counters
+            self.sampler,
+            cfg.path(),
+            rng,
+            cfg.seq_len,
+            self.n_steps,
+            record_at,
+            self.counters,
+            self.plan,
         )
         t = record_at.to(torch.float64) / self.n_steps
         return x.reshape(-1, cfg.seq_len), t.reshape(-1).float().to(self.device)
@@ -215,7 +284,9 @@ class TeacherNegatives:
         return self._states(seeds, HELDOUT_LANE, 2**62 + self.seed)
 
     def describe(self) -> dict:
-        return {
+        """What the negatives are; the reveal order only when it is not random (so that the
+        description of a random-order source, and the run identity with it, stays as it was)."""
+        d = {
             "kind": "teacher-rollouts",
             "teacher_identity": self.teacher_identity,
             "teacher_steps": self.n_steps,
@@ -225,6 +296,9 @@ class TeacherNegatives:
             "lane": NEGATIVE_LANE,
             "heldout_lane": HELDOUT_LANE,
         }
+        if self.plan.order != "random":
+            d.update(reveal_order=self.plan.order, student_steps=self.plan.segments)
+        return d
 
 
 @dataclass(frozen=True)
@@ -239,6 +313,10 @@ class CompassTrainConfig:
         teacher_steps: N, steps of the teacher sampler that makes the negatives.
         negative_temperature: T of the teacher's draws for the negatives (T > 1 makes the
             compass a likelihood ranker; see the module docstring); 1 = plain teacher states.
+        reveal_order: "random" (the path's rule) or "dilated": negatives and positives follow
+            the reveal order of a dataset built with that order (mask source only).
+        student_steps: S, segments of the dilated order (the dataset's student steps);
+            teacher_steps must be a multiple of it. Ignored, and not recorded, under random.
         bank_trajectories: M fresh teacher trajectories per negative bank.
         records_per_trajectory: R states recorded per trajectory (bank size M·R). States of
             one trajectory share its revealed tokens, so a bank of few trajectories recorded
@@ -274,6 +352,8 @@ class CompassTrainConfig:
     checkpoint_every: int = 250
     eval_every: int = 250
     seed: int = 0
+    reveal_order: str = "random"
+    student_steps: int = 8
 
     def __post_init__(self) -> None:
         for name in (
@@ -286,6 +366,7 @@ class CompassTrainConfig:
             "heldout_trajectories",
             "checkpoint_every",
             "eval_every",
+            "student_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -297,6 +378,22 @@ class CompassTrainConfig:
             raise ConfigError("lr must be > 0, warmup >= 0 and ema in [0, 1)")
         if not 0 <= self.seed < 2**31:
             raise ConfigError(f"seed={self.seed} must lie in [0, 2^31)")
+        if self.reveal_order not in REVEAL_ORDERS:
+            raise ConfigError(
+                f"reveal_order={self.reveal_order!r} is unknown; use random or dilated (the "
+                "order of the dataset the compass will score)"
+            )
+        S, N = self.student_steps, self.teacher_steps
+        if self.reveal_order == "dilated" and N % S:
+            raise ConfigError(
+                f"teacher_steps={N} is not divisible by student_steps={S}: under the dilated "
+                f"order every segment needs the same number of teacher steps; pick N as a "
+                f"multiple of S (e.g. {S * max(1, round(N / S))})"
+            )
+
+    def plan(self) -> RevealPlan:
+        """The reveal plan of negatives and positives: ``reveal_order`` over S segments."""
+        return RevealPlan(self.reveal_order, self.student_steps)
 
 
 @dataclass
@@ -400,6 +497,12 @@ def train_compass(
     """
     teacher = _as_teacher(teacher_ckpt, device)
     tcfg = teacher.config
+    plan = cfg.plan()
+    if plan.order != "random" and tcfg.source != "mask":
+        raise ConfigError(
+            f"reveal_order={plan.order!r} needs a mask-source teacher, but teacher "
+            f"{teacher.spec} has the {tcfg.source} source; use reveal_order random"
+        )
     data = data_source if data_source is not None else default_data_source(teacher)
     _check_data(data, tcfg, teacher.spec)
     if negatives is None:
@@ -413,8 +516,10 @@ def train_compass(
             cfg.seed,
             device,
             cfg.negative_temperature,
+            plan,
         )
     neg_info = negatives.describe()
+    _check_negative_order(neg_info, plan)
     check_teacher_identity(
         negatives.teacher_identity,
         teacher.identity,
@@ -439,6 +544,8 @@ def train_compass(
         "negatives": neg_info,
         "run_config": record["run"],
     }
+    if plan.order != "random":  # a compass says which order it was trained for
+        provenance.update(reveal_order=plan.order, student_steps=plan.segments)
     with seeded(cfg.seed):
         model = CompassModel(
             compass_config(tcfg, cfg.d_model, cfg.n_layers, cfg.n_heads, provenance=provenance)
@@ -456,7 +563,7 @@ def train_compass(
         gen.set_state(state.generators["data"])
         start = state.step
     files = _checkpoint_files(teacher)
-    heldout = _heldout_set(negatives, data, path, tcfg, cfg.seed, device)
+    heldout = _heldout_set(negatives, data, path, plan, tcfg, cfg.seed, device)
     last: dict = {"loss": float("nan")}
     bank_index, bank = -1, None
     t0 = time.perf_counter()
@@ -474,7 +581,7 @@ def train_compass(
                 group["lr"] = lr
             x_neg, t = _draw(bank, step - refresh * cfg.refresh_every, cfg.batch_size)
             x_1 = _check_batch(data.batch(cfg.batch_size, gen), cfg.batch_size, tcfg, "data")
-            x_pos = path.sample(x_1, t.cpu(), gen).x_t.to(device)
+            x_pos = noise_like(path, plan, x_1, t.cpu(), gen).to(device)
             e_pos, e_neg = _energies(model, x_pos, x_neg, t.to(device))
             loss = nce_loss(e_pos, e_neg)
             gnorm = optimizer_step(model, opt, loss, cfg.grad_clip, ema)
@@ -540,13 +647,14 @@ def _energies(model, x_pos, x_neg, t) -> tuple[torch.Tensor, torch.Tensor]:
     return e[: x_pos.shape[0]], e[x_pos.shape[0] :]
 
 
-def _heldout_set(negatives, data, path, tcfg, seed: int, device) -> dict:
-    """Fixed held-out negatives and as many real sequences noised to the same times."""
+def _heldout_set(negatives, data, path, plan, tcfg, seed: int, device) -> dict:
+    """Fixed held-out negatives and as many real sequences noised to the same times (in the
+    reveal order of ``plan``)."""
     x_neg, t = negatives.heldout()
     n = x_neg.shape[0]
     gen = torch.Generator().manual_seed(seed + 7919)
     x_1 = _check_batch(data.heldout(n, gen), n, tcfg, "held-out data")
-    x_pos = path.sample(x_1, t.cpu(), gen).x_t
+    x_pos = noise_like(path, plan, x_1, t.cpu(), gen)
     return {"x_pos": x_pos.to(device), "x_neg": x_neg.to(device), "t": t.to(device)}
 
 
@@ -580,9 +688,31 @@ def _checkpoint_files(teacher: Checkpoint) -> dict[str, Path]:
     return {name: f} if teacher.config.data.get("kind") == "synthetic" and f.is_file() else {}
 
 
+def _check_negative_order(neg_info: dict, plan: RevealPlan) -> None:
+    """Negatives must follow the run's reveal order (a source without ``reveal_order`` in its
+    description is random-order)."""
+    got = (neg_info.get("reveal_order", "random"), neg_info.get("student_steps"))
+    want = (plan.order, None if plan.order == "random" else plan.segments)
+    if got != want:
+        kind = neg_info.get("kind", "negatives")
+        raise ConfigError(
+            f"negative source {kind} follows the {got[0]} reveal order"
+            + (f" over {got[1]} segments" if got[1] is not None else "")
+            + f", but the run trains for the {want[0]} order"
+            + (f" over {want[1]} segments" if want[1] is not None else "")
+            + "; build the negatives in the run's order (describe() says reveal_order and "
+            "student_steps)"
+        )
+
+
 def _jsonable(cfg: CompassTrainConfig) -> dict:
+    """The recorded run config: every field but ``out``; reveal_order and student_steps only
+    for a non-random order, so that a random-order run keeps the record (and the compass
+    identity) it had before the fields existed."""
     d = asdict(cfg)
     d.pop("out")
+    if cfg.reveal_order == "random":
+        del d["reveal_order"], d["student_steps"]
     return d
 
 
