@@ -428,7 +428,7 @@ def split_documents(
     evaluator_chars = sum(d["evaluator_chars"] for d in documents)
     record = {
         "method": (
-            f"the last {fraction:.0%} of every document (one contiguous block, cut at the nearest "
+            f"The last {fraction:.0%} of every document (one contiguous block, cut at the nearest "
             "line start, else whitespace) is the evaluator's part, the rest the teacher's and "
             "the compass's; no text is in both"
         ),

@@ -223,7 +223,7 @@ class Preset:
 SYNTHETIC_PRESETS = {
     "ci": Preset(
         trajectories=16,
-        shards=2,
+        shards=1,  # one Ray actor per build: its start-up is most of a ci build's time
         candidates=4,
         k_sweep=(2,),
         tau_sweep=(),
@@ -391,7 +391,7 @@ def eval_seed(j: int) -> int:
     return EVAL_SEED_BASE + j
 
 
-def seed_plan(p: Preset, arms: list[DataArm], compass: Checkpoint) -> dict:
+def seed_plan(p: Preset, arms: list[DataArm]) -> dict:
     """Every seed of a run, with the check that no evaluation sample shares a random stream
     with a dataset trajectory or a compass training trajectory.
 
@@ -421,13 +421,11 @@ def seed_plan(p: Preset, arms: list[DataArm], compass: Checkpoint) -> dict:
         raise SystemExit(f"error: K = {lanes} candidates would reach the compass's lanes")
     if max(p.trajectories, p.eval_samples, p.search_samples) >= 2**32:
         raise SystemExit("error: more than 2^32 trajectories per seed would spill into the next")
-    run_cfg = compass.config.provenance.get("run_config", {})
     return {
         "dataset_seeds": dataset,
         "student_seeds": list(range(p.student_seeds)),
         "eval_seeds": evaluation,
         "eval_seed_base": EVAL_SEED_BASE,
-        "compass_seed": run_cfg.get("seed"),
         "compass_lanes": [NEGATIVE_LANE, HELDOUT_LANE],
         "disjoint": True,
         "streams": (
@@ -674,6 +672,7 @@ class Run:
             import pyarrow.parquet as pq
 
             from models.data.trajectories import open_trajectory_dataset, table_arrays
+            from pipeline.navigator import NavigatorConfig
 
             source = open_trajectory_dataset(record["root"])
             ids, finals = [], []
@@ -683,11 +682,12 @@ class Run:
                 )
                 ids.append(rows.ids)
                 finals.append(rows.states[:, -1])
-            order = np.argsort(np.concatenate(ids), kind="stable")
+            ids = np.concatenate(ids)
+            order = np.argsort(ids, kind="stable")
+            # row i is trajectory i (its seed d·2^32 + i is what the samples file records)
+            assert (ids[order] == np.arange(len(ids))).all(), "a dataset misses trajectories"
             x = torch.from_numpy(np.concatenate(finals)[order].astype(np.int64))
             nav = record["navigator"]
-            from pipeline.navigator import NavigatorConfig
-
             info = _sampler_info(
                 x,
                 nav["student_steps"],
@@ -967,11 +967,165 @@ def _evaluators_for(track: str, p: Preset, made: dict[str, str]) -> list[Evaluat
     return uses
 
 
+class RowBook:
+    """The rows of a run, in order, and the units (seeds) each was made from."""
+
+    def __init__(self, run: Run, evaluators: list[str]):
+        self.run, self.evaluators = run, evaluators
+        self.rows: list[dict] = []
+        self.units: dict[str, list[Unit]] = {}
+
+    def add(
+        self,
+        name: str,
+        kind: str,
+        units: list[Unit],
+        *,
+        temperature: float,
+        headline: bool,
+        spread: str,
+        frontier: str | None = None,
+        extra: dict | None = None,
+    ) -> None:
+        """One row from its units; a T ≠ 1 point of ``frontier`` is scored only by the
+        evaluators that score that frontier, a non-headline row only by those that score all."""
+        point = frontier if temperature != 1.0 else None
+        per = [self.run.arm_scores(u, j, headline, point) for j, u in enumerate(units)]
+        row = _aggregate(name, kind, per, self.evaluators, extra)
+        row.update(
+            temperature=temperature,
+            headline=headline,
+            frontier=frontier,
+            seeds=[u.seeds for u in units],
+            spread=spread,
+        )
+        self.rows.append(row)
+        self.units[name] = units
+
+
+def teacher_rows(book: RowBook, teacher: str) -> None:
+    """The teacher at every ``teacher_eval_steps``; at S and the top step count, at every
+    frontier temperature (the teacher@S and teacher@top frontiers)."""
+    r, p = book.run, book.run.p
+    S, top = p.student_steps, max(p.teacher_eval_steps)
+    seeds = [eval_seed(j) for j in range(p.eval_seeds)]
+    for steps in p.teacher_eval_steps:
+        frontier = f"teacher@{steps}" if steps in (S, top) else None
+        for T in p.frontier_temperatures if frontier else (1.0,):
+            units = [
+                Unit(
+                    f"teacher-n{steps}-T{T:g}-e{e}",
+                    teacher,
+                    r.generated(teacher, steps, e, T),
+                    {"eval": e},
+                )
+                for e in seeds
+            ]
+            book.add(
+                _with_t(f"teacher, {steps} steps", T),
+                "teacher",
+                units,
+                temperature=T,
+                headline=frontier is not None,
+                frontier=frontier,
+                spread=_count(len(seeds), "sampling seed"),
+                extra={"group": "reference"},
+            )
+
+
+def search_row(book: RowBook, arms: list[DataArm], teacher: str, compass: str) -> None:
+    """The search control: the first headline shaped arm's builder, run at evaluation seeds."""
+    r, p = book.run, book.run.p
+    shaped = next(a for a in arms if a.group == "headline" and a.candidates > 1)
+    nav = r.nav_config(shaped)
+    seeds = [eval_seed(j) for j in range(p.eval_seeds)]
+    units = [
+        Unit(
+            f"search-{_slug(shaped.name)}-e{e}",
+            teacher,
+            r.searched(nav, shaped.compass or compass, e),
+            {"eval": e},
+        )
+        for e in seeds
+    ]
+    book.add(
+        f"teacher, best-of-{nav.candidates} by compass per segment, {nav.student_steps} "
+        f"segments × {nav.substeps} sub-steps",
+        "search control",
+        units,
+        temperature=nav.teacher_temperature,
+        headline=True,
+        spread=_count(len(seeds), "sampling seed"),
+        extra={"group": "control", "dataset": shaped.name, "navigator": asdict(nav)},
+    )
+
+
+def student_rows(book: RowBook, arm: DataArm, specs: list[str]) -> None:
+    """The students of one data arm, student j sampled with evaluation seed ``eval_seed(j)``:
+    a headline arm at every ``student_eval_steps``, the others at S; the blind arm at S at every
+    frontier temperature (the blind-student frontier)."""
+    r, p = book.run, book.run.p
+    S = p.student_steps
+    spread = (
+        f"{_count(len(arm_dataset_seeds(p, arm)), 'dataset seed')} × "
+        f"{_count(p.student_seeds, 'training seed')}"
+    )
+    extra = {"group": arm.group, "dataset": arm.name, "K": arm.candidates, "tau": arm.tau}
+    extra["navigator"] = dict(arm.navigator)
+    for steps in p.student_eval_steps if arm.group == "headline" else (S,):
+        frontier = f"{BLIND} student@{S}" if arm.name == BLIND and steps == S else None
+        for T in p.frontier_temperatures if frontier else (1.0,):
+            units = [
+                Unit(
+                    f"student-{_slug(arm.name)}-d{d}-s{t}-n{steps}-T{T:g}-e{eval_seed(j)}",
+                    specs[j],
+                    r.generated(specs[j], steps, eval_seed(j), T),
+                    {"dataset": d, "student": t, "eval": eval_seed(j)},
+                )
+                for j, (d, t) in enumerate(student_units(p, arm))
+            ]
+            book.add(
+                _with_t(f"student from {arm.name}, {steps} steps", T),
+                "student",
+                units,
+                temperature=T,
+                headline=arm.group != "sweep" and steps == S,
+                frontier=frontier,
+                spread=spread,
+                extra=extra,
+            )
+
+
+def finals_rows(book: RowBook, arm: DataArm, teacher: str, records: list[dict]) -> None:
+    """A data arm's own final sequences, one unit per dataset seed, scored like a sampler."""
+    r = book.run
+    units = [
+        Unit(
+            f"finals-{_slug(arm.name)}-d{d['dataset_seed']}",
+            teacher,
+            r.finals(d),
+            {"dataset": d["dataset_seed"]},
+        )
+        for d in records
+    ]
+    book.add(
+        f"dataset finals, {arm.name}",
+        "dataset finals",
+        units,
+        temperature=r.nav_config(arm).teacher_temperature,
+        headline=arm.group != "sweep",
+        spread=_count(len(records), "dataset seed"),
+        extra={"group": arm.group, "dataset": arm.name, "K": arm.candidates, "tau": arm.tau},
+    )
+
+
 def run(track: str, preset_name: str, work: Path, out: str | None, device: str, args) -> dict:
     p = PRESETS[track][preset_name]
     if args.distill_steps:
         p = replace(p, distill_steps=args.distill_steps)
     start = time.perf_counter()
+    arms = data_arms(p)
+    seeds = seed_plan(p, arms)  # before anything runs: a preset whose seeds overlap stops here
     made: dict[str, str] = {}
     split = None
     if track == "text":
@@ -992,126 +1146,19 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
     r = Run(work, p, teacher, compass, device)
     r.evaluators = _evaluators_for(track, p, made)
     names = [u.name for u in r.evaluators]
-    arms = data_arms(p)
-    seeds = seed_plan(p, arms, load_checkpoint(compass, role="compass"))
+    compass_run = load_checkpoint(compass, role="compass").config.provenance.get("run_config")
+    seeds["compass_seed"] = (compass_run or {}).get("seed")
     datasets = {(a.name, d): r.dataset(a, d) for a in arms for d in arm_dataset_seeds(p, a)}
     students = {a.name: [str(r.student(a, d, t)) for d, t in student_units(p, a)] for a in arms}
+    book = RowBook(r, names)
+    teacher_rows(book, teacher)
+    search_row(book, arms, teacher, compass)
+    for a in arms:
+        student_rows(book, a, students[a.name])
+    for a in arms:
+        finals_rows(book, a, teacher, [datasets[a.name, d] for d in arm_dataset_seeds(p, a)])
+    rows = book.rows
     S, top = p.student_steps, max(p.teacher_eval_steps)
-    rows: list[dict] = []
-    units_of: dict[str, list[Unit]] = {}
-
-    def add(name, kind, units, *, temperature, headline, spread, frontier=None, extra=None):
-        """One row from its units (seeds); a T ≠ 1 point of ``frontier`` is scored only by the
-        evaluators that score that frontier."""
-        point = frontier if temperature != 1.0 else None
-        per = [r.arm_scores(u, j, headline, point) for j, u in enumerate(units)]
-        row = _aggregate(name, kind, per, names, extra)
-        row.update(
-            temperature=temperature,
-            headline=headline,
-            frontier=frontier,
-            seeds=[u.seeds for u in units],
-            spread=spread,
-        )
-        rows.append(row)
-        units_of[name] = units
-
-    teacher_seeds = [eval_seed(j) for j in range(p.eval_seeds)]
-    sampling = _count(len(teacher_seeds), "sampling seed")
-    for steps in p.teacher_eval_steps:
-        frontier = f"teacher@{steps}" if steps in (S, top) else None
-        for T in p.frontier_temperatures if frontier else (1.0,):
-            units = [
-                Unit(
-                    f"teacher-n{steps}-T{T:g}-e{e}",
-                    teacher,
-                    r.generated(teacher, steps, e, T),
-                    {"eval": e},
-                )
-                for e in teacher_seeds
-            ]
-            add(
-                _with_t(f"teacher, {steps} steps", T),
-                "teacher",
-                units,
-                temperature=T,
-                headline=frontier is not None,
-                frontier=frontier,
-                spread=sampling,
-                extra={"group": "reference"},
-            )
-    shaped = next(a for a in arms if a.group == "headline" and a.candidates > 1)
-    nav = r.nav_config(shaped)
-    search_compass = shaped.compass or compass
-    units = [
-        Unit(
-            f"search-{_slug(shaped.name)}-e{e}",
-            teacher,
-            r.searched(nav, search_compass, e),
-            {"eval": e},
-        )
-        for e in teacher_seeds
-    ]
-    add(
-        f"teacher, best-of-{nav.candidates} by compass per segment, {S} segments × "
-        f"{nav.substeps} sub-steps",
-        "search control",
-        units,
-        temperature=nav.teacher_temperature,
-        headline=True,
-        spread=sampling,
-        extra={"group": "control", "dataset": shaped.name, "navigator": asdict(nav)},
-    )
-    for a in arms:
-        pairs, specs = student_units(p, a), students[a.name]
-        spread = (
-            f"{_count(len(arm_dataset_seeds(p, a)), 'dataset seed')} × "
-            f"{_count(p.student_seeds, 'training seed')}"
-        )
-        extra = {"group": a.group, "dataset": a.name, "K": a.candidates, "tau": a.tau}
-        extra["navigator"] = dict(a.navigator)
-        for steps in p.student_eval_steps if a.group == "headline" else (S,):
-            frontier = f"{BLIND} student@{S}" if a.name == BLIND and steps == S else None
-            for T in p.frontier_temperatures if frontier else (1.0,):
-                units = [
-                    Unit(
-                        f"student-{_slug(a.name)}-d{d}-s{t}-n{steps}-T{T:g}-e{eval_seed(j)}",
-                        specs[j],
-                        r.generated(specs[j], steps, eval_seed(j), T),
-                        {"dataset": d, "student": t, "eval": eval_seed(j)},
-                    )
-                    for j, (d, t) in enumerate(pairs)
-                ]
-                add(
-                    _with_t(f"student from {a.name}, {steps} steps", T),
-                    "student",
-                    units,
-                    temperature=T,
-                    headline=a.group != "sweep" and steps == S,
-                    frontier=frontier,
-                    spread=spread,
-                    extra=extra,
-                )
-    for a in arms:
-        ds = arm_dataset_seeds(p, a)
-        units = [
-            Unit(
-                f"finals-{_slug(a.name)}-d{d}",
-                teacher,
-                r.finals(datasets[a.name, d]),
-                {"dataset": d},
-            )
-            for d in ds
-        ]
-        add(
-            f"dataset finals, {a.name}",
-            "dataset finals",
-            units,
-            temperature=r.nav_config(a).teacher_temperature,
-            headline=a.group != "sweep",
-            spread=_count(len(ds), "dataset seed"),
-            extra={"group": a.group, "dataset": a.name, "K": a.candidates, "tau": a.tau},
-        )
     real = _real_data(r, track, made, teacher)
     frontiers = frontier_report(rows, [f"teacher@{S}", f"teacher@{top}", f"{BLIND} student@{S}"])
     matched = matched_entropy(rows, frontiers, names, S)
@@ -1136,7 +1183,7 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
         "matched_entropy": matched,
         "real_data": real,
         "targets": [t for ev in names for t in targets(rows, matched, p, real, ev, track)],
-        "samples": write_samples(r, rows, units_of, teacher, dest),
+        "samples": write_samples(r, rows, book.units, teacher, dest),
         "device": {
             "device": device,
             "cpu": cpu_model(),

@@ -66,7 +66,7 @@ def test_split_documents_gives_the_evaluator_a_disjoint_tail_of_every_document(t
     assert (tmp_path / "t" / "a.txt").stat().st_mtime_ns == stamp
 
 
-def test_presets_keep_dataset_and_evaluation_seeds_apart():
+def test_presets_keep_dataset_and_evaluation_seeds_apart(monkeypatch):
     import shaping
 
     from models.errors import ConfigError
@@ -88,6 +88,13 @@ def test_presets_keep_dataset_and_evaluation_seeds_apart():
     ]
     # default preset: 2 dataset seeds x 2 training seeds per headline arm
     assert shaping.student_units(p, arms[1]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    plan = shaping.seed_plan(p, arms)
+    assert plan["disjoint"] and plan["dataset_seeds"] == [0, 1]
+    assert plan["eval_seeds"] == [1000, 1001, 1002, 1003]  # one per student of an arm
+    # were the evaluation seeds to start at 1, seed 1 would be both: refused before any work
+    monkeypatch.setattr(shaping, "EVAL_SEED_BASE", 1)
+    with pytest.raises(SystemExit, match=r"dataset seed\(s\) \[1\] are also evaluation seeds"):
+        shaping.seed_plan(p, arms)
 
 
 @pytest.mark.slow
