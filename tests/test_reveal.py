@@ -163,3 +163,30 @@ def test_new_navigator_fields_keep_old_fingerprints_and_change_new_ones():
     assert dil.to_dict()["navigator"]["reveal_order"] == "dilated"
     assert dil.fingerprint("a", None) != base.fingerprint("a", None)
     assert BuildConfig.from_dict(dil.to_dict()) == dil
+
+
+@pytest.mark.parametrize("markov", [True, False])
+def test_exact_posterior_is_the_brute_force_conditional(tiny_language, markov):
+    import numpy as np
+
+    from models.data.synthetic import ExactDenoiser, SyntheticLanguage
+
+    lang = tiny_language
+    if not markov:  # a transition that depends on the state, not only on the token
+        Q = lang.num_states
+        delta = (lang.transition + np.arange(Q)[:, None]) % Q
+        lang = SyntheticLanguage(lang.emission, delta, lang.start_state, lang.seq_len, lang.words)
+    V, M = lang.vocab_size, lang.vocab_size
+    x = lang.sample(3, torch.Generator().manual_seed(2))
+    xm = x.clone()
+    xm[:, 1] = M
+    xm[:, 3:5] = M  # position 3 is scored with its neighbour 4 masked too
+    got = ExactDenoiser(lang, M)(xm, torch.zeros(3), torch.zeros(3)).double()
+    for i in (1, 3):
+        cand = []
+        for v in range(V):
+            y = xm.clone()
+            y[:, i] = v
+            cand.append(lang.log_marginal(y, M))
+        want = torch.stack(cand, 1)
+        assert torch.allclose(got[:, i], want - want.logsumexp(1, keepdim=True), atol=1e-5)

@@ -244,6 +244,20 @@ class SyntheticLanguage:
             alpha = alpha / alpha.sum(1, keepdim=True)
         out = torch.empty(B, L, V, dtype=torch.float64)
         beta = torch.ones(B, Q, dtype=torch.float64)
+        if bool((self._delta == self._delta[0]).all()):  # δ(s, v) = δ(v): a Markov chain in
+            nxt = self._delta[0]  # the tokens, (B, V) work per position instead of (B, Q, V)
+            for t in reversed(range(L)):
+                ahead = beta[:, nxt]  # β_{t+1}(δ(v)), (B, V)
+                pv = (alphas[t] @ E) * ahead
+                out[:, t] = torch.log(pv / pv.sum(1, keepdim=True))
+                m = ahead.clone()
+                vis = visible[:, t]
+                if vis.any():
+                    keep = torch.nn.functional.one_hot(xv[vis, t], V).bool()
+                    m[vis] = torch.where(keep, m[vis], 0.0)
+                beta = m @ E.T
+                beta = beta / beta.sum(1, keepdim=True)
+            return out
         delta = self._delta.reshape(-1)
         for t in reversed(range(L)):
             ahead = beta[:, delta].view(B, Q, V)  # β_{t+1}(δ(s, v))
