@@ -45,7 +45,7 @@ from models.solver import sample
 from models.train.teacher import load_language
 
 EVAL_SEED_BASE = 1000
-TEMPERATURES = (1.0, 0.9, 0.8, 0.7)
+TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6)
 
 
 def run(samples: int, seeds: int, steps: int, batch: int) -> dict:
