@@ -1,0 +1,263 @@
+"""Shaping in memory: issue 13's questions on the synthetic language, before the full benchmark.
+
+Each arm is a dataset made by the library's own navigator (``pipeline.navigator.navigate``) and a
+student distilled from it with the library's own training step (``StudentStep``, segment NLL),
+all in memory: no Ray, no Parquet, so an arm costs minutes. Everything is scored by the exact
+likelihood of the language and read **at matched entropy**, against temperature frontiers of
+
+- the blind student of the same reveal order (the baseline shaping must beat),
+- the teacher at S steps in that order, and the teacher at 1,024 steps (random order).
+
+Arms (``--arms``): ``blind`` (K = 1); ``ratio`` (K candidates sharing the reveal randomness,
+softmax selection at temperature 1 with the oracle density ratio ``exact-ratio``: importance
+resampling toward the language, the ceiling of any compass); ``joint`` (argmin of the exact
+marginal likelihood, ``exact``: mode-seeking); ``compass`` (argmin of ``--compass``, default the
+bundled one).
+
+    python benchmarks/shaping_lab.py                                  # bundled teacher, dilated
+    python benchmarks/shaping_lab.py --teacher runs/weak/final --out docs/results/shaping-lab-weak
+
+Seeds: dataset trajectory i has counter seed ``dataset_seed · 2^32 + i`` (dataset seeds < 1000);
+evaluation sample i of seed s has ``(1000 + s) · 2^32 + i``, so no evaluation sample shares a
+random stream with a trajectory the student saw. Results: OUT.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_io import cpu_model, package_versions, write_results
+
+from models.checkpoint import bundled_path, load_checkpoint
+from models.compass import CompassScorer, ExactScorer
+from models.data.trajectories import ExampleBatch
+from models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
+from models.eval.metrics import unigram_entropy
+from models.solver import sample
+from models.train.distill import DistillConfig, StudentStep, build_student
+from models.train.teacher import load_language
+from pipeline.navigator import NavigatorConfig, navigate
+
+EVAL_SEED_BASE = 1000
+ARMS = ("blind", "ratio", "joint", "compass")
+
+
+def score(language, x: torch.Tensor) -> tuple[float, float]:
+    """(gen-PPL, mean unigram entropy) under the exact likelihood."""
+    nll = -language.log_likelihood(x)
+    ent = unigram_entropy(x, language.vocab_size + 1)
+    return math.exp(float(nll.sum()) / x.numel()), float(ent.mean())
+
+
+def build(teacher, scorer, cfg: NavigatorConfig, n: int, seed: int, batch: int) -> torch.Tensor:
+    """(n, S+1, L) states of n trajectories with seeds seed·2^32 + i."""
+    mc = teacher.config
+    out = []
+    for lo in range(0, n, batch):
+        seeds = torch.arange(lo, min(n, lo + batch), dtype=torch.long) + seed * 2**32
+        res = navigate(teacher.model, scorer, mc.path(), seeds, mc.seq_len, cfg)
+        out.append(res.states)
+    return torch.cat(out)
+
+
+def distill(teacher, states: torch.Tensor, times: torch.Tensor, steps: int, seed: int):
+    """A student from ``teacher`` trained on random segments of ``states`` (segment NLL)."""
+    cfg = DistillConfig(data="memory", init="memory", out="memory", steps=steps, seed=seed)
+    model = build_student(teacher, seed)
+    step = StudentStep(model, cfg, torch.device("cpu"))
+    n, S = states.shape[0], states.shape[1] - 1
+    gen = torch.Generator().manual_seed(seed)
+    t = times.float()
+
+    def batch() -> ExampleBatch:
+        tr = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        k = torch.randint(0, S, (cfg.batch_size,), generator=gen)
+        return ExampleBatch(
+            x_t=states[tr, k], t=t[k], h=t[k + 1] - t[k], x_next=states[tr, k + 1],
+            x_1=states[tr, S], trajectory_id=tr, segment=k,
+        )  # fmt: skip
+
+    for i in range(steps):
+        step(i, batch)
+    state = {k: v.to(model.state_dict()[k].dtype) for k, v in step.ema.shadow.items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def frontier(language, model, path, L, steps, order, temps, samples, batch) -> list[dict]:
+    points = []
+    for T in temps:
+        xs = []
+        for lo in range(0, samples, batch):
+            ids = torch.arange(lo, min(samples, lo + batch), dtype=torch.long)
+            xs.append(
+                sample(model, path, ids + EVAL_SEED_BASE * 2**32, L, steps, None, T, order).x_1
+            )
+        ppl, ent = score(language, torch.cat(xs))
+        points.append({"temperature": T, "gen_ppl": ppl, "entropy": ent})
+        print(f"    T={T:g}: gen-PPL {ppl:.3f} entropy {ent:.3f}", flush=True)
+    return points
+
+
+def _at_one(points: list[dict]) -> dict:
+    return next(p for p in points if p["temperature"] == 1.0)
+
+
+def at(points: list[dict], entropy: float) -> float | None:
+    pts = [FrontierPoint(p["temperature"], p["gen_ppl"], p["entropy"]) for p in points]
+    return gen_ppl_at_entropy(pts, entropy)
+
+
+def run(a) -> dict:
+    teacher = load_checkpoint(a.teacher, role="teacher")
+    mc = teacher.config
+    language = load_language(teacher.directory, mc.data)
+    path, L, S = mc.path(), mc.seq_len, a.student_steps
+    temps = tuple(a.temperatures)
+    base = dict(student_steps=S, teacher_steps=a.teacher_steps, reveal_order=a.order)
+    shaped = dict(base, candidates=a.candidates, shared_reveals=True)
+    arms = {
+        "blind": (None, NavigatorConfig(**base, candidates=1)),
+        "ratio": (
+            ExactScorer.for_teacher("exact-ratio", teacher),
+            NavigatorConfig(**shaped, selection="softmax", temperature=1.0),
+        ),
+        "joint": (ExactScorer.for_teacher("exact", teacher), NavigatorConfig(**shaped)),
+        "compass": (
+            CompassScorer.from_checkpoint(load_checkpoint(a.compass, role="compass")),
+            NavigatorConfig(**shaped),
+        ),
+    }
+    t0 = time.perf_counter()
+    print("teacher frontiers", flush=True)
+    fronts = {
+        f"teacher {S} steps, {a.order}": frontier(
+            language, teacher.model, path, L, S, a.order, temps, a.samples, 250
+        ),
+        "teacher 1024 steps, random": frontier(
+            language, teacher.model, path, L, 1024, "random", temps, a.samples, 250
+        ),
+    }
+    rows = []
+    for name in a.arms:
+        scorer, cfg = arms[name]
+        print(f"arm {name}: building {a.trajectories} trajectories", flush=True)
+        states = build(teacher, scorer, cfg, a.trajectories, a.dataset_seed, 256)
+        finals = score(language, states[:, -1])
+        print(f"  dataset finals: gen-PPL {finals[0]:.3f} entropy {finals[1]:.3f}", flush=True)
+        times = torch.arange(S + 1, dtype=torch.float64) / S
+        student = distill(teacher, states, times, a.distill_steps, a.dataset_seed)
+        print(f"  student ({a.distill_steps} steps):", flush=True)
+        points = frontier(language, student, path, L, S, a.order, temps, a.samples, 250)
+        if name == "blind":
+            fronts[f"blind student {S} steps, {a.order}"] = points
+        rows.append({"arm": name, "navigator": cfg.__dict__, "dataset_finals": finals,
+                     "student": points})  # fmt: skip
+    for r in rows:
+        own = _at_one(r["student"])
+        r["matched"] = {
+            f: (None if at(p, own["entropy"]) is None else own["gen_ppl"] / at(p, own["entropy"]))
+            for f, p in fronts.items()
+        }
+    return {
+        "benchmark": "shaping_lab",
+        "teacher": {"spec": str(a.teacher), "identity": teacher.identity},
+        "true_perplexity": language.perplexity(),
+        "config": {k: v for k, v in vars(a).items() if k != "out"},
+        "eval_seed_base": EVAL_SEED_BASE,
+        "frontiers": fronts,
+        "arms": rows,
+        "seconds": time.perf_counter() - t0,
+        "device": {
+            "device": "cpu",
+            "cpu": cpu_model(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "versions": package_versions(("torch",)),
+    }
+
+
+def markdown(r: dict, command: str) -> str:
+    c = r["config"]
+    lines = [
+        "# Shaping lab: shaped students at matched entropy (in memory)",
+        "",
+        f"Teacher `{r['teacher']['identity'][:23]}…` ({c['teacher']}); exact likelihood (true "
+        f"perplexity {r['true_perplexity']:.3f}). Datasets: {c['trajectories']} trajectories, "
+        f"S = {c['student_steps']}, N = {c['teacher_steps']}, reveal order {c['order']}, K = "
+        f"{c['candidates']} with shared reveals; students: {c['distill_steps']} steps × 64 "
+        f"segments from the teacher's weights; {c['samples']} samples per point, evaluation "
+        f"seeds from {r['eval_seed_base']}; one dataset seed, one student seed (no ±).",
+        "",
+        "| frontier | "
+        + " | ".join(f"T={p['temperature']:g}" for p in next(iter(r["frontiers"].values())))
+        + " |",
+        "|---|" + "---|" * len(c["temperatures"]),
+    ]
+    for name, pts in r["frontiers"].items():
+        cells = " | ".join(f"{p['gen_ppl']:.3f} @ {p['entropy']:.3f}" for p in pts)
+        lines.append(f"| {name} | {cells} |")
+    lines += ["", "| arm | dataset finals | student T=1 | " +
+              " | ".join(f"vs {f}" for f in r["frontiers"]) + " |",
+              "|---|---|---|" + "---|" * len(r["frontiers"])]  # fmt: skip
+    for row in r["arms"]:
+        own = _at_one(row["student"])
+        fin = row["dataset_finals"]
+        ratios = " | ".join("outside" if v is None else f"{v:.3f}" for v in row["matched"].values())
+        lines.append(f"| {row['arm']} | {fin[0]:.3f} @ {fin[1]:.3f} | {own['gen_ppl']:.3f} @ "
+                     f"{own['entropy']:.3f} | {ratios} |")  # fmt: skip
+    d = r["device"]
+    lines += [
+        "",
+        "Ratios: the student's gen-PPL at T = 1 divided by the frontier's gen-PPL interpolated at "
+        "the student's own entropy (log gen-PPL linear in entropy; 'outside' when the frontier "
+        "does not bracket it). Below 1 is better than temperature alone.",
+        "",
+        f"Device: cpu ({d['cpu']}, {d['threads']} threads), torch {r['versions']['torch']}. "
+        f"Wall time {r['seconds'] / 60:.1f} min.",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default=str(bundled_path("teacher")))
+    ap.add_argument("--compass", default=str(bundled_path("compass")))
+    ap.add_argument("--arms", nargs="+", default=["blind", "ratio"], choices=ARMS)
+    ap.add_argument("--order", default="dilated", choices=("random", "dilated"))
+    ap.add_argument("--trajectories", type=int, default=1024)
+    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--student-steps", type=int, default=8)
+    ap.add_argument("--teacher-steps", type=int, default=64)
+    ap.add_argument("--distill-steps", type=int, default=1000)
+    ap.add_argument("--dataset-seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.1, 1.0, 0.9, 0.8])
+    ap.add_argument("--out", default="docs/results/shaping-lab")
+    a = ap.parse_args()
+    if 1.0 not in a.temperatures:
+        ap.error("--temperatures must include 1.0 (the arms are read at T = 1)")
+    if not 0 <= a.dataset_seed < EVAL_SEED_BASE:
+        ap.error(f"--dataset-seed must lie in [0, {EVAL_SEED_BASE}) to stay apart from the "
+                 "evaluation seeds")  # fmt: skip
+    r = run(a)
+    command = ("python benchmarks/shaping_lab.py " + " ".join(sys.argv[1:])).strip()
+    r["command"] = command
+    print(f"wrote {write_results(a.out, r, markdown(r, command))}")
+
+
+if __name__ == "__main__":
+    main()
