@@ -19,7 +19,11 @@ Arms (docs/benchmark.md has the table and how to read it):
   ``control_temperature``) and the sweeps (K in ``k_sweep``, τ in ``tau_sweep``) at S;
 - each dataset's own final sequences states[:, S] ("dataset finals, ARM");
 - the search control: the teacher with best-of-K by the compass per segment, every candidate
-  rolled with the build's N/S teacher sub-steps (``navigate`` with the shaped arm's config).
+  rolled with the build's N/S teacher sub-steps (``navigate`` with the shaped arm's config);
+- the dilated-order arms of ``dilated_arms`` (synthetic track): datasets built with
+  ``reveal_order="dilated"`` (segment k reveals a fixed, evenly spread group of positions), blind
+  and shaped by the exact oracles or by a compass trained here for that order, read against the
+  dilated blind student's and the dilated teacher@S frontiers as well as the random-order ones.
 
 Seeds: every headline dataset is built with each of ``dataset_seeds`` and a student is trained
 per (dataset seed, training seed), each sampled with its own evaluation seed; teachers and the
@@ -71,7 +75,7 @@ from models.errors import ConfigError
 from models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
 from models.eval.evaluators import load_evaluator
 from models.eval.metrics import Evaluator
-from models.solver import check_temperature
+from models.solver import REVEAL_ORDERS, check_temperature
 
 SCHEMA = "tsdfm-shaping/3"
 EVAL_SEED_BASE = 1000  # evaluation seed j is EVAL_SEED_BASE + j; dataset seeds lie below it
@@ -82,6 +86,9 @@ OUTSIDE = "outside frontier"
 NOT_SCORED = "not scored"
 # NavigatorConfig fields that a DataArm may not set: they come from the preset and the arm
 _NAV_FIXED = ("student_steps", "teacher_steps", "candidates", "tau")
+DILATED_VARIANTS = ("blind", "exact-ratio", "exact", "compass")  # see dilated_arm
+# DataArm.compass of the compass trained in the work folder for the dilated order
+DILATED_COMPASS = "{work}/models/compass-dilated/final"
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,9 @@ class DataArm:
         navigator: more ``NavigatorConfig`` keyword arguments for the build, e.g.
             ``{"teacher_temperature": 0.8}`` or ``{"selection": "softmax"}``; S and N come
             from the preset, K and τ from the fields above.
-        compass: a compass checkpoint for this arm in place of the run's.
+        compass: a compass for this arm in place of the run's: a checkpoint (``{work}`` stands
+            for the work folder, e.g. ``DILATED_COMPASS``) or an exact scorer of the synthetic
+            language ("exact", "exact-ratio").
         group: "headline" (every dataset seed, every student step count, matched-entropy
             targets, a samples file), "control" (the first ``control_dataset_seeds`` dataset
             seeds, S steps, a samples file) or "sweep" (the first dataset seed, S steps).
@@ -142,6 +151,15 @@ class DataArm:
                 f"arm {self.name!r}: navigator sets {fixed}, which come from the preset (S, N) "
                 "and the arm's own candidates and tau; drop them from navigator"
             )
+        if self.order not in REVEAL_ORDERS:
+            raise ConfigError(
+                f"arm {self.name!r}: reveal_order {self.order!r}; use one of {REVEAL_ORDERS}"
+            )
+
+    @property
+    def order(self) -> str:
+        """The reveal order of the arm's build, and so of its students' sampler."""
+        return str(self.navigator.get("reveal_order", "random"))
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,13 @@ class Preset:
         control_dataset_seeds: how many of ``dataset_seeds`` the control arms use.
         search_samples: samples per seed of the search control (it costs a shaped build).
         extra_arms: more data arms, e.g. navigator variants (appended to :func:`data_arms`).
+        dilated_arms: the dilated-order arms of :func:`dilated_arm` ("blind", "exact-ratio",
+            "exact", "compass"; synthetic track); a shaped one needs "blind" (its frontier).
+        dilated_compass_steps: training steps of the dilated compass (the "compass" arm).
+        dilated_compass_args: more ``compass train`` options for it (ci: a tiny model).
+        dilated_frontier_temperatures: more T of the dilated-order frontiers, above 1: a
+            density-ratio arm resamples toward the data, whose entropy lies at or just above
+            the dilated T = 1 points, where a frontier of T ≤ 1 alone cannot read it.
         heldout_fraction: trajectories each student holds out.
     """
 
@@ -187,6 +212,10 @@ class Preset:
     control_dataset_seeds: int = 2
     search_samples: int = 256
     extra_arms: tuple[DataArm, ...] = ()
+    dilated_arms: tuple[str, ...] = ()
+    dilated_compass_steps: int = 0
+    dilated_compass_args: tuple[str, ...] = ()
+    dilated_frontier_temperatures: tuple[float, ...] = ()
     heldout_fraction: float = 0.02
     text: TextSetup | None = field(default=None)
 
@@ -218,6 +247,25 @@ class Preset:
             raise ConfigError("teacher_eval_steps needs a step count above S (the top frontier)")
         if self.student_steps not in self.student_eval_steps:
             raise ConfigError(f"student_eval_steps must include S = {self.student_steps}")
+        unknown = sorted(set(self.dilated_arms) - set(DILATED_VARIANTS))
+        if unknown or len(set(self.dilated_arms)) != len(self.dilated_arms):
+            raise ConfigError(
+                f"dilated_arms {list(self.dilated_arms)}: name each of {DILATED_VARIANTS} at most "
+                "once"
+            )
+        more = [
+            check_temperature(t, "frontier temperature") for t in self.dilated_frontier_temperatures
+        ]
+        if set(more) & set(temps) or len(set(more)) != len(more):
+            raise ConfigError(
+                f"dilated_frontier_temperatures {more} repeat a temperature (of themselves or "
+                f"of frontier_temperatures {temps}); list only the extra ones"
+            )
+        if "compass" in self.dilated_arms and self.dilated_compass_steps < 1:
+            raise ConfigError(
+                "dilated_arms has 'compass': set dilated_compass_steps ≥ 1 (the training steps "
+                "of the compass trained for the dilated order)"
+            )
 
 
 SYNTHETIC_PRESETS = {
@@ -241,6 +289,10 @@ SYNTHETIC_PRESETS = {
         frontier_temperatures=(1.0, 0.8),
         control_dataset_seeds=1,
         search_samples=16,
+        # the compass arm adds ~50 s here (its training and two K-candidate builds); the test
+        # checks its training command on its own (test_dilated_compass_command)
+        dilated_arms=("blind", "exact-ratio"),
+        dilated_frontier_temperatures=(1.2,),
         heldout_fraction=0.1,
     ),
     "quick": Preset(
@@ -261,6 +313,10 @@ SYNTHETIC_PRESETS = {
         teacher_eval_steps=(8, 32, 1024),
         student_eval_steps=(1, 2, 4, 8, 16),
         frontier_temperatures=(1.0, 0.9, 0.8, 0.7, 0.6),
+        dilated_arms=DILATED_VARIANTS,
+        # as the bundled compass; quick and default share it, so quick can seed default
+        dilated_compass_steps=2000,
+        dilated_frontier_temperatures=(1.1,),
     ),
     "default": Preset(
         trajectories=256,
@@ -280,6 +336,9 @@ SYNTHETIC_PRESETS = {
         teacher_eval_steps=(8, 32, 128, 1024),
         student_eval_steps=(1, 2, 4, 8, 16),
         frontier_temperatures=(1.0, 0.9, 0.8, 0.7, 0.6),
+        dilated_arms=DILATED_VARIANTS,
+        dilated_compass_steps=2000,
+        dilated_frontier_temperatures=(1.1,),
     ),
     "gpu": Preset(
         trajectories=8192,
@@ -313,10 +372,17 @@ _TEXT_QUICK = TextSetup(
     compass_args=("--steps", "1000"),
     smollm2_seeds=1,
 )
-TEXT_PRESETS = {
+_NO_DILATED = {
+    "dilated_arms": (),
+    "dilated_compass_steps": 0,
+    "dilated_compass_args": (),
+    "dilated_frontier_temperatures": (),
+}
+TEXT_PRESETS = {  # the dilated arms' oracles and frontiers are the synthetic track's
     "ci": replace(
         SYNTHETIC_PRESETS["ci"],
-        k_sweep=(),  # the synthetic ci run covers the sweep arms
+        **_NO_DILATED,
+        k_sweep=(),  # the synthetic ci run covers the sweep and dilated arms
         teacher_steps=16,
         teacher_eval_steps=(4, 16),
         text=TextSetup(
@@ -338,17 +404,66 @@ TEXT_PRESETS = {
             ),
         ),
     ),
-    "quick": replace(SYNTHETIC_PRESETS["quick"], text=_TEXT_QUICK),
-    "default": replace(SYNTHETIC_PRESETS["default"], text=_TEXT_QUICK),
+    "quick": replace(SYNTHETIC_PRESETS["quick"], text=_TEXT_QUICK, **_NO_DILATED),
+    "default": replace(SYNTHETIC_PRESETS["default"], text=_TEXT_QUICK, **_NO_DILATED),
 }
 PRESETS = {"synthetic": SYNTHETIC_PRESETS, "text": TEXT_PRESETS}
 
 
 BLIND = "blind"  # the headline arm whose student at S makes the blind frontier
+BLIND_DILATED = "blind (dilated)"  # ... and the one of the dilated order
+BLIND_OF = {"random": BLIND, "dilated": BLIND_DILATED}  # the blind arm of each reveal order
+
+
+def teacher_frontier(steps: int, order: str = "random") -> str:
+    """The name of the teacher's frontier at ``steps`` in a reveal order."""
+    return f"teacher@{steps}" + ("" if order == "random" else f" ({order})")
+
+
+def student_frontier(arm: str, S: int) -> str:
+    """The name of a blind arm's student frontier at S steps."""
+    return f"{arm} student@{S}"
+
+
+def temperatures_of(p: Preset, order: str) -> tuple[float, ...]:
+    """The T of a frontier in a reveal order: ``frontier_temperatures``, and for the dilated
+    order also ``dilated_frontier_temperatures``."""
+    more = p.dilated_frontier_temperatures if order == "dilated" else ()
+    return (*p.frontier_temperatures, *more)
+
+
+def dilated_arm(variant: str, K: int) -> DataArm:
+    """One arm of the dilated reveal order (issue 13), by its ``Preset.dilated_arms`` name:
+
+    - "blind": K = 1 (its student at S makes the dilated blind frontier);
+    - "exact-ratio": selection by softmax at temperature 1 of E = log q − log p(x_visible) with
+      the teacher's proposal q: importance resampling toward the language (the oracle ceiling);
+    - "exact": argmin of E = −log p(x_visible) (the mode-seeking control);
+    - "compass": softmax at temperature 1 of a compass trained here for the dilated order with
+      untempered negatives (``DILATED_COMPASS``), which estimates log q − log p.
+
+    The shaped ones share the reveal randomness across candidates (``shared_reveals``).
+    """
+    dilated = {"reveal_order": "dilated"}
+    shared = {**dilated, "shared_reveals": True}
+    soft = {**shared, "selection": "softmax", "temperature": 1.0}
+    if variant == "blind":
+        return DataArm(BLIND_DILATED, 1, navigator=dilated, group="headline")
+    if variant == "exact-ratio":
+        name = f"shaped K={K} exact-ratio (dilated, shared, softmax)"
+        return DataArm(name, K, navigator=soft, compass="exact-ratio", group="headline")
+    if variant == "exact":
+        name = f"shaped K={K} exact argmin (dilated, shared)"
+        return DataArm(name, K, navigator=shared, compass="exact", group="control")
+    if variant == "compass":
+        name = f"shaped K={K} compass (dilated, shared, softmax)"
+        return DataArm(name, K, navigator=soft, compass=DILATED_COMPASS, group="headline")
+    raise ConfigError(f"dilated arm {variant!r}; use one of {DILATED_VARIANTS}")
 
 
 def data_arms(p: Preset) -> list[DataArm]:
-    """The datasets a preset needs: headline arms, the control, sweeps, then ``extra_arms``.
+    """The datasets a preset needs: headline arms, the control, sweeps, the dilated-order arms,
+    then ``extra_arms``.
 
     A navigator variant is one more line here or in a preset's ``extra_arms``, e.g.
     ``DataArm("shaped K=8 softmax", 8, navigator={"selection": "softmax"}, group="headline")``.
@@ -363,12 +478,24 @@ def data_arms(p: Preset) -> list[DataArm]:
         ),
         *(DataArm(f"shaped K={k}", k) for k in p.k_sweep if k not in (1, K)),
         *(DataArm(f"shaped K={K} tau={t:g}", K, t) for t in p.tau_sweep if t > 0),
+        *(dilated_arm(v, K) for v in p.dilated_arms),
         *p.extra_arms,
     ]
     names = [a.name for a in arms]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"data arms {repeated} appear twice; give every arm its own name")
+    slugs = [_slug(n) for n in names]  # their datasets, students and samples are named by it
+    clash = sorted({n for n, s in zip(names, slugs, strict=True) if slugs.count(s) > 1})
+    if clash:
+        raise ConfigError(f"data arms {clash} share a file name; give them distinct names")
+    for a in arms:
+        blind = BLIND_OF[a.order]
+        if not any(b.name == blind and b.candidates == 1 and b.order == a.order for b in arms):
+            raise ConfigError(
+                f"arm {a.name!r} reveals in the {a.order} order, whose blind frontier needs the "
+                f"arm {blind!r} (K = 1, the same order); add it (dilated_arms 'blind')"
+            )
     return arms
 
 
@@ -497,6 +624,16 @@ class Run:
             p.student_steps, p.teacher_steps, arm.candidates, arm.tau, **arm.navigator
         )
 
+    def compass_for(self, arm: DataArm) -> str | None:
+        """The compass an arm's build scores with: none when blind, else the arm's own (a
+        checkpoint, ``{work}`` standing for the work folder, or an exact scorer's name) or the
+        run's."""
+        if arm.candidates == 1:
+            return None
+        if arm.compass is None:
+            return self.compass
+        return arm.compass.replace("{work}", str(self.work))
+
     def dataset_root(self, arm: DataArm, seed: int) -> Path:
         return self.work / "data" / f"{_slug(arm.name)}-d{seed}"
 
@@ -512,7 +649,7 @@ class Run:
         nav = self.nav_config(arm)
         cfg = BuildConfig(
             teacher=self.teacher,
-            compass=(arm.compass or self.compass) if arm.candidates > 1 else None,
+            compass=self.compass_for(arm),
             shards=p.shards,
             trajectories_per_shard=per,
             batch_size=per,
@@ -537,6 +674,7 @@ class Run:
             "K": arm.candidates,
             "tau": arm.tau,
             "navigator": asdict(nav),
+            "order": nav.reveal_order,
             "compass": cfg.compass,
             "trajectories": rows,
             "bytes": summary.totals["bytes"],
@@ -602,10 +740,14 @@ class Run:
         tmp.rename(path)
         return x, info
 
-    def generated(self, spec: str, steps: int, seed: int, temperature: float = 1.0) -> Callable:
+    def generated(
+        self, spec: str, steps: int, seed: int, temperature: float = 1.0, order: str | None = None
+    ) -> Callable:
         """The ``steps``-step sampler of a teacher or student checkpoint at temperature T
         (``sample_checkpoint``: the jump rule, draws from softmax(logits / T), a student on its
-        own grid); sample i has seed ``seed·2^32 + i``, whatever batch it is drawn in."""
+        own grid), revealing in ``order`` (None: the checkpoint's own, ``default_order``: a
+        student its dataset's, a teacher random); sample i has seed ``seed·2^32 + i``, whatever
+        batch it is drawn in."""
 
         def make() -> tuple[torch.Tensor, dict]:
             from models.eval.sampling import sample_checkpoint
@@ -618,10 +760,11 @@ class Run:
                 batch_size=250,
                 device=self.device,
                 temperature=temperature,
+                order=order,
             )
             x = drawn.tokens
             info = _sampler_info(
-                x, steps, steps, drawn.row_forwards, drawn.seconds, temperature, seed
+                x, steps, steps, drawn.row_forwards, drawn.seconds, temperature, seed, drawn.order
             )
             return x, info
 
@@ -657,7 +800,9 @@ class Run:
             x = torch.cat(xs)
             nfe = _nominal_nfe(nav)
             T = nav.teacher_temperature
-            info = _sampler_info(x, nav.student_steps, nfe, forwards, seconds, T, seed)
+            info = _sampler_info(
+                x, nav.student_steps, nfe, forwards, seconds, T, seed, nav.reveal_order
+            )
             info["compass_rows_per_sample"] = compass_rows / x.shape[0]
             return x, info
 
@@ -687,15 +832,16 @@ class Run:
             # row i is trajectory i (its seed d·2^32 + i is what the samples file records)
             assert (ids[order] == np.arange(len(ids))).all(), "a dataset misses trajectories"
             x = torch.from_numpy(np.concatenate(finals)[order].astype(np.int64))
-            nav = record["navigator"]
+            nav = NavigatorConfig(**record["navigator"])
             info = _sampler_info(
                 x,
-                nav["student_steps"],
-                _nominal_nfe(NavigatorConfig(**nav)),
+                nav.student_steps,
+                _nominal_nfe(nav),
                 record["teacher_row_forwards_per_trajectory"] * x.shape[0],
                 (record["actor_seconds"] or 0.0),
-                nav["teacher_temperature"],
+                nav.teacher_temperature,
                 record["dataset_seed"],
+                nav.reveal_order,
             )
             info["compass_rows_per_sample"] = record["compass_rows_per_trajectory"]
             return x, info
@@ -785,6 +931,7 @@ def _sampler_info(
     seconds: float,
     temperature: float | None,
     seed: int,
+    order: str,
 ) -> dict:
     n = x.shape[0]
     return {
@@ -794,6 +941,7 @@ def _sampler_info(
         "seconds_per_sample": seconds / n,
         "temperature": temperature,
         "seed_base": seed,  # sample i has counter seed seed_base·2^32 + i
+        "order": order,  # the reveal order the sampler revealed in
     }
 
 
@@ -886,6 +1034,39 @@ def prepare_text(work: Path, setup: TextSetup, device: str, log) -> dict[str, st
         "lm": str(lm / "final"),
         "compass": str(compass / "final"),
     }
+
+
+def prepare_dilated_compass(
+    work: Path, p: Preset, teacher: str, corpus: str | None, device: str, log
+) -> str:
+    """The compass of the dilated order, trained under ``work`` with the project's CLI (skipped
+    when its final checkpoint exists, resumed when it was interrupted):
+
+        tsdfm-pipeline compass train --teacher T --out WORK/models/compass-dilated
+            --reveal-order dilated --student-steps S --teacher-steps N
+            --negative-temperature 1 --steps dilated_compass_steps ...
+
+    Negatives are the teacher rolled in the dilated order over the build's S segments with its
+    N sub-steps, positives real sequences noised in the same order (``noise_like``); untempered
+    negatives make its optimum the density ratio E* = log q_t − log p_data,t, so softmax
+    selection at temperature 1 resamples the candidates toward the data.
+    """
+    out = work / "models" / "compass-dilated"
+    final = out / "final"
+    assert str(final) == DILATED_COMPASS.replace("{work}", str(work))
+    if not (final / "config.json").is_file():
+        _cli(
+            [
+                *("compass", "train", "--teacher", teacher, "--out", str(out)),
+                *("--reveal-order", "dilated", "--student-steps", str(p.student_steps)),
+                *("--teacher-steps", str(p.teacher_steps), "--negative-temperature", "1"),
+                *("--steps", str(p.dilated_compass_steps), *p.dilated_compass_args),
+                *(("--corpus", corpus) if corpus else ()),
+                *(("--device", device) if device != "cpu" else ()),
+            ],
+            log,
+        )
+    return str(final)
 
 
 def text_reference(corpus: str, teacher: Checkpoint, samples: int) -> torch.Tensor:
@@ -982,18 +1163,24 @@ class RowBook:
         units: list[Unit],
         *,
         temperature: float,
+        order: str,
         headline: bool,
         spread: str,
         frontier: str | None = None,
         extra: dict | None = None,
     ) -> None:
-        """One row from its units; a T ≠ 1 point of ``frontier`` is scored only by the
-        evaluators that score that frontier, a non-headline row only by those that score all."""
+        """One row from its units, whose sampler revealed in ``order``; a T ≠ 1 point of
+        ``frontier`` is scored only by the evaluators that score that frontier, a non-headline
+        row only by those that score all."""
+        assert name not in self.units, f"two rows are named {name!r}"
         point = frontier if temperature != 1.0 else None
         per = [self.run.arm_scores(u, j, headline, point) for j, u in enumerate(units)]
+        made = {f["order"] for s in per for f in s.values() if f.get("order") is not None}
+        assert made <= {order}, f"{name}: sampled in the {made} order, not {order}"
         row = _aggregate(name, kind, per, self.evaluators, extra)
         row.update(
             temperature=temperature,
+            order=order,
             headline=headline,
             frontier=frontier,
             seeds=[u.seeds for u in units],
@@ -1003,29 +1190,36 @@ class RowBook:
         self.units[name] = units
 
 
-def teacher_rows(book: RowBook, teacher: str) -> None:
-    """The teacher at every ``teacher_eval_steps``; at S and the top step count, at every
-    frontier temperature (the teacher@S and teacher@top frontiers)."""
+def teacher_rows(book: RowBook, teacher: str, orders: list[str]) -> None:
+    """The teacher at every ``teacher_eval_steps`` in the random order; at S and the top step
+    count, at every frontier temperature (the teacher@S and teacher@top frontiers); and for
+    every other reveal order of ``orders``, at S at every frontier temperature in that order
+    (the frontier "teacher@S (ORDER)")."""
     r, p = book.run, book.run.p
     S, top = p.student_steps, max(p.teacher_eval_steps)
     seeds = [eval_seed(j) for j in range(p.eval_seeds)]
-    for steps in p.teacher_eval_steps:
-        frontier = f"teacher@{steps}" if steps in (S, top) else None
-        for T in p.frontier_temperatures if frontier else (1.0,):
+    plan = [(steps, "random") for steps in p.teacher_eval_steps]
+    plan += [(S, order) for order in orders if order != "random"]
+    for steps, order in plan:
+        frontier = teacher_frontier(steps, order) if steps in (S, top) else None
+        name = "teacher" if order == "random" else f"teacher ({order})"
+        tail = "" if order == "random" else f"-{order}"  # random keys as before: caches hold
+        for T in temperatures_of(p, order) if frontier else (1.0,):
             units = [
                 Unit(
-                    f"teacher-n{steps}-T{T:g}-e{e}",
+                    f"teacher-n{steps}-T{T:g}-e{e}{tail}",
                     teacher,
-                    r.generated(teacher, steps, e, T),
+                    r.generated(teacher, steps, e, T, order),
                     {"eval": e},
                 )
                 for e in seeds
             ]
             book.add(
-                _with_t(f"teacher, {steps} steps", T),
+                _with_t(f"{name}, {steps} steps", T),
                 "teacher",
                 units,
                 temperature=T,
+                order=order,
                 headline=frontier is not None,
                 frontier=frontier,
                 spread=_count(len(seeds), "sampling seed"),
@@ -1033,7 +1227,7 @@ def teacher_rows(book: RowBook, teacher: str) -> None:
             )
 
 
-def search_row(book: RowBook, arms: list[DataArm], teacher: str, compass: str) -> None:
+def search_row(book: RowBook, arms: list[DataArm], teacher: str) -> None:
     """The search control: the first headline shaped arm's builder, run at evaluation seeds."""
     r, p = book.run, book.run.p
     shaped = next(a for a in arms if a.group == "headline" and a.candidates > 1)
@@ -1043,7 +1237,7 @@ def search_row(book: RowBook, arms: list[DataArm], teacher: str, compass: str) -
         Unit(
             f"search-{_slug(shaped.name)}-e{e}",
             teacher,
-            r.searched(nav, shaped.compass or compass, e),
+            r.searched(nav, r.compass_for(shaped), e),
             {"eval": e},
         )
         for e in seeds
@@ -1054,6 +1248,7 @@ def search_row(book: RowBook, arms: list[DataArm], teacher: str, compass: str) -
         "search control",
         units,
         temperature=nav.teacher_temperature,
+        order=nav.reveal_order,
         headline=True,
         spread=_count(len(seeds), "sampling seed"),
         extra={"group": "control", "dataset": shaped.name, "navigator": asdict(nav)},
@@ -1061,9 +1256,10 @@ def search_row(book: RowBook, arms: list[DataArm], teacher: str, compass: str) -
 
 
 def student_rows(book: RowBook, arm: DataArm, specs: list[str]) -> None:
-    """The students of one data arm, student j sampled with evaluation seed ``eval_seed(j)``:
-    a headline arm at every ``student_eval_steps``, the others at S; the blind arm at S at every
-    frontier temperature (the blind-student frontier)."""
+    """The students of one data arm, student j sampled with evaluation seed ``eval_seed(j)`` in
+    its own reveal order (its dataset's, ``default_order``): a headline arm at every
+    ``student_eval_steps``, the others at S; a blind arm of ``BLIND_OF`` at S at every frontier
+    temperature (the blind-student frontier of its order)."""
     r, p = book.run, book.run.p
     S = p.student_steps
     spread = (
@@ -1071,10 +1267,11 @@ def student_rows(book: RowBook, arm: DataArm, specs: list[str]) -> None:
         f"{_count(p.student_seeds, 'training seed')}"
     )
     extra = {"group": arm.group, "dataset": arm.name, "K": arm.candidates, "tau": arm.tau}
-    extra["navigator"] = dict(arm.navigator)
+    extra.update(navigator=dict(arm.navigator), compass=r.compass_for(arm))
     for steps in p.student_eval_steps if arm.group == "headline" else (S,):
-        frontier = f"{BLIND} student@{S}" if arm.name == BLIND and steps == S else None
-        for T in p.frontier_temperatures if frontier else (1.0,):
+        blind = arm.name == BLIND_OF[arm.order] and arm.candidates == 1
+        frontier = student_frontier(arm.name, S) if blind and steps == S else None
+        for T in temperatures_of(p, arm.order) if frontier else (1.0,):
             units = [
                 Unit(
                     f"student-{_slug(arm.name)}-d{d}-s{t}-n{steps}-T{T:g}-e{eval_seed(j)}",
@@ -1089,6 +1286,7 @@ def student_rows(book: RowBook, arm: DataArm, specs: list[str]) -> None:
                 "student",
                 units,
                 temperature=T,
+                order=arm.order,
                 headline=arm.group != "sweep" and steps == S,
                 frontier=frontier,
                 spread=spread,
@@ -1113,6 +1311,7 @@ def finals_rows(book: RowBook, arm: DataArm, teacher: str, records: list[dict]) 
         "dataset finals",
         units,
         temperature=r.nav_config(arm).teacher_temperature,
+        order=arm.order,
         headline=arm.group != "sweep",
         spread=_count(len(records), "dataset seed"),
         extra={"group": arm.group, "dataset": arm.name, "K": arm.candidates, "tau": arm.tau},
@@ -1143,25 +1342,32 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
     else:
         teacher = args.teacher or str(bundled_path("teacher"))
         compass = args.compass or str(bundled_path("compass"))
+    if any(a.compass == DILATED_COMPASS for a in arms):
+        made["compass_dilated"] = prepare_dilated_compass(
+            work, p, teacher, made.get("corpus"), device, _log
+        )
     r = Run(work, p, teacher, compass, device)
     r.evaluators = _evaluators_for(track, p, made)
     names = [u.name for u in r.evaluators]
     compass_run = load_checkpoint(compass, role="compass").config.provenance.get("run_config")
     seeds["compass_seed"] = (compass_run or {}).get("seed")
+    if "compass_dilated" in made:
+        dilated = load_checkpoint(made["compass_dilated"], role="compass").config.provenance
+        seeds["compass_dilated_seed"] = (dilated.get("run_config") or {}).get("seed")
     datasets = {(a.name, d): r.dataset(a, d) for a in arms for d in arm_dataset_seeds(p, a)}
     students = {a.name: [str(r.student(a, d, t)) for d, t in student_units(p, a)] for a in arms}
+    orders = [o for o in REVEAL_ORDERS if any(a.order == o for a in arms)]
     book = RowBook(r, names)
-    teacher_rows(book, teacher)
-    search_row(book, arms, teacher, compass)
+    teacher_rows(book, teacher, orders)
+    search_row(book, arms, teacher)
     for a in arms:
         student_rows(book, a, students[a.name])
     for a in arms:
         finals_rows(book, a, teacher, [datasets[a.name, d] for d in arm_dataset_seeds(p, a)])
     rows = book.rows
-    S, top = p.student_steps, max(p.teacher_eval_steps)
     real = _real_data(r, track, made, teacher)
-    frontiers = frontier_report(rows, [f"teacher@{S}", f"teacher@{top}", f"{BLIND} student@{S}"])
-    matched = matched_entropy(rows, frontiers, names, S)
+    frontiers = frontier_report(rows, frontier_names(p, orders))
+    matched = matched_entropy(rows, frontiers, names, p.student_steps)
     dest = out or str(work / f"shaping-{track}")
     result = {
         "schema": SCHEMA,
@@ -1174,6 +1380,9 @@ def run(track: str, preset_name: str, work: Path, out: str | None, device: str, 
         "sampler": SAMPLER_TEXT,
         "teacher": load_checkpoint(teacher).identity,
         "compass": load_checkpoint(compass).identity,
+        "compass_dilated": (
+            load_checkpoint(made["compass_dilated"]).identity if "compass_dilated" in made else None
+        ),
         "models": made,
         "corpus_split": split,
         "seeds": seeds,
@@ -1226,7 +1435,8 @@ EVALUATOR_TEXT = {
 }
 SAMPLER_TEXT = (
     "ancestral jump rule, float64 inverse-CDF draws from softmax(logits / T) at the row's "
-    "temperature T (T = 1: the model itself), no nucleus; students on their uniform S-step grid; "
+    "temperature T (T = 1: the model itself), no nucleus; students on their uniform S-step grid "
+    "in their dataset's reveal order, teachers in the random order unless the row says dilated; "
     "the search control and dataset finals by the navigator (best-of-K by compass energy, argmin "
     "unless the arm's navigator says otherwise)"
 )
@@ -1264,12 +1474,27 @@ def _row(rows: list[dict], name: str) -> dict | None:
 
 
 # -------------------------------------------------------------------------- matched entropy
+def frontier_names(p: Preset, orders: list[str]) -> list[str]:
+    """The run's frontiers: teacher@S, teacher@top and the blind student@S in the random order,
+    then teacher@S (ORDER) and the ORDER blind student@S for every other order of ``orders``."""
+    S, top = p.student_steps, max(p.teacher_eval_steps)
+    names = [teacher_frontier(S), teacher_frontier(top), student_frontier(BLIND, S)]
+    for order in orders:
+        if order != "random":
+            names += [teacher_frontier(S, order), student_frontier(BLIND_OF[order], S)]
+    assert len(set(names)) == len(names), f"frontier names repeat: {names}"
+    return names
+
+
 def frontier_report(rows: list[dict], names: list[str]) -> list[dict]:
     """Each frontier's points per evaluator: (T, mean gen-PPL, mean entropy) of its rows,
-    sorted by entropy; an evaluator lists only the points it scored."""
+    sorted by entropy; an evaluator lists only the points it scored; ``order`` is the reveal
+    order its rows were sampled in."""
     out = []
     for name in names:
         members = [row for row in rows if row.get("frontier") == name]
+        orders = {row["order"] for row in members}
+        assert len(orders) <= 1, f"frontier {name} mixes reveal orders {orders}"
         evs = sorted({ev for row in members for ev in row["scores"]})
         points = {
             ev: sorted(
@@ -1292,6 +1517,7 @@ def frontier_report(rows: list[dict], names: list[str]) -> list[dict]:
                 "name": name,
                 "arm": next((m["arm"] for m in members if m["temperature"] == 1.0), None),
                 "steps": members[0]["steps"] if members else None,
+                "order": next(iter(orders), None),
                 "temperatures": sorted({row["temperature"] for row in members}, reverse=True),
                 "points": points,
             }
@@ -1363,10 +1589,14 @@ def targets(
     For each headline shaped arm's student at S steps: its gen-PPL over each frontier's at its
     own entropy (≤ 0.9 for the blind student's and the teacher@S frontiers; ≤ 0.68 for the
     top teacher's, with entropy ≥ 0.98 × real data's; on the text track also below the blind
-    frontier, < 1), and the raw ratios at T = 1, labelled as not entropy-matched.
+    frontier, < 1), and the raw ratios at T = 1, labelled as not entropy-matched. An arm of
+    another reveal order than random is read against the blind student's and the teacher@S
+    frontiers of its own order first, then against the random-order ones (labelled "random
+    order": the order alone moves those), and its raw ratios are to its own order's rows.
     """
     S, top = p.student_steps, max(p.teacher_eval_steps)
-    blind = f"{BLIND} student@{S}"
+    blind = student_frontier(BLIND, S)
+    order_of = {row["frontier"]: row["order"] for row in rows if row.get("frontier")}
     out = []
 
     def add(arm, target, reading, measured, goal, met, **more):
@@ -1391,10 +1621,17 @@ def targets(
         if m is None:
             continue
         entropy_ratio = m["entropy"] / real["entropy_mean"]
-        top_name = f"teacher@{top}"
-        goals = [
+        top_name = teacher_frontier(top)
+        goals = []
+        if a.order != "random":
+            own_blind = student_frontier(BLIND_OF[a.order], S)
+            goals += [
+                (own_blind, "≤ 0.9", lambda x: x <= 0.9),
+                (teacher_frontier(S, a.order), "≤ 0.9", lambda x: x <= 0.9),
+            ]
+        goals += [
             (blind, "≤ 0.9", lambda x: x <= 0.9),
-            (f"teacher@{S}", "≤ 0.9", lambda x: x <= 0.9),
+            (teacher_frontier(S), "≤ 0.9", lambda x: x <= 0.9),
             (top_name, "≤ 0.68 at entropy ≥ 0.98 × real", lambda x: x <= 0.68),
         ]
         if track == "text":
@@ -1405,14 +1642,20 @@ def targets(
             met = None
             if ratio is not None:
                 met = test(ratio) and (frontier != top_name or entropy_ratio >= 0.98)
+            f_order = order_of.get(frontier, "random")
+            label = f"{frontier} frontier"
+            if f_order != a.order:
+                label += f" ({f_order} order)"
             add(
                 name,
-                f"{a.name} / {frontier} frontier at the shaped entropy",
+                f"{a.name} / {label} at the shaped entropy",
                 "matched entropy",
                 ratio,
                 goal,
                 met,
                 frontier=frontier,
+                frontier_order=f_order,
+                order=a.order,
                 status=v["status"],
                 entropy=m["entropy"],
                 frontier_gen_ppl=v["frontier_gen_ppl"],
@@ -1427,9 +1670,10 @@ def targets(
             entropy_ratio >= 0.98,
             status="measured",
         )
+        own = "teacher" if a.order == "random" else f"teacher ({a.order})"
         for ref in (
-            f"student from {BLIND}, {S} steps",
-            f"teacher, {S} steps",
+            f"student from {BLIND_OF[a.order]}, {S} steps",
+            f"{own}, {S} steps",
             f"teacher, {top} steps",
         ):
             row = _row(rows, ref)
@@ -1566,11 +1810,12 @@ def markdown(r: dict) -> str:
             f"{real['scores'][ev]['gen_ppl']:.3f}).",
             "",
         ]
-    head = f"| arm | T | gen-PPL ({primary}) | " + "".join(f"gen-PPL ({ev}) | " for ev in others)
+    head = f"| arm | T | order | gen-PPL ({primary}) | "
+    head += "".join(f"gen-PPL ({ev}) | " for ev in others)
     head += "unigram entropy | distinct-2 | NFE | forwards/sample | s/sample | ± over |"
-    lines += ["## Arms", "", head, "|---" * (10 + len(others)) + "|"]
+    lines += ["## Arms", "", head, "|---" * (11 + len(others)) + "|"]
     for row in r["rows"]:
-        cells = [row["arm"], f"{row['temperature']:g}", _fmt(row.get("gen_ppl"))]
+        cells = [row["arm"], f"{row['temperature']:g}", row["order"], _fmt(row.get("gen_ppl"))]
         for ev in others:
             cells.append(_fmt(row["scores"].get(ev, {}).get("gen_ppl")))
         d2 = row.get("distinct", {}).get("2")
@@ -1590,13 +1835,21 @@ def markdown(r: dict) -> str:
         "dataset finals: N/S sub-steps per segment, × K in a shaped segment, plus K compass "
         "calls per shaped segment); forwards/sample: the per-sequence forward passes actually "
         "run (the mask path's cache skips unchanged rows); dataset finals' s/sample is the "
-        "build's actor time per trajectory.",
+        "build's actor time per trajectory. order: the reveal order of the row's sampler "
+        "(random: the path's own rule; dilated: segment k of the S-step grid reveals a fixed, "
+        "evenly spread group of positions; a student samples in its dataset's order).",
         "",
         "## At matched entropy",
         "",
         "Each row's gen-PPL over each frontier's gen-PPL at the row's own unigram entropy "
         "(log gen-PPL interpolated linearly in entropy between the two temperatures that "
-        f'bracket it, never extrapolated; "{OUTSIDE}" when none do).',
+        f'bracket it, never extrapolated; "{OUTSIDE}" when none do). The frontiers:',
+        "",
+        *(
+            f"- **{f['name']}**: {f['order']} order, {f['arm']} at T = "
+            f"{', '.join(f'{t:g}' for t in f['temperatures'])}"
+            for f in r["frontiers"]
+        ),
         "",
         "| arm | evaluator | entropy | gen-PPL | " + " | ".join(f"/ {n}" for n in names) + " |",
         "|---" * (4 + len(names)) + "|",
@@ -1629,9 +1882,9 @@ def markdown(r: dict) -> str:
         "",
         "## Datasets",
         "",
-        "| dataset | seed | K | τ | navigator options | trajectories | energy gain | "
+        "| dataset | seed | K | τ | navigator options | compass | trajectories | energy gain | "
         "final entropy | bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     defaults = _navigator_defaults()
     for d in r["datasets"]:
@@ -1644,7 +1897,8 @@ def markdown(r: dict) -> str:
         ent = d["mean_final_unigram_entropy"]
         lines.append(
             f"| {d['name']} | {d['dataset_seed']} | {d['K']} | {d['tau']:g} | "
-            f"{', '.join(f'{k}={v}' for k, v in opts.items()) or '—'} | {d['trajectories']} | "
+            f"{', '.join(f'{k}={v}' for k, v in opts.items()) or '—'} | "
+            f"{_compass_label(d['compass'])} | {d['trajectories']} | "
             f"{gain} | {'' if ent is None else f'{ent:.3f}'} | {d['bytes']:,} |"
         )
     s = r["samples"]
@@ -1681,6 +1935,14 @@ def markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _compass_label(spec: str | None) -> str:
+    """A dataset's compass in a table cell: its run folder's name, or the exact scorer's."""
+    if spec is None:
+        return "—"
+    path = Path(spec)
+    return path.parent.name if path.name == "final" else path.name
 
 
 def _navigator_defaults() -> dict:

@@ -91,10 +91,87 @@ def test_presets_keep_dataset_and_evaluation_seeds_apart(monkeypatch):
     plan = shaping.seed_plan(p, arms)
     assert plan["disjoint"] and plan["dataset_seeds"] == [0, 1]
     assert plan["eval_seeds"] == [1000, 1001, 1002, 1003]  # one per student of an arm
+    # the dilated-order arms: a shaped one needs the dilated blind arm (its frontier)
+    names = [a.name for a in arms]
+    assert "blind (dilated)" in names and names.index("blind (dilated)") < len(names) - 1
+    assert {a.name: (a.order, a.compass, a.group) for a in arms if a.order == "dilated"} == {
+        "blind (dilated)": ("dilated", None, "headline"),
+        "shaped K=8 exact-ratio (dilated, shared, softmax)": ("dilated", "exact-ratio", "headline"),
+        "shaped K=8 exact argmin (dilated, shared)": ("dilated", "exact", "control"),
+        "shaped K=8 compass (dilated, shared, softmax)": (
+            "dilated",
+            shaping.DILATED_COMPASS,
+            "headline",
+        ),
+    }
+    soft = next(a for a in arms if "compass (dilated" in a.name).navigator
+    assert soft == {
+        "reveal_order": "dilated",
+        "shared_reveals": True,
+        "selection": "softmax",
+        "temperature": 1.0,
+    }
+    with pytest.raises(ConfigError, match="needs the arm 'blind \\(dilated\\)'"):
+        shaping.data_arms(replace(p, dilated_arms=("exact-ratio",)))
+    with pytest.raises(ConfigError, match="dilated_compass_steps"):
+        replace(p, dilated_compass_steps=0)
+    with pytest.raises(ConfigError, match="repeat a temperature"):
+        replace(p, dilated_frontier_temperatures=(1.1, 0.9))
+    with pytest.raises(ConfigError, match="at most once"):
+        replace(p, dilated_arms=("blind", "oracle"))
+    with pytest.raises(ConfigError, match="share a file name"):
+        shaping.data_arms(replace(p, extra_arms=(shaping.DataArm("shaped-K=8", 8),)))
+    assert not any(
+        a.order == "dilated" for a in shaping.data_arms(shaping.PRESETS["text"]["quick"])
+    )
     # were the evaluation seeds to start at 1, seed 1 would be both: refused before any work
     monkeypatch.setattr(shaping, "EVAL_SEED_BASE", 1)
     with pytest.raises(SystemExit, match=r"dataset seed\(s\) \[1\] are also evaluation seeds"):
         shaping.seed_plan(p, arms)
+
+
+def test_dilated_compass_command(tmp_path, monkeypatch):
+    """The compass arm's setup step: one ``compass train`` in the dilated order, untempered, at
+    the build's S and N, that the CLI accepts; skipped once its final checkpoint exists."""
+    import shaping
+    from typer.main import get_command
+
+    from pipeline.cli import app
+
+    p = shaping.PRESETS["synthetic"]["quick"]
+    calls = []
+
+    def fake_cli(args, log):
+        calls.append(args)
+        final = Path(args[args.index("--out") + 1]) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+
+    monkeypatch.setattr(shaping, "_cli", fake_cli)
+    final = shaping.prepare_dilated_compass(tmp_path, p, "T", None, "cpu", print)
+    assert final == shaping.DILATED_COMPASS.replace("{work}", str(tmp_path))
+    assert final == str(tmp_path / "models" / "compass-dilated" / "final")
+    (args,) = calls
+    opts = dict(zip(args[2::2], args[3::2], strict=True))
+    assert args[:2] == ["compass", "train"] and opts == {
+        "--teacher": "T",
+        "--out": str(tmp_path / "models" / "compass-dilated"),
+        "--reveal-order": "dilated",
+        "--student-steps": str(p.student_steps),
+        "--teacher-steps": str(p.teacher_steps),
+        "--negative-temperature": "1",
+        "--steps": str(p.dilated_compass_steps),
+    }
+    # every option is one the CLI takes, with a value of its type (parsed, not run)
+    train = get_command(app).commands["compass"].commands["train"]
+    params = train.make_context("train", args[2:]).params
+    assert params["reveal_order"] == "dilated" and params["negative_temperature"] == 1.0
+    assert params["steps"] == p.dilated_compass_steps
+    with pytest.raises(Exception, match="No such option: --no-such-option"):  # typer's click
+        train.make_context("train", ["--out", "x", "--no-such-option", "1"])
+    # a rerun finds the checkpoint and trains nothing
+    assert shaping.prepare_dilated_compass(tmp_path, p, "T", None, "cpu", print) == final
+    assert len(calls) == 1
 
 
 @pytest.mark.slow
@@ -126,16 +203,44 @@ def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
     assert f"student from blind (teacher T={p.control_temperature:g}), {S} steps" in arms
     assert f"student from shaped K=2, {S} steps" in arms
     assert not any("x2 data" in a or "x8 data" in a for a in arms)  # the dropped control
+    oracle = f"shaped K={K} exact-ratio (dilated, shared, softmax)"
+    assert p.dilated_arms == ("blind", "exact-ratio")  # the compass arm: see its own test
+    for name in ("blind (dilated)", oracle):  # the dilated arms of the ci preset
+        for steps in p.student_eval_steps:
+            assert f"student from {name}, {steps} steps" in arms
+        assert f"dataset finals, {name}" in arms
 
-    # every row records its temperature; the three frontiers hold every preset temperature
+    # every row records its temperature and its sampler's reveal order; the five frontiers
+    # hold every preset temperature, each in one order
     assert all(isinstance(r["temperature"], float) for r in saved["rows"])
+    for r in saved["rows"]:
+        dilated = "dilated" in r["arm"] or "dilated" in r.get("dataset", "")
+        assert r["order"] == ("dilated" if dilated else "random"), r["arm"]
     names = [f"teacher@{S}", f"teacher@{top}", f"blind student@{S}"]
+    names += [f"teacher@{S} (dilated)", f"blind (dilated) student@{S}"]
     assert [f["name"] for f in saved["frontiers"]] == names
+    assert [f["order"] for f in saved["frontiers"]] == ["random"] * 3 + ["dilated"] * 2
     for f in saved["frontiers"]:
         temps = {r["temperature"] for r in _rows(saved, frontier=f["name"])}
-        assert temps == set(p.frontier_temperatures) == set(f["temperatures"])
-        assert len(f["points"]["exact"]) == len(p.frontier_temperatures)
+        want = set(p.frontier_temperatures)
+        if f["order"] == "dilated":  # and T > 1, for arms at or above the T = 1 entropy
+            want |= set(p.dilated_frontier_temperatures)
+            assert max(want) > 1.0
+        assert temps == want == set(f["temperatures"])
+        assert len(f["points"]["exact"]) == len(want)
+        assert {r["order"] for r in _rows(saved, frontier=f["name"])} == {f["order"]}
     assert "student from blind, 4 steps, T=0.8" in arms
+    assert f"teacher (dilated), {S} steps, T=0.8" in arms
+    assert f"student from blind (dilated), {S} steps, T=0.8" in arms
+    # the dilated order is the better sampler of the same teacher at S steps (issue 13)
+    teacher_at = {
+        o: _rows(saved, arm=n)[0]["gen_ppl"]["mean"]
+        for o, n in (
+            ("random", f"teacher, {S} steps"),
+            ("dilated", f"teacher (dilated), {S} steps"),
+        )
+    }
+    assert teacher_at["dilated"] < teacher_at["random"]
 
     # ± over dataset seeds x training seeds, each student sampled with its own seed
     shaped = next(r for r in saved["rows"] if r["arm"] == f"student from shaped K={K}, {S} steps")
@@ -157,10 +262,22 @@ def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
     assert "do not overlap" in Path(f"{out}.md").read_text()
 
     # the datasets' own finals are arms, scored like any sampler, one unit per dataset seed
-    for name in ("blind", f"shaped K={K}"):
+    for name in ("blind", f"shaped K={K}", "blind (dilated)", oracle):
         finals = _rows(saved, arm=f"dataset finals, {name}")[0]
         assert finals["kind"] == "dataset finals" and finals["samples"] == p.trajectories
         assert [s["dataset"] for s in finals["seeds"]] == list(p.dataset_seeds)
+        assert len(finals["scores"]["exact"]["gen_ppl"]["per_seed"]) == len(p.dataset_seeds)
+    # the oracle's finals: every shaped segment scored K candidates by the exact ratio
+    finals = _rows(saved, arm=f"dataset finals, {oracle}")[0]
+    assert finals["compass_rows_per_sample"]["mean"] == K * S and finals["order"] == "dilated"
+    assert finals["nfe"]["mean"] == K * p.teacher_steps
+    assert "compass_dilated" not in result["models"] and saved["compass_dilated"] is None
+    data_of = {d["name"]: d for d in saved["datasets"]}
+    assert data_of[oracle]["compass"] == "exact-ratio"
+    assert data_of[oracle]["navigator"]["selection"] == "softmax"
+    assert data_of[oracle]["navigator"]["shared_reveals"] is True
+    assert {data_of[n]["order"] for n in ("blind (dilated)", oracle)} == {"dilated"}
+    assert data_of["blind"]["order"] == "random"
     # the search control rolls every candidate with the build's N/S sub-steps
     search = _rows(saved, kind="search control")[0]
     assert search["nfe"]["mean"] == K * p.teacher_steps  # τ = 0: every segment shaped
@@ -173,8 +290,26 @@ def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
         m for m in saved["matched_entropy"] if m["arm"] == f"student from blind, {S} steps"
     )
     assert on_own["vs"][f"blind student@{S}"]["ratio"] == pytest.approx(1.0)
+    own = next(
+        m
+        for m in saved["matched_entropy"]
+        if m["arm"] == f"student from blind (dilated), {S} steps"
+    )
+    assert own["vs"][f"blind (dilated) student@{S}"]["ratio"] == pytest.approx(1.0)
+    assert set(own["vs"]) == set(names)  # every marker is read against every frontier
     matched = [t for t in saved["targets"] if t["reading"] == "matched entropy"]
     assert {t["frontier"] for t in matched} == set(names)
+    # a dilated shaped arm: ≤ 0.9 against both blind-student and teacher@S frontiers, of its
+    # own order and of the random one (labelled), and the top teacher's
+    mine = [t for t in matched if t["arm"] == f"student from {oracle}, {S} steps"]
+    assert [t["frontier"] for t in mine] == [names[4], names[3], names[2], names[0], names[1]]
+    assert [t["goal"] for t in mine[:4]] == ["≤ 0.9"] * 4
+    assert [t["frontier_order"] for t in mine] == ["dilated"] * 2 + ["random"] * 3
+    assert all(t["order"] == "dilated" for t in mine)
+    assert sum("(random order)" in t["target"] for t in mine) == 3
+    random_arm = [t for t in matched if t["arm"] == f"student from shaped K={K}, {S} steps"]
+    assert [t["frontier"] for t in random_arm] == [names[2], names[0], names[1]]
+    assert not any("order)" in t["target"] for t in random_arm)
     for t in matched:  # a number, or an explicit marker saying why there is none
         f = next(f for f in saved["frontiers"] if f["name"] == t["frontier"])
         pts = [
@@ -191,7 +326,13 @@ def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
             ppl = _rows(saved, arm=t["arm"])[0]["gen_ppl"]["mean"]
             assert t["measured"] == pytest.approx(ppl / at)
     raw = [t for t in saved["targets"] if t["reading"] == "raw, not entropy-matched"]
-    assert len(raw) == 3 and all(t["goal"] is None for t in raw)
+    assert len(raw) == 2 * 3 and all(t["goal"] is None for t in raw)  # 2 shaped headline arms
+    assert {t["target"] for t in raw if t["arm"] == f"student from {oracle}, {S} steps"} == {
+        f"{oracle} / blind (dilated), {S} steps (T = 1)",
+        f"{oracle} / teacher (dilated), {S} steps (T = 1)",
+        f"{oracle} / teacher, {top} steps (T = 1)",
+    }
+    assert all(t["measured"] is not None for t in raw)
     assert {t["goal"] for t in matched} >= {"≤ 0.9", "≤ 0.68 at entropy ≥ 0.98 × real"}
     assert {t["evaluator"] for t in saved["targets"]} == {"exact"}
 
@@ -208,6 +349,8 @@ def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
     assert Path(f"{out}-frontier.png").stat().st_size > 1000
     text = Path(f"{out}.md").read_text()
     assert "## Targets" in text and "## At matched entropy" in text and "± over" in text
+    assert "| arm | T | order |" in text and f"/ teacher@{S} (dilated)" in text
+    assert f"| teacher (dilated), {S} steps | 1 | dilated |" in text
     headline = [
         f"teacher, {S} steps",
         f"teacher, {top} steps",
@@ -216,6 +359,10 @@ def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
         f"student from blind, {S} steps",
         "dataset finals, blind",
         f"dataset finals, shaped K={K}",
+        f"teacher (dilated), {S} steps",
+        f"student from blind (dilated), {S} steps",
+        f"student from {oracle}, {S} steps",
+        f"dataset finals, {oracle}",
     ]
     _check_samples(saved, out, p, headline)
 
