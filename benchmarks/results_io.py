@@ -42,6 +42,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_device() -> dict:
+    """The CPU device a benchmark ran on: model name, torch threads, Python version."""
+    import torch
+
+    return {
+        "device": "cpu",
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
 def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
     """Installed version of each distribution in ``names`` (None when it is not installed)."""
     out: dict[str, str | None] = {}

@@ -25,7 +25,6 @@ Results: docs/results/reveal-order.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_io import cpu_model, package_versions, write_results
+from results_io import cpu_device, package_versions, write_results
 
 from models.checkpoint import bundled_path, load_checkpoint
 from models.data.synthetic import ExactDenoiser
@@ -113,12 +112,7 @@ def run(samples: int, seeds: int, steps: int, batch: int) -> dict:
         "real_data": {"gen_ppl": real_arm.gen_ppl, "entropy": real_arm.entropy_mean},
         "rows": rows,
         "matched": matched(rows),
-        "device": {
-            "device": "cpu",
-            "cpu": cpu_model(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "device": cpu_device(),
         "versions": package_versions(("torch",)),
     }
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_io import cpu_model, package_versions, write_results
+from results_io import cpu_device, package_versions, write_results
 
 from models.checkpoint import bundled_path, load_checkpoint
 from models.compass import CompassScorer, ExactScorer
@@ -177,12 +176,7 @@ def run(a) -> dict:
         "frontiers": fronts,
         "arms": rows,
         "seconds": time.perf_counter() - t0,
-        "device": {
-            "device": "cpu",
-            "cpu": cpu_model(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "device": cpu_device(),
         "versions": package_versions(("torch",)),
     }
 

@@ -17,6 +17,7 @@ import typer
 from pipeline.build_cli import register as register_build_commands
 from pipeline.hub_cli import register as register_hub_commands
 from pipeline.lm_cli import register as register_lm_commands
+from pipeline.train_cli import ORDER_HELP
 from pipeline.train_cli import register as register_train_commands
 
 app = typer.Typer(
@@ -133,10 +134,7 @@ def eval_cmd(
     ] = None,
     order: Annotated[
         str | None,
-        typer.Option(
-            help="Reveal order: random or dilated (default: the checkpoint's own; a student "
-            "samples in its dataset's order)."
-        ),
+        typer.Option(help=ORDER_HELP),
     ] = None,
     samples: Annotated[int, typer.Option(help="Samples per arm.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Samples per batched rollout.")] = 250,

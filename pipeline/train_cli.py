@@ -12,6 +12,11 @@ from typing import Annotated
 
 import typer
 
+ORDER_HELP = (
+    "Reveal order: random or dilated (default: the checkpoint's own; a student samples in its "
+    "dataset's order)."
+)
+
 
 def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -> None:
     """Add the distill and sample commands to ``app``."""
@@ -155,10 +160,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         ] = 1.0,
         order: Annotated[
             str | None,
-            typer.Option(
-                help="Reveal order: random or dilated (default: the checkpoint's own; a "
-                "student samples in its dataset's order)."
-            ),
+            typer.Option(help=ORDER_HELP),
         ] = None,
         seed: Annotated[int, typer.Option(help="Sample i has seed seed·2^32 + i.")] = 0,
         batch_size: int = 64,

@@ -133,6 +133,7 @@ def describe_samples(
     seconds: float | None = None,
     decode: Callable[[torch.Tensor], list[str] | None] | None = None,
     temperature: float | None = None,
+    order: str | None = None,
 ) -> ArmResult:
     """Score a set of samples (any sampler: teacher, student, best-of-K) into an ArmResult.
 
@@ -146,15 +147,16 @@ def describe_samples(
         seconds: sampler wall time, if measured.
         decode: rows → texts for the three examples kept in the report.
         temperature: the sampler's T, None for real data.
+        order: the sampler's reveal order, None for real data.
     """
     nll, n_tok = evaluator.nll(x)
     ent = unigram_entropy(x, vocab_size)
     n, L = x.shape
     per, whole = {}, {}
-    for order in DISTINCT_ORDERS:
-        if order <= L:
-            d, d_set = distinct_n(x, order)
-            per[str(order)], whole[str(order)] = float(d.mean()), d_set
+    for n_gram in DISTINCT_ORDERS:
+        if n_gram <= L:
+            d, d_set = distinct_n(x, n_gram)
+            per[str(n_gram)], whole[str(n_gram)] = float(d.mean()), d_set
     texts = decode(x[:3]) if decode is not None else None
     return ArmResult(
         name=name,
@@ -164,6 +166,7 @@ def describe_samples(
         entropy_mean=float(ent.mean()),
         entropy_sd=float(ent.std()) if n > 1 else 0.0,
         temperature=temperature,
+        order=order,
         nfe=steps,
         forwards_per_sample=None if row_forwards is None else row_forwards / n,
         seconds_per_sample=None if seconds is None else seconds / n,
@@ -264,9 +267,9 @@ def evaluate_checkpoint(
                 seconds=seconds,
                 decode=decode,
                 temperature=temperature,
+                order=order,
             )
         )
-        arms[-1].order = order
     if language is not None:
         reference = language.sample(cfg.samples, torch.Generator().manual_seed(cfg.seed + 1))
     real = (
