@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from models.errors import CheckpointError, TsdfmError
 from models.flow_model import FlowModel, ModelConfig
+from models.paths import confined
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,8 +81,14 @@ class Checkpoint:
     identity: str
     spec: str
 
-    def file(self, name: str) -> Path:
-        return self.directory / name
+    def file(self, name: str, what: str = "a file name") -> Path:
+        """``directory / name``, refused (PathError) when it leads outside the directory."""
+        return confined(self.directory, name, f"{what} of checkpoint {self.spec}")
+
+    def data_file(self) -> Path | None:
+        """The data file its ``config.json`` names in ``data.language`` (None if none)."""
+        name = self.config.data.get("language")
+        return self.file(name, f"{CONFIG_FILE} data.language") if name else None
 
 
 def save_checkpoint(
@@ -111,7 +118,8 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save(str(tmp / TOKENIZER_FILE))
         for name, content in (extra_files or {}).items():
-            target = tmp / name
+            target = confined(tmp, name, f"extra file name of checkpoint {directory}")
+            target.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, Path):
                 shutil.copyfile(content, target)
             elif isinstance(content, bytes):
@@ -119,8 +127,8 @@ def save_checkpoint(
             else:
                 target.write_text(content)
         tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        for f in tmp.rglob("*"):
+            f.chmod(0o644 if f.is_file() else 0o755)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             directory.rename(old)

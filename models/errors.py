@@ -19,3 +19,7 @@ class DataError(TsdfmError):
 
 class ShardError(DataError):
     """A dataset shard or manifest is missing, corrupt or breaks the dataset contract."""
+
+
+class PathError(TsdfmError):
+    """A path read from a file (a config, card, manifest or metadata) leaves its own folder."""

@@ -75,6 +75,16 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             int,
             typer.Option(help="Samples of the final S-step evaluation (synthetic data; 0: off)."),
         ] = 256,
+        verify: Annotated[
+            bool,
+            typer.Option(
+                "--verify/--no-verify",
+                help="Check each shard's sha256 against the dataset's manifest.json before "
+                "reading it, and every row read against the dataset contract (token ranges, "
+                "reveal-once, ids, shapes). --no-verify trains on the bytes as they are; the "
+                "student's provenance records which.",
+            ),
+        ] = True,
     ) -> None:
         """Distil a few-step student from a trajectory dataset (resumable; no Ray, no GPU needed).
 
@@ -110,6 +120,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             precision=precision,
             device=device,
             num_workers=num_workers,
+            verify=verify,
         )
 
         def warn(msg: str) -> None:
@@ -118,7 +129,8 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         run = prepare_run(cfg, warn)
         typer.echo(
             f"dataset {run.source.ref}: {len(run.source.files)} shard(s), S={run.source.num_steps}"
-            f", L={run.source.seq_len}, fingerprint {str(run.source.fingerprint)[:23]}…"
+            f", L={run.source.seq_len}, fingerprint {str(run.source.fingerprint)[:23]}…; "
+            f"sha256 {run.source.verification()['sha256']}"
         )
         with progress_factory() as bar:
             task = bar.add_task("distilling", total=steps, info="")

@@ -273,13 +273,23 @@ def test_resume_gives_the_same_next_loss(tmp_path, tiny_blind_dataset, saved_tin
 
 
 def _rewrite_shard(root, transform, shards=None):
-    """Rewrite shards (default: all) of a copied dataset with transform(table, meta)."""
+    """Rewrite shards (default: all) of a copied dataset with transform(table, meta), and
+    re-record their size and sha256 in its manifest (as a build of that content would)."""
+    import hashlib
+
     files = sorted((root / "data").glob("*.parquet"))
+    manifest = json.loads((root / "manifest.json").read_text())
     for f in files if shards is None else [files[i] for i in shards]:
         pf = pq.ParquetFile(f)
         meta = json.loads(pf.metadata.metadata[b"tsdfm"])
         table, meta = transform(pf.read().replace_schema_metadata(None), meta)
         pq.write_table(table.replace_schema_metadata({"tsdfm": json.dumps(meta)}), f)
+        entry = manifest["shards"][f.name[len("train-") : len("train-00000")]]
+        entry["bytes"], entry["sha256"] = (
+            f.stat().st_size,
+            hashlib.sha256(f.read_bytes()).hexdigest(),
+        )
+    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_missing_column_and_unknown_schema_version(tmp_path, tiny_blind_dataset):

@@ -459,3 +459,24 @@ def test_smollm2_from_the_gguf_and_from_its_cache(tmp_path, text_fixture):
     cached = load_evaluator(f"smollm2:{cache}").bind(ckpt)  # from the float32 copy
     assert cached.lm.identity == built.lm.identity == built.describe()["gguf_sha256"]
     torch.testing.assert_close(cached.nll(x_fluent)[0], built.nll(x_fluent)[0])
+
+
+def test_smollm2_cache_never_deletes_a_folder_it_did_not_write(tmp_path, gpt2_dir):
+    from models.causal_lm import load_causal_lm
+    from models.eval.evaluators import _write_cache
+
+    lm = load_causal_lm(gpt2_dir)
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="is not a SmolLM2 cache written by tsdfm-pipeline"):
+        _write_cache(lm, precious, "sha256:" + "0" * 64)
+    with pytest.raises(ConfigError, match="it is left alone: pass a new or empty folder"):
+        load_evaluator(f"smollm2:{precious}")  # refused before the GGUF is even looked for
+    assert (precious / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    ours = tmp_path / "cache"  # a new folder is written, and a stale cache it wrote replaced
+    _write_cache(lm, ours, "sha256:" + "1" * 64)
+    _write_cache(lm, ours, "sha256:" + "2" * 64)
+    meta = json.loads((ours / "tsdfm_cache.json").read_text())
+    assert meta["gguf_sha256"] == "sha256:" + "2" * 64 and (ours / "model.safetensors").is_file()

@@ -24,6 +24,10 @@ Reading (``datasets`` streaming, one file = one ``datasets`` shard):
   those points plus the epoch and the round-robin pointer, a JSON object: a resumed run seeks
   straight to it (at most one file is re-read up to the row) and continues with the identical
   batch sequence.
+* **Integrity** (``models.data.integrity``, on unless ``verify=False``): before a shard file is
+  decoded, its size and sha256 are checked against ``manifest.json`` when the folder has one;
+  every row read is checked against the dataset contract (ids, grid, shapes, token ranges,
+  reveal-once). Paths the card lists must lie inside the dataset folder.
 * **Held-out split.** A trajectory is held out iff u(trajectory_id) < ``heldout_fraction``, u a
   splitmix64 hash mapped to [0, 1): the same trajectories for every run and student on a
   dataset, whatever the seed; training never sees them.
@@ -32,6 +36,7 @@ Reading (``datasets`` streaming, one file = one ``datasets`` shard):
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -42,7 +47,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.data.integrity import (
+    RowRules,
+    ShardDigest,
+    check_digest,
+    check_split_files,
+    fix_hint,
+    read_manifest_digests,
+)
 from models.errors import ConfigError, DataError
+from models.paths import confined
 from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
 
 SPLIT = "train"
@@ -103,7 +117,11 @@ def _resolve_files(ref: DatasetRef) -> list[str]:
     bad = [f for f in files if not str(f).endswith(".parquet")]
     if bad:
         raise DataError(f"dataset {ref} lists non-Parquet data files ({bad[0]}); rebuild it")
-    return [str(f) for f in files]
+    if not ref.local:
+        return [str(f) for f in files]
+    root = Path(ref.id)
+    what = "a train-split file of the dataset card (README.md configs[].data_files)"
+    return [str(confined(root, os.path.relpath(f, root), f"{what}, {f},")) for f in files]
 
 
 def _unreadable(ref: DatasetRef, e: Exception) -> str:
@@ -142,9 +160,9 @@ def _read_footer(url: str) -> tuple[list[str], dict]:
         )
     try:
         info = json.loads(kv[METADATA_KEY])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         key = METADATA_KEY.decode()
-        raise DataError(f"shard {url}: '{key}' metadata is not JSON ({e})") from None
+        raise DataError(f"shard {url}: '{key}' metadata is not JSON ({type(e).__name__})") from None
     if not isinstance(info, dict):
         raise DataError(f"shard {url}: '{METADATA_KEY.decode()}' metadata is not a JSON object")
     return names, info
@@ -177,6 +195,9 @@ class TrajectorySource:
         times: (S+1,) float32 time grid t_0 … t_S read from the first trajectory.
         seq_len: L.
         resolved_revision: the Hub commit the files were read at (None for a local folder).
+        verify: whether reads are checked (``models.data.integrity``).
+        digests: manifest.json's record of each shard by file path (None: not checked).
+        rules: the row invariants checked on every row read (None: not checked).
     """
 
     ref: DatasetRef
@@ -185,6 +206,9 @@ class TrajectorySource:
     times: np.ndarray
     seq_len: int
     resolved_revision: str | None
+    verify: bool = True
+    digests: dict[Path, ShardDigest] | None = None
+    rules: RowRules | None = None
 
     @property
     def num_steps(self) -> int:
@@ -216,6 +240,36 @@ class TrajectorySource:
             .get("reveal_order", "random"),
         }
 
+    def verification(self) -> dict:
+        """What the reads of this dataset check, as a student records it."""
+        if not self.verify:
+            sha = "off (--no-verify)"
+        elif self.digests is not None:
+            sha = f"every shard against {self.ref.id}/manifest.json"
+        elif self.ref.local:
+            sha = "not checked: the folder has no manifest.json"
+        else:
+            sha = "not checked: a Hub dataset (files are addressed by content at the revision)"
+        return {
+            "verified": self.verify,
+            "sha256": sha,
+            "rows": "every row read" if self.rules is not None else "off (--no-verify)",
+        }
+
+    def with_vocabulary(self, vocab_size: int, mask_token_id: int | None) -> TrajectorySource:
+        """The same dataset, its rows also checked against a model's token ranges (V data
+        tokens; the [MASK] id under the mask source, None under the uniform one)."""
+        if self.rules is None:
+            return self
+        return replace(self, rules=RowRules(vocab_size, mask_token_id))
+
+    def shard_name(self, index: int) -> str:
+        """Shard file ``index`` as messages name it: relative to a local folder, else its URL."""
+        url = self.files[index]
+        if self.ref.local:
+            return Path(url).relative_to(self.ref.id).as_posix()
+        return url
+
     def file_dataset(self, index: int, columns: tuple[str, ...] = TRAIN_COLUMNS):
         """Shard file ``index`` as a streaming ``datasets.IterableDataset`` of ``columns``."""
         from datasets import load_dataset
@@ -228,9 +282,17 @@ class TrajectorySource:
             columns=list(columns),
         )
 
-    def check_shard(self, index: int) -> None:
-        """Columns, schema version and fingerprint of shard file ``index`` (its footer only)."""
+    def check_digest(self, index: int) -> None:
+        """Size and sha256 of shard file ``index`` against manifest.json (when verifying)."""
+        if self.digests is not None:
+            path = Path(self.files[index])
+            check_digest(path, self.digests[path], Path(self.ref.id))
+
+    def check_shard(self, index: int) -> dict:
+        """The digest (when verifying), then the footer: columns, schema version and
+        fingerprint of shard file ``index``. Returns its ``tsdfm`` metadata."""
         url = self.files[index]
+        self.check_digest(index)
         names, info = _read_footer(url)
         check_shard_footer(url, names, info)
         if info.get("fingerprint") != self.fingerprint:
@@ -239,36 +301,104 @@ class TrajectorySource:
                 f"shard with {self.fingerprint}: shards of different builds are mixed; rebuild "
                 "or re-download the dataset"
             )
+        return info
 
     def iter_tables(self, index: int, rows: int, skip: int = 0) -> Iterator[Any]:
         """Arrow tables of ≤ ``rows`` rows of shard file ``index``, after skipping ``skip``;
-        the shard's footer is checked first."""
-        if index:
-            self.check_shard(index)
-        for table in self.file_dataset(index).with_format("arrow").iter(batch_size=rows):
+        the shard is checked first (:meth:`check_shard`) and, when verifying, every row."""
+        info = self.check_shard(index)
+        first_id = _first_id(info)
+        tables = self.file_dataset(index).with_format("arrow").iter(batch_size=rows)
+        row = 0
+        while True:
+            try:
+                table = next(tables, None)
+            except Exception as e:  # pyarrow, fsspec and datasets raise many unrelated types
+                raise DataError(
+                    f"shard {self.shard_name(index)} does not decode ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0][:160]}): {fix_hint(self.ref.id)}"
+                ) from None
+            if table is None:
+                return
+            row += table.num_rows
             if skip >= table.num_rows:
                 skip -= table.num_rows
                 continue
             if skip:
                 table, skip = table.slice(skip), 0
+            if self.rules is not None:
+                self._check_rows(index, table, row - table.num_rows, first_id)
             yield table
 
+    def _check_rows(self, index: int, table, start: int, first_id: int | None) -> None:
+        """The contract's row invariants on ``table`` (rows ``start``… of shard ``index``, whose
+        row 0 has the id ``first_id`` when known), or a DataError naming the shard."""
+        assert self.rules is not None
+        where = f"shard {self.shard_name(index)}"
+        try:
+            rows = table_arrays(table, self.times if self.seq_len else None)
+        except DataError as e:
+            raise DataError(f"{where}: {e}; {fix_hint(self.ref.id)}") from None
+        if self.seq_len and rows.states.shape[2] != self.seq_len:
+            raise DataError(
+                f"{where} has sequences of L={rows.states.shape[2]} tokens, the dataset's first "
+                f"shard L={self.seq_len}: {fix_hint(self.ref.id)}"
+            )
+        broken = self.rules.broken(
+            rows.ids, rows.states, None if first_id is None else first_id + start
+        )
+        if broken is not None:
+            r, what = broken
+            raise DataError(
+                f"{where}, row {start + r} (trajectory_id {int(rows.ids[r])}), breaks the "
+                f"dataset contract ('{what}'): {fix_hint(self.ref.id)}"
+            )
 
-def open_trajectory_dataset(spec: str | Path) -> TrajectorySource:
-    """Resolve a dataset, check its first shard's columns and schema version, read its grid."""
+
+def _first_id(info: dict) -> int | None:
+    """shard · rows_per_shard from a shard's metadata: the trajectory_id of its row 0."""
+    shard = info.get("shard")
+    rows = (info.get("config") or {}).get("trajectories_per_shard")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (shard, rows)):
+        return shard * rows
+    return None
+
+
+def open_trajectory_dataset(spec: str | Path, verify: bool = True) -> TrajectorySource:
+    """Resolve a dataset, check its first shard's columns and schema version, read its grid.
+
+    Args:
+        spec: a dataset folder or Hub id ``org/name[@revision]``.
+        verify: check what is read (``models.data.integrity``): for a local folder with a
+            manifest.json, the split against it and the sha256 of every shard (here, and again
+            before a shard is decoded if its file changed since), and every row read against
+            the dataset contract.
+    """
     ref = parse_dataset_spec(spec)
     files = _resolve_files(ref)
-    names, meta = _read_footer(files[0])
-    check_shard_footer(files[0], names, meta)
+    digests = None
+    if verify and ref.local:
+        root = Path(ref.id)
+        digests = read_manifest_digests(root)
+        if digests is not None:
+            check_split_files(root, [Path(f) for f in files], digests)
     match = _HF_REVISION.match(files[0])
     source = TrajectorySource(
         ref=ref,
         files=tuple(files),
-        metadata=meta,
+        metadata={},
         times=np.zeros(2, np.float32),
         seq_len=0,
         resolved_revision=match.group(1) if match else None,
+        verify=verify,
+        digests=digests,
+        rules=RowRules() if verify else None,
     )
+    for index in range(len(files)):  # every shard before the first step; reads re-check
+        source.check_digest(index)  # (a stat, unless the file changed since)
+    names, meta = _read_footer(files[0])
+    check_shard_footer(files[0], names, meta)
+    source = replace(source, metadata=meta)
     first = next(source.iter_tables(0, 1), None)
     if first is None or first.num_rows == 0:
         raise DataError(f"the first shard of dataset {ref} holds no trajectories; rebuild it")

@@ -369,6 +369,8 @@ def load_smollm2(device: str | torch.device = "cpu", cache_dir: Path | None = No
     """SmolLM2-135M-Instruct, dequantized to float32 from the packaged GGUF (~30 s), or from a
     float32 ``save_pretrained`` copy in ``cache_dir`` (~1 s; ~520 MB; built here on first use,
     rebuilt when the GGUF changes; never commit it). Identity: the GGUF file's sha256."""
+    if cache_dir is not None:
+        _check_cache_folder(cache_dir)  # before the ~30 s GGUF load
     gguf = find_smollm2()
     gguf_id = file_sha256(gguf)
     if cache_dir is not None and _cache_matches(cache_dir, gguf_id):
@@ -389,6 +391,21 @@ def _cache_matches(cache_dir: Path, gguf_id: str) -> bool:
     return meta.get("gguf_sha256") == gguf_id and (cache_dir / "model.safetensors").is_file()
 
 
+def _check_cache_folder(cache_dir: Path) -> None:
+    """The cache folder is absent, empty, or a cache this tool wrote (it holds _CACHE_META):
+    rebuilding the cache replaces it, so any other folder is refused, never deleted."""
+    if not cache_dir.exists() and not cache_dir.is_symlink():
+        return
+    ours = cache_dir.is_dir() and not cache_dir.is_symlink()
+    if ours and ((cache_dir / _CACHE_META).is_file() or not any(cache_dir.iterdir())):
+        return
+    raise ConfigError(
+        f"--evaluator smollm2:{cache_dir}: {cache_dir} exists and is not a SmolLM2 cache written "
+        f"by tsdfm-pipeline (no {_CACHE_META}); it would be replaced, so it is left alone: pass "
+        "a new or empty folder, or smollm2:nocache"
+    )
+
+
 def _write_cache(lm: CausalLM, cache_dir: Path, gguf_id: str) -> None:
     """from_config + load_state_dict + save_pretrained (a GGUF-loaded model refuses
     save_pretrained), into a temporary folder renamed into place when complete."""
@@ -399,6 +416,7 @@ def _write_cache(lm: CausalLM, cache_dir: Path, gguf_id: str) -> None:
         config = type(config).from_dict(
             {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
         )
+    _check_cache_folder(cache_dir)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
     try:

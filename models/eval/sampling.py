@@ -72,7 +72,8 @@ def decode(ckpt: Checkpoint, tokens: torch.Tensor) -> list[str] | None:
     """Text of each row: the synthetic language's words, or the tokenizer's decoding cut at the
     first end-of-sequence token."""
     mc = ckpt.config
-    if mc.data.get("kind") == "synthetic" and (ckpt.directory / mc.data["language"]).is_file():
+    language_file = ckpt.data_file() if mc.data.get("kind") == "synthetic" else None
+    if language_file is not None and language_file.is_file():
         from models.train.teacher import load_language
 
         language = load_language(ckpt.directory, mc.data)

@@ -684,8 +684,10 @@ def _heldout_metrics(model, ema, heldout: dict, chunk: int = 1024) -> dict:
 def _checkpoint_files(teacher: Checkpoint) -> dict[str, Path]:
     """The teacher's data files that travel with the compass (the synthetic language)."""
     name = teacher.config.data.get("language", LANGUAGE_FILE)
-    f = teacher.file(name)
-    return {name: f} if teacher.config.data.get("kind") == "synthetic" and f.is_file() else {}
+    f = teacher.file(name, "config.json data.language")
+    if teacher.config.data.get("kind") != "synthetic" or not f.is_file():
+        return {}
+    return {f.relative_to(teacher.directory.resolve()).as_posix(): f}
 
 
 def _check_negative_order(neg_info: dict, plan: RevealPlan) -> None:

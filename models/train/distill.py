@@ -105,6 +105,9 @@ class DistillConfig:
         precision: "bf16" (autocast on CUDA; no effect on CPU) or "fp32".
         device: "auto", "cpu" or "cuda[:i]" (not part of the run's identity).
         num_workers: loader worker processes (not part of the run's identity).
+        verify: check every shard's sha256 against the dataset's manifest.json before
+            reading it and every row against the dataset contract (on by default; recorded
+            in the student's provenance; not part of the run's identity).
     """
 
     data: str
@@ -132,6 +135,7 @@ class DistillConfig:
     precision: str = "bf16"
     device: str = "auto"
     num_workers: int = 2
+    verify: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
@@ -164,7 +168,7 @@ class DistillConfig:
     def identity_dict(self) -> dict:
         """The fields that decide the run's result (what a resumed run must share)."""
         d = asdict(self)
-        for key in ("out", "device", "num_workers"):
+        for key in ("out", "device", "num_workers", "verify"):
             d.pop(key)
         return d
 
@@ -273,10 +277,11 @@ def build_student(init: Checkpoint, seed: int = 0) -> FlowModel:
 
 
 def _extra_files(init: Checkpoint) -> dict[str, Path]:
-    name = init.config.data.get("language")
-    if name and (init.directory / name).is_file():
-        return {name: init.directory / name}
-    return {}
+    """The data file named in --init's config.json (the synthetic language), to copy along."""
+    path = init.data_file()
+    if path is None or not path.is_file():
+        return {}
+    return {path.relative_to(init.directory.resolve()).as_posix(): path}
 
 
 def _device(device: str) -> torch.device:
@@ -364,7 +369,8 @@ class StudentStep:
 # --------------------------------------------------------------------------- the run
 @dataclass
 class PreparedRun:
-    """A checked run: the dataset, the --init checkpoint and the student's S."""
+    """A checked run: the dataset, the --init checkpoint (and the data files it names, to
+    copy into every student checkpoint) and the student's S."""
 
     cfg: DistillConfig
     source: TrajectorySource
@@ -372,6 +378,7 @@ class PreparedRun:
     student_steps: int
     device: torch.device
     warnings: list[str]
+    extra_files: dict[str, Path]
 
 
 def prepare_run(cfg: DistillConfig, warn: Callable[[str], None] | None = None) -> PreparedRun:
@@ -383,9 +390,13 @@ def prepare_run(cfg: DistillConfig, warn: Callable[[str], None] | None = None) -
     """
     issued: list[str] = []
     device = _device(cfg.device)
-    source = open_trajectory_dataset(cfg.data)
+    source = open_trajectory_dataset(cfg.data, verify=cfg.verify)
     init = load_checkpoint(cfg.init, "cpu", role=("teacher", "student"))
     check_vocabulary(source, init)
+    mc = init.config
+    source = source.with_vocabulary(
+        mc.vocab_size, mc.mask_token_id if mc.source == "mask" else None
+    )
     S, step_msg = resolve_student_steps(source, init, cfg)
     for msg in (_teacher_warning(source, init), step_msg):
         if msg:
@@ -394,7 +405,7 @@ def prepare_run(cfg: DistillConfig, warn: Callable[[str], None] | None = None) -
                 warn(msg)
             else:
                 warnings.warn(msg, DistillWarning, stacklevel=2)
-    return PreparedRun(cfg, source, init, S, device, issued)
+    return PreparedRun(cfg, source, init, S, device, issued, _extra_files(init))
 
 
 def train_student(
@@ -429,6 +440,7 @@ def train_student(
             "times": data_info["times"],
             "reveal_order": data_info["reveal_order"],
             "dataset": data_info,
+            "verification": source.verification(),
             "teacher_identity": data_info["teacher_identity"],
             "compass_identity": data_info["compass_identity"],
             "init": {"spec": cfg.init, "identity": init.identity, "role": init.config.role},
@@ -445,7 +457,7 @@ def train_student(
         max_token_id=model.config.input_vocab - 1,
         pin_memory=device.type == "cuda",
     )
-    extra_files = _extra_files(init)
+    extra_files = run.extra_files
     start = 0
     rng_state = None
     state = resume_latest(out, model, trainer.opt, trainer.ema)

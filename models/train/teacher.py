@@ -23,6 +23,7 @@ from models.data.synthetic import LanguageConfig, SyntheticLanguage
 from models.errors import ConfigError, DataError
 from models.flow_model import FlowModel, teacher_config
 from models.losses import cross_entropy_loss, generalized_kl_loss
+from models.paths import confined
 from models.train.common import (
     EMA,
     MetricsLog,
@@ -299,4 +300,5 @@ def load_language(directory: Path, data_info: dict) -> SyntheticLanguage:
     """The synthetic language stored beside a checkpoint (``data.language``)."""
     if data_info.get("kind") != "synthetic":
         raise DataError("this checkpoint was not trained on the synthetic language")
-    return SyntheticLanguage.load(directory / data_info.get("language", LANGUAGE_FILE))
+    name = data_info.get("language", LANGUAGE_FILE)
+    return SyntheticLanguage.load(confined(directory, name, "config.json data.language"))

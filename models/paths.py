@@ -1,0 +1,46 @@
+"""One confinement rule for every path that comes from a file.
+
+A checkpoint's ``config.json`` names its data files (``data.language``), a dataset card names
+its Parquet files (``configs[].data_files``), a manifest names its shards. Such a path is
+relative to the folder that holds the file and must stay inside it: joined to that root and
+resolved (``..`` collapsed, symlinks followed), it has to lie under the resolved root. An
+absolute path, a ``..`` that climbs out, or a symlink that points out is refused with one line,
+because following it would read (or copy, or train on) a file the folder does not own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from models.errors import PathError
+
+
+def confined(root: str | Path, relative: str | Path, what: str) -> Path:
+    """``root / relative`` resolved, if it lies inside ``root``; else a PathError.
+
+    Args:
+        root: the folder that holds the file the path came from (a local directory).
+        relative: the path as written in that file.
+        what: where it was read, for the message (e.g. "config.json data.language").
+
+    Returns:
+        The resolved path (it need not exist).
+    """
+    text = str(relative)
+    rel = PurePosixPath(text.replace("\\", "/"))
+    if not text.strip() or "\0" in text:
+        raise PathError(f"{what} is {text!r}, not a file name inside {root}")
+    if rel.is_absolute() or PureWindowsPath(text).drive or PureWindowsPath(text).is_absolute():
+        raise PathError(
+            f"{what} is the absolute path {text!r}; it must be relative to {root} and stay "
+            "inside it: fix the file or rebuild it"
+        )
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        how = "through a symlink" if ".." not in rel.parts else "with '..'"
+        raise PathError(
+            f"{what} is {text!r}, which leads outside {base} {how} (to {target}); a path read "
+            "from a file must stay inside its own folder: fix the file or rebuild it"
+        )
+    return target
