@@ -13,10 +13,16 @@ time, examples/s, the time the step spent blocked on ``next(batch)`` (data wait)
 step time, and the loader's overhead (loader step time / memory step time − 1). Target: data
 wait < 5% of step time.
 
+The loader verifies what it reads by default (``models.data.integrity``: the sha256 of every
+shard against manifest.json when the dataset is opened, the dataset contract on every row
+read). Its cost is measured apart, with and without verification: seconds to open the dataset,
+and seconds to read one epoch of batches in the trainer's process (no training step).
+
 Without ``--data`` the script writes a dataset of random mask-path trajectories with the
 bundled teacher's shape (V=128, L=64, S=8) through ``pipeline.shards.write_shard``: the real
-file layout, compression and metadata (the loader's cost does not depend on what the tokens
-say), and no Ray or teacher rollouts. Results go to docs/results/distill_loader.{json,md}
+file layout, compression, metadata and manifest.json (the loader's cost does not depend on
+what the tokens say, and they keep the contract the loader checks), and no Ray or teacher
+rollouts. Results go to docs/results/distill_loader.{json,md}
 with the device they ran on. Numbers are measured, never asserted.
 """
 
@@ -41,6 +47,7 @@ from models.train.distill import DistillConfig, StudentStep, build_student
 
 def synthetic_dataset(root: Path, shards: int, rows: int, ckpt, steps: int, seed: int) -> Path:
     """Random mask-path trajectories of ``ckpt``'s shape, written as a real tsdfm dataset."""
+    from pipeline.manifest import Manifest
     from pipeline.schema import TrajectoryBatch
     from pipeline.shards import write_shard
 
@@ -48,6 +55,10 @@ def synthetic_dataset(root: Path, shards: int, rows: int, ckpt, steps: int, seed
     V, L, M = mc.vocab_size, mc.seq_len, mc.mask_token_id
     rng = np.random.default_rng(seed)
     times = np.arange(steps + 1, dtype=np.float64) / steps
+    fingerprint = "sha256:" + "0" * 64
+    manifest = Manifest.create(
+        str(root), {"num_shards": shards, "rows_per_shard": rows}, fingerprint
+    )
     for i in range(shards):
         x_1 = rng.integers(0, V, size=(rows, L))
         reveal = rng.random((rows, L))  # position j is revealed once t ≥ reveal_j (κ(t) = t)
@@ -65,9 +76,51 @@ def synthetic_dataset(root: Path, shards: int, rows: int, ckpt, steps: int, seed
             chosen=np.zeros((rows, steps), np.int16),
             text=None,
         )
-        meta = {"teacher_identity": ckpt.identity, "fingerprint": "sha256:" + "0" * 64}
-        write_shard(str(root), i, shards, [batch], meta)
+        meta = {
+            "teacher_identity": ckpt.identity,
+            "fingerprint": fingerprint,
+            "config": {"trajectories_per_shard": rows},
+        }
+        manifest.record_shard(write_shard(str(root), i, shards, [batch], meta))
     return root
+
+
+def verification_cost(data: str, loader_cfg: LoaderConfig, init, repeats: int = 3) -> dict:
+    """Seconds to open the dataset and to read one epoch of batches (0 workers, no training),
+    with verification (the default) and without (``--no-verify``); the least of ``repeats``
+    alternating runs of each."""
+    from models.data.integrity import clear_digest_cache
+
+    mc = init.config
+    mask = mc.mask_token_id if mc.source == "mask" else None
+    out: dict = {}
+    for _ in range(repeats):
+        for verify in (True, False):
+            clear_digest_cache()  # every open hashes every shard again
+            t0 = time.perf_counter()
+            source = open_trajectory_dataset(data, verify=verify)
+            source = source.with_vocabulary(mc.vocab_size, mask)
+            opened = time.perf_counter() - t0
+            loader = TrajectoryLoader(source, loader_cfg, 0, mc.input_vocab - 1)
+            it = iter(loader)
+            t0 = time.perf_counter()
+            batches = 0
+            while loader.state.epoch == 0:
+                next(it)
+                batches += 1
+            read = time.perf_counter() - t0
+            it.close()
+            best = out.setdefault("verified" if verify else "unverified", {"batches": batches})
+            best["open_seconds"] = min(opened, best.get("open_seconds", opened))
+            best["epoch_read_seconds"] = min(read, best.get("epoch_read_seconds", read))
+    files = open_trajectory_dataset(data, verify=False).files
+    out["shard_bytes"] = sum(Path(f).stat().st_size for f in files if "://" not in f)
+    v, u = out["verified"], out["unverified"]
+    out["overhead"] = (v["open_seconds"] + v["epoch_read_seconds"]) / (
+        u["open_seconds"] + u["epoch_read_seconds"]
+    ) - 1
+    out["ms_per_batch"] = 1000 * (v["epoch_read_seconds"] - u["epoch_read_seconds"]) / v["batches"]
+    return out
 
 
 def _device_info(device: torch.device) -> dict:
@@ -160,6 +213,16 @@ def main() -> None:
         needed = (args.warmup + args.steps) * args.grad_accum
         loader_cfg: LoaderConfig = cfg.loader_config()
         max_id = init.config.input_vocab - 1
+        verification = verification_cost(data, loader_cfg, init)
+        print(
+            "verification: open {:.3f}s vs {:.3f}s, one epoch read {:.3f}s vs {:.3f}s".format(
+                verification["verified"]["open_seconds"],
+                verification["unverified"]["open_seconds"],
+                verification["verified"]["epoch_read_seconds"],
+                verification["unverified"]["epoch_read_seconds"],
+            ),
+            file=sys.stderr,
+        )
 
         # the memory arm: the same batches, collected first, already decoded and collated
         it = iter(TrajectoryLoader(source, loader_cfg, 0, max_id))
@@ -224,6 +287,7 @@ def main() -> None:
         "device": _device_info(device),
         "target": "data wait < 5% of step time",
         "arms": arms,
+        "verification": verification,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +321,26 @@ def _markdown(r: dict) -> str:
             f"{'-' if overhead is None else f'{100 * overhead:+.1f}%'} | "
             f"{'-' if startup is None else f'{startup:.2f}'} |"
         )
+    ver = r.get("verification")
+    if ver is not None:
+        v, u = ver["verified"], ver["unverified"]
+        lines += [
+            "",
+            "Verification (on by default; `distill --no-verify` switches it off): sha256 of "
+            f"every shard ({ver['shard_bytes'] / 2**20:.1f} MiB) against manifest.json when the "
+            "dataset is opened, and the dataset contract on every row read.",
+            "",
+            "| | open the dataset s | read one epoch s ({} batches, 0 workers) |".format(
+                v["batches"]
+            ),
+            "|---|---|---|",
+            f"| verified | {v['open_seconds']:.3f} | {v['epoch_read_seconds']:.3f} |",
+            f"| --no-verify | {u['open_seconds']:.3f} | {u['epoch_read_seconds']:.3f} |",
+            "",
+            f"Overhead of verification on opening plus one epoch of reading (least of 3 runs): "
+            f"{100 * ver['overhead']:+.1f}%, {ver['ms_per_batch']:.2f} ms per batch of "
+            f"{r['batch_size']} examples, paid in the loader workers beside the training step.",
+        ]
     gpu = f", {dev['gpu']}" if "gpu" in dev else ""
     lines += [
         "",

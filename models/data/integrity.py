@@ -120,6 +120,11 @@ def check_split_files(root: Path, files: list[Path], digests: dict[Path, ShardDi
             )
 
 
+def clear_digest_cache() -> None:
+    """Forget which files this process hashed (the next check hashes them again)."""
+    _HASHED.clear()
+
+
 def check_digest(path: Path, digest: ShardDigest, root: Path) -> None:
     """The file has the recorded size and sha256, or a ShardError naming it and the fix."""
     st = os.stat(path)
