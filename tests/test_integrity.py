@@ -200,3 +200,24 @@ def test_the_split_must_be_exactly_the_recorded_shards(tmp_path, tiny_blind_data
     with pytest.raises(ShardError, match="records 2 of 3 planned shards; finish the build"):
         open_trajectory_dataset(partial)
     assert open_trajectory_dataset(partial, verify=False).files  # --no-verify reads what is there
+
+
+def test_without_a_manifest_a_shard_that_does_not_decode_is_one_line(tmp_path, tiny_blind_dataset):
+    data = shutil.copytree(tiny_blind_dataset, tmp_path / "data")
+    (data / "manifest.json").unlink()
+    path = data / SHARD1
+    rg = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(
+        rg.column(j)
+        for j in range(rg.num_columns)
+        if rg.column(j).path_in_schema.startswith("states")
+    )
+    raw = bytearray(path.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    raw[middle - 16 : middle + 16] = bytes(32)  # zeros over the compressed pages
+    path.write_bytes(bytes(raw))
+    loader = iter(TrajectoryLoader(open_trajectory_dataset(data), LoaderConfig(batch_size=8)))
+    with pytest.raises(DataError, match=f"shard {SHARD1} does not decode") as e:
+        for _ in range(100):
+            next(loader)
+    assert "\n" not in str(e.value) and f"tsdfm-pipeline verify {data.resolve()}" in str(e.value)

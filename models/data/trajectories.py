@@ -36,6 +36,7 @@ Reading (``datasets`` streaming, one file = one ``datasets`` shard):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import deque
@@ -273,6 +274,10 @@ class TrajectorySource:
     def file_dataset(self, index: int, columns: tuple[str, ...] = TRAIN_COLUMNS):
         """Shard file ``index`` as a streaming ``datasets.IterableDataset`` of ``columns``."""
         from datasets import load_dataset
+
+        # datasets logs a shard that fails to decode before raising; iter_tables reports it in
+        # one line of its own
+        logging.getLogger("datasets.packaged_modules.parquet.parquet").setLevel(logging.CRITICAL)
 
         return load_dataset(
             "parquet",
