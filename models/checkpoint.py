@@ -159,6 +159,13 @@ def resolve(spec: str | Path) -> Path:
             )
         return path
     if _REPO_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):
+        owner = Path(spec_str.partition("@")[0]).parent
+        if owner.is_dir():  # "runs/teacher" where runs/ exists: a path, not org/name
+            raise CheckpointError(
+                f"checkpoint {spec_str} not found: no such folder (the folder {owner} exists "
+                f"here but holds no {path.name}, so this is read as a path, not a Hub id); "
+                "check the path"
+            )
         repo_id, _, revision = spec_str.partition("@")
         return _download(repo_id, revision or None)
     raise CheckpointError(
@@ -224,6 +231,20 @@ def read_config(directory: Path) -> ModelConfig:
         raise CheckpointError(f"{config_path} has unexpected fields: {e}") from None
 
 
+def read_tokenizer(path: Path):
+    """``tokenizers.Tokenizer`` of ``path``, or a CheckpointError naming what is wrong."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable tokenizer file ({first}); restore the tokenizer.json the "
+            "model was saved with"
+        ) from None
+
+
 def load_tokenizer(directory: Path, config: ModelConfig):
     """Load tokenizer.json and check it against the model's vocabulary."""
     path = directory / TOKENIZER_FILE
@@ -231,9 +252,7 @@ def load_tokenizer(directory: Path, config: ModelConfig):
         raise CheckpointError(
             f"{directory} lacks {TOKENIZER_FILE}; save the tokenizer with the checkpoint"
         )
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
+    tok = read_tokenizer(path)
     expected = config.input_vocab
     size = tok.get_vocab_size()
     unused_mask = config.source == "uniform" and tok.token_to_id("[MASK]") == config.vocab_size

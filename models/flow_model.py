@@ -96,6 +96,11 @@ class ModelConfig:
 
     @staticmethod
     def from_dict(d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"config.json holds a JSON {type(d).__name__}, not an object: this directory is "
+                "not a tsdfm-pipeline checkpoint"
+            )
         if d.get("format") != FORMAT:
             raise ConfigError(
                 f"config.json has format {d.get('format')!r}, expected {FORMAT!r}: "
@@ -114,6 +119,17 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"config.json lacks {', '.join(missing)}")
+        for key in ("scheduler", "backbone", "special_tokens", "data", "provenance"):
+            if key in d and not isinstance(d[key], dict):
+                raise ConfigError(
+                    f"config.json {key} is a JSON {type(d[key]).__name__}, not an object"
+                )
+        for key in ("vocab_size", "seq_len"):
+            if not isinstance(d[key], int) or isinstance(d[key], bool):
+                raise ConfigError(f"config.json {key} is {d[key]!r}, not an integer")
+        for key in ("role", "source"):
+            if not isinstance(d[key], str):
+                raise ConfigError(f"config.json {key} is {d[key]!r}, not a string")
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["backbone"] = BackboneConfig.from_dict(d["backbone"])
         kwargs.setdefault("special_tokens", {})

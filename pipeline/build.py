@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from models.errors import ConfigError, DataError
+from models.errors import ConfigError, DataError, TsdfmError
 from pipeline.card import write_card
 from pipeline.config import BuildConfig
-from pipeline.executor import ExecutionReport, Progress, connect, execute
-from pipeline.manifest import MANIFEST_FILE, Manifest, plan_status
+from pipeline.executor import ExecutionReport, Progress, connect, execute, plan_workers
+from pipeline.lock import LOCK_FILE, BuildLock
+from pipeline.manifest import MANIFEST_FILE, MISSING, Manifest, plan_status
 from pipeline.shards import DATA_DIR, cleanup_temp, open_root
 from pipeline.worker import load_models, provenance
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -50,25 +53,107 @@ def plan_of(cfg: BuildConfig) -> dict:
     }
 
 
-def prepare_output(root: str, fingerprint: str, overwrite: bool) -> None:
-    """Refuse an output that holds something else; wipe it first when ``overwrite``."""
+BOOKKEEPING = (MANIFEST_FILE, DATA_DIR, "README.md", LOCK_FILE)
+
+
+def check_arguments(root: str, device: str, num_workers: int | None, max_retries: int) -> None:
+    """Refuse bad execution arguments before anything is loaded or written."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; use {', '.join(DEVICES)}")
+    if num_workers is not None and (
+        not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1
+    ):
+        raise ConfigError(
+            f"--num-workers {num_workers} must be at least 1 (omit it for one worker per GPU, "
+            "else one per CPU)"
+        )
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+        raise ConfigError(
+            f"--max-retries {max_retries} must be 0 or more (retries of a shard whose worker "
+            "died; Ray reads -1 as unlimited restarts)"
+        )
+    protocol = str(root).partition("://")[0] if "://" in str(root) else "file"
+    if protocol == "memory":
+        raise ConfigError(
+            f"--out {root}: a memory:// filesystem lives in one process, and the shards are "
+            "written by worker processes; use a local folder or a shared URL (s3://, gs://, ...)"
+        )
+    open_root(root)  # an unknown protocol or a missing fsspec backend fails here, in one line
+
+
+def check_output(root: str, fingerprint: str, overwrite: bool) -> str:
+    """What ``root`` holds, without writing: "new", "resume", "orphaned" or "overwrite".
+
+    "orphaned" is a folder whose ``manifest.json`` was deleted but whose shards carry this
+    config's fingerprint: the build rebuilds every shard in place (a shard is a pure function
+    of the config and its index, so the bytes come out the same). Anything else that is not
+    this dataset is refused unless ``overwrite``.
+    """
     fs, base = open_root(root)
     if fs.exists(base) and not fs.isdir(base):
         raise ConfigError(f"output {root} is a file; pass a folder")
     entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base)] if fs.exists(base) else []
+    entries = [e for e in entries if e != LOCK_FILE]
     has_manifest = MANIFEST_FILE in entries
-    if has_manifest and not overwrite:
-        Manifest.load(root).check_fingerprint(fingerprint)
-        return
-    foreign = [e for e in entries if e not in (MANIFEST_FILE, DATA_DIR, "README.md")]
-    if entries and not has_manifest and not overwrite:
-        raise ConfigError(
-            f"output {root} is not empty and holds no tsdfm dataset "
-            f"({', '.join(sorted(entries)[:3])}); pass an empty or new folder"
-        )
-    if overwrite and entries:
-        if foreign and not has_manifest:
+    foreign = [e for e in entries if e not in BOOKKEEPING]
+    if overwrite:
+        if entries and foreign and not has_manifest:
             raise ConfigError(f"refusing to --overwrite {root}: it does not hold a tsdfm dataset")
+        return "overwrite" if entries else "new"
+    if has_manifest:
+        manifest = Manifest.load(root)
+        manifest.check_fingerprint(fingerprint)
+        return "resume"
+    if not entries:
+        return "new"
+    if not foreign:
+        found = _shard_fingerprints(root)
+        if found and found == {fingerprint}:
+            return "orphaned"
+        if found - {fingerprint}:
+            other = sorted(found - {fingerprint})[0]
+            raise ConfigError(
+                f"output {root} has no {MANIFEST_FILE} and holds the shards of another dataset "
+                f"(fingerprint {other}); rerun the command that built it to restore it, pass "
+                "--overwrite to replace it, or use a new folder"
+            )
+        raise ConfigError(
+            f"output {root} has no {MANIFEST_FILE} (deleted?) and no shard this build can "
+            "recognise; rerun the exact command that built it to rebuild it in place, pass "
+            "--overwrite to start over, or use a new folder"
+        )
+    raise ConfigError(
+        f"output {root} is not empty and holds no tsdfm dataset "
+        f"({', '.join(sorted(entries)[:3])}); pass an empty or new folder"
+    )
+
+
+def _shard_fingerprints(root: str) -> set[str]:
+    """Fingerprints recorded in the metadata of the shard files under ``root/data``."""
+    from pipeline.card import read_footer
+
+    fs, base = open_root(root)
+    folder = f"{base.rstrip('/')}/{DATA_DIR}"
+    if not fs.isdir(folder):
+        return set()
+    found = set()
+    for path in fs.ls(folder, detail=False):
+        name = path.rstrip("/").rpartition("/")[2]
+        if not (name.startswith("train-") and name.endswith(".parquet")):
+            continue
+        try:
+            meta = read_footer(root, f"{DATA_DIR}/{name}").metadata
+        except TsdfmError:
+            continue
+        if meta and isinstance(meta.get("fingerprint"), str):
+            found.add(meta["fingerprint"])
+    return found
+
+
+def prepare_output(root: str, state: str) -> None:
+    """Make ``root`` ready to write (called holding the build lock): wipe on overwrite, probe."""
+    fs, base = open_root(root)
+    if state == "overwrite":
         for name in (MANIFEST_FILE, DATA_DIR, "README.md"):
             path = f"{base.rstrip('/')}/{name}"
             if fs.exists(path):
@@ -97,38 +182,72 @@ def run_build(
     progress: Callable[[Progress], None] | None = None,
     on_plan: Callable[[list[int], list[int], list[int]], None] | None = None,
     on_workers: Callable[[list[dict]], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> BuildSummary:
-    """Build (or resume) the dataset of ``cfg`` at ``root``."""
+    """Build (or resume) the dataset of ``cfg`` at ``root``.
+
+    Everything that can be checked before the first shard is checked before anything is
+    written (arguments, checkpoints, the output's contents, the Ray cluster and its devices),
+    so a build that cannot start leaves the folder as it was. The build then holds
+    ``root/.tsdfm-build.lock`` until it ends.
+    """
+    say = say or (lambda line: None)
     start = time.perf_counter()
+    check_arguments(root, device, num_workers, max_retries)
     teacher, compass = load_models(cfg, "cpu")
     prov = provenance(cfg, teacher, compass)
     del teacher, compass
-    prepare_output(root, prov.fingerprint, overwrite)
     plan = plan_of(cfg)
-    if not Manifest.exists(root):
-        Manifest.create(root, plan, prov.fingerprint)
-    cleanup_temp(root)
-    todo, done, corrupt = plan_status(root, plan, prov.fingerprint)
-    if on_plan:
-        on_plan(todo, done, corrupt)
-    manifest = Manifest.load(root)
-    for index in corrupt:
-        manifest.forget(index)
-    report = None
-    if todo:
+    state = check_output(root, prov.fingerprint, overwrite)
+    if state == "resume":
+        manifest = Manifest.load(root)
+        manifest.check_plan(plan)
+        check_tokenizer(manifest, prov.tokenizer_identity)
+        pending = manifest.missing()  # corrupt shards are found (by hashing) under the lock
+    else:
+        pending = list(range(cfg.shards))
+    if pending:  # Ray and its devices, before the first write
         connect(address, num_cpus=None)
+        plan_workers(device, num_workers)
+    with BuildLock(root) as lock:
+        if lock.took_over is not None:
+            say(f"took over the lock of a build that is gone ({lock.took_over.describe()})")
+        # the folder may have changed while this driver waited for Ray: check it again
+        state = check_output(root, prov.fingerprint, overwrite)
+        if state == "orphaned":
+            say(f"{MANIFEST_FILE} is missing: rebuilding every shard in place from this config")
+        prepare_output(root, state)
+        if state != "resume":
+            Manifest.create(root, plan, prov.fingerprint, prov.tokenizer_identity)
+        cleanup_temp(root)  # this build holds the lock: every temp file is a dead writer's
+        todo, done, corrupt = plan_status(root, plan, prov.fingerprint)
+        if on_plan:
+            on_plan(todo, done, corrupt)
+        manifest = Manifest.load(root)
+        for index in corrupt:
+            manifest.forget(index)
+        report = None
+        if todo:
+            connect(address, num_cpus=None)
 
-        def record(result) -> None:
-            manifest.record_shard(result.info, result.counters, result.stats)
+            def record(result) -> None:
+                manifest.record_shard(result.info, result.counters, result.stats)
 
-        report = execute(
-            cfg, root, todo, record, device, num_workers, max_retries, progress, on_workers
-        )
-    manifest = Manifest.load(root)
-    missing = manifest.missing()
-    if missing:
-        raise DataError(f"build ended with shards {missing} unrecorded; rerun to finish them")
-    write_card(root)  # README.md: the dataset card, from the finished manifest
+            try:
+                report = execute(
+                    cfg, root, todo, record, device, num_workers, max_retries, progress, on_workers
+                )
+            finally:
+                # a worker killed while writing leaves its temp file; its shard was built again
+                # elsewhere, so nothing of this build needs it (every actor is stopped now)
+                removed = cleanup_temp(root)
+            if removed:
+                say(f"removed {len(removed)} temp file(s) left by worker(s) that died")
+        manifest = Manifest.load(root)
+        missing = manifest.missing()
+        if missing:
+            raise DataError(f"build ended with shards {missing} unrecorded; rerun to finish them")
+        write_card(root)  # README.md: the dataset card, from the finished manifest
     return BuildSummary(
         root=root,
         fingerprint=prov.fingerprint,
@@ -139,3 +258,30 @@ def run_build(
         execution=report,
         seconds=time.perf_counter() - start,
     )
+
+
+def check_tokenizer(manifest: Manifest, identity: str | None) -> None:
+    """ConfigError when the dataset was built with another tokenizer than the teacher's now.
+
+    The manifest records the tokenizer's identity (sha256 of tokenizer.json); a manifest
+    written before it did is checked against the metadata of its first committed shard.
+    """
+    from pipeline.card import read_footer
+
+    recorded = manifest.tokenizer_identity
+    for index in manifest.committed() if recorded is MISSING else []:
+        try:
+            meta = read_footer(manifest.root, manifest.shard(index)["path"]).metadata
+        except TsdfmError:
+            continue  # an unreadable shard is rebuilt anyway
+        if meta is not None and "tokenizer_identity" in meta:
+            recorded = meta["tokenizer_identity"]
+            break
+    if recorded is MISSING:
+        return  # an old manifest with nothing committed: nothing to mix with
+    if recorded != identity:
+        raise ConfigError(
+            f"{manifest.root} was built with tokenizer {recorded}, the teacher's tokenizer.json "
+            f"is now {identity}: resuming would mix two tokenizers in one dataset; restore the "
+            "tokenizer, or build into a new folder (or --overwrite)"
+        )

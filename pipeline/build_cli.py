@@ -97,7 +97,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         manifest. Rerun the same command to resume.
         """
         from models.errors import ConfigError
-        from pipeline.build import run_build
+        from pipeline.build import check_arguments, run_build
         from pipeline.config import BuildConfig
         from pipeline.navigator import NavigatorConfig
 
@@ -106,8 +106,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 "--temperature is ambiguous and no longer accepted: use --selection-temperature "
                 "for the softmax selection or --teacher-temperature for the teacher's draws"
             )
-        if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+        check_arguments(out, device, num_workers, max_retries)
         if push_to_hub is not None:  # fail before the build, not after it
             from pipeline.hub import check_repo_id, resolve_token
 
@@ -177,6 +176,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 max_retries=max_retries,
                 progress=on_progress,
                 on_plan=on_plan,
+                say=bar.console.print,
             )
         t = summary.totals
         c = t.get("counters", {})

@@ -34,7 +34,7 @@ import yaml
 from models.errors import DataError
 from pipeline.manifest import Manifest
 from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
-from pipeline.shards import atomic_write, open_root, shard_name
+from pipeline.shards import atomic_write, open_root, parse_metadata, shard_name
 
 CARD_FILE = "README.md"
 DATA_FILES = "data/train-*.parquet"
@@ -94,8 +94,10 @@ class ShardFooter:
         rows: number of rows.
         uncompressed_bytes: sum of the row groups' uncompressed sizes.
         max_row_group_bytes: the largest row group (uncompressed).
-        metadata: the ``tsdfm`` key-value metadata, parsed (None when absent or not JSON).
+        metadata: the ``tsdfm`` key-value metadata, parsed (None when absent or unusable).
         schema: the Arrow schema stored in the file (without metadata).
+        metadata_problem: why ``metadata`` is None ("is absent …", "is not JSON …", "is N
+            bytes, over the bound", ...); None when it was read.
     """
 
     rows: int
@@ -103,6 +105,7 @@ class ShardFooter:
     max_row_group_bytes: int
     metadata: dict[str, Any] | None
     schema: pa.Schema
+    metadata_problem: str | None = None
 
 
 def read_footer(root: str, name: str) -> ShardFooter:
@@ -119,19 +122,17 @@ def read_footer(root: str, name: str) -> ShardFooter:
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path} is not a readable Parquet file ({e}); rebuild it") from None
     kv = md.metadata or {}
-    meta = None
+    meta, problem = None, "is absent (not written by tsdfm-pipeline)"
     if METADATA_KEY in kv:
-        try:
-            meta = json.loads(kv[METADATA_KEY])
-        except json.JSONDecodeError:
-            meta = None
+        meta, problem = parse_metadata(kv[METADATA_KEY])
     sizes = [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
     return ShardFooter(
         rows=md.num_rows,
         uncompressed_bytes=sum(sizes),
         max_row_group_bytes=max(sizes, default=0),
-        metadata=meta if isinstance(meta, dict) else None,
+        metadata=meta,
         schema=schema.remove_metadata(),
+        metadata_problem=problem,
     )
 
 

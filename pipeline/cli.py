@@ -45,20 +45,46 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USER_ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Kubernetes and most supervisors send), raised in the main thread.
+
+    A KeyboardInterrupt, so every ``finally`` that runs on Ctrl-C (stop the Ray actors, keep
+    the manifest's last atomic write) runs on SIGTERM too.
+    """
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def user_errors(fn):
-    """Turn the library's user errors into one line on stderr and exit code 2."""
+    """Turn the library's user errors into one line on stderr and exit code 2.
+
+    Ctrl-C and SIGTERM stop the command cleanly with one line and exit 130 / 143.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
         from models.errors import TsdfmError
 
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
         try:
             return fn(*args, **kwargs)
         except TsdfmError as e:
             raise fail(str(e)) from None
+        except Terminated:
+            typer.echo("terminated (SIGTERM); rerun the same command to resume", err=True)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; rerun the same command to resume", err=True)
             raise typer.Exit(130) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper
 

@@ -10,6 +10,7 @@ shard's bytes were committed by rename.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -79,35 +80,84 @@ class ShardActor:
         return self.builder.build(index)
 
 
+def import_ray():
+    """``ray``, or a ConfigError saying how to install it (only ``build`` needs Ray)."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError(
+            f"building needs Ray, which is not installed here ({e}); install it with "
+            "`pip install 'ray>=2.40'` (distill, sample and eval do not need it)"
+        ) from None
+    return ray
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start a fresh local one.
 
     Without an address a new local cluster always starts: ``ray.init()`` alone would attach to
     whatever cluster this machine ran last (``/tmp/ray/ray_current_cluster``), and wait for
     minutes when that one is gone. ``--address auto`` asks for exactly that behaviour.
+
+    A local cluster listens on the loopback interface only (127.0.0.1): its ports run code as
+    the user for anyone who can reach them. ``ray.init`` installs a SIGTERM handler of its own
+    (``sys.exit`` from wherever the driver is); the caller's handler is put back.
     """
     import os
+    import signal
+    import threading
 
-    import ray
-
+    ray = import_ray()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address not in ("auto", "local"):
         _probe(address)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address:
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
         else:
-            ray.init(
-                address="local", num_cpus=num_cpus, log_to_driver=False, include_dashboard=False
-            )
+            with _loopback_only():
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    log_to_driver=False,
+                    include_dashboard=False,
+                    _node_ip_address=LOOPBACK,
+                )
     except (ConnectionError, ValueError, RuntimeError) as e:
         where = address or "a local cluster"
         raise BuildError(
             f"could not connect to Ray at {where} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "check --address (host:port of a running head node) or omit it to start locally"
         ) from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Keep Ray from swapping 127.0.0.1 for the machine's routable address.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is rewritten to the address other hosts
+    reach (``services.resolve_ip_for_localhost``), unless Ray believes clusters are disabled
+    (its macOS/Windows default). For the duration of starting a local, single-machine cluster
+    that is what we want: every Ray process then binds to loopback.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:
@@ -134,6 +184,8 @@ def plan_workers(device: str, num_workers: int | None) -> tuple[str, int, dict]:
     """
     import ray
 
+    if num_workers is not None and num_workers < 1:
+        raise ConfigError(f"--num-workers {num_workers} must be at least 1")
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
@@ -218,7 +270,9 @@ def execute(
                     )
             else:
                 stalled = 0.0
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready: list = []
+            while not ready:  # a timeout, so SIGINT / SIGTERM handlers get to run meanwhile
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             ref = ready[0]
             index, actor = in_flight.pop(ref)
             if index is None:  # a probe of a restarting actor

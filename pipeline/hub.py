@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable
@@ -37,8 +38,8 @@ from typing import Any
 
 from models.errors import TsdfmError
 from pipeline.card import CARD_FILE
-from pipeline.manifest import MANIFEST_FILE, Manifest
-from pipeline.shards import DATA_DIR, shard_name
+from pipeline.manifest import MANIFEST_FILE, Manifest, without_timings
+from pipeline.shards import DATA_DIR, canonical_json, shard_name
 
 REPO_TYPE = "dataset"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -220,14 +221,32 @@ class Hub:
         extra = f" [{detail}]" if detail else ""
         return HubError(self.scrub(f"{what}: HTTP {status}: {hint}{extra}"), status)
 
-    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` with retries: 429/5xx/412/network retried, 4xx fatal."""
+    def call(
+        self,
+        what: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        settled: Callable[[], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``fn(*args, **kwargs)`` with retries: 429/5xx/412/network retried, 4xx fatal.
+
+        ``settled`` makes a call that is not idempotent (open a PR, merge it) safe to retry: a
+        failed attempt may still have taken effect on the Hub (the answer was lost), so before
+        every retry ``settled()`` looks at the Hub's state, and its result, when not None, is
+        returned instead of calling ``fn`` again.
+        """
         from huggingface_hub.errors import HfHubHTTPError
 
         attempt = 0
         while True:
             attempt += 1
             try:
+                if attempt > 1 and settled is not None:
+                    done = settled()
+                    if done is not None:
+                        self.log(f"{what}: it took effect before the error; not repeating it")
+                        return done
                 return fn(*args, **kwargs)
             except Exception as e:
                 response = _response(e)
@@ -274,6 +293,23 @@ class Hub:
             ),
         )
         return {e.path: e for e in entries if hasattr(e, "size")}
+
+    def read(self, path: str, revision: str) -> bytes:
+        """The bytes of ``path`` at ``revision`` (a small file, e.g. manifest.json)."""
+        import tempfile
+
+        def fetch() -> bytes:
+            with tempfile.TemporaryDirectory(prefix="tsdfm-hub-") as tmp:
+                local = self.api.hf_hub_download(
+                    self.repo_id, path, revision=revision, repo_type=REPO_TYPE, cache_dir=tmp
+                )
+                return Path(local).read_bytes()
+
+        return self.call(f"reading {path} at {revision}", fetch)
+
+    def holds(self, files: list[LocalFile], revision: str) -> bool:
+        """``revision`` holds exactly this content (see :func:`same_content`)."""
+        return same_content(files, self.tree(revision), lambda p: self.read(p, revision))
 
     def refs(self):
         return self.call(
@@ -348,16 +384,48 @@ def content_files(root: Path, manifest: Manifest) -> list[LocalFile]:
     return [LocalFile.from_path(p, root / p) for p in paths]
 
 
+def _digest(f: LocalFile) -> str:
+    """What identifies a content file: its sha256, for manifest.json that of its content."""
+    if f.path != MANIFEST_FILE:
+        return f.sha256
+    data = f.data if f.data is not None else f.source.read_bytes()
+    return manifest_content_digest(data)
+
+
+def manifest_content_digest(data: bytes) -> str:
+    """sha256 of a manifest's content: the JSON without its timing counters.
+
+    Rebuilding a dataset gives the same shards and the same manifest except the seconds each
+    shard took (``*_seconds`` counters); those must not make the same data a new version.
+    """
+    try:
+        d = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(canonical_json(without_timings(d), "manifest.json")).hexdigest()
+
+
 def content_id(files: list[LocalFile]) -> str:
-    """sha256 over the sorted (path, sha256) of the content files."""
-    blob = "".join(f"{f.path} {f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
+    """sha256 over the sorted (path, content digest) of the content files."""
+    blob = "".join(f"{f.path} {_digest(f)}\n" for f in sorted(files, key=lambda f: f.path))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def same_content(files: list[LocalFile], remote: dict[str, Any]) -> bool:
-    """The remote tree holds exactly these content files (other paths outside data/ ignored)."""
-    if not all(f.matches(remote.get(f.path)) for f in files):
-        return False
+def same_content(
+    files: list[LocalFile], remote: dict[str, Any], fetch: Callable[[str], bytes] | None = None
+) -> bool:
+    """The remote tree holds exactly these content files (other paths outside data/ ignored).
+
+    A remote ``manifest.json`` with other bytes still counts as the same when it differs only
+    in timing counters; ``fetch(path)`` reads it (without ``fetch`` bytes must match).
+    """
+    for f in files:
+        if f.matches(remote.get(f.path)):
+            continue
+        if f.path != MANIFEST_FILE or fetch is None or remote.get(f.path) is None:
+            return False
+        if manifest_content_digest(fetch(f.path)) != _digest(f):
+            return False
     wanted = {f.path for f in files}
     return not [p for p in remote if p.startswith(f"{DATA_DIR}/") and p not in wanted]
 
@@ -477,7 +545,7 @@ def publish(
     tags = {t.name: t.target_commit for t in refs.tags}
     versions = sorted((parse_version(n), n) for n in tags if parse_version(n) is not None)
     for _, name in reversed(versions):
-        if same_content(files, hub.tree(tags[name])):
+        if hub.holds(files, tags[name]):
             if version is not None and name != f"v{version}":
                 say(f"note: this content is already published as {name}; not tagging v{version}")
             say(f"{repo_id}: this content is already published as {name}; nothing to do")
@@ -498,13 +566,18 @@ def publish(
     main_head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
     uploaded: list[str] = []
     pr_num: int | None = None
-    if main_head is not None and same_content(files, hub.tree(main_head)):
+    if main_head is not None and hub.holds(files, main_head):
         say(f"main already holds this content (an earlier run merged it); tagging it {tag}")
         commit = main_head
     else:
         pr_num, uploaded = _upload_via_pr(
             hub, upload, cid, manifest, files_per_commit, bytes_per_commit, say
         )
+
+        def merged() -> bool | None:
+            details = hub.api.get_discussion_details(repo_id, pr_num, repo_type=REPO_TYPE)
+            return True if details.status == "merged" else None
+
         hub.call(
             f"merging pull request #{pr_num}",
             hub.api.merge_pull_request,
@@ -512,11 +585,12 @@ def publish(
             pr_num,
             repo_type=REPO_TYPE,
             comment=f"Upload complete and checked ({len(upload)} files); merged by tsdfm-pipeline.",
+            settled=merged,
         )
         say(f"merged pull request #{pr_num}")
         refs = hub.refs()
         commit = next(b.target_commit for b in refs.branches if b.name == "main")
-        if not same_content(files, hub.tree(commit)):
+        if not hub.holds(files, commit):
             raise HubError(
                 f"main of {repo_id} does not hold the merged content (someone committed at the "
                 "same time?); rerun the same command"
@@ -540,18 +614,15 @@ def _upload_via_pr(
 
     repo_id = hub.repo_id
     marker = f"[tsdfm {cid[:16]}]"
-    open_prs = hub.call(
-        "listing open pull requests",
-        lambda: list(
-            hub.api.get_repo_discussions(
-                repo_id,
-                discussion_type="pull_request",
-                discussion_status="open",
-                repo_type=REPO_TYPE,
-            )
-        ),
-    )
-    pr = next((d for d in open_prs if marker in d.title), None)
+
+    def find_open() -> Any:
+        """The open PR of this content, if there is one."""
+        prs = hub.api.get_repo_discussions(
+            repo_id, discussion_type="pull_request", discussion_status="open", repo_type=REPO_TYPE
+        )
+        return next((d for d in prs if marker in d.title), None)
+
+    pr = hub.call("listing open pull requests", find_open)
     if pr is None:
         short = manifest.fingerprint.removeprefix("sha256:")[:12]
         title = f"Publish tsdfm dataset {short} {marker}"
@@ -568,6 +639,7 @@ def _upload_via_pr(
             title,
             description=description,
             repo_type=REPO_TYPE,
+            settled=find_open,  # a lost answer must not open a second PR
         )
         say(f"opened pull request #{pr.num}")
     else:

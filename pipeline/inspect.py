@@ -16,9 +16,9 @@ def _tokenizer(config: dict):
     path = teacher / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
+    from models.checkpoint import read_tokenizer
 
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer(path)
 
 
 def _render(ids, tokenizer, mask_id: int | None, width: int = 24) -> str:
@@ -55,11 +55,18 @@ def inspect_dataset(root: str, example: int = 0) -> str:
         + (f" selection_temperature={nav['temperature']}" if nav["selection"] == "softmax" else "")
         + f" teacher_temperature={nav.get('teacher_temperature', 1.0)}",
     ]
-    shard = (
-        committed[0]
-        if example // m.rows_per_shard not in committed
-        else (example // m.rows_per_shard)
-    )
+    total = m.num_shards * m.rows_per_shard
+    if not 0 <= example < total:
+        raise DataError(
+            f"--example {example} is not a trajectory of {root}: its ids run from 0 to {total - 1}"
+        )
+    shard = example // m.rows_per_shard
+    if shard not in committed:
+        raise DataError(
+            f"--example {example} lies in shard {shard}, which is not committed yet (committed: "
+            f"{committed[:8]}{' …' if len(committed) > 8 else ''}); resume the build or pick "
+            f"a trajectory of a committed shard"
+        )
     table, meta = read_shard(root, shard_name(shard, m.num_shards))
     lines += [
         f"teacher: {meta.get('teacher_identity')}",
@@ -88,7 +95,12 @@ def inspect_dataset(root: str, example: int = 0) -> str:
     lines.append("schema:")
     lines += [f"  {f.name}: {f.type}" for f in table.schema]
     batch = from_arrow(table, num_candidates=nav["candidates"])
-    rows = [i for i, t in enumerate(batch.trajectory_id.tolist()) if t == example] or [0]
+    rows = [i for i, t in enumerate(batch.trajectory_id.tolist()) if t == example]
+    if not rows:
+        raise DataError(
+            f"shard {shard} of {root} does not hold trajectory {example}; run "
+            f"`tsdfm-pipeline verify {root}`"
+        )
     r = rows[0]
     tokenizer = _tokenizer(meta.get("config", {}))
     mask_id = _mask_id(batch.states)

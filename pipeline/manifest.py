@@ -46,6 +46,7 @@ from pipeline.shards import (
 )
 
 MANIFEST_FILE = "manifest.json"
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()  # key absent
 FORMAT = "tsdfm-trajectories"
 _SHARD_KEY = re.compile(r"^[0-9]{5}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -112,8 +113,19 @@ class Manifest:
         return fs.exists(cls.path_of(root))
 
     @classmethod
-    def create(cls, root: str, plan: dict[str, Any], fingerprint: str) -> Manifest:
-        """Write a fresh manifest with no shards (replacing any manifest at ``root``)."""
+    def create(
+        cls,
+        root: str,
+        plan: dict[str, Any],
+        fingerprint: str,
+        tokenizer_identity: str | Any | None = MISSING,
+    ) -> Manifest:
+        """Write a fresh manifest with no shards (replacing any manifest at ``root``).
+
+        ``tokenizer_identity`` (sha256 of the teacher's tokenizer.json, or None without one)
+        is recorded so a resume can refuse a changed tokenizer; the fingerprint leaves it out
+        to keep the fingerprints of datasets built before it was recorded.
+        """
         plan = _check_plan(plan, f"{root}")
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ConfigError(f"the config fingerprint must be a non-empty str: {fingerprint!r}")
@@ -125,6 +137,8 @@ class Manifest:
             "plan": json.loads(canonical_json(plan, "the plan")),
             "shards": {},
         }
+        if tokenizer_identity is not MISSING:
+            data["tokenizer_identity"] = tokenizer_identity
         manifest = cls(root, data)
         manifest._write()
         return manifest
@@ -168,6 +182,9 @@ class Manifest:
             plan = _check_plan(data["plan"], path)
         except ConfigError as e:
             raise bad(str(e).partition(": ")[2]) from None
+        tok = data.get("tokenizer_identity")
+        if tok is not None and not isinstance(tok, str):
+            raise bad("'tokenizer_identity' is not a string or null")
         shards = data.get("shards")
         if not isinstance(shards, dict):
             raise bad("'shards' is missing or not an object")
@@ -194,6 +211,11 @@ class Manifest:
     @property
     def fingerprint(self) -> str:
         return self._data["fingerprint"]
+
+    @property
+    def tokenizer_identity(self) -> str | Any | None:
+        """The recorded tokenizer identity; MISSING in manifests written before it was kept."""
+        return self._data.get("tokenizer_identity", MISSING)
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -312,7 +334,37 @@ class Manifest:
     def _write(self) -> None:
         self._data["totals"] = self.totals()
         text = json.dumps(self._data, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        atomic_write(self._fs, self.path_of(self.root), lambda f: f.write(text.encode()))
+        try:
+            atomic_write(self._fs, self.path_of(self.root), lambda f: f.write(text.encode()))
+        except OSError as e:  # e.g. ENOSPC: the old manifest.json is left as it was
+            raise DataError(
+                f"could not write {MANIFEST_FILE} in {self.root} ({e.strerror or e}); free the "
+                "space (or fix the permissions) and rerun the same command: the shards "
+                "committed so far are kept"
+            ) from None
+
+
+TIMING_SUFFIX = "_seconds"
+
+
+def without_timings(data: Any) -> Any:
+    """A manifest's JSON without its timing counters (``*_seconds``), for content identity.
+
+    Everything else a rebuild writes (plan, fingerprint, shard sizes and sha256, the other
+    counters, the statistics) is a function of the config; timings are not.
+    """
+    if not isinstance(data, dict):
+        return data
+    out = json.loads(json.dumps(data))
+    blocks = [e.get("counters") for e in (out.get("shards") or {}).values() if isinstance(e, dict)]
+    blocks.append(
+        (out.get("totals") or {}).get("counters") if isinstance(out.get("totals"), dict) else None
+    )
+    for counters in blocks:
+        if isinstance(counters, dict):
+            for name in [k for k in counters if k.endswith(TIMING_SUFFIX)]:
+                del counters[name]
+    return out
 
 
 def plan_status(

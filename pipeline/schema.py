@@ -35,6 +35,21 @@ from models.errors import DataError
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"tsdfm"
+# the keys of a shard's tsdfm metadata (DESIGN §5); verify refuses any other
+METADATA_KEYS = frozenset(
+    {
+        "schema_version",
+        "package_version",
+        "config",
+        "fingerprint",
+        "teacher_identity",
+        "compass_identity",
+        "tokenizer_identity",
+        "shard",
+        "num_shards",
+        "shard_seed",
+    }
+)
 
 _INT32_MAX = np.iinfo(np.int32).max
 _INT16_MAX = np.iinfo(np.int16).max

@@ -50,6 +50,7 @@ COMPRESSION_LEVEL = 3
 ROW_GROUP_TARGET_BYTES = 32 * 2**20  # uncompressed estimate; compressed groups are smaller
 MAX_ROW_GROUP_ROWS = 65_536
 _CHUNK = 2**20
+MAX_METADATA_BYTES = 256 * 2**10  # a shard's tsdfm metadata is ~2 KB
 _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]+$")
 
 
@@ -89,7 +90,17 @@ def shard_name(i: int, n: int) -> str:
 
 def open_root(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path without protocol) of a dataset root given as a path or fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(str(root))
+    try:
+        fs, path = fsspec.core.url_to_fs(str(root))
+    except ImportError as e:  # fsspec names the package: "Install s3fs to access S3"
+        raise ShardError(
+            f"{root}: this URL's filesystem is not installed ({e}); pip install it, or use a "
+            "local folder"
+        ) from None
+    except ValueError as e:  # "Protocol not known: foo"
+        raise ShardError(
+            f"{root}: {e}; use a local folder or an fsspec URL (s3://, gs://, az://, ...)"
+        ) from None
     return fs, path.rstrip("/") or "/"
 
 
@@ -291,10 +302,9 @@ def read_shard(root: str, name: str) -> tuple[pa.Table, dict[str, Any]]:
             f"{path} has no '{METADATA_KEY.decode()}' metadata: it was not written by "
             "tsdfm-pipeline"
         )
-    try:
-        meta = json.loads(kv[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: '{METADATA_KEY.decode()}' metadata is not JSON ({e})") from None
+    meta, problem = parse_metadata(kv[METADATA_KEY])
+    if problem is not None:
+        raise ShardError(f"{path}: '{METADATA_KEY.decode()}' metadata {problem}; rebuild it")
     version = meta.get("schema_version") if isinstance(meta, dict) else None
     if version != SCHEMA_VERSION:
         raise ShardError(
@@ -302,6 +312,31 @@ def read_shard(root: str, name: str) -> tuple[pa.Table, dict[str, Any]]:
             f"v{SCHEMA_VERSION}: install the version that wrote it"
         )
     return table.replace_schema_metadata(None), meta
+
+
+def parse_metadata(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the ``tsdfm`` metadata object, None) or (None, what is wrong with it).
+
+    Bounded before it is parsed: a shard's metadata is a few kilobytes (config, identities,
+    indices), so anything over :data:`MAX_METADATA_BYTES`, nesting too deep for the parser, or
+    not a JSON object is refused, never half-read.
+    """
+    if len(raw) > MAX_METADATA_BYTES:
+        return None, f"is {len(raw):,} bytes, over the {MAX_METADATA_BYTES:,}-byte bound"
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"is not JSON ({str(e).splitlines()[0]})"
+    except RecursionError:
+        return None, "nests too deeply to be a tsdfm record"
+    if not isinstance(meta, dict):
+        return None, f"is a JSON {type(meta).__name__}, not an object"
+    return meta, None
+
+
+def is_temp(name: str) -> bool:
+    """True for the name of a writer's temp file (``.train-….parquet.tmp-<hex>``)."""
+    return _TEMP.match(name) is not None
 
 
 def cleanup_temp(root: str) -> list[str]:

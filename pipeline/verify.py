@@ -40,10 +40,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.errors import ConfigError, DataError, TsdfmError
-from pipeline.card import CARD_FILE, DATA_FILES, features_yaml, read_card, read_footer
-from pipeline.manifest import FORMAT, MANIFEST_FILE, Manifest
-from pipeline.schema import SCHEMA_VERSION, trajectory_schema
-from pipeline.shards import DATA_DIR, file_sha256, open_root, shard_name
+from pipeline.card import (
+    CARD_FILE,
+    DATA_FILES,
+    ShardFooter,
+    features_yaml,
+    read_card,
+    read_footer,
+)
+from pipeline.manifest import FORMAT, MANIFEST_FILE, MISSING, Manifest
+from pipeline.schema import METADATA_KEYS, SCHEMA_VERSION, trajectory_schema
+from pipeline.shards import DATA_DIR, file_sha256, is_temp, open_root, shard_name
 
 MAX_ROW_GROUP_BYTES = 100 * 2**20
 _SHOW = 5  # rows named per broken invariant
@@ -254,6 +261,13 @@ def verify_folder(
         _check_manifest(manifest, plan, report)
     expected = [shard_name(i, plan.num_shards) for i in range(plan.num_shards)]
     for name in sorted(set(names) - set(expected)):
+        if is_temp(name.rpartition("/")[2]):
+            report.add(
+                name,
+                "temp file of a shard writer that died (killed or out of disk) before it "
+                "finished: rerun the same build command (it removes leftovers) or delete it",
+            )
+            continue
         report.add(
             name,
             "unexpected file in data/: it does not belong to the plan of "
@@ -416,6 +430,14 @@ def _check_fingerprint(
     except (TsdfmError, TypeError) as e:
         report.add(MANIFEST_FILE, f"the recorded config is not a valid build config ({e})")
         return
+    tokenizer = identities.get("tokenizer_identity", set())
+    recorded = manifest.tokenizer_identity
+    if recorded is not MISSING and len(tokenizer) == 1 and recorded not in tokenizer:
+        report.add(
+            MANIFEST_FILE,
+            f"tokenizer_identity {recorded} is not the tokenizer the shards record "
+            f"({next(iter(tokenizer))}): the manifest was edited or the shards mixed; rebuild",
+        )
     fp = cfg.fingerprint(next(iter(teacher)), next(iter(compass)))
     if fp != manifest.fingerprint:
         report.add(
@@ -548,7 +570,7 @@ def _check_shard(
     except DataError as e:
         report.add(name, str(e).replace(f"{path} ", "", 1))
         return
-    _check_metadata(i, name, footer.metadata, plan, report, identities)
+    _check_metadata(i, name, footer, plan, report, identities)
     if footer.schema != trajectory_schema():
         report.add(name, "schema differs from the trajectory schema: " + _schema_diff(footer))
         return
@@ -589,14 +611,22 @@ def _schema_diff(footer) -> str:
 def _check_metadata(
     i: int,
     name: str,
-    meta: dict[str, Any] | None,
+    footer: ShardFooter,
     plan: _Plan,
     report: VerifyReport,
     identities: dict[str, set],
 ) -> None:
+    meta = footer.metadata
     if meta is None:
-        report.add(name, "no tsdfm key-value metadata (not written by tsdfm-pipeline)")
+        report.add(name, f"its tsdfm key-value metadata {footer.metadata_problem}; rebuild it")
         return
+    unknown = sorted(set(meta) - METADATA_KEYS)
+    if unknown:
+        report.add(
+            name,
+            f"tsdfm metadata carries unknown key(s) {unknown[:5]}: not written by this "
+            "tsdfm-pipeline (or altered); rebuild the shard",
+        )
     expected: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "shard": i,

@@ -20,7 +20,7 @@ from models.checkpoint import Checkpoint, load_checkpoint
 from models.eval.metrics import unigram_entropy
 from pipeline.config import BuildConfig
 from pipeline.navigator import navigate
-from pipeline.schema import SCHEMA_VERSION, TrajectoryBatch
+from pipeline.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
 from pipeline.shards import ShardInfo, write_shard
 
 
@@ -108,7 +108,7 @@ class ShardBuilder:
             self.scorer = self.compass  # the exact scorer
 
     def metadata(self, index: int) -> dict:
-        return {
+        meta = {
             "schema_version": SCHEMA_VERSION,
             "package_version": __version__,
             "config": self.cfg.to_dict(),
@@ -117,6 +117,8 @@ class ShardBuilder:
             "num_shards": self.cfg.shards,
             "shard_seed": self.cfg.trajectory_seed(index * self.cfg.trajectories_per_shard),
         }
+        assert set(meta) == METADATA_KEYS, sorted(set(meta) ^ METADATA_KEYS)
+        return meta
 
     @torch.no_grad()
     def build(self, index: int) -> ShardResult:

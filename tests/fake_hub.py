@@ -71,6 +71,7 @@ class Failure:
     times: int
     headers: dict[str, str]
     after: int = 0
+    performed: bool = False
 
 
 class FakeHub:
@@ -96,10 +97,13 @@ class FakeHub:
         times: int = 1,
         headers: dict[str, str] | None = None,
         after: int = 0,
+        performed: bool = False,
     ) -> None:
         """Let ``after`` requests matching (method, path regex) through, then answer the next
-        ``times`` ones with ``status`` (and ``headers``)."""
-        rule = Failure(method, re.compile(pattern), status, times, headers or {}, after)
+        ``times`` ones with ``status`` (and ``headers``). With ``performed`` those requests take
+        effect first and only their answer is lost (a gateway timeout after the server acted).
+        """
+        rule = Failure(method, re.compile(pattern), status, times, headers or {}, after, performed)
         self.failures.append(rule)
 
     def calls(self, method: str, pattern: str) -> list[tuple[str, str, int]]:
@@ -208,9 +212,14 @@ class FakeHub:
                     f.after -= 1
                     continue
                 f.times -= 1
+                if f.performed:
+                    self._serve(request, raw, path)
                 return httpx2.Response(
                     f.status, json={"error": f"injected {f.status}"}, headers=f.headers
                 )
+        return self._serve(request, raw, path)
+
+    def _serve(self, request: httpx2.Request, raw: str, path: str) -> httpx2.Response:
         if not raw.startswith("/lfs-upload/"):  # presigned storage URLs carry no token
             auth = request.headers.get("authorization", "")
             if auth.removeprefix("Bearer ") not in self.tokens:

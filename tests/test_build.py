@@ -237,3 +237,175 @@ def test_compass_of_another_teacher_is_refused(tmp_path, saved_tiny_teacher, sav
     with pytest.raises(CheckpointError, match="not from teacher"):
         run_build(_cfg(saved_tiny_teacher, compass=str(other), navigator=nav), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def _nothing_written(root) -> bool:
+    return not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_workers": -1}, "--num-workers -1 must be at least 1"),
+        ({"num_workers": 0}, "--num-workers 0 must be at least 1"),
+        ({"max_retries": -1}, "--max-retries -1 must be 0 or more"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+    ],
+)
+def test_bad_execution_arguments_are_refused_before_anything_is_written(
+    tmp_path, saved_tiny_teacher, kwargs, message
+):
+    root = tmp_path / "ds"
+    with pytest.raises(ConfigError, match=message):
+        run_build(_cfg(saved_tiny_teacher), str(root), **{"device": "cpu", **kwargs})
+    assert _nothing_written(root)
+
+
+def test_a_build_that_cannot_reach_ray_or_its_gpus_leaves_the_folder_unlocked(
+    tmp_path, saved_tiny_teacher, monkeypatch
+):
+    """Before: manifest.json was written first and then locked the folder to that config."""
+    import ray
+
+    import pipeline.build as build
+    from pipeline.executor import BuildError
+
+    root = tmp_path / "ds"
+
+    def unreachable(address, num_cpus=None):
+        raise BuildError(f"no Ray head node reachable at {address}")
+
+    with monkeypatch.context() as m:
+        m.setattr(build, "connect", unreachable)
+        with pytest.raises(BuildError, match=r"no Ray head node reachable at 10\.0\.0\.9:6397"):
+            run_build(_cfg(saved_tiny_teacher), str(root), address="10.0.0.9:6397")
+    assert _nothing_written(root)
+    with monkeypatch.context() as m:
+        m.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # a cluster without GPUs
+        with pytest.raises(ConfigError, match="--device cuda but the Ray cluster has no GPUs"):
+            run_build(_cfg(saved_tiny_teacher), str(root), device="cuda")
+    assert _nothing_written(root)
+    # the folder is free: the same folder builds with another config
+    res = run_build(_cfg(saved_tiny_teacher, shards=1), str(root), device="cpu", num_workers=1)
+    assert res.built == [0]
+
+
+def test_a_second_driver_on_the_same_out_is_refused(tmp_path, saved_tiny_teacher):
+    from pipeline.lock import BuildLock, LockedError
+
+    root = tmp_path / "ds"
+    with BuildLock(str(root)), pytest.raises(LockedError, match="another build is writing to"):
+        run_build(_cfg(saved_tiny_teacher), str(root), device="cpu", num_workers=1)
+    assert _nothing_written(root)
+
+
+def test_temp_files_of_dead_writers_are_removed_and_the_build_verifies(
+    tmp_path, saved_tiny_teacher
+):
+    """A worker killed while writing leaves ``.train-….tmp-…``; the finished build must not."""
+    from pipeline.verify import verify
+
+    root = tmp_path / "ds"
+    leftover = root / "data" / ".train-00001-of-00002.parquet.tmp-0123456789abcdef"
+
+    def worker_died_while_writing(p):
+        leftover.write_bytes(b"PAR1 half a shard")
+
+    lines = []
+    run_build(
+        _cfg(saved_tiny_teacher, shards=2),
+        str(root),
+        device="cpu",
+        num_workers=1,
+        progress=worker_died_while_writing,
+        say=lines.append,
+    )
+    assert not leftover.exists() and not (root / ".tsdfm-build.lock").exists()
+    assert lines == ["removed 1 temp file(s) left by worker(s) that died"]
+    assert verify(str(root)).ok
+    leftover.write_bytes(b"PAR1 half a shard")  # e.g. copied in from an older folder
+    report = verify(str(root))
+    assert not report.ok and [p.where for p in report.problems] == [
+        "data/.train-00001-of-00002.parquet.tmp-0123456789abcdef"
+    ]
+    assert "temp file of a shard writer that died" in str(report.problems[0])
+    assert "rerun the same build command" in str(report.problems[0])
+
+
+def test_deleted_manifest_and_changed_tokenizer(tmp_path, saved_tiny_teacher):
+    import json
+    import shutil
+
+    teacher = shutil.copytree(saved_tiny_teacher, tmp_path / "teacher")
+    cfg = _cfg(teacher, shards=2)
+    root = tmp_path / "ds"
+    run_build(cfg, str(root), device="cpu", num_workers=1)
+    good = _checksums(root)
+    # manifest.json deleted: the same command rebuilds the shards in place, same bytes
+    (root / "manifest.json").unlink()
+    lines = []
+    res = run_build(cfg, str(root), device="cpu", num_workers=1, say=lines.append)
+    assert res.built == [0, 1] and _checksums(root) == good
+    assert "manifest.json is missing: rebuilding every shard in place" in lines[0]
+    # ... while another config is refused with the way forward
+    (root / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match=r"holds the shards of another dataset.*--overwrite"):
+        run_build(_cfg(teacher, shards=2, seed=2), str(root), device="cpu")
+    run_build(cfg, str(root), device="cpu", num_workers=1)
+    # the tokenizer changed since: a resume would mix two tokenizers in one dataset
+    tok = teacher / "tokenizer.json"
+    tok.write_text(json.dumps(json.loads(tok.read_text()), indent=1))
+    with pytest.raises(ConfigError, match=r"built with tokenizer sha256:\w+, the teacher's") as e:
+        run_build(cfg, str(root), device="cpu")
+    assert "resuming would mix two tokenizers" in str(e.value)
+    # a manifest from before the tokenizer was recorded: the shards' metadata tells
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["tokenizer_identity"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="resuming would mix two tokenizers"):
+        run_build(cfg, str(root), device="cpu")
+
+
+def test_a_local_cluster_binds_to_loopback_and_keeps_the_sigterm_handler(monkeypatch):
+    """What `connect` asks of ray.init for a local cluster (without starting a second one)."""
+    import signal
+
+    import ray
+    from ray._private import ray_constants
+
+    from pipeline import executor
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        # read by services.resolve_ip_for_localhost while Ray starts the cluster
+        seen["cluster_mode"] = ray_constants.ENABLE_RAY_CLUSTER
+        signal.signal(signal.SIGTERM, lambda *a: None)  # ray.init installs its own handler
+
+    def mine(signum, frame):
+        pass
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        executor.connect(None)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert seen["address"] == "local" and seen["_node_ip_address"] == "127.0.0.1"
+    # with clusters "disabled" Ray keeps 127.0.0.1 instead of the routable address
+    assert seen["cluster_mode"] is False
+    assert ray_constants.ENABLE_RAY_CLUSTER is True  # restored after the start
+
+
+def test_building_without_ray_installed_is_one_line(tmp_path, saved_tiny_teacher, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    root = tmp_path / "ds"
+    with pytest.raises(ConfigError, match=r"building needs Ray, which is not installed here"):
+        run_build(_cfg(saved_tiny_teacher), str(root), device="cpu")
+    assert _nothing_written(root)

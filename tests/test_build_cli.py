@@ -54,6 +54,11 @@ def test_build_then_inspect(tmp_path, saved_tiny_teacher):
     assert "trajectory 5 (seed 5)" in text
     assert text.count("t=") == 5  # S+1 states shown step by step
     assert "energy: not shaped" in text
+    # an id outside the dataset is refused (before: trajectory 0 was shown instead)
+    shown = runner.invoke(app, ["inspect", str(out), "--example", "999"])
+    assert shown.exit_code == 2
+    assert "error: --example 999 is not a trajectory of" in shown.output
+    assert "ids run from 0 to 7" in shown.output
 
 
 def test_tempered_blind_build_is_a_new_dataset_that_replays_byte_exactly(
@@ -116,6 +121,10 @@ def _closed_port() -> int:
         (["--precision", "fp8"], "precision 'fp8'"),
         (["--selection-temperature", "0"], "temperature=0.0 must be positive"),
         (["--teacher-temperature", "0"], "teacher_temperature=0.0 must be a finite number > 0"),
+        (["--num-workers", "-1"], "--num-workers -1 must be at least 1"),
+        (["--max-retries", "-1"], "--max-retries -1 must be 0 or more"),
+        (["--out", "memory://ds"], "a memory:// filesystem lives in one process"),
+        (["--out", "nosuch://bucket/ds"], "Protocol not known: nosuch"),
         (
             ["--temperature", "0.5"],
             "use --selection-temperature for the softmax selection or --teacher-temperature "

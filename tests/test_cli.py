@@ -142,3 +142,100 @@ def test_console_script_is_installed_and_eval_does_not_import_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def _broken_checkpoints(tmp_path, tiny_teacher, tiny_language):
+    """Checkpoints whose config.json or tokenizer.json is the wrong kind of file."""
+    from models.checkpoint import save_checkpoint
+
+    good = tmp_path / "good"
+    save_checkpoint(good, tiny_teacher, tiny_language.tokenizer())
+    cfg = json.loads((good / "config.json").read_text())
+    out = {}
+    for name, change in [
+        ("config-list", lambda d: d.write_text("[1, 2]")),
+        ("tokens-list", lambda d: d.write_text(json.dumps({**cfg, "special_tokens": [12]}))),
+        ("tokenizer-not-json", None),
+    ]:
+        d = tmp_path / name
+        save_checkpoint(d, tiny_teacher, tiny_language.tokenizer())
+        if change is None:
+            (d / "tokenizer.json").write_text("{this is not json")
+        else:
+            change(d / "config.json")
+        out[name] = d
+    return out
+
+
+def test_broken_checkpoint_files_are_one_line_in_every_command(
+    tmp_path, tiny_teacher, tiny_language
+):
+    """Before: AttributeError / TypeError / a bare tokenizers Exception as a traceback."""
+    from models.errors import CheckpointError
+    from pipeline.inspect import _tokenizer
+
+    expected = {
+        "config-list": "holds a JSON list, not an object",
+        "tokens-list": "special_tokens is a JSON list, not an object",
+        "tokenizer-not-json": "tokenizer.json is not a readable tokenizer file",
+    }
+    for name, d in _broken_checkpoints(tmp_path, tiny_teacher, tiny_language).items():
+        for args in (
+            ["build", "--teacher", str(d), "--k", "1", "--out", str(tmp_path / "ds")],
+            ["compass", "train", "--teacher", str(d), "--out", str(tmp_path / "run")],
+            ["sample", "--model", str(d)],
+            ["eval", "--model", str(d)],
+        ):
+            res = _run(*args)
+            assert res.exit_code == 2, (name, args, res.output)
+            assert expected[name] in _error_line(res), (name, args, res.output)
+            assert "Traceback" not in res.output
+        if name == "tokenizer-not-json":  # inspect reads the teacher's tokenizer directly
+            with pytest.raises(CheckpointError, match=expected[name]):
+                _tokenizer({"teacher": str(d)})
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import models.checkpoint as checkpoint
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    monkeypatch.setattr(checkpoint, "_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    res = _run("sample", "--model", "runs/teacher")
+    assert res.exit_code == 2
+    assert "checkpoint runs/teacher not found: no such folder" in _error_line(res)
+
+
+def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch):
+    """SIGTERM (what Kubernetes sends) ends in one line and exit 143, not a native abort."""
+    import os
+    import signal
+    import time
+
+    import typer
+
+    from pipeline.cli import user_errors
+
+    mini = typer.Typer()
+    ran_finally = []
+
+    @mini.command()
+    @user_errors
+    def work() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+            raise AssertionError("SIGTERM was not handled")
+        finally:
+            ran_finally.append(True)  # cleanup (stopping the Ray actors) still runs
+
+    before = signal.getsignal(signal.SIGTERM)
+    res = runner.invoke(mini, [])
+    assert res.exit_code == 143, res.output
+    assert _error_line(res) == "terminated (SIGTERM); rerun the same command to resume"
+    assert ran_finally == [True]
+    assert signal.getsignal(signal.SIGTERM) == before  # put back after the command

@@ -165,16 +165,24 @@ def test_record_shard_checks_its_input(tmp_path):
 
 
 def test_failed_manifest_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """Disk full (ENOSPC) while the manifest is rewritten: one line, the old file intact."""
+    import errno
+
     m = build(tmp_path, shards=(0,))
     before = (tmp_path / MANIFEST_FILE).read_bytes()
     info = write_shard(str(tmp_path), 1, 4, [batch(1)], {})
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "replace", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError) as e:
         m.record_shard(info)
+    assert str(e.value) == (
+        f"could not write manifest.json in {tmp_path} (No space left on device); free the "
+        "space (or fix the permissions) and rerun the same command: the shards committed so "
+        "far are kept"
+    )
     assert (tmp_path / MANIFEST_FILE).read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["data", MANIFEST_FILE]
 

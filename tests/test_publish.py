@@ -309,3 +309,36 @@ def test_build_push_to_hub_publishes_the_build(hub, tmp_path, saved_tiny_teacher
     assert files["manifest.json"] == (out / "manifest.json").read_bytes()
     assert "data/train-00001-of-00002.parquet" in files
     assert TOKEN not in res.output
+
+
+def test_rebuilding_identical_data_is_not_a_new_version(hub, shaped):
+    """A rebuild gives the same shards; only the timing counters of manifest.json differ."""
+    from pipeline.manifest import Manifest
+    from pipeline.shards import ShardInfo
+
+    first = publish(shaped, REPO)
+    m = Manifest.load(str(shaped))
+    for i in m.committed():
+        e = m.shard(i)
+        info = ShardInfo(i, e["path"], e["rows"], e["bytes"], e["sha256"])
+        timings = {k: v + 1.25 for k, v in e["counters"].items() if k.endswith("_seconds")}
+        assert timings, "the built dataset records timing counters"
+        m.record_shard(info, {**e["counters"], **timings}, e["stats"])
+    assert (shaped / "manifest.json").read_bytes() != hub.files(REPO, "v1")["manifest.json"]
+    again = publish(shaped, REPO)
+    assert again.already_published and again.version == first.version == "v1"
+    assert set(hub.repos[REPO].tags) == {"v1"} and list(hub.repos[REPO].prs) == [1]
+
+
+def test_a_lost_answer_is_not_repeated_for_open_pr_and_merge(hub, shaped):
+    """The Hub acted but the answer was lost (5xx): no second PR, and a done merge is done."""
+    sleeps = Sleeps()
+    hub.fail("POST", r"/discussions$", 500, performed=True)
+    hub.fail("POST", r"/discussions/1/merge$", 502, performed=True)
+    lines = []
+    result = publish(shaped, REPO, sleep=sleeps, log=lines.append)
+    assert result.version == "v1" and result.pull_request == 1
+    assert list(hub.repos[REPO].prs) == [1] and hub.repos[REPO].prs[1]["status"] == "merged"
+    assert len(hub.calls("POST", r"/discussions$")) == 1
+    assert len(hub.calls("POST", r"/merge$")) == 1
+    assert sum("took effect before the error; not repeating it" in line for line in lines) == 2

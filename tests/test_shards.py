@@ -340,3 +340,35 @@ def test_datasets_reads_a_shard_with_the_contract_features(tmp_path):
     assert ds[2]["states"] == batch.states[2].tolist()
     assert ds[2]["energies"][0] == [] and ds[2]["energies"][1] == batch.energies[2, 1].tolist()
     assert ds[1]["text"] is None and ds[0]["text"] == "trajectory 0"
+
+
+def test_urls_without_a_filesystem_are_one_line(monkeypatch):
+    with pytest.raises(ShardError, match=r"nosuch://b/ds: Protocol not known: nosuch; use a local"):
+        shards.open_root("nosuch://b/ds")
+
+    def missing_backend(url, **kwargs):
+        raise ImportError("Install s3fs to access S3")  # what fsspec says without s3fs
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing_backend)
+    with pytest.raises(ShardError, match=r"not installed \(Install s3fs to access S3\)"):
+        shards.open_root("s3://bucket/ds")
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+        (b"{not json", "is not JSON"),
+        (b'"a string"', "is a JSON str, not an object"),
+        (b'{"x": "' + b"j" * 300_000 + b'"}', "over the 262,144-byte bound"),
+    ],
+)
+def test_unusable_metadata_is_named_not_parsed_blindly(tmp_path, raw, problem):
+    """Before: a RecursionError traceback, or "no tsdfm metadata" for metadata that was there."""
+    meta, why = shards.parse_metadata(raw)
+    assert meta is None and problem in why
+    table = pa.Table.from_batches([to_arrow(make_batch(shard=0))])
+    (tmp_path / "data").mkdir()
+    pq.write_table(table.replace_schema_metadata({"tsdfm": raw}), tmp_path / shard_name(0, 1))
+    with pytest.raises(ShardError, match=re.escape(problem)):
+        read_shard(str(tmp_path), shard_name(0, 1))

@@ -245,3 +245,27 @@ def test_parse_target(tmp_path):
     assert parse_target(str(tmp_path)) is None
     assert parse_target("./local/dir") is None
     assert parse_target("s3://bucket/ds") is None
+
+
+def _with_metadata(root, name, raw: bytes) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(root / name)
+    pq.write_table(table.replace_schema_metadata({"tsdfm": raw}), root / name)
+
+
+def test_metadata_is_bounded_strict_and_its_problem_named(shaped):
+    """Before: unknown keys (a 50 MB junk string) passed, deep nesting was a RecursionError
+    traceback, and metadata that was not JSON was reported as absent."""
+    _, meta = read_shard(str(shaped), SHARD[0])
+    _with_metadata(shaped, SHARD[0], json.dumps({**meta, "junk": "x"}).encode())
+    _with_metadata(shaped, SHARD[1], b"[" * 100_000 + b"]" * 100_000)
+    _with_metadata(shaped, SHARD[2], json.dumps({**meta, "junk": "j" * 300_000}).encode())
+    report = verify(str(shaped))
+    text = _text(report)
+    assert "tsdfm metadata carries unknown key(s) ['junk']" in text
+    assert "tsdfm key-value metadata nests too deeply to be a tsdfm record" in text
+    assert "over the 262,144-byte bound" in text
+    _with_metadata(shaped, SHARD[1], b"{not json")
+    text = _text(verify(str(shaped)))
+    assert "tsdfm key-value metadata is not JSON" in text and "no tsdfm" not in text
