@@ -144,6 +144,19 @@ def _response(exc: BaseException):
     return None
 
 
+OFFLINE = (
+    "HF_HUB_OFFLINE is set, so huggingface_hub makes no requests; publishing needs the Hub: "
+    "unset HF_HUB_OFFLINE (or set it to 0) and rerun"
+)
+
+
+def _is_offline(exc: BaseException) -> bool:
+    """huggingface_hub refused to make a request (HF_HUB_OFFLINE): not a network outage."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return any(isinstance(e, OfflineModeIsEnabled) for e in _chain(exc))
+
+
 def _is_network_error(exc: BaseException) -> bool:
     import httpx2  # huggingface_hub 2.x's HTTP client
 
@@ -249,6 +262,8 @@ class Hub:
                         return done
                 return fn(*args, **kwargs)
             except Exception as e:
+                if _is_offline(e):
+                    raise HubError(self.scrub(f"{what}: {OFFLINE}")) from None
                 response = _response(e)
                 status = response.status_code if response is not None else None
                 transient = status is not None and (status in (412, 429) or status >= 500)
@@ -520,6 +535,10 @@ def publish(
             "one locally first)"
         )
     secret = resolve_token(token, repo_id)
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # its ConnectionError would be retried as an outage
+        raise HubError(f"cannot publish to {repo_id}: {OFFLINE}")
 
     report = verify_folder(str(root))
     if not report.ok:

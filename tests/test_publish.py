@@ -342,3 +342,22 @@ def test_a_lost_answer_is_not_repeated_for_open_pr_and_merge(hub, shaped):
     assert len(hub.calls("POST", r"/discussions$")) == 1
     assert len(hub.calls("POST", r"/merge$")) == 1
     assert sum("took effect before the error; not repeating it" in line for line in lines) == 2
+
+
+def test_offline_mode_is_refused_at_once_not_retried_as_an_outage(hub, shaped, monkeypatch):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from pipeline.hub import Hub
+
+    sleeps = Sleeps()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set, so huggingface_hub makes no"):
+        publish(shaped, REPO, sleep=sleeps)
+    assert sleeps == [] and hub.log == []
+
+    def offline():
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled")
+
+    with pytest.raises(HubError, match="listing: HF_HUB_OFFLINE is set"):
+        Hub(REPO, TOKEN, sleep=sleeps).call("listing", offline)
+    assert sleeps == []  # before: retried for a minute as a network outage
