@@ -126,20 +126,28 @@ def test_output_holding_other_files_is_refused(tmp_path, saved_tiny_teacher):
         run_build(_cfg(saved_tiny_teacher), str(tmp_path / "x"), device="cuda", num_workers=3)
 
 
+def _fault_cfg(teacher) -> BuildConfig:
+    """6 shards slow enough (N = 128) for a fault to land between two of them."""
+    nav = NavigatorConfig(student_steps=4, teacher_steps=128, candidates=1)
+    return _cfg(teacher, shards=6, trajectories_per_shard=8, navigator=nav)
+
+
+@pytest.fixture(scope="module")
+def fault_reference(tmp_path_factory, saved_tiny_teacher):
+    """The uninterrupted build of :func:`_fault_cfg`, shared by the fault-injection tests."""
+    root = tmp_path_factory.mktemp("fault") / "reference"
+    run_build(_fault_cfg(saved_tiny_teacher), str(root), num_workers=2, device="cpu")
+    return root
+
+
 @pytest.mark.slow
-def test_killed_worker_loses_only_its_shard(tmp_path, saved_tiny_teacher):
+def test_killed_worker_loses_only_its_shard(tmp_path, saved_tiny_teacher, fault_reference):
     """SIGKILL a worker process mid-build: the build completes, every trajectory once, and the
     shards equal an uninterrupted build's."""
     import psutil
 
-    cfg = _cfg(
-        saved_tiny_teacher,
-        shards=6,
-        trajectories_per_shard=8,
-        navigator=NavigatorConfig(student_steps=4, teacher_steps=128, candidates=1),
-    )
-    reference = tmp_path / "reference"
-    run_build(cfg, str(reference), num_workers=2, device="cpu")
+    cfg = _fault_cfg(saved_tiny_teacher)
+    reference = fault_reference
     root = tmp_path / "killed"
     killed = []
     events = []
@@ -179,6 +187,11 @@ def test_killed_worker_loses_only_its_shard(tmp_path, saved_tiny_teacher):
     assert res.execution.retries >= 1 and any("worker died" in e for e in events)
     assert sorted(_all_ids(root, 6)) == list(range(48))
     assert _checksums(root) == _checksums(reference)
+    # nothing left that looks complete but is not: no temp file of the killed writer
+    from pipeline.verify import verify
+
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]
+    assert verify(str(root)).ok
 
 
 @pytest.mark.slow
@@ -409,3 +422,48 @@ def test_building_without_ray_installed_is_one_line(tmp_path, saved_tiny_teacher
     with pytest.raises(ConfigError, match=r"building needs Ray, which is not installed here"):
         run_build(_cfg(saved_tiny_teacher), str(root), device="cpu")
     assert _nothing_written(root)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_cli_build_cleanly_and_a_rerun_finishes_it(
+    tmp_path, saved_tiny_teacher, fault_reference
+):
+    """Fault injection: SIGTERM (what Kubernetes sends) to a real `tsdfm-pipeline build`
+    after its first shard; then the same build resumes to the bytes of an uninterrupted one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = _fault_cfg(saved_tiny_teacher)
+    reference = fault_reference
+    root = tmp_path / "ds"
+    cli = Path(sys.executable).with_name("tsdfm-pipeline")
+    argv = [str(cli), "build", "--teacher", str(saved_tiny_teacher), "--out", str(root)]
+    argv += ["--shards", "6", "--trajectories-per-shard", "8", "--batch-size", "4", "-S", "4"]
+    argv += ["-N", "128", "--k", "1", "--seed", "1", "--device", "cpu", "--num-workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (root / "manifest.json").exists() and Manifest.load(str(root)).committed():
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert proc.returncode == 143, err
+    assert lines[-1] == "terminated (SIGTERM); rerun the same command to resume"
+    assert "Traceback" not in err
+    committed = Manifest.load(str(root)).committed()
+    assert 1 <= len(committed) < 6
+    assert not (root / ".tsdfm-build.lock").exists()  # released: the rerun needs no clean-up
+    res = run_build(cfg, str(root), num_workers=1, device="cpu")
+    assert res.skipped == committed and len(res.built) == 6 - len(committed)
+    assert _checksums(root) == _checksums(reference)
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]
