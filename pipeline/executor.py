@@ -150,8 +150,14 @@ def _loopback_only():
     (its macOS/Windows default). For the duration of starting a local, single-machine cluster
     that is what we want: every Ray process then binds to loopback.
     """
-    from ray._private import ray_constants
-
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # a Ray without the internal: it binds as it decides
+        yield
+        return
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
     before = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
