@@ -40,6 +40,7 @@ from models.checkpoint import bundled_path, load_checkpoint
 from models.data.synthetic import ExactDenoiser
 from models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
 from models.eval.metrics import ExactEvaluator
+from models.rng import trajectory_seed
 from models.solver import sample
 from models.train.teacher import load_language
 
@@ -66,7 +67,7 @@ def run(samples: int, seeds: int, steps: int, batch: int) -> dict:
             xs, t0 = [], time.perf_counter()
             for lo in range(0, samples, batch):
                 ids = torch.arange(lo, min(samples, lo + batch), dtype=torch.long)
-                seed_ids = ids + (EVAL_SEED_BASE + s) * 2**32
+                seed_ids = trajectory_seed(EVAL_SEED_BASE + s, ids)
                 res = sample(model, path, seed_ids, mc.seq_len, steps, None, T, order)
                 xs.append(res.x_1)
             arm = describe_samples(

@@ -92,7 +92,11 @@ def render() -> str:
         summary = _paragraphs(cmd.help)[0] if cmd.help else ""
         lines.append(f"| [`{title}`](#{_slug(title)}) | {_escape(summary)} |")
     lines.append("")
-    lines += ["Every command takes `--help`. User errors print one line and exit with code 2.", ""]
+    lines += [
+        "Every command takes `--help` (or `-h`); `tsdfm-pipeline --version` prints the version. "
+        "User errors print one line and exit with code 2.",
+        "",
+    ]
     for cmd, ctx in commands[1:]:
         lines += [f"## {ctx.command_path}", ""]
         for paragraph in _paragraphs(cmd.help):

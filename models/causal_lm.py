@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from models.checkpoint import PICKLE_SUFFIXES, identity
 from models.errors import CheckpointError, ConfigError
+from models.hashing import file_sha256, sha256_json
 
 DOCUMENT_TOKEN = "<|endoftext|>"
 PROJECT_LM_FILE = "tsdfm_lm.json"  # written beside an LM trained by `tsdfm-pipeline lm train`
@@ -104,12 +105,16 @@ def lm_identity(lm: Any, tokenizer: Any) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+def gguf_identity(path: Path) -> str:
+    """Identity of a GGUF weights file: ``sha256:`` and the hex sha256 of its bytes."""
+    return "sha256:" + file_sha256(path)
+
+
+def scorer_identity(lm_identity: str, teacher_identity: str) -> str:
+    """Identity of the causal-LM scorer (``models.compass.CausalLMScorer``): the sha256 of
+    {"scorer": "causal-lm", "lm": LM identity, "teacher": teacher identity}."""
+    parts = {"scorer": "causal-lm", "lm": lm_identity, "teacher": teacher_identity}
+    return sha256_json(parts, "the scorer identity", ConfigError)
 
 
 def check_lm_directory(directory: Path, gguf_file: str | None = None) -> None:
@@ -189,7 +194,7 @@ def load_causal_lm(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"could not load the causal LM in {directory} ({first})") from None
     model.to(device).eval()
-    gguf_sha = None if gguf_file is None else file_sha256(directory / gguf_file)
+    gguf_sha = None if gguf_file is None else gguf_identity(directory / gguf_file)
     ident = gguf_sha or lm_identity(model, tokenizer)
     source = str(directory) + (f"::{gguf_file}" if gguf_file else "")
     start, end = document_tokens(tokenizer)

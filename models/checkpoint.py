@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,13 +25,14 @@ from safetensors.torch import load_file, save_file
 
 from models.errors import CheckpointError, TsdfmError
 from models.flow_model import FlowModel, ModelConfig
+from models.hashing import canonical_json
 from models.paths import confined
+from models.refs import parse_hub_ref
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.md"]
 
 # role → constructor(config) of the nn.Module that holds the weights.
@@ -44,14 +44,10 @@ def register_role(role: str, cls: Any) -> None:
     _ROLE_CLASSES[role] = cls
 
 
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
 def identity(config: dict, state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 of config + weights, as ``sha256:<hex>``."""
     h = hashlib.sha256()
-    h.update(canonical_json(config))
+    h.update(canonical_json(config, "the checkpoint config", CheckpointError))
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().contiguous().cpu()
         h.update(name.encode())
@@ -158,16 +154,16 @@ def resolve(spec: str | Path) -> Path:
                 "and model.safetensors"
             )
         return path
-    if _REPO_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):
-        owner = Path(spec_str.partition("@")[0]).parent
+    ref = parse_hub_ref(spec_str)
+    if ref is not None:
+        owner = Path(ref.repo_id).parent
         if owner.is_dir():  # "runs/teacher" where runs/ exists: a path, not org/name
             raise CheckpointError(
                 f"checkpoint {spec_str} not found: no such folder (the folder {owner} exists "
                 f"here but holds no {path.name}, so this is read as a path, not a Hub id); "
                 "check the path"
             )
-        repo_id, _, revision = spec_str.partition("@")
-        return _download(repo_id, revision or None)
+        return _download(ref.repo_id, ref.revision)
     raise CheckpointError(
         f"checkpoint {spec_str} not found: give an existing directory or a Hub repo id "
         "like org/name[@revision]"

@@ -17,7 +17,6 @@ teacher's denoised guess of each state with a local causal language model.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -31,17 +30,18 @@ from models.causal_lm import (
     check_lm_directory,
     document_tokens,
     load_causal_lm,
+    scorer_identity,
     sequence_nll,
 )
 from models.causal_lm import lm_identity as causal_lm_identity
 from models.checkpoint import (
     Checkpoint,
-    canonical_json,
     load_checkpoint,
     register_role,
 )
 from models.errors import CheckpointError, ConfigError
 from models.flow_model import FlowModel, ModelConfig, PrecisionMixin
+from models.hashing import sha256_json
 from models.path import MixturePath
 
 
@@ -303,8 +303,9 @@ class ExactScorer:
         self.mode = mode
         self.uses_proposal = mode == "ratio"
         self.name = "exact" if mode == "likelihood" else "exact-ratio"
-        digest = hashlib.sha256(canonical_json(language.to_dict())).hexdigest()
-        self.identity = f"{self.name}:sha256:{digest}"
+        self.identity = f"{self.name}:" + sha256_json(
+            language.to_dict(), "the language", ConfigError
+        )
 
     @staticmethod
     def for_teacher(spec: str, teacher: Checkpoint) -> ExactScorer:
@@ -382,8 +383,7 @@ class CausalLMScorer:
         self.start_id = int(start)
         self.max_len = getattr(lm.config, "max_position_embeddings", None)
         self.lm_identity = lm_identity or causal_lm_identity(lm, lm_tokenizer)
-        parts = {"scorer": "causal-lm", "lm": self.lm_identity, "teacher": teacher_identity}
-        self.identity = "sha256:" + hashlib.sha256(canonical_json(parts)).hexdigest()
+        self.identity = scorer_identity(self.lm_identity, teacher_identity)
         self.name = name
 
     @staticmethod

@@ -49,6 +49,22 @@ def _mix(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
     return hash32(key ^ hash32(torch.as_tensor(value, device=key.device) + 0x9E3779B9))
 
 
+SEED_STRIDE = 2**32  # trajectories per seed: seed s owns the seeds [s · 2^32, (s + 1) · 2^32)
+
+
+def trajectory_seed(seed: int, i: int | torch.Tensor) -> int | torch.Tensor:
+    """The seed of trajectory (or sample) ``i`` under the run seed ``seed``: seed · 2^32 + i.
+
+    Used by every producer of trajectories (dataset build, verify's replay, evaluation
+    samples, compass negatives), so that the same (seed, i) means the same randomness.
+
+    Args:
+        seed: run seed, 0 ≤ seed < 2^30 (so that the result stays below 2^63).
+        i: trajectory index, 0 ≤ i < 2^32: an int, or an int64 tensor / array of them.
+    """
+    return seed * SEED_STRIDE + i
+
+
 class CounterRNG:
     """Per-row counter-based uniforms for a batch of trajectories.
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from models.devices import check_device
 from models.errors import ConfigError, DataError, TsdfmError
 from pipeline.card import write_card
 from pipeline.config import BuildConfig
@@ -22,8 +23,6 @@ from pipeline.lock import LOCK_FILE, BuildLock
 from pipeline.manifest import MANIFEST_FILE, MISSING, Manifest, plan_status
 from pipeline.shards import DATA_DIR, cleanup_temp, open_root
 from pipeline.worker import load_models, provenance
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -58,8 +57,11 @@ BOOKKEEPING = (MANIFEST_FILE, DATA_DIR, "README.md", LOCK_FILE)
 
 def check_arguments(root: str, device: str, num_workers: int | None, max_retries: int) -> None:
     """Refuse bad execution arguments before anything is loaded or written."""
-    if device not in DEVICES:
-        raise ConfigError(f"unknown device {device!r}; use {', '.join(DEVICES)}")
+    if check_device(device).startswith("cuda:"):
+        raise ConfigError(
+            f"--device {device}: a build runs one worker per GPU; use --device cuda (or auto) "
+            "and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if num_workers is not None and (
         not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1
     ):

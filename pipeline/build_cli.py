@@ -68,7 +68,9 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         ] = None,
         seed: int = 0,
         precision: Annotated[str, typer.Option(help="fp32 or bf16 (CUDA)")] = "fp32",
-        device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+        device: Annotated[
+            str, typer.Option(help="auto, cpu or cuda (one worker per GPU)")
+        ] = "auto",
         num_workers: Annotated[
             int | None, typer.Option(help="Actors; default: one per GPU, else one per CPU.")
         ] = None,

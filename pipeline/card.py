@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from models.errors import DataError
+from models.refs import parse_hub_ref
 from pipeline.manifest import Manifest
 from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
 from pipeline.shards import atomic_write, open_root, parse_metadata, shard_name
@@ -342,12 +343,9 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
-
-
 def _is_hub_id(spec: Any) -> bool:
     """A Hub id (org/name[@rev]) rather than a local path."""
-    return isinstance(spec, str) and bool(_HUB_ID.fullmatch(spec)) and not Path(spec).exists()
+    return isinstance(spec, str) and parse_hub_ref(spec) is not None and not Path(spec).exists()
 
 
 def _teacher_temperature(nav: dict[str, Any]) -> float:

@@ -14,28 +14,51 @@ from typing import Annotated
 
 import typer
 
+from models.devices import resolve_device
 from pipeline.build_cli import register as register_build_commands
+from pipeline.cli_style import typer_app
 from pipeline.hub_cli import register as register_hub_commands
 from pipeline.lm_cli import register as register_lm_commands
 from pipeline.train_cli import ORDER_HELP
 from pipeline.train_cli import register as register_train_commands
 
-app = typer.Typer(
-    name="tsdfm-pipeline",
-    help="Trajectory-shaped discrete flow matching: shaped teacher trajectories in, "
+app = typer_app(
+    "Trajectory-shaped discrete flow matching: shaped teacher trajectories in, "
     "few-step students out.",
-    no_args_is_help=True,
+    name="tsdfm-pipeline",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-teacher_app = typer.Typer(help="Teacher models.", no_args_is_help=True)
-data_app = typer.Typer(help="Data sources (synthetic language, corpora).", no_args_is_help=True)
-compass_app = typer.Typer(
-    help="Energy compass: train by generation-aware NCE, evaluate.", no_args_is_help=True
-)
+teacher_app = typer_app("Teacher models.")
+data_app = typer_app("Data sources (synthetic language, corpora).")
+compass_app = typer_app("Energy compass: train by generation-aware NCE, evaluate.")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(compass_app, name="compass")
 app.add_typer(data_app, name="data")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from models import __version__
+
+        typer.echo(f"tsdfm-pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Top-level options (the app's help text is the one given to typer_app above)."""
+
 
 EXIT_USER_ERROR = 2
 
@@ -168,7 +191,7 @@ def eval_cmd(
         int, typer.Option(help="Sequences per evaluator LM forward pass.")
     ] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the samples.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 or bf16 (CUDA only)")] = "fp32",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
@@ -202,7 +225,7 @@ def eval_cmd(
         match_entropy=tuple(match_entropy or ()),
         order=order,
     )
-    _check_device(device)
+    device = resolve_device(device)
     ckpt = load_checkpoint(model or _default_teacher(), device, role=("teacher", "student"))
     ckpt.model.set_precision(precision)
     scorer = evaluator_for(evaluator, ckpt, device, score_batch_size)
@@ -233,19 +256,6 @@ def eval_cmd(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    from models.errors import ConfigError
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {device!r} requested but no CUDA GPU is visible; use --device cpu"
-        )
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
 
 
 @teacher_app.command("train")
@@ -348,7 +358,7 @@ def compass_train(
     out: Annotated[Path, typer.Option(help="Run directory; rerun to resume.")],
     teacher: Annotated[
         str | None,
-        typer.Option(help="Teacher checkpoint dir or org/name@rev; default: the bundled one."),
+        typer.Option(help="Teacher checkpoint dir or org/name[@rev]; default: the bundled one."),
     ] = None,
     corpus: Annotated[
         Path | None,
@@ -393,7 +403,7 @@ def compass_train(
     checkpoint_every: int = 250,
     eval_every: int = 250,
     seed: int = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "cpu",
 ) -> None:
     """Train an energy compass on the teacher's own states (resumable: rerun the command)."""
     from models.checkpoint import load_checkpoint
@@ -421,7 +431,7 @@ def compass_train(
         eval_every=eval_every,
         seed=seed,
     )
-    _check_device(device)
+    device = resolve_device(device)
     with _progress() as bar:
         task = bar.add_task("training compass", total=steps, info="")
 
@@ -446,11 +456,11 @@ def compass_train(
 def compass_eval(
     compass: Annotated[
         str | None,
-        typer.Option(help="Compass checkpoint dir or org/name@rev; default: the bundled one."),
+        typer.Option(help="Compass checkpoint dir or org/name[@rev]; default: the bundled one."),
     ] = None,
     teacher: Annotated[
         str | None,
-        typer.Option(help="Teacher checkpoint dir or org/name@rev; default: the bundled one."),
+        typer.Option(help="Teacher checkpoint dir or org/name[@rev]; default: the bundled one."),
     ] = None,
     samples: Annotated[int, typer.Option(help="Trajectories per seed.")] = 512,
     seeds: Annotated[int, typer.Option(help="Number of seeds.")] = 3,
@@ -463,7 +473,7 @@ def compass_eval(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Trajectories per batched rollout.")] = 256,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "cpu",
     allow_teacher_mismatch: Annotated[
         bool,
         typer.Option(help="Warn instead of refusing a compass trained on another teacher."),
@@ -496,7 +506,7 @@ def compass_eval(
         batch_size=batch_size,
         seed=seed,
     )
-    _check_device(device)
+    device = resolve_device(device)
     compass_ckpt = load_checkpoint(compass or str(bundled_path("compass")), device, "compass")
     teacher_ckpt = load_checkpoint(teacher or _default_teacher(), device, "teacher")
     with _progress() as bar:
@@ -595,7 +605,7 @@ def demo(
 register_build_commands(app, user_errors, _progress, _default_teacher)
 register_hub_commands(app, user_errors)  # publish, verify
 register_train_commands(app, user_errors, _progress, _default_teacher)  # distill, sample
-register_lm_commands(app, user_errors, _progress, _check_device)  # lm train
+register_lm_commands(app, user_errors, _progress, resolve_device)  # lm train
 
 
 def main() -> None:

@@ -13,11 +13,11 @@ fingerprint, and a build at the default reproduces it exactly.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field, fields
 
 from models.errors import ConfigError
+from models.hashing import sha256_json
+from models.rng import trajectory_seed
 from pipeline.navigator import NavigatorConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -77,7 +77,7 @@ class BuildConfig:
         return self.shards * self.trajectories_per_shard
 
     def trajectory_seed(self, trajectory_id: int) -> int:
-        return self.seed * 2**32 + trajectory_id
+        return trajectory_seed(self.seed, trajectory_id)
 
     def to_dict(self) -> dict:
         """The config as recorded in the manifest and every shard (see the module docstring)."""
@@ -104,7 +104,5 @@ class BuildConfig:
         return d
 
     def fingerprint(self, teacher_identity: str, compass_identity: str | None) -> str:
-        blob = json.dumps(
-            self.content(teacher_identity, compass_identity), sort_keys=True, separators=(",", ":")
-        )
-        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+        content = self.content(teacher_identity, compass_identity)
+        return sha256_json(content, "the build config", ConfigError)

@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import TsdfmError
+from models.hashing import canonical_json
+from models.refs import is_repo_id
 from pipeline.card import CARD_FILE
 from pipeline.manifest import MANIFEST_FILE, Manifest, without_timings
-from pipeline.shards import DATA_DIR, canonical_json, shard_name
+from pipeline.shards import DATA_DIR, shard_name
 
 REPO_TYPE = "dataset"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 _CHUNK = 2**20
 
@@ -59,16 +60,8 @@ class HubError(TsdfmError):
 
 
 def check_repo_id(repo_id: str) -> str:
-    """``org/name`` with letters, digits, ``-``, ``_``, ``.``; HubError otherwise."""
-    ok = (
-        isinstance(repo_id, str)
-        and _REPO_ID.match(repo_id) is not None
-        and len(repo_id) <= 96
-        and "--" not in repo_id
-        and ".." not in repo_id
-        and not repo_id.endswith((".git", ".", "-"))
-    )
-    if not ok:
+    """``org/name`` as :func:`models.refs.is_repo_id` (huggingface_hub) reads it; else HubError."""
+    if not is_repo_id(repo_id):
         raise HubError(
             f"repo id {repo_id!r} is malformed: use org/name (letters, digits, '-', '_', '.'; "
             "no '--' or '..'; at most 96 characters), e.g. my-org/tsdfm-shaped-k8"

@@ -67,7 +67,9 @@ def register(app: typer.Typer, user_errors) -> None:
             typer.Option("--replay-shard", help="Rebuild this shard and compare (repeatable)."),
         ] = None,
         seed: Annotated[int, typer.Option(help="Seed of the random choice of shards.")] = 0,
-        device: Annotated[str, typer.Option(help="Device of the replay: cpu or cuda.")] = "cpu",
+        device: Annotated[
+            str, typer.Option(help="Device of the replay: auto, cpu, cuda or cuda:N.")
+        ] = "cpu",
         teacher: Annotated[
             str | None, typer.Option(help="Teacher to replay with, if the recorded one moved.")
         ] = None,
@@ -82,11 +84,10 @@ def register(app: typer.Typer, user_errors) -> None:
 
         Exits 1 and lists every problem found when the dataset fails.
         """
-        from models.errors import ConfigError
+        from models.devices import resolve_device
         from pipeline.verify import verify
 
-        if device != "cpu" and not device.startswith("cuda"):
-            raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+        device = resolve_device(device)
         report = verify(
             target,
             replay,

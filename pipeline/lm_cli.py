@@ -10,12 +10,13 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_style import typer_app
+
 
 def register(app: typer.Typer, user_errors, progress_factory, check_device) -> None:
     """Add the ``lm`` command group to ``app``."""
-    lm_app = typer.Typer(
-        help="Causal language models trained here on real text, to evaluate samples with.",
-        no_args_is_help=True,
+    lm_app = typer_app(
+        "Causal language models trained here on real text, to evaluate samples with."
     )
     app.add_typer(lm_app, name="lm")
 
@@ -43,7 +44,7 @@ def register(app: typer.Typer, user_errors, progress_factory, check_device) -> N
         checkpoint_every: int = 250,
         eval_every: int = 250,
         seed: int = 0,
-        device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "cpu",
     ) -> None:
         """Train a small causal LM (Llama architecture) on real text (resumable: rerun).
 
@@ -70,7 +71,7 @@ def register(app: typer.Typer, user_errors, progress_factory, check_device) -> N
             eval_every=eval_every,
             seed=seed,
         )
-        check_device(device)
+        device = check_device(device)
         with progress_factory() as bar:
             task = bar.add_task("training causal LM", total=steps, info="")
 

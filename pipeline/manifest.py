@@ -34,13 +34,12 @@ from typing import Any
 
 from models import __version__
 from models.errors import ConfigError, DataError
+from models.hashing import canonical_json, file_sha256
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.shards import (
     MAX_SHARDS,
     ShardInfo,
     atomic_write,
-    canonical_json,
-    file_sha256,
     open_root,
     shard_name,
 )
@@ -313,7 +312,7 @@ class Manifest:
         try:
             if not self._fs.exists(path) or self._fs.size(path) != entry["bytes"]:
                 return False
-            return file_sha256(self._fs, path) == entry["sha256"]
+            return file_sha256(path, self._fs) == entry["sha256"]
         except FileNotFoundError:
             return False
 

@@ -19,7 +19,6 @@ metadata (never the key ``huggingface``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from models.errors import ShardError
+from models.hashing import canonical_json, file_sha256
 from pipeline.schema import (
     METADATA_KEY,
     SCHEMA_VERSION,
@@ -49,7 +49,6 @@ COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
 ROW_GROUP_TARGET_BYTES = 32 * 2**20  # uncompressed estimate; compressed groups are smaller
 MAX_ROW_GROUP_ROWS = 65_536
-_CHUNK = 2**20
 MAX_METADATA_BYTES = 256 * 2**10  # a shard's tsdfm metadata is ~2 KB
 _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]+$")
 
@@ -106,25 +105,6 @@ def open_root(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def _join(base: str, rel: str) -> str:
     return f"{base.rstrip('/')}/{rel}"
-
-
-def canonical_json(obj: Any, what: str = "shard metadata") -> bytes:
-    """Sorted keys, no whitespace, strict JSON (no NaN): the same object gives the same bytes."""
-    try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as e:
-        raise ShardError(
-            f"{what} is not plain JSON ({e}); use str, finite numbers, lists and dicts"
-        ) from None
-
-
-def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Hex sha256 of a file's bytes, streamed in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _temp_path(final: str) -> str:
@@ -281,7 +261,7 @@ def write_shard(
             writer.add_key_value_metadata({METADATA_KEY.decode(): payload.decode()})
 
     atomic_write(fs, final, write)
-    return ShardInfo(index, name, rows, fs.size(final), file_sha256(fs, final))
+    return ShardInfo(index, name, rows, fs.size(final), file_sha256(final, fs))
 
 
 def read_shard(root: str, name: str) -> tuple[pa.Table, dict[str, Any]]:

@@ -70,7 +70,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         log_every: int = 10,
         seed: int = 0,
         precision: Annotated[str, typer.Option(help="bf16 (autocast on CUDA) or fp32")] = "bf16",
-        device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
         eval_samples: Annotated[
             int,
             typer.Option(help="Samples of the final S-step evaluation (synthetic data; 0: off)."),
@@ -176,21 +176,18 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         ] = None,
         seed: Annotated[int, typer.Option(help="Sample i has seed seed·2^32 + i.")] = 0,
         batch_size: int = 64,
-        device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "cpu",
         precision: Annotated[str, typer.Option(help="fp32 or bf16 (CUDA only)")] = "fp32",
         out: Annotated[
             Path | None, typer.Option(help="Also write the samples as JSON lines here.")
         ] = None,
     ) -> None:
         """Unconditional samples with the step-size-aware sampler, decoded to text."""
-        import torch
-
         from models.checkpoint import load_checkpoint
-        from models.errors import ConfigError
+        from models.devices import resolve_device
         from models.eval.sampling import default_steps, sample_checkpoint
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} requested but no CUDA GPU is visible; use cpu")
+        device = resolve_device(device)
         ckpt = load_checkpoint(model or default_teacher(), device, role=("teacher", "student"))
         ckpt.model.set_precision(precision)
         own = default_steps(ckpt)

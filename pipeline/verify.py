@@ -40,6 +40,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.errors import ConfigError, DataError, TsdfmError
+from models.hashing import file_sha256
+from models.refs import parse_hub_ref
+from models.rng import trajectory_seed
 from pipeline.card import (
     CARD_FILE,
     DATA_FILES,
@@ -50,11 +53,10 @@ from pipeline.card import (
 )
 from pipeline.manifest import FORMAT, MANIFEST_FILE, MISSING, Manifest
 from pipeline.schema import METADATA_KEYS, SCHEMA_VERSION, trajectory_schema
-from pipeline.shards import DATA_DIR, file_sha256, is_temp, open_root, shard_name
+from pipeline.shards import DATA_DIR, is_temp, open_root, shard_name
 
 MAX_ROW_GROUP_BYTES = 100 * 2**20
 _SHOW = 5  # rows named per broken invariant
-_HUB_TARGET = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
 
 
 @dataclass(frozen=True)
@@ -144,10 +146,8 @@ def parse_target(target: str) -> tuple[str, str | None] | None:
     """(repo_id, revision) when ``target`` names a Hub dataset, None for a local path."""
     if Path(target).expanduser().exists() or "://" in target:
         return None
-    m = _HUB_TARGET.match(target)
-    if m is None or target.startswith((".", "/", "~")):
-        return None
-    return m.group(1), m.group(2)
+    ref = parse_hub_ref(target)
+    return None if ref is None else (ref.repo_id, ref.revision)
 
 
 def download(repo_id: str, revision: str | None, token: str | None = None) -> str:
@@ -558,7 +558,7 @@ def _check_shard(
     if entry is not None:
         if size != entry["bytes"]:
             report.add(name, f"{size} bytes, the manifest records {entry['bytes']} (truncated?)")
-        digest = file_sha256(fs, path)
+        digest = file_sha256(path, fs)
         if digest != entry["sha256"]:
             report.add(
                 name,
@@ -639,7 +639,7 @@ def _check_metadata(
         expected["package_version"] = plan.package_version
     seed = plan.config.get("seed")
     if isinstance(seed, int):
-        expected["shard_seed"] = seed * 2**32 + i * plan.rows_per_shard
+        expected["shard_seed"] = trajectory_seed(seed, i * plan.rows_per_shard)
     for key, want in expected.items():
         got = meta.get(key)
         if got != want:
@@ -702,7 +702,9 @@ def _check_rows(
     rows.check(_np(col["shard"]) != i, f"shard = {i}")
     cfg_seed = plan.config.get("seed")
     if isinstance(cfg_seed, int):
-        rows.check(_np(col["seed"]) != cfg_seed * 2**32 + tid, "seed = dataset seed·2^32 + id")
+        rows.check(
+            _np(col["seed"]) != trajectory_seed(cfg_seed, tid), "seed = dataset seed·2^32 + id"
+        )
 
     nav = plan.nav
     S = nav.get("student_steps")

@@ -18,6 +18,7 @@ import torch
 from models import __version__
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.eval.metrics import unigram_entropy
+from models.rng import trajectory_seed
 from pipeline.config import BuildConfig
 from pipeline.navigator import navigate
 from pipeline.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
@@ -134,7 +135,7 @@ class ShardBuilder:
         for lo in range(0, cfg.trajectories_per_shard, cfg.batch_size):
             n = min(cfg.batch_size, cfg.trajectories_per_shard - lo)
             ids = torch.arange(first + lo, first + lo + n, dtype=torch.long)
-            seeds = ids + cfg.seed * 2**32
+            seeds = trajectory_seed(cfg.seed, ids)
             res = navigate(
                 teacher.model,
                 self.scorer,

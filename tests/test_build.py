@@ -263,6 +263,7 @@ def _nothing_written(root) -> bool:
         ({"num_workers": 0}, "--num-workers 0 must be at least 1"),
         ({"max_retries": -1}, "--max-retries -1 must be 0 or more"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"device": "cuda:1"}, "a build runs one worker per GPU; use --device cuda"),
     ],
 )
 def test_bad_execution_arguments_are_refused_before_anything_is_written(

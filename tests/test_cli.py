@@ -239,3 +239,41 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch):
     assert _error_line(res) == "terminated (SIGTERM); rerun the same command to resume"
     assert ran_finally == [True]
     assert signal.getsignal(signal.SIGTERM) == before  # put back after the command
+
+
+WIDE = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+
+
+@pytest.mark.parametrize(
+    ("command", "literal"),
+    [
+        (["build"], "org/name[@rev]"),
+        (["eval"], "org/name[@rev]"),
+        (["verify"], "org/name[@rev]"),
+        (["compass", "train"], "org/name[@rev]"),
+        (["compass", "eval"], "org/name[@rev]"),
+        (["distill"], "org/name[@revision]"),
+    ],
+)
+def test_help_shows_square_brackets_literally(command, literal):
+    res = runner.invoke(app, [*command, "--help"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert literal in res.output
+
+
+def test_version_prints_the_package_version():
+    from models import __version__
+
+    res = _run("--version")
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == f"tsdfm-pipeline {__version__}"
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["compass"], ["build"], ["distill"], ["teacher", "train"], ["lm", "train"]]
+)
+def test_h_is_help_everywhere(command):
+    short = runner.invoke(app, [*command, "-h"], env=WIDE)
+    long = runner.invoke(app, [*command, "--help"], env=WIDE)
+    assert short.exit_code == long.exit_code == 0, short.output
+    assert short.output == long.output and "Usage: tsdfm-pipeline" in short.output

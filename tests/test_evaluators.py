@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.checkpoint import canonical_json, load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data.corpus import (
     _DEMO_SENTENCES,
     EOS_TOKEN_ID,
@@ -30,6 +30,7 @@ from models.eval.evaluate import EvalConfig, describe_samples, evaluate_checkpoi
 from models.eval.evaluators import EvaluatorSpec, evaluator_for, load_evaluator
 from models.eval.metrics import ExactEvaluator, distinct_n, unigram_entropy
 from models.flow_model import FlowModel, teacher_config
+from models.hashing import canonical_json
 from models.train.common import seeded
 from models.train.lm import LMTrainConfig, train_lm
 

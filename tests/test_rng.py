@@ -1,6 +1,6 @@
 import torch
 
-from models.rng import CounterRNG, Stream, categorical, hash32
+from models.rng import CounterRNG, Stream, categorical, hash32, trajectory_seed
 
 
 def test_hash32_matches_reference_uint32_arithmetic():
@@ -57,3 +57,12 @@ def test_categorical_frequencies_and_zero_probability_tokens():
     # u at the very top of [0, 1) still returns a token of positive probability
     top = torch.tensor([1 - 2**-53], dtype=torch.float64)
     assert categorical(p.cumsum(0).unsqueeze(0), top).item() == 3
+
+
+def test_trajectory_seed_is_seed_times_2_32_plus_index_for_ints_and_tensors():
+    assert trajectory_seed(0, 7) == 7
+    assert trajectory_seed(3, 5) == 3 * 4294967296 + 5
+    ids = torch.arange(4, dtype=torch.long)
+    seeds = trajectory_seed(2**30 - 1, ids)
+    assert seeds.dtype == torch.long
+    assert seeds.tolist() == [(2**30 - 1) * 2**32 + i for i in range(4)]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from models.errors import DataError, ShardError
+from models.hashing import file_sha256
 from pipeline import shards
 from pipeline.schema import (
     METADATA_KEY,
@@ -26,7 +27,6 @@ from pipeline.schema import (
 from pipeline.shards import (
     cleanup_temp,
     default_row_group_rows,
-    file_sha256,
     read_shard,
     shard_name,
     write_shard,
@@ -235,7 +235,7 @@ def test_failed_rewrite_keeps_the_committed_shard(tmp_path, monkeypatch):
     assert len(seen) == 2 and seen[1] == "train-00003-of-00008.parquet"
     assert re.fullmatch(r"\.train-00003-of-00008\.parquet\.tmp-[0-9a-f]{16}", seen[0])
     assert os.listdir(tmp_path / "data") == ["train-00003-of-00008.parquet"]
-    assert file_sha256(fsspec.filesystem("file"), str(tmp_path / info.path)) == info.sha256
+    assert file_sha256(str(tmp_path / info.path), fsspec.filesystem("file")) == info.sha256
 
 
 def test_row_groups_are_capped(tmp_path, monkeypatch):
@@ -263,7 +263,7 @@ def test_memory_filesystem_and_cleanup():
         info = write_shard(root, 3, 8, [make_batch()], {"fingerprint": "abc"})
         path = "/tsdfm-test-shards/ds/" + info.path
         assert fs.exists(path) and fs.size(path) == info.bytes
-        assert file_sha256(fs, path) == info.sha256
+        assert file_sha256(path, fs) == info.sha256
         table, meta = read_shard(root, info.path)
         assert from_arrow(table).equals(make_batch()) and meta["fingerprint"] == "abc"
         fs.pipe("/tsdfm-test-shards/ds/data/.train-00004-of-00008.parquet.tmp-0123abcd", b"x")

@@ -21,7 +21,6 @@ Either check that fails raises a ShardError of one line that names the shard and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import ShardError
+from models.hashing import file_sha256
 from models.paths import confined
 
 MANIFEST_FILE = "manifest.json"
-_CHUNK = 1 << 20
 _HASHED: dict[tuple[str, str], tuple[int, int]] = {}  # (path, sha256) → (size, mtime_ns) seen
 
 
@@ -136,13 +135,10 @@ def check_digest(path: Path, digest: ShardDigest, root: Path) -> None:
             f"shard {digest.name} has {st.st_size} bytes, {MANIFEST_FILE} records "
             f"{digest.bytes}: {fix_hint(str(root))}"
         )
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    if h.hexdigest() != digest.sha256:
+    sha256 = file_sha256(path)
+    if sha256 != digest.sha256:
         raise ShardError(
-            f"shard {digest.name} has sha256 {h.hexdigest()[:16]}…, {MANIFEST_FILE} records "
+            f"shard {digest.name} has sha256 {sha256[:16]}…, {MANIFEST_FILE} records "
             f"{digest.sha256[:16]}…: {fix_hint(str(root))}"
         )
     _HASHED[(str(path), digest.sha256)] = seen

@@ -58,11 +58,11 @@ from models.data.integrity import (
 )
 from models.errors import ConfigError, DataError
 from models.paths import confined
+from models.refs import parse_hub_ref
 from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
 
 SPLIT = "train"
 TRAIN_COLUMNS = ("trajectory_id", "times", "states")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_REVISION = re.compile(r"^hf://datasets/[^@]+@([^/]+)/")
 
 
@@ -94,8 +94,9 @@ def parse_dataset_spec(spec: str | Path) -> DatasetRef:
         raise DataError(
             f"{text}: a local folder has no revisions; drop '@{revision}' or pass a Hub id"
         )
-    if _REPO_ID.match(name) and not name.startswith((".", "/", "~")) and (revision or not at):
-        return DatasetRef(name, revision or None, False)
+    ref = parse_hub_ref(text)
+    if ref is not None:
+        return DatasetRef(ref.repo_id, ref.revision, False)
     raise DataError(
         f"dataset {text} not found: give an existing folder or a Hub id like org/name[@revision]"
     )

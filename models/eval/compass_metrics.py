@@ -35,7 +35,7 @@ from models.checkpoint import Checkpoint
 from models.compass import CompassScorer, Scorer, check_compass_for_teacher
 from models.errors import ConfigError
 from models.eval.metrics import unigram_entropy
-from models.rng import CounterRNG
+from models.rng import CounterRNG, trajectory_seed
 from models.solver import DenoiserCache, rollout, uniform_grid
 from models.train.compass import default_data_source, teacher_states
 from models.train.teacher import load_language
@@ -177,7 +177,7 @@ def separation(
     states = []
     for b0 in range(0, n, cfg.batch_size):
         m = min(cfg.batch_size, n - b0)
-        seeds = seed * 2**32 + torch.arange(b0, b0 + m, dtype=torch.long)
+        seeds = trajectory_seed(seed, torch.arange(b0, b0 + m, dtype=torch.long))
         rng = CounterRNG(seeds.to(device))
         record = torch.cat([idx, torch.tensor([N])]).expand(m, T + 1)
         states.append(teacher_states(teacher.model, path, rng, tcfg.seq_len, N, record))
@@ -210,7 +210,7 @@ def selection_gain(
     blind_final = []
     for b0 in range(0, cfg.samples, cfg.batch_size):
         m = min(cfg.batch_size, cfg.samples - b0)
-        seeds = (seed * 2**32 + torch.arange(b0, b0 + m, dtype=torch.long)).to(device)
+        seeds = trajectory_seed(seed, torch.arange(b0, b0 + m, dtype=torch.long)).to(device)
         rng = CounterRNG(seeds)
         x, cache, cur = path.sample_source((m, L), rng), DenoiserCache(), 0
         starts = {}

@@ -40,6 +40,7 @@ from models.eval.metrics import (
 )
 from models.eval.sampling import decode as decode_samples
 from models.eval.sampling import default_order
+from models.rng import trajectory_seed
 from models.solver import Counters, RevealPlan, check_temperature, sample
 
 DISTINCT_ORDERS = (1, 2, 3, 4)
@@ -248,7 +249,7 @@ def evaluate_checkpoint(
         xs, counters, seconds = [], Counters(), 0.0
         for start in range(0, cfg.samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.samples - start)
-            seeds = torch.arange(start, start + n, dtype=torch.long) + cfg.seed * 2**32
+            seeds = trajectory_seed(cfg.seed, torch.arange(start, start + n, dtype=torch.long))
             t0 = time.perf_counter()
             res = sample(model, path, seeds.to(device), mc.seq_len, steps, None, temperature, order)
             seconds += time.perf_counter() - t0

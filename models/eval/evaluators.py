@@ -27,7 +27,6 @@ directly (T counts generator tokens) instead of retokenizing; the report says wh
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -42,11 +41,12 @@ import torch
 from models.causal_lm import (
     PROJECT_LM_FILE,
     CausalLM,
-    file_sha256,
+    gguf_identity,
     load_causal_lm,
+    scorer_identity,
     sequence_nll,
 )
-from models.checkpoint import Checkpoint, canonical_json
+from models.checkpoint import Checkpoint
 from models.errors import CheckpointError, ConfigError
 from models.eval.metrics import Evaluator, ExactEvaluator
 
@@ -342,8 +342,7 @@ def check_independent(lm_identity: str, ckpt: Checkpoint) -> None:
     compass, teacher = prov.get("compass_identity"), prov.get("teacher_identity")
     if not compass or not teacher:
         return
-    parts = {"scorer": "causal-lm", "lm": lm_identity, "teacher": teacher}
-    if compass == "sha256:" + hashlib.sha256(canonical_json(parts)).hexdigest():
+    if compass == scorer_identity(lm_identity, teacher):
         raise ConfigError(
             f"this LM shaped the dataset that {ckpt.spec} was distilled from, so it cannot "
             "evaluate it independently; use another evaluator LM"
@@ -372,7 +371,7 @@ def load_smollm2(device: str | torch.device = "cpu", cache_dir: Path | None = No
     if cache_dir is not None:
         _check_cache_folder(cache_dir)  # before the ~30 s GGUF load
     gguf = find_smollm2()
-    gguf_id = file_sha256(gguf)
+    gguf_id = gguf_identity(gguf)
     if cache_dir is not None and _cache_matches(cache_dir, gguf_id):
         lm = load_causal_lm(cache_dir, device)
     else:

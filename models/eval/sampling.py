@@ -16,6 +16,7 @@ import torch
 
 from models.checkpoint import Checkpoint
 from models.errors import ConfigError
+from models.rng import trajectory_seed
 from models.solver import RevealPlan, check_temperature, sample
 
 TEACHER_DEFAULT_STEPS = 1024
@@ -115,7 +116,7 @@ def sample_checkpoint(
     model = ckpt.model.to(device).eval()
     path = mc.path()
     grid = _grid(ckpt, steps, device)
-    seeds = torch.arange(num_samples, dtype=torch.long) + seed * 2**32
+    seeds = trajectory_seed(seed, torch.arange(num_samples, dtype=torch.long))
     xs, forwards = [], 0
     t0 = time.perf_counter()
     for lo in range(0, num_samples, batch_size):

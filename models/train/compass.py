@@ -57,7 +57,7 @@ from models.compass import CompassModel, check_teacher_identity, compass_config
 from models.errors import CheckpointError, ConfigError, DataError
 from models.flow_model import FlowModel, ModelConfig
 from models.path import MixturePath
-from models.rng import CounterRNG
+from models.rng import CounterRNG, trajectory_seed
 from models.solver import (
     REVEAL_ORDERS,
     Counters,
@@ -276,11 +276,13 @@ class TeacherNegatives:
 
     def bank(self, refresh: int) -> tuple[torch.Tensor, torch.Tensor]:
         M = self.trajectories
-        seeds = self.seed * 2**32 + refresh * M + torch.arange(M, dtype=torch.long)
+        seeds = trajectory_seed(self.seed, refresh * M + torch.arange(M, dtype=torch.long))
         return self._states(seeds, NEGATIVE_LANE, self.seed * 2**20 + refresh)
 
     def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        seeds = self.seed * 2**32 + torch.arange(self.heldout_trajectories, dtype=torch.long)
+        seeds = trajectory_seed(
+            self.seed, torch.arange(self.heldout_trajectories, dtype=torch.long)
+        )
         return self._states(seeds, HELDOUT_LANE, 2**62 + self.seed)
 
     def describe(self) -> dict:

@@ -60,6 +60,7 @@ from models.data.trajectories import (
     open_trajectory_dataset,
     table_arrays,
 )
+from models.devices import check_device, resolve_device
 from models.errors import CheckpointError, ConfigError
 from models.flow_model import FlowModel, student_from_teacher
 from models.losses import segment_loss
@@ -152,8 +153,7 @@ class DistillConfig:
             raise ConfigError("heldout_trajectories and num_workers must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision {self.precision!r}; use 'fp32' or 'bf16'")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
+        check_device(self.device)
         self.loader_config()  # validates the loader's fields
 
     def loader_config(self) -> LoaderConfig:
@@ -285,11 +285,7 @@ def _extra_files(init: Checkpoint) -> dict[str, Path]:
 
 
 def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but no CUDA GPU is visible; use cpu")
-    return torch.device(device)
+    return torch.device(resolve_device(device))
 
 
 # --------------------------------------------------------------------------- the step
