@@ -75,6 +75,7 @@ from models.errors import ConfigError
 from models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
 from models.eval.evaluators import load_evaluator
 from models.eval.metrics import Evaluator
+from models.rng import trajectory_seed
 from models.solver import REVEAL_ORDERS, check_temperature
 
 SCHEMA = "tsdfm-shaping/3"
@@ -788,7 +789,7 @@ class Run:
             xs, seconds, forwards, compass_rows = [], 0.0, 0, 0
             for lo in range(0, p.search_samples, batch):
                 n = min(batch, p.search_samples - lo)
-                seeds = torch.arange(lo, lo + n, dtype=torch.long) + seed * 2**32
+                seeds = trajectory_seed(seed, torch.arange(lo, lo + n, dtype=torch.long))
                 t0 = time.perf_counter()
                 res = navigate(
                     teacher.model, scorer, mc.path(), seeds.to(self.device), mc.seq_len, nav
@@ -1713,7 +1714,7 @@ def write_samples(
         texts = decode(ckpt, x) or [None] * x.shape[0]
         base = info["seed_base"]
         records = [
-            {"i": i, "seed": base * 2**32 + i, "ids": x[i].tolist(), "text": texts[i]}
+            {"i": i, "seed": trajectory_seed(base, i), "ids": x[i].tolist(), "text": texts[i]}
             for i in range(x.shape[0])
         ]
         written = write_jsonl_gz(

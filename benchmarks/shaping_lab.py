@@ -44,6 +44,7 @@ from models.compass import CompassScorer, ExactScorer
 from models.data.trajectories import ExampleBatch
 from models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
 from models.eval.metrics import unigram_entropy
+from models.rng import trajectory_seed
 from models.solver import sample
 from models.train.distill import DistillConfig, StudentStep, build_student
 from models.train.teacher import load_language
@@ -65,7 +66,7 @@ def build(teacher, scorer, cfg: NavigatorConfig, n: int, seed: int, batch: int) 
     mc = teacher.config
     out = []
     for lo in range(0, n, batch):
-        seeds = torch.arange(lo, min(n, lo + batch), dtype=torch.long) + seed * 2**32
+        seeds = trajectory_seed(seed, torch.arange(lo, min(n, lo + batch), dtype=torch.long))
         res = navigate(teacher.model, scorer, mc.path(), seeds, mc.seq_len, cfg)
         out.append(res.states)
     return torch.cat(out)
@@ -100,10 +101,8 @@ def frontier(language, model, path, L, steps, order, temps, samples, batch) -> l
     for T in temps:
         xs = []
         for lo in range(0, samples, batch):
-            ids = torch.arange(lo, min(samples, lo + batch), dtype=torch.long)
-            xs.append(
-                sample(model, path, ids + EVAL_SEED_BASE * 2**32, L, steps, None, T, order).x_1
-            )
+            ids = trajectory_seed(EVAL_SEED_BASE, torch.arange(lo, min(samples, lo + batch)))
+            xs.append(sample(model, path, ids, L, steps, None, T, order).x_1)
         ppl, ent = score(language, torch.cat(xs))
         points.append({"temperature": T, "gen_ppl": ppl, "entropy": ent})
         print(f"    T={T:g}: gen-PPL {ppl:.3f} entropy {ent:.3f}", flush=True)
