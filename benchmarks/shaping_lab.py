@@ -221,7 +221,8 @@ def markdown(r: dict, command: str) -> str:
         lines.append(f"| {name} | {cells} |")
     head = " | ".join(f"vs {f}" for f in r["frontiers"])
     rule = "|---|---|---|" + "---|" * (len(r["frontiers"]) + 2)
-    lines += ["", f"| arm | dataset finals | student T=1 | {head} | ÷ teacher@{c['top_steps']} "
+    top_head = f"teacher@{c['top_steps']}" if c["top_steps"] else "teacher@top"
+    lines += ["", f"| arm | dataset finals | student T=1 | {head} | ÷ {top_head} "
               "T=1 | entropy ÷ real |", rule]  # fmt: skip
     for row in r["arms"]:
         own = _at_one(row["student"])
