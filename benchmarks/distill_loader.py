@@ -47,8 +47,8 @@ from models.train.distill import DistillConfig, StudentStep, build_student
 
 def synthetic_dataset(root: Path, shards: int, rows: int, ckpt, steps: int, seed: int) -> Path:
     """Random mask-path trajectories of ``ckpt``'s shape, written as a real tsdfm dataset."""
+    from models.data.schema import TrajectoryBatch
     from pipeline.manifest import Manifest
-    from pipeline.schema import TrajectoryBatch
     from pipeline.shards import write_shard
 
     mc = ckpt.config

@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
 from models.errors import DataError
 from models.refs import parse_hub_ref
 from pipeline.manifest import Manifest
-from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
 from pipeline.shards import atomic_write, open_root, parse_metadata, shard_name
 
 CARD_FILE = "README.md"

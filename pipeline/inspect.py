@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from models.data.schema import from_arrow
 from models.errors import DataError
 from pipeline.manifest import Manifest
-from pipeline.schema import from_arrow
 from pipeline.shards import read_shard, shard_name
 
 

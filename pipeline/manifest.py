@@ -33,9 +33,9 @@ import threading
 from typing import Any
 
 from models import __version__
+from models.data.schema import SCHEMA_VERSION
 from models.errors import ConfigError, DataError
 from models.hashing import canonical_json, file_sha256
-from pipeline.schema import SCHEMA_VERSION
 from pipeline.shards import (
     MAX_SHARDS,
     ShardInfo,

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from models.data.schema import METADATA_KEYS, SCHEMA_VERSION, trajectory_schema
 from models.errors import ConfigError, DataError, TsdfmError
 from models.hashing import file_sha256
 from models.refs import parse_hub_ref
@@ -52,7 +53,6 @@ from pipeline.card import (
     read_footer,
 )
 from pipeline.manifest import FORMAT, MANIFEST_FILE, MISSING, Manifest
-from pipeline.schema import METADATA_KEYS, SCHEMA_VERSION, trajectory_schema
 from pipeline.shards import DATA_DIR, is_temp, open_root, shard_name
 
 MAX_ROW_GROUP_BYTES = 100 * 2**20

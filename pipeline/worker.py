@@ -17,11 +17,11 @@ import torch
 
 from models import __version__
 from models.checkpoint import Checkpoint, load_checkpoint
+from models.data.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
 from models.eval.metrics import unigram_entropy
 from models.rng import trajectory_seed
 from pipeline.config import BuildConfig
 from pipeline.navigator import navigate
-from pipeline.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
 from pipeline.shards import ShardInfo, write_shard
 
 

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Features, load_dataset
 
+from models.data.schema import trajectory_schema
 from models.errors import DataError
 from pipeline.card import (
     _flatten,
@@ -19,7 +20,6 @@ from pipeline.card import (
     write_card,
 )
 from pipeline.manifest import Manifest
-from pipeline.schema import trajectory_schema
 
 
 def _contract_features() -> Features:

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from models.checkpoint import load_checkpoint
+from models.data.schema import trajectory_schema
 from models.data.trajectories import LoaderConfig, TrajectoryLoader, open_trajectory_dataset
 from models.errors import DataError, ShardError
 from models.train.distill import DistillConfig, train_student
-from pipeline.schema import trajectory_schema
 
 SHARD1 = "data/train-00001-of-00003.parquet"
 SHARD2 = "data/train-00002-of-00003.parquet"

@@ -97,7 +97,7 @@ def test_publish_opens_a_pr_uploads_merges_then_tags(hub, shaped):
 def test_published_version_reads_back_through_the_hub_api(hub, shaped, tmp_path):
     from datasets import Features, load_dataset
 
-    from pipeline.schema import trajectory_schema
+    from models.data.schema import trajectory_schema
 
     publish(shaped, REPO)
     report = verify(f"{REPO}@v1")

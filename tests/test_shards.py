@@ -13,10 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models.errors import DataError, ShardError
-from models.hashing import file_sha256
-from pipeline import shards
-from pipeline.schema import (
+from models.data.schema import (
     METADATA_KEY,
     SCHEMA_VERSION,
     TrajectoryBatch,
@@ -24,6 +21,9 @@ from pipeline.schema import (
     to_arrow,
     trajectory_schema,
 )
+from models.errors import DataError, ShardError
+from models.hashing import file_sha256
+from pipeline import shards
 from pipeline.shards import (
     cleanup_temp,
     default_row_group_rows,

@@ -7,11 +7,11 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from models.data.schema import trajectory_schema
 from models.errors import DataError
 from pipeline.card import write_card
 from pipeline.cli import app
 from pipeline.manifest import Manifest
-from pipeline.schema import trajectory_schema
 from pipeline.shards import read_shard, shard_name, write_shard
 from pipeline.verify import choose_replay, parse_target, verify
 

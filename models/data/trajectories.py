@@ -56,10 +56,10 @@ from models.data.integrity import (
     fix_hint,
     read_manifest_digests,
 )
+from models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
 from models.errors import ConfigError, DataError
 from models.paths import confined
 from models.refs import parse_hub_ref
-from pipeline.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
 
 SPLIT = "train"
 TRAIN_COLUMNS = ("trajectory_id", "times", "states")
