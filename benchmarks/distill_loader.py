@@ -13,13 +13,13 @@ time, examples/s, the time the step spent blocked on ``next(batch)`` (data wait)
 step time, and the loader's overhead (loader step time / memory step time − 1). Target: data
 wait < 5% of step time.
 
-The loader verifies what it reads by default (``models.data.integrity``: the sha256 of every
+The loader verifies what it reads by default (``tsdfm.models.data.integrity``: the sha256 of every
 shard against manifest.json when the dataset is opened, the dataset contract on every row
 read). Its cost is measured apart, with and without verification: seconds to open the dataset,
 and seconds to read one epoch of batches in the trainer's process (no training step).
 
 Without ``--data`` the script writes a dataset of random mask-path trajectories with the
-bundled teacher's shape (V=128, L=64, S=8) through ``pipeline.shards.write_shard``: the real
+bundled teacher's shape (V=128, L=64, S=8) through ``tsdfm.pipeline.shards.write_shard``: the real
 file layout, compression, metadata and manifest.json (the loader's cost does not depend on
 what the tokens say, and they keep the contract the loader checks), and no Ray or teacher
 rollouts. Results go to docs/results/distill_loader.{json,md}
@@ -40,16 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import bundled_path, load_checkpoint
-from models.data.trajectories import LoaderConfig, TrajectoryLoader, open_trajectory_dataset
-from models.train.distill import DistillConfig, StudentStep, build_student
+from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.models.data.trajectories import LoaderConfig, TrajectoryLoader, open_trajectory_dataset
+from tsdfm.models.train.distill import DistillConfig, StudentStep, build_student
 
 
 def synthetic_dataset(root: Path, shards: int, rows: int, ckpt, steps: int, seed: int) -> Path:
     """Random mask-path trajectories of ``ckpt``'s shape, written as a real tsdfm dataset."""
-    from models.data.schema import TrajectoryBatch
-    from pipeline.manifest import Manifest
-    from pipeline.shards import write_shard
+    from tsdfm.models.data.schema import TrajectoryBatch
+    from tsdfm.pipeline.manifest import Manifest
+    from tsdfm.pipeline.shards import write_shard
 
     mc = ckpt.config
     V, L, M = mc.vocab_size, mc.seq_len, mc.mask_token_id
@@ -89,7 +89,7 @@ def verification_cost(data: str, loader_cfg: LoaderConfig, init, repeats: int = 
     """Seconds to open the dataset and to read one epoch of batches (0 workers, no training),
     with verification (the default) and without (``--no-verify``); the least of ``repeats``
     alternating runs of each."""
-    from models.data.integrity import clear_digest_cache
+    from tsdfm.models.data.integrity import clear_digest_cache
 
     mc = init.config
     mask = mc.mask_token_id if mc.source == "mask" else None

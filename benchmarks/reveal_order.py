@@ -1,7 +1,7 @@
 """Where a few-step sampler reveals matters more than anything a dataset can teach it.
 
 On the synthetic language (exact likelihood), two denoisers are sampled in S steps with the
-two reveal orders of ``models.solver.RevealPlan``, each along a temperature frontier
+two reveal orders of ``tsdfm.models.solver.RevealPlan``, each along a temperature frontier
 (logits / T):
 
 - the exact posterior of the language (``ExactDenoiser``): the best any denoiser can be;
@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_io import cpu_device, package_versions, write_results
 
-from models.checkpoint import bundled_path, load_checkpoint
-from models.data.synthetic import ExactDenoiser
-from models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
-from models.eval.metrics import ExactEvaluator
-from models.rng import trajectory_seed
-from models.solver import sample
-from models.train.teacher import load_language
+from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.models.data.synthetic import ExactDenoiser
+from tsdfm.models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
+from tsdfm.models.eval.metrics import ExactEvaluator
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.models.solver import sample
+from tsdfm.models.train.teacher import load_language
 
 EVAL_SEED_BASE = 1000
 TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6)
@@ -54,13 +54,13 @@ def run(samples: int, seeds: int, steps: int, batch: int) -> dict:
     language = load_language(teacher.directory, mc.data)
     evaluator = ExactEvaluator(language)
     path = mc.path()
-    models = {
+    denoisers = {
         "exact posterior": ExactDenoiser(language, mc.mask_token_id),
         "teacher": teacher.model,
     }
     rows = []
     for (name, model), order, T in (
-        (m, o, T) for m in models.items() for o in ("random", "dilated") for T in TEMPERATURES
+        (m, o, T) for m in denoisers.items() for o in ("random", "dilated") for T in TEMPERATURES
     ):
         per_seed = []
         for s in range(seeds):

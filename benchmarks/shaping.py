@@ -70,13 +70,13 @@ import torch
 from results_io import cpu_model, package_versions, write_jsonl_gz, write_results
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import Checkpoint, bundled_path, load_checkpoint
-from models.errors import ConfigError
-from models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
-from models.eval.evaluators import load_evaluator
-from models.eval.metrics import Evaluator
-from models.rng import trajectory_seed
-from models.solver import REVEAL_ORDERS, check_temperature
+from tsdfm.models.checkpoint import Checkpoint, bundled_path, load_checkpoint
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
+from tsdfm.models.eval.evaluators import load_evaluator
+from tsdfm.models.eval.metrics import Evaluator
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.models.solver import REVEAL_ORDERS, check_temperature
 
 SCHEMA = "tsdfm-shaping/3"
 EVAL_SEED_BASE = 1000  # evaluation seed j is EVAL_SEED_BASE + j; dataset seeds lie below it
@@ -98,7 +98,7 @@ class TextSetup:
 
     Args:
         corpus: a source of ``benchmarks/corpora.py`` (e.g. ``austen``), or ``demo`` for the
-            small generated corpus of ``models.data.corpus.write_demo_corpus``.
+            small generated corpus of ``tsdfm.models.data.corpus.write_demo_corpus``.
         seq_len, vocab: the teacher's window length and BPE vocabulary.
         teacher_args, lm_args, compass_args: extra CLI options of ``teacher train``,
             ``lm train`` and ``compass train``.
@@ -533,7 +533,7 @@ def seed_plan(p: Preset, arms: list[DataArm]) -> dict:
     Raises:
         SystemExit: a preset whose seeds would overlap, with what to change.
     """
-    from models.train.compass import HELDOUT_LANE, NEGATIVE_LANE
+    from tsdfm.models.train.compass import HELDOUT_LANE, NEGATIVE_LANE
 
     dataset = sorted({d for a in arms for d in arm_dataset_seeds(p, a)})
     n_eval = max([p.eval_seeds, *(len(student_units(p, a)) for a in arms)])
@@ -611,7 +611,7 @@ class Run:
     # -- datasets ---------------------------------------------------------------------------
     def nav_config(self, arm: DataArm):
         """The arm's NavigatorConfig: S and N of the preset, its K, τ and navigator options."""
-        from pipeline.navigator import NavigatorConfig
+        from tsdfm.pipeline.navigator import NavigatorConfig
 
         known = {f.name for f in fields(NavigatorConfig)} - set(_NAV_FIXED)
         unknown = sorted(set(arm.navigator) - known)
@@ -639,10 +639,10 @@ class Run:
         return self.work / "data" / f"{_slug(arm.name)}-d{seed}"
 
     def dataset(self, arm: DataArm, seed: int) -> dict:
-        from pipeline.build import run_build
-        from pipeline.card import statistics
-        from pipeline.config import BuildConfig
-        from pipeline.manifest import Manifest
+        from tsdfm.pipeline.build import run_build
+        from tsdfm.pipeline.card import statistics
+        from tsdfm.pipeline.config import BuildConfig
+        from tsdfm.pipeline.manifest import Manifest
 
         p = self.p
         root = self.dataset_root(arm, seed)
@@ -689,7 +689,7 @@ class Run:
 
     # -- students ---------------------------------------------------------------------------
     def student(self, arm: DataArm, dataset_seed: int, seed: int) -> Path:
-        from models.train.distill import DistillConfig, train_student
+        from tsdfm.models.train.distill import DistillConfig, train_student
 
         p = self.p
         out = self.work / "students" / f"{_slug(arm.name)}-d{dataset_seed}-s{seed}"
@@ -751,7 +751,7 @@ class Run:
         batch it is drawn in."""
 
         def make() -> tuple[torch.Tensor, dict]:
-            from models.eval.sampling import sample_checkpoint
+            from tsdfm.models.eval.sampling import sample_checkpoint
 
             drawn = sample_checkpoint(
                 self.checkpoint(spec),
@@ -777,8 +777,8 @@ class Run:
         N/S teacher sub-steps the build used), at evaluation seed ``seed``."""
 
         def make() -> tuple[torch.Tensor, dict]:
-            from models.compass import CompassScorer
-            from pipeline.navigator import navigate
+            from tsdfm.models.compass import CompassScorer
+            from tsdfm.pipeline.navigator import navigate
 
             p = self.p
             teacher = self.checkpoint(self.teacher)
@@ -817,8 +817,8 @@ class Run:
             import numpy as np
             import pyarrow.parquet as pq
 
-            from models.data.trajectories import open_trajectory_dataset, table_arrays
-            from pipeline.navigator import NavigatorConfig
+            from tsdfm.models.data.trajectories import open_trajectory_dataset, table_arrays
+            from tsdfm.pipeline.navigator import NavigatorConfig
 
             source = open_trajectory_dataset(record["root"])
             ids, finals = [], []
@@ -950,7 +950,7 @@ def _sampler_info(
 def _cli(args: list[str], log) -> None:
     """Run ``tsdfm-pipeline ARGS`` in a subprocess (its progress bar goes to our stderr)."""
     log("tsdfm-pipeline " + " ".join(args))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args])
+    done = subprocess.run([sys.executable, "-m", "tsdfm.pipeline.cli", *args])
     if done.returncode != 0:
         raise SystemExit(f"error: `tsdfm-pipeline {' '.join(args)}` failed ({done.returncode})")
 
@@ -970,7 +970,7 @@ def prepare_text(work: Path, setup: TextSetup, device: str, log) -> dict[str, st
         tmp = work / "corpus.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if setup.corpus == "demo":
-            from models.data.corpus import write_demo_corpus
+            from tsdfm.models.data.corpus import write_demo_corpus
 
             write_demo_corpus(tmp)
         else:
@@ -1072,8 +1072,8 @@ def prepare_dilated_compass(
 
 def text_reference(corpus: str, teacher: Checkpoint, samples: int) -> torch.Tensor:
     """Held-out real windows of the teacher's corpus, cut and split as its training run did."""
-    from models.data.corpus import CorpusConfig, TokenizedCorpus
-    from models.train.teacher import CorpusSource
+    from tsdfm.models.data.corpus import CorpusConfig, TokenizedCorpus
+    from tsdfm.models.train.teacher import CorpusSource
 
     windows = TokenizedCorpus.from_path(
         corpus, teacher.tokenizer, CorpusConfig(seq_len=teacher.config.seq_len)
@@ -1138,7 +1138,7 @@ def _evaluators_for(track: str, p: Preset, made: dict[str, str]) -> list[Evaluat
     uses = [EvaluatorUse("lm", f"lm:{made['lm']}", batch_size=64)]
     assert p.text is not None
     if p.text.smollm2_seeds:
-        from models.eval.evaluators import find_smollm2
+        from tsdfm.models.eval.evaluators import find_smollm2
 
         try:
             find_smollm2()
@@ -1446,7 +1446,7 @@ SAMPLER_TEXT = (
 def _real_data(r: Run, track: str, made: dict[str, str], teacher: str) -> dict:
     """Real sequences scored like the samples: the language's own draws, or held-out text."""
     if track == "synthetic":
-        from models.train.teacher import load_language
+        from tsdfm.models.train.teacher import load_language
 
         ckpt = r.checkpoint(teacher)
         language = load_language(ckpt.directory, ckpt.config.data)
@@ -1700,7 +1700,7 @@ def write_samples(
     SAMPLES_MAX_BYTES each) as ``<dest>-samples/<arm>.jsonl.gz``, one JSON object per line:
     {"i", "seed" (the counter seed), "ids" (the generator's token ids), "text"}; an
     ``index.json`` beside them says which sampler made each file."""
-    from models.eval.sampling import decode
+    from tsdfm.models.eval.sampling import decode
 
     folder = Path(f"{dest}-samples")
     ckpt = r.checkpoint(teacher)  # students share the teacher's vocabulary and tokenizer
@@ -1947,7 +1947,7 @@ def _compass_label(spec: str | None) -> str:
 
 
 def _navigator_defaults() -> dict:
-    from pipeline.navigator import NavigatorConfig
+    from tsdfm.pipeline.navigator import NavigatorConfig
 
     return asdict(NavigatorConfig())
 

@@ -18,8 +18,8 @@ import time
 import torch
 from results_io import result_paths, write_results
 
-from models.checkpoint import bundled_path, load_checkpoint
-from models.eval.evaluate import EvalConfig, evaluate_checkpoint
+from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def render() -> str:
     """The whole of docs/cli.md."""
     import typer.main
 
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     root = typer.main.get_command(app)
     commands = _walk(root, typer.Context(root, info_name=PROG))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import ConfigError
+from tsdfm.models.errors import ConfigError
 
 
 @dataclass(frozen=True)

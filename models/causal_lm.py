@@ -1,7 +1,7 @@
 """A local ``transformers`` causal language model: loading, identity and batched scoring.
 
-Shared by the causal-LM scorer of the navigator (``models.compass.CausalLMScorer``) and the
-causal-LM evaluators (``models.eval.evaluators``). For a token sequence y_0, y_1, …, y_T with
+Shared by the causal-LM scorer of the navigator (``tsdfm.models.compass.CausalLMScorer``) and the
+causal-LM evaluators (``tsdfm.models.eval.evaluators``). For a token sequence y_0, y_1, …, y_T with
 y_0 a start token,
 
     NLL(y) = −Σ_{j=1..T} log p_LM(y_j | y_<j)        (nats, T counted tokens)
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from models.checkpoint import PICKLE_SUFFIXES, identity
-from models.errors import CheckpointError, ConfigError
-from models.hashing import file_sha256, sha256_json
+from tsdfm.models.checkpoint import PICKLE_SUFFIXES, identity
+from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.hashing import file_sha256, sha256_json
 
 DOCUMENT_TOKEN = "<|endoftext|>"
 PROJECT_LM_FILE = "tsdfm_lm.json"  # written beside an LM trained by `tsdfm-pipeline lm train`
@@ -111,7 +111,7 @@ def gguf_identity(path: Path) -> str:
 
 
 def scorer_identity(lm_identity: str, teacher_identity: str) -> str:
-    """Identity of the causal-LM scorer (``models.compass.CausalLMScorer``): the sha256 of
+    """Identity of the causal-LM scorer (``tsdfm.models.compass.CausalLMScorer``): the sha256 of
     {"scorer": "causal-lm", "lm": LM identity, "teacher": teacher identity}."""
     parts = {"scorer": "causal-lm", "lm": lm_identity, "teacher": teacher_identity}
     return sha256_json(parts, "the scorer identity", ConfigError)

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.errors import CheckpointError, TsdfmError
-from models.flow_model import FlowModel, ModelConfig
-from models.hashing import canonical_json
-from models.paths import confined
-from models.refs import parse_hub_ref
+from tsdfm.models.errors import CheckpointError, TsdfmError
+from tsdfm.models.flow_model import FlowModel, ModelConfig
+from tsdfm.models.hashing import canonical_json
+from tsdfm.models.paths import confined
+from tsdfm.models.refs import parse_hub_ref
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -287,7 +287,7 @@ def load_checkpoint(
             f"{spec} is a {config.role} checkpoint, but a {' or '.join(roles)} is needed here"
         )
     if config.role == "compass" and "compass" not in _ROLE_CLASSES:
-        import models.compass  # noqa: F401  (registers CompassModel for role "compass")
+        import tsdfm.models.compass  # noqa: F401  (registers CompassModel for role "compass")
     cls = _ROLE_CLASSES.get(config.role)
     if cls is None:
         raise CheckpointError(f"no model class registered for role {config.role!r}")

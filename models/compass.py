@@ -6,7 +6,7 @@ A scorer maps a batch of states x_t at time t to energies, lower = more coherent
 
 The compass is a small time-conditioned bidirectional transformer with a scalar head,
 E_θ(x_t, t) = w · mean_i z_i(x_t, t) + b, trained by generation-aware noise-contrastive
-estimation (``models.train.compass``): real sequences noised to t along the path get low
+estimation (``tsdfm.models.train.compass``): real sequences noised to t along the path get low
 energy, the teacher's own trajectory states at the same t get high energy. Its logistic
 classifier is σ(−E_θ), so with positives and negatives in equal numbers E_θ estimates
 log p_teacher,t(x_t) − log p_data,t(x_t).
@@ -25,24 +25,24 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from models.backbone import Backbone, BackboneConfig
-from models.causal_lm import (
+from tsdfm.models.backbone import Backbone, BackboneConfig
+from tsdfm.models.causal_lm import (
     check_lm_directory,
     document_tokens,
     load_causal_lm,
     scorer_identity,
     sequence_nll,
 )
-from models.causal_lm import lm_identity as causal_lm_identity
-from models.checkpoint import (
+from tsdfm.models.causal_lm import lm_identity as causal_lm_identity
+from tsdfm.models.checkpoint import (
     Checkpoint,
     load_checkpoint,
     register_role,
 )
-from models.errors import CheckpointError, ConfigError
-from models.flow_model import FlowModel, ModelConfig, PrecisionMixin
-from models.hashing import sha256_json
-from models.path import MixturePath
+from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.flow_model import FlowModel, ModelConfig, PrecisionMixin
+from tsdfm.models.hashing import sha256_json
+from tsdfm.models.path import MixturePath
 
 
 @runtime_checkable
@@ -88,7 +88,7 @@ class CompassModel(PrecisionMixin, nn.Module):
     """E_θ(x_t, t): a time-conditioned transformer with a scalar head.
 
     ``forward`` returns (B,) float32 energies. Under CUDA and ``precision="bf16"`` the
-    backbone runs in bf16 autocast, like :class:`models.flow_model.FlowModel`.
+    backbone runs in bf16 autocast, like :class:`tsdfm.models.flow_model.FlowModel`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -98,7 +98,7 @@ class CompassModel(PrecisionMixin, nn.Module):
         if config.backbone.head != "scalar" or not config.backbone.time_conditioning:
             raise ConfigError(
                 "a compass backbone needs head='scalar' and time_conditioning=True; "
-                "build its config with models.compass.compass_config"
+                "build its config with tsdfm.models.compass.compass_config"
             )
         self.config = config
         self.backbone = Backbone(config.backbone)
@@ -310,7 +310,7 @@ class ExactScorer:
     @staticmethod
     def for_teacher(spec: str, teacher: Checkpoint) -> ExactScorer:
         """The exact scorer named ``spec`` ("exact" or "exact-ratio") for a synthetic teacher."""
-        from models.train.teacher import load_language
+        from tsdfm.models.train.teacher import load_language
 
         if teacher.config.data.get("kind") != "synthetic" or teacher.config.source != "mask":
             raise ConfigError(
@@ -349,7 +349,8 @@ class CausalLMScorer:
 
         E(x_t, t) = −(1/T) Σ_{j=1..T} log p_LM(y_j | y_0, y_<j)
 
-    with y_0 the token that starts a document for the LM (``models.causal_lm.document_tokens``:
+    with y_0 the token that starts a document for the LM
+    (``tsdfm.models.causal_lm.document_tokens``:
     ``<|endoftext|>`` when it has one, else BOS, else EOS; an empty decoding is scored as the
     single token y_1 = y_0). Everything is batched: one teacher
     forward and one LM forward per call (padding on the right, masked out of the mean).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from models.errors import ConfigError
+from tsdfm.models.errors import ConfigError
 
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")

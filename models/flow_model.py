@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from models.backbone import Backbone, BackboneConfig
-from models.errors import ConfigError
-from models.path import MixturePath, check_source, parse_scheduler
+from tsdfm.models.backbone import Backbone, BackboneConfig
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.path import MixturePath, check_source, parse_scheduler
 
 ROLES = ("teacher", "student", "compass")
 FORMAT = "tsdfm-checkpoint"

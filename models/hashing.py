@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.errors import ShardError, TsdfmError
+from tsdfm.models.errors import ShardError, TsdfmError
 
 _CHUNK = 1 << 20
 

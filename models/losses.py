@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.path import MixturePath
+from tsdfm.models.path import MixturePath
 
 
 def cross_entropy_loss(

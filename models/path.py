@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.errors import ConfigError
-from models.rng import CounterRNG, Stream
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.rng import CounterRNG, Stream
 
 SOURCES = ("mask", "uniform")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from models.errors import PathError
+from tsdfm.models.errors import PathError
 
 
 def confined(root: str | Path, relative: str | Path, what: str) -> Path:

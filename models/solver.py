@@ -32,9 +32,9 @@ from typing import Protocol
 
 import torch
 
-from models.errors import ConfigError
-from models.path import MixturePath
-from models.rng import CounterRNG, Stream, categorical
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.path import MixturePath
+from tsdfm.models.rng import CounterRNG, Stream, categorical
 
 
 class Denoiser(Protocol):

@@ -14,15 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from models.devices import check_device
-from models.errors import ConfigError, DataError, TsdfmError
-from pipeline.card import write_card
-from pipeline.config import BuildConfig
-from pipeline.executor import ExecutionReport, Progress, connect, execute, plan_workers
-from pipeline.lock import LOCK_FILE, BuildLock
-from pipeline.manifest import MANIFEST_FILE, MISSING, Manifest, plan_status
-from pipeline.shards import DATA_DIR, cleanup_temp, open_root
-from pipeline.worker import load_models, provenance
+from tsdfm.models.devices import check_device
+from tsdfm.models.errors import ConfigError, DataError, TsdfmError
+from tsdfm.pipeline.card import write_card
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.executor import ExecutionReport, Progress, connect, execute, plan_workers
+from tsdfm.pipeline.lock import LOCK_FILE, BuildLock
+from tsdfm.pipeline.manifest import MANIFEST_FILE, MISSING, Manifest, plan_status
+from tsdfm.pipeline.shards import DATA_DIR, cleanup_temp, open_root
+from tsdfm.pipeline.worker import load_models, provenance
 
 
 @dataclass
@@ -132,7 +132,7 @@ def check_output(root: str, fingerprint: str, overwrite: bool) -> str:
 
 def _shard_fingerprints(root: str) -> set[str]:
     """Fingerprints recorded in the metadata of the shard files under ``root/data``."""
-    from pipeline.card import read_footer
+    from tsdfm.pipeline.card import read_footer
 
     fs, base = open_root(root)
     folder = f"{base.rstrip('/')}/{DATA_DIR}"
@@ -268,7 +268,7 @@ def check_tokenizer(manifest: Manifest, identity: str | None) -> None:
     The manifest records the tokenizer's identity (sha256 of tokenizer.json); a manifest
     written before it did is checked against the metadata of its first committed shard.
     """
-    from pipeline.card import read_footer
+    from tsdfm.pipeline.card import read_footer
 
     recorded = manifest.tokenizer_identity
     for index in manifest.committed() if recorded is MISSING else []:

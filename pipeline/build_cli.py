@@ -1,4 +1,4 @@
-"""``tsdfm-pipeline build`` and ``inspect``: registered on the main typer app by pipeline.cli."""
+"""``tsdfm-pipeline build`` and ``inspect``: registered on the app of tsdfm.pipeline.cli."""
 
 from __future__ import annotations
 
@@ -98,10 +98,10 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         scored by the compass, and the trajectories are written as sharded Parquet with a
         manifest. Rerun the same command to resume.
         """
-        from models.errors import ConfigError
-        from pipeline.build import check_arguments, run_build
-        from pipeline.config import BuildConfig
-        from pipeline.navigator import NavigatorConfig
+        from tsdfm.models.errors import ConfigError
+        from tsdfm.pipeline.build import check_arguments, run_build
+        from tsdfm.pipeline.config import BuildConfig
+        from tsdfm.pipeline.navigator import NavigatorConfig
 
         if old_temperature is not None:
             raise ConfigError(
@@ -110,11 +110,11 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             )
         check_arguments(out, device, num_workers, max_retries)
         if push_to_hub is not None:  # fail before the build, not after it
-            from pipeline.hub import check_repo_id, resolve_token
+            from tsdfm.pipeline.hub import check_repo_id, resolve_token
 
             resolve_token(None, check_repo_id(push_to_hub))
         if teacher is None:
-            from models.checkpoint import bundled_path
+            from tsdfm.models.checkpoint import bundled_path
 
             teacher = default_teacher()
             if compass is None and k > 1:
@@ -196,7 +196,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 f"compass {c.get('compass_seconds', 0):.1f}s"
             )
         if push_to_hub is not None:
-            from pipeline.hub_cli import push_after_build
+            from tsdfm.pipeline.hub_cli import push_after_build
 
             push_after_build(out, push_to_hub, private)
 
@@ -207,6 +207,6 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         example: Annotated[int, typer.Option(help="Trajectory id to show step by step.")] = 0,
     ) -> None:
         """Show a dataset: schema, counts, provenance, statistics, one trajectory step by step."""
-        from pipeline.inspect import inspect_dataset
+        from tsdfm.pipeline.inspect import inspect_dataset
 
         typer.echo(inspect_dataset(str(path), example))

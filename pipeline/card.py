@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
-from models.errors import DataError
-from models.refs import parse_hub_ref
-from pipeline.manifest import Manifest
-from pipeline.shards import atomic_write, open_root, parse_metadata, shard_name
+from tsdfm.models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
+from tsdfm.models.errors import DataError
+from tsdfm.models.refs import parse_hub_ref
+from tsdfm.pipeline.manifest import Manifest
+from tsdfm.pipeline.shards import atomic_write, open_root, parse_metadata, shard_name
 
 CARD_FILE = "README.md"
 DATA_FILES = "data/train-*.parquet"
@@ -163,7 +163,7 @@ def teacher_facts(teacher: str) -> ModelFacts | None:
     A local checkpoint directory is read; a Hub id is looked up in the local Hub cache only
     (never downloaded here). None when neither works.
     """
-    from models.flow_model import ModelConfig
+    from tsdfm.models.flow_model import ModelConfig
 
     path = Path(str(teacher)).expanduser() / "config.json"
     if not path.is_file():
@@ -349,7 +349,7 @@ def _is_hub_id(spec: Any) -> bool:
 
 
 def _teacher_temperature(nav: dict[str, Any]) -> float:
-    """The teacher's T (recorded only away from 1, see pipeline.config)."""
+    """The teacher's T (recorded only away from 1, see tsdfm.pipeline.config)."""
     return float(nav.get("teacher_temperature", 1.0))
 
 

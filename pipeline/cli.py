@@ -14,13 +14,13 @@ from typing import Annotated
 
 import typer
 
-from models.devices import resolve_device
-from pipeline.build_cli import register as register_build_commands
-from pipeline.cli_style import typer_app
-from pipeline.hub_cli import register as register_hub_commands
-from pipeline.lm_cli import register as register_lm_commands
-from pipeline.train_cli import ORDER_HELP
-from pipeline.train_cli import register as register_train_commands
+from tsdfm.models.devices import resolve_device
+from tsdfm.pipeline.build_cli import register as register_build_commands
+from tsdfm.pipeline.cli_style import typer_app
+from tsdfm.pipeline.hub_cli import register as register_hub_commands
+from tsdfm.pipeline.lm_cli import register as register_lm_commands
+from tsdfm.pipeline.train_cli import ORDER_HELP
+from tsdfm.pipeline.train_cli import register as register_train_commands
 
 app = typer_app(
     "Trajectory-shaped discrete flow matching: shaped teacher trajectories in, "
@@ -39,7 +39,7 @@ app.add_typer(data_app, name="data")
 
 def _print_version(value: bool) -> None:
     if value:
-        from models import __version__
+        from tsdfm.models import __version__
 
         typer.echo(f"tsdfm-pipeline {__version__}")
         raise typer.Exit()
@@ -91,7 +91,7 @@ def user_errors(fn):
         import signal
         import threading
 
-        from models.errors import TsdfmError
+        from tsdfm.models.errors import TsdfmError
 
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
@@ -134,7 +134,7 @@ def _progress():
 
 
 def _default_teacher() -> str:
-    from models.checkpoint import bundled_path
+    from tsdfm.models.checkpoint import bundled_path
 
     return str(bundled_path("teacher"))
 
@@ -205,8 +205,8 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from models.checkpoint import load_checkpoint
-    from models.eval.evaluate import (
+    from tsdfm.models.checkpoint import load_checkpoint
+    from tsdfm.models.eval.evaluate import (
         EvalConfig,
         evaluate_checkpoint,
         format_matches,
@@ -214,7 +214,7 @@ def eval_cmd(
         reference_windows,
         table_header,
     )
-    from models.eval.evaluators import evaluator_for
+    from tsdfm.models.eval.evaluators import evaluator_for
 
     cfg = EvalConfig(
         tuple(steps or (1024, 8)),
@@ -289,7 +289,7 @@ def teacher_train(
     eval_samples: Annotated[int, typer.Option(help="Samples of the final evaluation.")] = 256,
 ) -> None:
     """Pretrain a discrete-flow teacher (resumable: rerun the same command)."""
-    from models.train.teacher import (
+    from tsdfm.models.train.teacher import (
         CorpusSource,
         SyntheticSource,
         TeacherTrainConfig,
@@ -300,7 +300,7 @@ def teacher_train(
     if corpus is not None:
         data = CorpusSource.from_path(corpus, seq_len, tokenizer_vocab, seed)
     elif language is not None:
-        from models.data.synthetic import SyntheticLanguage
+        from tsdfm.models.data.synthetic import SyntheticLanguage
 
         data = SyntheticSource(SyntheticLanguage.load(language))
     cfg = TeacherTrainConfig(
@@ -336,8 +336,8 @@ def teacher_train(
 
 
 def _final_eval(final_dir: Path, steps: int, samples: int, json_path: Path) -> None:
-    from models.checkpoint import load_checkpoint
-    from models.eval.evaluate import EvalConfig, evaluate_checkpoint
+    from tsdfm.models.checkpoint import load_checkpoint
+    from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
 
     ckpt = load_checkpoint(final_dir)
     if ckpt.config.data.get("kind") != "synthetic":
@@ -406,8 +406,8 @@ def compass_train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "cpu",
 ) -> None:
     """Train an energy compass on the teacher's own states (resumable: rerun the command)."""
-    from models.checkpoint import load_checkpoint
-    from models.train.compass import CompassTrainConfig, default_data_source, train_compass
+    from tsdfm.models.checkpoint import load_checkpoint
+    from tsdfm.models.train.compass import CompassTrainConfig, default_data_source, train_compass
 
     cfg = CompassTrainConfig(
         out=str(out),
@@ -488,8 +488,8 @@ def compass_eval(
     from rich.console import Console
     from rich.table import Table
 
-    from models.checkpoint import bundled_path, load_checkpoint
-    from models.eval.compass_metrics import (
+    from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+    from tsdfm.models.eval.compass_metrics import (
         TABLE_HEADERS,
         CompassEvalConfig,
         evaluate_compass,
@@ -556,7 +556,7 @@ def data_synthetic(
     seed: int = 0,
 ) -> None:
     """Generate an exact-likelihood synthetic language and save its parameters as JSON."""
-    from models.data.synthetic import LanguageConfig, SyntheticLanguage
+    from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
 
     lang = SyntheticLanguage.generate(
         LanguageConfig(vocab_size, num_states, branching, concentration, smoothing, seq_len, seed)
@@ -588,7 +588,7 @@ def demo(
     synthetic language's exact likelihood (the blind student also at the temperature whose
     entropy matches the shaped student's), and prints a results table. Rerun to resume.
     """
-    from pipeline.demo import DemoConfig, format_results, run_demo
+    from tsdfm.pipeline.demo import DemoConfig, format_results, run_demo
 
     cfg = DemoConfig(
         trajectories_per_shard=trajectories_per_shard,

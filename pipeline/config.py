@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from models.errors import ConfigError
-from models.hashing import sha256_json
-from models.rng import trajectory_seed
-from pipeline.navigator import NavigatorConfig
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.hashing import sha256_json
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.pipeline.navigator import NavigatorConfig
 
 PRECISIONS = ("fp32", "bf16")
 # navigator fields newer than the first published datasets → their defaults (left out at these)

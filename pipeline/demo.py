@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.checkpoint import Checkpoint, bundled_path, load_checkpoint
-from models.errors import ConfigError, DataError
+from tsdfm.models.checkpoint import Checkpoint, bundled_path, load_checkpoint
+from tsdfm.models.errors import ConfigError, DataError
 
 DEFAULT_OUT = "tsdfm-out/demo"
 
@@ -90,11 +90,11 @@ Log = Callable[[str], None]
 
 
 def _build(cfg: DemoConfig, root: Path, compass: str | None, k: int, log: Log) -> dict:
-    from pipeline.build import run_build
-    from pipeline.card import statistics
-    from pipeline.config import BuildConfig
-    from pipeline.manifest import Manifest
-    from pipeline.navigator import NavigatorConfig
+    from tsdfm.pipeline.build import run_build
+    from tsdfm.pipeline.card import statistics
+    from tsdfm.pipeline.config import BuildConfig
+    from tsdfm.pipeline.manifest import Manifest
+    from tsdfm.pipeline.navigator import NavigatorConfig
 
     nav = NavigatorConfig(cfg.student_steps, cfg.teacher_steps, k)
     build_cfg = BuildConfig(
@@ -119,7 +119,7 @@ def _build(cfg: DemoConfig, root: Path, compass: str | None, k: int, log: Log) -
 
 
 def _verify(root: Path, log: Log) -> None:
-    from pipeline.verify import verify
+    from tsdfm.pipeline.verify import verify
 
     report = verify(str(root))
     if not report.ok:
@@ -128,7 +128,7 @@ def _verify(root: Path, log: Log) -> None:
 
 
 def _distill(cfg: DemoConfig, data: Path, out: Path, log: Log) -> Path:
-    from models.train.distill import DistillConfig, train_student
+    from tsdfm.models.train.distill import DistillConfig, train_student
 
     t0 = time.perf_counter()
     result = train_student(
@@ -160,7 +160,7 @@ def _distill(cfg: DemoConfig, data: Path, out: Path, log: Log) -> Path:
 def _evaluate(
     ckpt: Checkpoint, steps: tuple[int, ...], cfg: DemoConfig, label: str, temperature: float = 1.0
 ) -> list[dict]:
-    from models.eval.evaluate import EvalConfig, evaluate_checkpoint
+    from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
 
     eval_cfg = EvalConfig(steps, cfg.eval_samples, 250, cfg.seed, temperatures=(temperature,))
     report = evaluate_checkpoint(ckpt, eval_cfg)
@@ -195,7 +195,7 @@ def _match_entropy(
 ) -> tuple[dict, dict]:
     """The blind student's row at the T whose entropy matches ``target`` (bisection on T), and
     what the search did. ``at_one`` is its row at T = 1, which costs no new evaluation."""
-    from models.eval.evaluate import temperature_for_entropy
+    from tsdfm.models.eval.evaluate import temperature_for_entropy
 
     rows = {1.0: at_one}
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.errors import ConfigError, TsdfmError
-from pipeline.config import BuildConfig
-from pipeline.worker import ShardBuilder, ShardResult
+from tsdfm.models.errors import ConfigError, TsdfmError
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.worker import ShardBuilder, ShardResult
 
 STALL_SECONDS = 600  # fail when every live worker has been restarting this long
 
@@ -86,8 +86,8 @@ def import_ray():
         import ray
     except ImportError as e:
         raise ConfigError(
-            f"building needs Ray, which is not installed here ({e}); install it with "
-            "`pip install 'ray>=2.40'` (distill, sample and eval do not need it)"
+            f"building needs Ray, which is not installed here ({e}); install the build side with "
+            "`pip install 'tsdfm-pipeline[build]'` (distill, sample and eval do not need it)"
         ) from None
     return ray
 

@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.errors import TsdfmError
-from models.hashing import canonical_json
-from models.refs import is_repo_id
-from pipeline.card import CARD_FILE
-from pipeline.manifest import MANIFEST_FILE, Manifest, without_timings
-from pipeline.shards import DATA_DIR, shard_name
+from tsdfm.models.errors import TsdfmError
+from tsdfm.models.hashing import canonical_json
+from tsdfm.models.refs import is_repo_id
+from tsdfm.pipeline.card import CARD_FILE
+from tsdfm.pipeline.manifest import MANIFEST_FILE, Manifest, without_timings
+from tsdfm.pipeline.shards import DATA_DIR, shard_name
 
 REPO_TYPE = "dataset"
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
@@ -60,7 +60,7 @@ class HubError(TsdfmError):
 
 
 def check_repo_id(repo_id: str) -> str:
-    """``org/name`` as :func:`models.refs.is_repo_id` (huggingface_hub) reads it; else HubError."""
+    """``org/name`` as ``models.refs.is_repo_id`` (huggingface_hub) reads it, else HubError."""
     if not is_repo_id(repo_id):
         raise HubError(
             f"repo id {repo_id!r} is malformed: use org/name (letters, digits, '-', '_', '.'; "
@@ -512,8 +512,8 @@ def publish(
     Returns:
         what was done; ``result.load_line`` is the line consumers copy.
     """
-    from pipeline.card import LICENSE, card_facts, render_card
-    from pipeline.verify import verify_folder
+    from tsdfm.pipeline.card import LICENSE, card_facts, render_card
+    from tsdfm.pipeline.verify import verify_folder
 
     say = log if log is not None else (lambda line: None)
     check_repo_id(repo_id)

@@ -1,4 +1,4 @@
-"""``tsdfm-pipeline publish`` and ``verify``: registered on the main typer app by pipeline.cli."""
+"""``tsdfm-pipeline publish`` and ``verify``: registered on the app of tsdfm.pipeline.cli."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def register(app: typer.Typer, user_errors) -> None:
         The token comes from HF_TOKEN or `hf auth login`. Rerun the same command to finish an
         interrupted upload; publishing content that is already tagged changes nothing.
         """
-        from pipeline.hub import publish
+        from tsdfm.pipeline.hub import publish
 
         result = publish(
             str(path),
@@ -84,8 +84,8 @@ def register(app: typer.Typer, user_errors) -> None:
 
         Exits 1 and lists every problem found when the dataset fails.
         """
-        from models.devices import resolve_device
-        from pipeline.verify import verify
+        from tsdfm.models.devices import resolve_device
+        from tsdfm.pipeline.verify import verify
 
         device = resolve_device(device)
         report = verify(
@@ -136,7 +136,7 @@ def push_after_build(out: str, repo_id: str, private: bool) -> None:
     """
     import tempfile
 
-    from pipeline.hub import publish
+    from tsdfm.pipeline.hub import publish
 
     if "://" not in out:
         _report_published(publish(out, repo_id, private=private, log=_stderr))
@@ -151,7 +151,7 @@ def copy_to_local(url: str, dest: str) -> None:
     """Copy every file under the dataset at ``url`` to the local folder ``dest``."""
     from pathlib import Path
 
-    from pipeline.shards import open_root
+    from tsdfm.pipeline.shards import open_root
 
     fs, base = open_root(url)
     base = base.rstrip("/")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.data.schema import from_arrow
-from models.errors import DataError
-from pipeline.manifest import Manifest
-from pipeline.shards import read_shard, shard_name
+from tsdfm.models.data.schema import from_arrow
+from tsdfm.models.errors import DataError
+from tsdfm.pipeline.manifest import Manifest
+from tsdfm.pipeline.shards import read_shard, shard_name
 
 
 def _tokenizer(config: dict):
@@ -16,7 +16,7 @@ def _tokenizer(config: dict):
     path = teacher / "tokenizer.json"
     if not path.is_file():
         return None
-    from models.checkpoint import read_tokenizer
+    from tsdfm.models.checkpoint import read_tokenizer
 
     return read_tokenizer(path)
 

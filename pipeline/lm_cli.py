@@ -1,6 +1,6 @@
 """``tsdfm-pipeline lm train``: a causal LM trained on the text corpus, used as an evaluator.
 
-Registered on the main typer app by pipeline.cli. No Ray; heavy imports inside the command.
+Registered on the main typer app by tsdfm.pipeline.cli. No Ray; heavy imports inside the command.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_style import typer_app
+from tsdfm.pipeline.cli_style import typer_app
 
 
 def register(app: typer.Typer, user_errors, progress_factory, check_device) -> None:
@@ -51,7 +51,7 @@ def register(app: typer.Typer, user_errors, progress_factory, check_device) -> N
         OUT/final is a transformers directory (safetensors + tokenizer + tsdfm_lm.json) for
         `tsdfm-pipeline eval --evaluator lm:OUT/final`.
         """
-        from models.train.lm import LMTrainConfig, train_lm
+        from tsdfm.models.train.lm import LMTrainConfig, train_lm
 
         cfg = LMTrainConfig(
             out=str(out),

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
-from models.errors import ConfigError
-from pipeline.shards import open_root
+from tsdfm.models.errors import ConfigError
+from tsdfm.pipeline.shards import open_root
 
 LOCK_FILE = ".tsdfm-build.lock"
 

@@ -32,11 +32,11 @@ import re
 import threading
 from typing import Any
 
-from models import __version__
-from models.data.schema import SCHEMA_VERSION
-from models.errors import ConfigError, DataError
-from models.hashing import canonical_json, file_sha256
-from pipeline.shards import (
+from tsdfm.models import __version__
+from tsdfm.models.data.schema import SCHEMA_VERSION
+from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.hashing import canonical_json, file_sha256
+from tsdfm.pipeline.shards import (
     MAX_SHARDS,
     ShardInfo,
     atomic_write,

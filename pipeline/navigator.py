@@ -19,7 +19,7 @@ Two options make selection compare like with like. ``shared_reveals``: the lanes
 reveal randomness (lane 0's JUMP stream), so every candidate reveals the same positions and
 only the token draws differ; an energy then cannot prefer a candidate for revealing more or
 fewer tokens. ``reveal_order = "dilated"``: every segment reveals a fixed, evenly spread group
-of positions (``models.solver.RevealPlan``), the same group the student's S-step sampler
+of positions (``tsdfm.models.solver.RevealPlan``), the same group the student's S-step sampler
 reveals at that step, so the trajectories follow a schedule the student can follow.
 
 Selection by ``softmax`` at temperature 1 with an energy E = log q − log p (a density ratio:
@@ -36,10 +36,10 @@ from typing import Protocol
 
 import torch
 
-from models.errors import ConfigError
-from models.path import MixturePath
-from models.rng import CounterRNG, Stream, categorical
-from models.solver import (
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.path import MixturePath
+from tsdfm.models.rng import CounterRNG, Stream, categorical
+from tsdfm.models.solver import (
     Counters,
     Denoiser,
     RevealPlan,
@@ -77,11 +77,11 @@ class NavigatorConfig:
         selection: "argmin" or "softmax" (sample with probabilities ∝ exp(−e / temperature)).
         temperature: softmax *selection* temperature (> 0).
         teacher_temperature: T > 0 of the teacher's own draws, softmax(logits / T)
-            (``models.solver.TemperedDenoiser``); 1 is the teacher itself, T < 1 a sharper,
+            (``tsdfm.models.solver.TemperedDenoiser``); 1 is the teacher itself, T < 1 a sharper,
             lower-entropy teacher (a blind K = 1 build at T < 1 is the control arm for
             shaping at matched entropy).
         reveal_order: "random" (the path's own rule) or "dilated": segment k reveals a fixed,
-            evenly spread group of positions (``models.solver.RevealPlan``), the group the
+            evenly spread group of positions (``tsdfm.models.solver.RevealPlan``), the group the
             student's S-step sampler will reveal at step k.
         shared_reveals: candidates of one midpoint share the reveal randomness (the JUMP
             stream of lane 0): the same positions move in every lane and only the token

@@ -33,15 +33,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from models.data.schema import (
+from tsdfm.models.data.schema import (
     METADATA_KEY,
     SCHEMA_VERSION,
     TrajectoryBatch,
     to_arrow,
     trajectory_schema,
 )
-from models.errors import ShardError
-from models.hashing import canonical_json, file_sha256
+from tsdfm.models.errors import ShardError
+from tsdfm.models.hashing import canonical_json, file_sha256
 
 DATA_DIR = "data"
 MAX_SHARDS = 99_999
@@ -173,7 +173,7 @@ def _as_table(item: TrajectoryBatch | pa.Table | pa.RecordBatch, index: int) -> 
         if not table.schema.equals(trajectory_schema()):
             raise ShardError(
                 f"rows for shard {index} do not have the trajectory schema v{SCHEMA_VERSION}; "
-                "build them with models.data.schema.to_arrow"
+                "build them with tsdfm.models.data.schema.to_arrow"
             )
     else:
         raise ShardError(

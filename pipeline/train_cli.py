@@ -1,4 +1,4 @@
-"""``tsdfm-pipeline distill`` and ``sample``: registered on the main typer app by pipeline.cli.
+"""``tsdfm-pipeline distill`` and ``sample``: registered on the app of tsdfm.pipeline.cli.
 
 Neither imports Ray, and neither needs a GPU: other teams run them with a dataset id and a
 checkpoint only. Heavy imports happen inside the commands.
@@ -92,7 +92,7 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         teacher; its step count S is the dataset's time grid. The loss is the NLL of each
         recorded segment under the student's own jump rule (docs/distill.md).
         """
-        from models.train.distill import DistillConfig, prepare_run, train_student
+        from tsdfm.models.train.distill import DistillConfig, prepare_run, train_student
 
         cfg = DistillConfig(
             data=data,
@@ -183,9 +183,9 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         ] = None,
     ) -> None:
         """Unconditional samples with the step-size-aware sampler, decoded to text."""
-        from models.checkpoint import load_checkpoint
-        from models.devices import resolve_device
-        from models.eval.sampling import default_steps, sample_checkpoint
+        from tsdfm.models.checkpoint import load_checkpoint
+        from tsdfm.models.devices import resolve_device
+        from tsdfm.models.eval.sampling import default_steps, sample_checkpoint
 
         device = resolve_device(device)
         ckpt = load_checkpoint(model or default_teacher(), device, role=("teacher", "student"))
@@ -224,8 +224,8 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
 
 def _final_eval(final_dir: Path, steps: int, samples: int, json_path: Path) -> None:
     """Gen-PPL of the student at its own S against the synthetic language's exact likelihood."""
-    from models.checkpoint import load_checkpoint
-    from models.eval.evaluate import EvalConfig, evaluate_checkpoint
+    from tsdfm.models.checkpoint import load_checkpoint
+    from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
 
     ckpt = load_checkpoint(final_dir)
     if ckpt.config.data.get("kind") != "synthetic":

@@ -39,12 +39,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.data.schema import METADATA_KEYS, SCHEMA_VERSION, trajectory_schema
-from models.errors import ConfigError, DataError, TsdfmError
-from models.hashing import file_sha256
-from models.refs import parse_hub_ref
-from models.rng import trajectory_seed
-from pipeline.card import (
+from tsdfm.models.data.schema import METADATA_KEYS, SCHEMA_VERSION, trajectory_schema
+from tsdfm.models.errors import ConfigError, DataError, TsdfmError
+from tsdfm.models.hashing import file_sha256
+from tsdfm.models.refs import parse_hub_ref
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.pipeline.card import (
     CARD_FILE,
     DATA_FILES,
     ShardFooter,
@@ -52,8 +52,8 @@ from pipeline.card import (
     read_card,
     read_footer,
 )
-from pipeline.manifest import FORMAT, MANIFEST_FILE, MISSING, Manifest
-from pipeline.shards import DATA_DIR, is_temp, open_root, shard_name
+from tsdfm.pipeline.manifest import FORMAT, MANIFEST_FILE, MISSING, Manifest
+from tsdfm.pipeline.shards import DATA_DIR, is_temp, open_root, shard_name
 
 MAX_ROW_GROUP_BYTES = 100 * 2**20
 _SHOW = 5  # rows named per broken invariant
@@ -412,7 +412,7 @@ def _check_manifest(manifest: Manifest, plan: _Plan, report: VerifyReport) -> No
 
 
 def _build_config(config: dict[str, Any]):
-    from pipeline.config import BuildConfig
+    from tsdfm.pipeline.config import BuildConfig
 
     return BuildConfig.from_dict(config)
 
@@ -519,7 +519,7 @@ def _vocab(
     model = ((card[0].get("tsdfm") or {}).get("model") if card else None) or None
     origin = f"{CARD_FILE} (tsdfm.model)"
     if model is None and plan.config.get("teacher"):
-        from pipeline.card import teacher_facts
+        from tsdfm.pipeline.card import teacher_facts
 
         facts = teacher_facts(plan.config["teacher"])
         model = facts.to_dict() if facts else None
@@ -737,7 +737,7 @@ def _check_rows(
     el = _lengths(col["energies"])
     rows.check(el != S, f"energies has S = {S} lists")
     if (el == S).all():
-        from pipeline.navigator import NavigatorConfig
+        from tsdfm.pipeline.navigator import NavigatorConfig
 
         try:
             shaped = np.array(NavigatorConfig(**nav).shaped_segments(), dtype=bool)
@@ -846,7 +846,7 @@ def _replay(
     """Rebuild shards with the recorded config into a temp dir and compare their bytes."""
     import dataclasses
 
-    from pipeline.worker import ShardBuilder
+    from tsdfm.pipeline.worker import ShardBuilder
 
     indices = choose_replay(manifest.committed(), replay, named, seed, manifest.num_shards)
     try:

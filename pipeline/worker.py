@@ -1,7 +1,7 @@
 """Build one shard: navigate its trajectories in batches and write them as Parquet (no Ray).
 
 :class:`ShardBuilder` loads the teacher and compass once and builds any shard of the plan; the
-Ray actor in ``pipeline.executor`` is a thin wrapper around it. A shard is a pure function of
+Ray actor in ``tsdfm.pipeline.executor`` is a thin wrapper around it. A shard is a pure function of
 (config, shard index): trajectory i has seed ``seed · 2^32 + i`` and all randomness is
 counter-based, so a retried shard has the same bytes on the same hardware and software.
 """
@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from models import __version__
-from models.checkpoint import Checkpoint, load_checkpoint
-from models.data.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
-from models.eval.metrics import unigram_entropy
-from models.rng import trajectory_seed
-from pipeline.config import BuildConfig
-from pipeline.navigator import navigate
-from pipeline.shards import ShardInfo, write_shard
+from tsdfm.models import __version__
+from tsdfm.models.checkpoint import Checkpoint, load_checkpoint
+from tsdfm.models.data.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
+from tsdfm.models.eval.metrics import unigram_entropy
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.navigator import navigate
+from tsdfm.pipeline.shards import ShardInfo, write_shard
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,16 @@ def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Any]:
     """Load teacher and compass, check that they fit together.
 
     The compass is a checkpoint, or for ``exact`` / ``exact-ratio`` the synthetic language's
-    own likelihood (:class:`models.compass.ExactScorer`, the oracle of research controls).
+    own likelihood (:class:`tsdfm.models.compass.ExactScorer`, the oracle of research controls).
     """
-    from models.compass import EXACT_SCORERS, ExactScorer
+    from tsdfm.models.compass import EXACT_SCORERS, ExactScorer
 
     teacher = load_checkpoint(cfg.teacher, device, role="teacher")
     compass = None
     if cfg.compass in EXACT_SCORERS:
         compass = ExactScorer.for_teacher(cfg.compass, teacher)
     elif cfg.compass is not None:
-        from models.compass import check_compass_for_teacher
+        from tsdfm.models.compass import check_compass_for_teacher
 
         compass = load_checkpoint(cfg.compass, device, role="compass")
         check_compass_for_teacher(compass, teacher, cfg.allow_teacher_mismatch)
@@ -102,7 +102,7 @@ class ShardBuilder:
         self.provenance = provenance(cfg, self.teacher, self.compass)
         self.scorer = None
         if isinstance(self.compass, Checkpoint):
-            from models.compass import CompassScorer
+            from tsdfm.models.compass import CompassScorer
 
             self.scorer = CompassScorer.from_checkpoint(self.compass)
         elif self.compass is not None:

@@ -11,7 +11,7 @@ def parse_cli(argv: list[str]):
     """The leaf command's context for ``tsdfm-pipeline ARGS`` (its ``.params`` are the values)."""
     import typer.main
 
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     assert argv[0] == "tsdfm-pipeline", argv
     cmd, args, name = typer.main.get_command(app), argv[1:], "tsdfm-pipeline"

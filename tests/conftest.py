@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from models.data.synthetic import LanguageConfig, SyntheticLanguage
-from models.flow_model import FlowModel, teacher_config
+from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
+from tsdfm.models.flow_model import FlowModel, teacher_config
 
 # Tiny models run fastest on one thread, and CI has only two cores.
 torch.set_num_threads(1)
@@ -99,8 +99,8 @@ def saved_tiny_teacher(tmp_path_factory, tiny_language):
     """The tiny teacher saved as a checkpoint directory (random weights, fixed seed)."""
     import json
 
-    from models.checkpoint import save_checkpoint
-    from models.train.common import seeded
+    from tsdfm.models.checkpoint import save_checkpoint
+    from tsdfm.models.train.common import seeded
 
     cfg = teacher_config(
         tiny_language.vocab_size,
@@ -124,9 +124,9 @@ def saved_tiny_teacher(tmp_path_factory, tiny_language):
 @pytest.fixture(scope="session")
 def saved_tiny_compass(tmp_path_factory, saved_tiny_teacher, tiny_language):
     """A randomly initialised compass for the tiny teacher, saved with its provenance."""
-    from models.checkpoint import load_checkpoint, save_checkpoint
-    from models.compass import CompassModel, compass_config
-    from models.train.common import seeded
+    from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
+    from tsdfm.models.compass import CompassModel, compass_config
+    from tsdfm.models.train.common import seeded
 
     teacher = load_checkpoint(saved_tiny_teacher)
     cfg = compass_config(
@@ -146,9 +146,9 @@ def saved_tiny_compass(tmp_path_factory, saved_tiny_teacher, tiny_language):
 
 
 def _build_tiny_dataset(root, teacher, compass, candidates):
-    from pipeline.build import run_build
-    from pipeline.config import BuildConfig
-    from pipeline.navigator import NavigatorConfig
+    from tsdfm.pipeline.build import run_build
+    from tsdfm.pipeline.config import BuildConfig
+    from tsdfm.pipeline.navigator import NavigatorConfig
 
     nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=candidates)
     cfg = BuildConfig(

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models.backbone import Backbone, BackboneConfig
-from models.errors import ConfigError
-from models.flow_model import FlowModel, student_from_teacher, teacher_config
+from tsdfm.models.backbone import Backbone, BackboneConfig
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.flow_model import FlowModel, student_from_teacher, teacher_config
 
 
 def test_shapes_and_time_conditioning():

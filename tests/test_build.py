@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from models.errors import ConfigError
-from pipeline.build import run_build
-from pipeline.config import BuildConfig
-from pipeline.manifest import Manifest
-from pipeline.navigator import NavigatorConfig
-from pipeline.shards import read_shard
+from tsdfm.models.errors import ConfigError
+from tsdfm.pipeline.build import run_build
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.manifest import Manifest
+from tsdfm.pipeline.navigator import NavigatorConfig
+from tsdfm.pipeline.shards import read_shard
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -61,7 +61,7 @@ def test_build_twice_gives_identical_shards(tmp_path, saved_tiny_teacher):
 def test_fake_gpus_give_each_actor_its_own_device(ray_cluster):
     import ray
 
-    from pipeline.executor import plan_workers
+    from tsdfm.pipeline.executor import plan_workers
 
     device, workers, options = plan_workers("auto", None)
     assert (device, workers, options) == ("cuda", 2, {"num_gpus": 1, "num_cpus": 0})
@@ -188,7 +188,7 @@ def test_killed_worker_loses_only_its_shard(tmp_path, saved_tiny_teacher, fault_
     assert sorted(_all_ids(root, 6)) == list(range(48))
     assert _checksums(root) == _checksums(reference)
     # nothing left that looks complete but is not: no temp file of the killed writer
-    from pipeline.verify import verify
+    from tsdfm.pipeline.verify import verify
 
     assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]
     assert verify(str(root)).ok
@@ -239,7 +239,7 @@ def test_compass_of_another_teacher_is_refused(tmp_path, saved_tiny_teacher, sav
     import json
     import shutil
 
-    from models.errors import CheckpointError
+    from tsdfm.models.errors import CheckpointError
 
     other = tmp_path / "compass"
     shutil.copytree(saved_tiny_compass, other)
@@ -281,8 +281,8 @@ def test_a_build_that_cannot_reach_ray_or_its_gpus_leaves_the_folder_unlocked(
     """Before: manifest.json was written first and then locked the folder to that config."""
     import ray
 
-    import pipeline.build as build
-    from pipeline.executor import BuildError
+    import tsdfm.pipeline.build as build
+    from tsdfm.pipeline.executor import BuildError
 
     root = tmp_path / "ds"
 
@@ -305,7 +305,7 @@ def test_a_build_that_cannot_reach_ray_or_its_gpus_leaves_the_folder_unlocked(
 
 
 def test_a_second_driver_on_the_same_out_is_refused(tmp_path, saved_tiny_teacher):
-    from pipeline.lock import BuildLock, LockedError
+    from tsdfm.pipeline.lock import BuildLock, LockedError
 
     root = tmp_path / "ds"
     with BuildLock(str(root)), pytest.raises(LockedError, match="another build is writing to"):
@@ -317,7 +317,7 @@ def test_temp_files_of_dead_writers_are_removed_and_the_build_verifies(
     tmp_path, saved_tiny_teacher
 ):
     """A worker killed while writing leaves ``.train-….tmp-…``; the finished build must not."""
-    from pipeline.verify import verify
+    from tsdfm.pipeline.verify import verify
 
     root = tmp_path / "ds"
     leftover = root / "data" / ".train-00001-of-00002.parquet.tmp-0123456789abcdef"
@@ -387,7 +387,7 @@ def test_a_local_cluster_binds_to_loopback_and_keeps_the_sigterm_handler(monkeyp
     import ray
     from ray._private import ray_constants
 
-    from pipeline import executor
+    from tsdfm.pipeline import executor
 
     seen = {}
 

@@ -5,7 +5,7 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from tsdfm.pipeline.cli import app
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -66,10 +66,10 @@ def test_tempered_blind_build_is_a_new_dataset_that_replays_byte_exactly(
 ):
     import json
 
-    from pipeline.card import read_card
-    from pipeline.manifest import Manifest
-    from pipeline.shards import read_shard
-    from pipeline.verify import verify
+    from tsdfm.pipeline.card import read_card
+    from tsdfm.pipeline.manifest import Manifest
+    from tsdfm.pipeline.shards import read_shard
+    from tsdfm.pipeline.verify import verify
 
     plain, tempered = tmp_path / "plain", tmp_path / "tempered"
     assert _small(saved_tiny_teacher, plain).exit_code == 0
@@ -156,8 +156,8 @@ def test_bad_checkpoints_and_outputs(tmp_path, saved_tiny_teacher):
 
 def test_unreachable_ray_address_fails_fast():
     """`--address` is probed before ray.init, which would otherwise retry for minutes."""
-    from models.errors import ConfigError
-    from pipeline.executor import BuildError, _probe
+    from tsdfm.models.errors import ConfigError
+    from tsdfm.pipeline.executor import BuildError, _probe
 
     with pytest.raises(BuildError, match=r"no Ray head node reachable at 127\.0\.0\.1"):
         _probe(f"127.0.0.1:{_closed_port()}", timeout=1.0)

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Features, load_dataset
 
-from models.data.schema import trajectory_schema
-from models.errors import DataError
-from pipeline.card import (
+from tsdfm.models.data.schema import trajectory_schema
+from tsdfm.models.errors import DataError
+from tsdfm.pipeline.card import (
     _flatten,
     card_facts,
     features_yaml,
@@ -19,7 +19,7 @@ from pipeline.card import (
     statistics,
     write_card,
 )
-from pipeline.manifest import Manifest
+from tsdfm.pipeline.manifest import Manifest
 
 
 def _contract_features() -> Features:

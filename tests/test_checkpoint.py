@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.errors import CheckpointError
-from models.flow_model import FlowModel
+from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
+from tsdfm.models.errors import CheckpointError
+from tsdfm.models.flow_model import FlowModel
 
 
 def _save(tmp_path, model, lang, name="ckpt"):
@@ -54,7 +54,7 @@ def test_missing_files_are_named(tmp_path, tiny_teacher, tiny_language, missing)
 
 
 def test_tokenizer_vocabulary_mismatch_is_refused(tmp_path, tiny_teacher, tiny_language):
-    from models.data.synthetic import LanguageConfig, SyntheticLanguage
+    from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
 
     other = SyntheticLanguage.generate(LanguageConfig(vocab_size=20, num_states=4, branching=3))
     d = tmp_path / "ckpt"

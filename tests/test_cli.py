@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from tsdfm.pipeline.cli import app
 
 runner = CliRunner()
 
@@ -24,7 +24,7 @@ def _error_line(result):
 
 
 def test_eval_on_a_tiny_checkpoint_writes_a_json_report(tmp_path, tiny_teacher, tiny_language):
-    from models.checkpoint import save_checkpoint
+    from tsdfm.models.checkpoint import save_checkpoint
 
     d = tmp_path / "teacher"
     save_checkpoint(
@@ -97,7 +97,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, args, message):
 
 
 def test_missing_checkpoint_file_is_named(tmp_path, tiny_teacher, tiny_language):
-    from models.checkpoint import save_checkpoint
+    from tsdfm.models.checkpoint import save_checkpoint
 
     d = tmp_path / "teacher"
     save_checkpoint(d, tiny_teacher, tiny_language.tokenizer())
@@ -122,7 +122,7 @@ def test_data_synthetic_writes_a_language(tmp_path):
         "8",
     )
     assert res.exit_code == 0, res.output
-    from models.data.synthetic import SyntheticLanguage
+    from tsdfm.models.data.synthetic import SyntheticLanguage
 
     lang = SyntheticLanguage.load(tmp_path / "lang.json")
     assert lang.vocab_size == 16 and lang.seq_len == 8
@@ -136,7 +136,7 @@ def test_console_script_is_installed_and_eval_does_not_import_ray():
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from pipeline.cli import app\n"
+        "from tsdfm.pipeline.cli import app\n"
         "CliRunner().invoke(app, ['eval', '--steps', '1', '--samples', '2'])\n"
         "assert 'ray' not in sys.modules, 'eval imported ray'\n"
     )
@@ -146,7 +146,7 @@ def test_console_script_is_installed_and_eval_does_not_import_ray():
 
 def _broken_checkpoints(tmp_path, tiny_teacher, tiny_language):
     """Checkpoints whose config.json or tokenizer.json is the wrong kind of file."""
-    from models.checkpoint import save_checkpoint
+    from tsdfm.models.checkpoint import save_checkpoint
 
     good = tmp_path / "good"
     save_checkpoint(good, tiny_teacher, tiny_language.tokenizer())
@@ -171,8 +171,8 @@ def test_broken_checkpoint_files_are_one_line_in_every_command(
     tmp_path, tiny_teacher, tiny_language
 ):
     """Before: AttributeError / TypeError / a bare tokenizers Exception as a traceback."""
-    from models.errors import CheckpointError
-    from pipeline.inspect import _tokenizer
+    from tsdfm.models.errors import CheckpointError
+    from tsdfm.pipeline.inspect import _tokenizer
 
     expected = {
         "config-list": "holds a JSON list, not an object",
@@ -197,7 +197,7 @@ def test_broken_checkpoint_files_are_one_line_in_every_command(
 
 
 def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
-    import models.checkpoint as checkpoint
+    import tsdfm.models.checkpoint as checkpoint
 
     def no_network(*args, **kwargs):
         raise AssertionError("looked up on the Hub")
@@ -218,7 +218,7 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch):
 
     import typer
 
-    from pipeline.cli import user_errors
+    from tsdfm.pipeline.cli import user_errors
 
     mini = typer.Typer()
     ran_finally = []
@@ -262,7 +262,7 @@ def test_help_shows_square_brackets_literally(command, literal):
 
 
 def test_version_prints_the_package_version():
-    from models import __version__
+    from tsdfm.models import __version__
 
     res = _run("--version")
     assert res.exit_code == 0, res.output

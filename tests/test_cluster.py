@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(teacher: str):
-    from pipeline.config import BuildConfig
-    from pipeline.navigator import NavigatorConfig
+    from tsdfm.pipeline.config import BuildConfig
+    from tsdfm.pipeline.navigator import NavigatorConfig
 
     nav = NavigatorConfig(student_steps=4, teacher_steps=128, candidates=1)
     return BuildConfig(
@@ -116,7 +116,7 @@ def run_cluster_builds(teacher: str, out: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.build import run_build
+    from tsdfm.pipeline.build import run_build
 
     cfg = _config(teacher)
     cluster = Cluster(
@@ -222,14 +222,14 @@ def _run_build_job(address: str, teacher: str, out: Path, gpus: int) -> dict:
 
 
 def _checksums(root: Path) -> dict[int, str]:
-    from pipeline.manifest import Manifest
+    from tsdfm.pipeline.manifest import Manifest
 
     m = Manifest.load(str(root))
     return {i: m.shard(i)["sha256"] for i in range(m.num_shards)}
 
 
 def _trajectory_ids(root: Path) -> list[int]:
-    from pipeline.shards import read_shard
+    from tsdfm.pipeline.shards import read_shard
 
     ids = []
     for i in range(SHARDS):

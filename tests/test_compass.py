@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from models.checkpoint import _ROLE_CLASSES, load_checkpoint, save_checkpoint
-from models.compass import (
+from tsdfm.models.checkpoint import _ROLE_CLASSES, load_checkpoint, save_checkpoint
+from tsdfm.models.compass import (
     CausalLMScorer,
     CompassModel,
     CompassScorer,
@@ -21,8 +21,8 @@ from models.compass import (
     compass_config,
     load_compass,
 )
-from models.errors import CheckpointError, ConfigError
-from models.eval.compass_metrics import (
+from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.eval.compass_metrics import (
     CompassEvalConfig,
     energy_auc,
     evaluate_scorer,
@@ -32,8 +32,8 @@ from models.eval.compass_metrics import (
     spearman,
     stratified_auc,
 )
-from models.flow_model import FlowModel, teacher_config
-from models.train.common import seeded
+from tsdfm.models.flow_model import FlowModel, teacher_config
+from tsdfm.models.train.common import seeded
 
 DATA = {"kind": "synthetic", "language": "language.json"}
 
@@ -147,12 +147,12 @@ def test_checkpoint_round_trip_registers_the_compass_lazily(tmp_path, tiny_langu
     compass = _compass(tcfg)
     compass.config = compass.config.replace(provenance={"teacher_identity": "sha256:abc"})
     ident = save_checkpoint(tmp_path / "c", compass, tiny_language.tokenizer())
-    # a fresh process that never imported models.compass still loads a compass checkpoint
-    import models
+    # a fresh process that never imported tsdfm.models.compass still loads a compass checkpoint
+    import tsdfm.models
 
     monkeypatch.delitem(_ROLE_CLASSES, "compass")
-    monkeypatch.delitem(sys.modules, "models.compass")
-    monkeypatch.delattr(models, "compass")
+    monkeypatch.delitem(sys.modules, "tsdfm.models.compass")
+    monkeypatch.delattr(tsdfm.models, "compass")
     ck = load_checkpoint(tmp_path / "c", role="compass")
     assert type(ck.model).__name__ == "CompassModel" and ck.identity == ident
     x = _states(tiny_language)
@@ -219,7 +219,7 @@ def test_causal_lm_scorer_refuses_bad_inputs(tmp_path, saved_teacher, lm_dir):
 
 
 def test_incompatible_compass_is_refused_naming_both(tiny_language):
-    from models.data.synthetic import LanguageConfig, SyntheticLanguage
+    from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
 
     tcfg = _teacher(tiny_language).config
     check_compatible(compass_config(tcfg), tcfg, "c", "t")  # a compass for this teacher fits

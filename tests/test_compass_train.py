@@ -8,16 +8,16 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.compass import TeacherMismatchWarning, load_compass
-from models.errors import CheckpointError, ConfigError, DataError
-from models.eval.compass_metrics import energy_auc
-from models.flow_model import FlowModel, teacher_config
-from models.path import MixturePath, PolynomialScheduler
-from models.rng import CounterRNG
-from models.solver import RevealPlan, sample
-from models.train.common import seeded
-from models.train.compass import (
+from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
+from tsdfm.models.compass import TeacherMismatchWarning, load_compass
+from tsdfm.models.errors import CheckpointError, ConfigError, DataError
+from tsdfm.models.eval.compass_metrics import energy_auc
+from tsdfm.models.flow_model import FlowModel, teacher_config
+from tsdfm.models.path import MixturePath, PolynomialScheduler
+from tsdfm.models.rng import CounterRNG
+from tsdfm.models.solver import RevealPlan, sample
+from tsdfm.models.train.common import seeded
+from tsdfm.models.train.compass import (
     CompassTrainConfig,
     TeacherNegatives,
     _jsonable,
@@ -26,8 +26,8 @@ from models.train.compass import (
     teacher_states,
     train_compass,
 )
-from models.train.teacher import SyntheticSource
-from pipeline.cli import app
+from tsdfm.models.train.teacher import SyntheticSource
+from tsdfm.pipeline.cli import app
 
 DATA = {"kind": "synthetic", "language": "language.json"}
 
@@ -202,7 +202,7 @@ def test_missing_or_empty_training_data_is_refused(tmp_path, tiny_language, teac
 
     with pytest.raises(DataError, match=r"held-out data is empty \(got shape \(0, 8\)\)"):
         train_compass(_cfg(tmp_path / "b"), teacher_dir, Empty(tiny_language))
-    from models.data.synthetic import LanguageConfig, SyntheticLanguage
+    from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
 
     wider = SyntheticLanguage.generate(LanguageConfig(vocab_size=20, num_states=4, branching=3))
     with pytest.raises(DataError, match=r"vocabulary 20 and length 64, teacher .* has 12 and 8"):
@@ -329,7 +329,7 @@ def test_dilated_negatives_have_the_reveal_pattern_of_the_positives(tiny_languag
 def test_default_run_records_exactly_what_the_bundled_compass_recorded(tiny_teacher):
     """The bundled compass is the default run: its run config and negatives description, and
     with them the identity of a default run, must not change."""
-    from models.checkpoint import bundled_path
+    from tsdfm.models.checkpoint import bundled_path
 
     prov = json.loads((bundled_path("compass") / "config.json").read_text())["provenance"]
     assert _jsonable(CompassTrainConfig(out="runs/compass")) == prov["run_config"]
@@ -515,7 +515,7 @@ def test_cli_train_then_eval(tmp_path, teacher_dir):
 def test_cli_errors_are_one_line_with_exit_2(
     tmp_path, tiny_language, teacher_dir, trained, args, message
 ):
-    from models.data.synthetic import LanguageConfig, SyntheticLanguage
+    from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
 
     wide = SyntheticLanguage.generate(
         LanguageConfig(vocab_size=20, num_states=4, branching=3, seq_len=8)
@@ -565,7 +565,7 @@ def test_allow_teacher_mismatch_flag_evaluates_anyway(tmp_path, tiny_language, t
 
 
 def test_cli_trains_a_compass_for_a_text_teacher_from_its_corpus(tmp_path):
-    from models.data.corpus import (
+    from tsdfm.models.data.corpus import (
         CorpusConfig,
         TokenizedCorpus,
         load_texts,

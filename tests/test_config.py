@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from models.errors import ConfigError
-from pipeline.config import BuildConfig
-from pipeline.navigator import NavigatorConfig
+from tsdfm.models.errors import ConfigError
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.navigator import NavigatorConfig
 
 TEACHER = "sha256:" + "a" * 64
 COMPASS = "sha256:" + "b" * 64

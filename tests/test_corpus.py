@@ -9,7 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from models.data.corpus import (
+from tsdfm.models.data.corpus import (
     EOS_TOKEN,
     MIN_VOCAB_SIZE,
     CorpusConfig,
@@ -19,8 +19,8 @@ from models.data.corpus import (
     train_bpe_tokenizer,
     write_demo_corpus,
 )
-from models.data.synthetic import MASK_TOKEN
-from models.errors import ConfigError, DataError
+from tsdfm.models.data.synthetic import MASK_TOKEN
+from tsdfm.models.errors import ConfigError, DataError
 
 SEQ_LEN = 32
 

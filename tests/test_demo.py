@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.demo import DemoConfig, format_results, run_demo
+from tsdfm.pipeline.demo import DemoConfig, format_results, run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 

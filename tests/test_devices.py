@@ -1,10 +1,10 @@
-"""models.devices: one accepted set of devices (auto, cpu, cuda, cuda:N) for every command."""
+"""tsdfm.models.devices: one accepted set of devices (auto, cpu, cuda, cuda:N) for every command."""
 
 import pytest
 import torch
 
-from models.devices import check_device, resolve_device
-from models.errors import ConfigError
+from tsdfm.models.devices import check_device, resolve_device
+from tsdfm.models.errors import ConfigError
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])

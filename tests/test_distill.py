@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.data.trajectories import (
+from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
+from tsdfm.models.data.trajectories import (
     LoaderConfig,
     TrajectoryLoader,
     heldout_mask,
@@ -24,10 +24,10 @@ from models.data.trajectories import (
     parse_dataset_spec,
     trajectory_examples,
 )
-from models.errors import CheckpointError, ConfigError, DataError
-from models.losses import segment_loss
-from models.path import MixturePath, parse_scheduler
-from models.train.distill import (
+from tsdfm.models.errors import CheckpointError, ConfigError, DataError
+from tsdfm.models.losses import segment_loss
+from tsdfm.models.path import MixturePath, parse_scheduler
+from tsdfm.models.train.distill import (
     DistillConfig,
     DistillWarning,
     StudentStep,
@@ -347,9 +347,9 @@ def test_step_count_mismatch_needs_the_flag(tmp_path, tiny_blind_dataset, saved_
 
 
 def _other_teacher(tmp_path, vocab_size: int, seed: int = 5):
-    from models.data.synthetic import LanguageConfig, SyntheticLanguage
-    from models.flow_model import FlowModel, teacher_config
-    from models.train.common import seeded
+    from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
+    from tsdfm.models.flow_model import FlowModel, teacher_config
+    from tsdfm.models.train.common import seeded
 
     lang = SyntheticLanguage.generate(
         LanguageConfig(vocab_size=vocab_size, num_states=4, branching=3, seq_len=8, seed=3)
@@ -374,7 +374,7 @@ def test_vocabulary_mismatch_and_teacher_mismatch(tmp_path, tiny_blind_dataset):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, tiny_blind_dataset, saved_tiny_teacher):
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     future = shutil.copytree(tiny_blind_dataset, tmp_path / "future")
     _rewrite_shard(future, lambda t, m: (t, {**m, "schema_version": 2}))
@@ -395,7 +395,7 @@ def test_distill_sample_and_eval_run_without_ray(tmp_path, tiny_blind_dataset, s
     code = f"""
 import json, sys
 from typer.testing import CliRunner
-from pipeline.cli import app
+from tsdfm.pipeline.cli import app
 r = CliRunner()
 res = r.invoke(app, ["distill", "--data", {str(tiny_blind_dataset)!r}, "--init",
     {str(saved_tiny_teacher)!r}, "--out", {str(out)!r}, "--steps", "3", "--batch-size", "8",

@@ -9,9 +9,9 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from models.checkpoint import load_checkpoint
-from models.errors import ConfigError
-from models.eval.evaluate import (
+from tsdfm.models.checkpoint import load_checkpoint
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.eval.evaluate import (
     EvalConfig,
     FrontierPoint,
     evaluate_checkpoint,
@@ -20,8 +20,8 @@ from models.eval.evaluate import (
     table_header,
     temperature_for_entropy,
 )
-from models.eval.sampling import sample_checkpoint
-from pipeline.cli import app
+from tsdfm.models.eval.sampling import sample_checkpoint
+from tsdfm.pipeline.cli import app
 
 runner = CliRunner()
 

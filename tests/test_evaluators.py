@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.data.corpus import (
+from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
+from tsdfm.models.data.corpus import (
     _DEMO_SENTENCES,
     EOS_TOKEN_ID,
     encode_documents,
@@ -24,15 +24,15 @@ from models.data.corpus import (
     train_bpe_tokenizer,
     write_demo_corpus,
 )
-from models.data.synthetic import SyntheticLanguage
-from models.errors import CheckpointError, ConfigError
-from models.eval.evaluate import EvalConfig, describe_samples, evaluate_checkpoint
-from models.eval.evaluators import EvaluatorSpec, evaluator_for, load_evaluator
-from models.eval.metrics import ExactEvaluator, distinct_n, unigram_entropy
-from models.flow_model import FlowModel, teacher_config
-from models.hashing import canonical_json
-from models.train.common import seeded
-from models.train.lm import LMTrainConfig, train_lm
+from tsdfm.models.data.synthetic import SyntheticLanguage
+from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.eval.evaluate import EvalConfig, describe_samples, evaluate_checkpoint
+from tsdfm.models.eval.evaluators import EvaluatorSpec, evaluator_for, load_evaluator
+from tsdfm.models.eval.metrics import ExactEvaluator, distinct_n, unigram_entropy
+from tsdfm.models.flow_model import FlowModel, teacher_config
+from tsdfm.models.hashing import canonical_json
+from tsdfm.models.train.common import seeded
+from tsdfm.models.train.lm import LMTrainConfig, train_lm
 
 L_TEXT = 64  # sequence length of the text fixtures
 
@@ -252,7 +252,7 @@ def test_lm_and_hf_evaluators_agree_with_a_direct_computation(trained_lm, text_f
 def test_text_checkpoint_is_evaluated_end_to_end_by_the_cli(tmp_path, trained_lm, text_fixture):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     corpus, _, ckpt = text_fixture
     out = tmp_path / "report.json"
@@ -307,7 +307,7 @@ def test_lm_training_resumes_exactly_and_refuses_another_config(tmp_path, text_f
 def test_lm_train_cli_trains_and_refuses_a_missing_tokenizer(tmp_path, text_fixture):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     corpus, _, ckpt = text_fixture
     base = ["lm", "train", "--corpus", str(corpus), "--out", str(tmp_path / "run")]
@@ -463,8 +463,8 @@ def test_smollm2_from_the_gguf_and_from_its_cache(tmp_path, text_fixture):
 
 
 def test_smollm2_cache_never_deletes_a_folder_it_did_not_write(tmp_path, gpt2_dir):
-    from models.causal_lm import load_causal_lm
-    from models.eval.evaluators import _write_cache
+    from tsdfm.models.causal_lm import load_causal_lm
+    from tsdfm.models.eval.evaluators import _write_cache
 
     lm = load_causal_lm(gpt2_dir)
     precious = tmp_path / "results"

@@ -1,4 +1,4 @@
-"""models.hashing: the one canonical JSON and the one file digest of the project."""
+"""tsdfm.models.hashing: the one canonical JSON and the one file digest of the project."""
 
 import hashlib
 import math
@@ -6,8 +6,8 @@ import math
 import fsspec
 import pytest
 
-from models.errors import ConfigError, ShardError
-from models.hashing import canonical_json, file_sha256, sha256_json
+from tsdfm.models.errors import ConfigError, ShardError
+from tsdfm.models.hashing import canonical_json, file_sha256, sha256_json
 
 
 def test_canonical_json_sorts_keys_without_whitespace():

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from models.checkpoint import load_checkpoint
-from models.data.schema import trajectory_schema
-from models.data.trajectories import LoaderConfig, TrajectoryLoader, open_trajectory_dataset
-from models.errors import DataError, ShardError
-from models.train.distill import DistillConfig, train_student
+from tsdfm.models.checkpoint import load_checkpoint
+from tsdfm.models.data.schema import trajectory_schema
+from tsdfm.models.data.trajectories import LoaderConfig, TrajectoryLoader, open_trajectory_dataset
+from tsdfm.models.errors import DataError, ShardError
+from tsdfm.models.train.distill import DistillConfig, train_student
 
 SHARD1 = "data/train-00001-of-00003.parquet"
 SHARD2 = "data/train-00002-of-00003.parquet"
@@ -81,7 +81,7 @@ def _edit_rows(path, edit) -> None:
 def test_one_flipped_bit_is_refused_in_one_line_naming_the_shard(
     tmp_path, tiny_blind_dataset, saved_tiny_teacher, part
 ):
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     data = shutil.copytree(tiny_blind_dataset, tmp_path / "data")
     _flip_bit(data / SHARD1, part)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline.lock import LOCK_FILE, BuildLock, LockedError
+from tsdfm.pipeline.lock import LOCK_FILE, BuildLock, LockedError
 
 
 def _dead_pid() -> int:

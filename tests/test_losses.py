@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from models.losses import cross_entropy_loss, generalized_kl_loss
-from models.path import MixturePath, PolynomialScheduler
+from tsdfm.models.losses import cross_entropy_loss, generalized_kl_loss
+from tsdfm.models.path import MixturePath, PolynomialScheduler
 
 
 def test_cross_entropy_counts_only_masked_positions_under_mask_source():

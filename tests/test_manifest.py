@@ -9,11 +9,11 @@ import fsspec
 import numpy as np
 import pytest
 
-from models import __version__
-from models.data.schema import TrajectoryBatch
-from models.errors import ConfigError, DataError
-from pipeline.manifest import MANIFEST_FILE, Manifest, plan_status
-from pipeline.shards import write_shard
+from tsdfm.models import __version__
+from tsdfm.models.data.schema import TrajectoryBatch
+from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.pipeline.manifest import MANIFEST_FILE, Manifest, plan_status
+from tsdfm.pipeline.shards import write_shard
 
 PLAN = {"teacher": "sha256:aa", "K": 4, "tau": 0.25, "num_shards": 4, "rows_per_shard": 5}
 FP = "fp-1111"

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from models.errors import ConfigError
-from models.rng import CounterRNG
-from models.solver import rollout, sample, uniform_grid
-from pipeline.navigator import NavigatorConfig, navigate
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.rng import CounterRNG
+from tsdfm.models.solver import rollout, sample, uniform_grid
+from tsdfm.pipeline.navigator import NavigatorConfig, navigate
 
 
 class TokenSumScorer:

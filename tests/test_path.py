@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from models.errors import ConfigError
-from models.path import MixturePath, PolynomialScheduler, parse_scheduler
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.path import MixturePath, PolynomialScheduler, parse_scheduler
 
 
 @pytest.mark.parametrize("n", [1.0, 2.0])

@@ -8,10 +8,10 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from models.data.trajectories import open_trajectory_dataset
-from models.errors import PathError
-from models.paths import confined
-from models.train.distill import DistillConfig, prepare_run
+from tsdfm.models.data.trajectories import open_trajectory_dataset
+from tsdfm.models.errors import PathError
+from tsdfm.models.paths import confined
+from tsdfm.models.train.distill import DistillConfig, prepare_run
 
 SHARD1 = "data/train-00001-of-00003.parquet"
 
@@ -50,7 +50,7 @@ def _teacher_with_language(tmp_path, saved_tiny_teacher, language: str):
 def test_a_checkpoint_data_file_outside_the_checkpoint_is_refused(
     tmp_path, tiny_blind_dataset, saved_tiny_teacher, how
 ):
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     outside = tmp_path / "outside.json"
     shutil.copy(saved_tiny_teacher / "language.json", outside)

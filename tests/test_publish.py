@@ -14,9 +14,9 @@ from fake_hub import FakeHub
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.hub import HubError, RetryPolicy, check_repo_id, publish, retry_after_seconds
-from pipeline.verify import verify
+from tsdfm.pipeline.cli import app
+from tsdfm.pipeline.hub import HubError, RetryPolicy, check_repo_id, publish, retry_after_seconds
+from tsdfm.pipeline.verify import verify
 
 TOKEN = "hf_tsdfmTestSecretToken0123456789"
 REPO = "tsdfm-org/tiny-traj"
@@ -97,7 +97,7 @@ def test_publish_opens_a_pr_uploads_merges_then_tags(hub, shaped):
 def test_published_version_reads_back_through_the_hub_api(hub, shaped, tmp_path):
     from datasets import Features, load_dataset
 
-    from models.data.schema import trajectory_schema
+    from tsdfm.models.data.schema import trajectory_schema
 
     publish(shaped, REPO)
     report = verify(f"{REPO}@v1")
@@ -313,8 +313,8 @@ def test_build_push_to_hub_publishes_the_build(hub, tmp_path, saved_tiny_teacher
 
 def test_rebuilding_identical_data_is_not_a_new_version(hub, shaped):
     """A rebuild gives the same shards; only the timing counters of manifest.json differ."""
-    from pipeline.manifest import Manifest
-    from pipeline.shards import ShardInfo
+    from tsdfm.pipeline.manifest import Manifest
+    from tsdfm.pipeline.shards import ShardInfo
 
     first = publish(shaped, REPO)
     m = Manifest.load(str(shaped))
@@ -347,7 +347,7 @@ def test_a_lost_answer_is_not_repeated_for_open_pr_and_merge(hub, shaped):
 def test_offline_mode_is_refused_at_once_not_retried_as_an_outage(hub, shaped, monkeypatch):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from pipeline.hub import Hub
+    from tsdfm.pipeline.hub import Hub
 
     sleeps = Sleeps()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -1,8 +1,8 @@
-"""models.refs: one parser of org/name[@revision], on huggingface_hub's validator."""
+"""tsdfm.models.refs: one parser of org/name[@revision], on huggingface_hub's validator."""
 
 import pytest
 
-from models.refs import HubRef, is_repo_id, parse_hub_ref
+from tsdfm.models.refs import HubRef, is_repo_id, parse_hub_ref
 
 
 @pytest.mark.parametrize(

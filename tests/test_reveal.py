@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.checkpoint import bundled_path, load_checkpoint
-from models.compass import ExactScorer
-from models.errors import ConfigError
-from models.eval.evaluate import EvalConfig, evaluate_checkpoint
-from models.path import MixturePath, parse_scheduler
-from models.rng import CounterRNG, Stream
-from models.solver import RevealPlan, dilated_ranks, rollout, sample, uniform_grid
-from pipeline.config import BuildConfig
-from pipeline.navigator import NavigatorConfig, navigate
+from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.models.compass import ExactScorer
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
+from tsdfm.models.path import MixturePath, parse_scheduler
+from tsdfm.models.rng import CounterRNG, Stream
+from tsdfm.models.solver import RevealPlan, dilated_ranks, rollout, sample, uniform_grid
+from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.navigator import NavigatorConfig, navigate
 
 
 def test_dilated_ranks_are_a_spread_permutation():
@@ -169,7 +169,7 @@ def test_new_navigator_fields_keep_old_fingerprints_and_change_new_ones():
 def test_exact_posterior_is_the_brute_force_conditional(tiny_language, markov):
     import numpy as np
 
-    from models.data.synthetic import ExactDenoiser, SyntheticLanguage
+    from tsdfm.models.data.synthetic import ExactDenoiser, SyntheticLanguage
 
     lang = tiny_language
     if not markov:  # a transition that depends on the state, not only on the token

@@ -1,6 +1,6 @@
 import torch
 
-from models.rng import CounterRNG, Stream, categorical, hash32, trajectory_seed
+from tsdfm.models.rng import CounterRNG, Stream, categorical, hash32, trajectory_seed
 
 
 def test_hash32_matches_reference_uint32_arithmetic():

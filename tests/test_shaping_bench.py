@@ -69,7 +69,7 @@ def test_split_documents_gives_the_evaluator_a_disjoint_tail_of_every_document(t
 def test_presets_keep_dataset_and_evaluation_seeds_apart(monkeypatch):
     import shaping
 
-    from models.errors import ConfigError
+    from tsdfm.models.errors import ConfigError
 
     p = shaping.PRESETS["synthetic"]["default"]
     assert len(p.dataset_seeds) >= 2 and max(p.dataset_seeds) < shaping.EVAL_SEED_BASE
@@ -136,7 +136,7 @@ def test_dilated_compass_command(tmp_path, monkeypatch):
     import shaping
     from typer.main import get_command
 
-    from pipeline.cli import app
+    from tsdfm.pipeline.cli import app
 
     p = shaping.PRESETS["synthetic"]["quick"]
     calls = []
@@ -179,7 +179,7 @@ def test_dilated_compass_command(tmp_path, monkeypatch):
 def test_ci_preset_runs_end_to_end_and_writes_the_documented_schema(tmp_path):
     import shaping
 
-    from models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
+    from tsdfm.models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
 
     out = tmp_path / "results" / "shaping-synthetic"
     result = shaping.run("synthetic", "ci", tmp_path / "work", str(out), "cpu", ARGS)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models.data.schema import (
+from tsdfm.models.data.schema import (
     METADATA_KEY,
     SCHEMA_VERSION,
     TrajectoryBatch,
@@ -21,10 +21,10 @@ from models.data.schema import (
     to_arrow,
     trajectory_schema,
 )
-from models.errors import DataError, ShardError
-from models.hashing import file_sha256
-from pipeline import shards
-from pipeline.shards import (
+from tsdfm.models.errors import DataError, ShardError
+from tsdfm.models.hashing import file_sha256
+from tsdfm.pipeline import shards
+from tsdfm.pipeline.shards import (
     cleanup_temp,
     default_row_group_rows,
     read_shard,

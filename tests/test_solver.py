@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models.path import MixturePath, PolynomialScheduler
-from models.rng import CounterRNG
-from models.solver import (
+from tsdfm.models.path import MixturePath, PolynomialScheduler
+from tsdfm.models.rng import CounterRNG
+from tsdfm.models.solver import (
     TemperedDenoiser,
     jump_probability,
     jump_step,
@@ -161,7 +161,7 @@ BUNDLED_32_STEP_SHA256 = "4bc85a547d1cdc86d064b2f51599ce328f40e4390a62d2e2e33183
 
 @pytest.fixture(scope="module")
 def bundled_teacher():
-    from models.checkpoint import bundled_path, load_checkpoint
+    from tsdfm.models.checkpoint import bundled_path, load_checkpoint
 
     return load_checkpoint(str(bundled_path("teacher")))
 
@@ -181,7 +181,7 @@ def test_temperature_one_is_the_old_sampler_bit_for_bit(bundled_teacher):
 
 
 def test_lower_temperature_gives_lower_unigram_entropy(bundled_teacher):
-    from models.eval.metrics import unigram_entropy
+    from tsdfm.models.eval.metrics import unigram_entropy
 
     model, mc = bundled_teacher.model.eval(), bundled_teacher.config
     seeds = torch.arange(24)
@@ -228,7 +228,7 @@ def test_cache_works_through_the_wrapper(oracle_factory):
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_temperature_is_a_config_error_naming_the_fix(tiny_teacher, bad):
-    from models.errors import ConfigError
+    from tsdfm.models.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"temperature=.* must be a finite number > 0"):
         sample(tiny_teacher, tiny_teacher.path, torch.arange(2), 8, 4, temperature=bad)
@@ -237,6 +237,6 @@ def test_bad_temperature_is_a_config_error_naming_the_fix(tiny_teacher, bad):
 
 
 def test_compass_training_keeps_its_tempered_denoiser():
-    from models.train import compass
+    from tsdfm.models.train import compass
 
     assert compass.TemperedDenoiser is TemperedDenoiser

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data.synthetic import LanguageConfig, SyntheticLanguage
-from models.errors import ConfigError, DataError
+from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
+from tsdfm.models.errors import ConfigError, DataError
 
 
 def _all_sequences(lang):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.checkpoint import load_checkpoint
-from models.data.synthetic import LanguageConfig
-from models.errors import ConfigError
-from models.train.teacher import TeacherTrainConfig, train_teacher
+from tsdfm.models.checkpoint import load_checkpoint
+from tsdfm.models.data.synthetic import LanguageConfig
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.train.teacher import TeacherTrainConfig, train_teacher
 
 LANG = LanguageConfig(vocab_size=12, num_states=4, branching=3, smoothing=0.05, seq_len=8, seed=3)
 
@@ -83,8 +83,8 @@ def test_bad_training_configs(tmp_path):
 
 
 def test_corpus_teacher_trains_and_saves_its_tokenizer(tmp_path):
-    from models.data.corpus import write_demo_corpus
-    from models.train.teacher import CorpusSource
+    from tsdfm.models.data.corpus import write_demo_corpus
+    from tsdfm.models.train.teacher import CorpusSource
 
     corpus_dir = write_demo_corpus(tmp_path / "corpus")
     data = CorpusSource.from_path(corpus_dir, seq_len=32, vocab_size=300)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from models.errors import CheckpointError, ConfigError
-from models.train.common import (
+from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.train.common import (
     EMA,
     MetricsLog,
     check_run_config,

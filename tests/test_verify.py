@@ -7,13 +7,13 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from models.data.schema import trajectory_schema
-from models.errors import DataError
-from pipeline.card import write_card
-from pipeline.cli import app
-from pipeline.manifest import Manifest
-from pipeline.shards import read_shard, shard_name, write_shard
-from pipeline.verify import choose_replay, parse_target, verify
+from tsdfm.models.data.schema import trajectory_schema
+from tsdfm.models.errors import DataError
+from tsdfm.pipeline.card import write_card
+from tsdfm.pipeline.cli import app
+from tsdfm.pipeline.manifest import Manifest
+from tsdfm.pipeline.shards import read_shard, shard_name, write_shard
+from tsdfm.pipeline.verify import choose_replay, parse_target, verify
 
 runner = CliRunner()
 SHARD = [shard_name(i, 3) for i in range(3)]

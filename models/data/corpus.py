@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from models.data.synthetic import MASK_TOKEN
-from models.errors import ConfigError, DataError
+from tsdfm.models.data.synthetic import MASK_TOKEN
+from tsdfm.models.errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_TOKEN_ID = 0

@@ -2,7 +2,7 @@
 
 ``tsdfm-pipeline verify`` checks a whole dataset once; a trainer reads it many times, maybe
 after a copy, a download or a disk fault. So every reader of a trajectory dataset
-(``models.data.trajectories``: the distill loader, its held-out split, the vocabulary check)
+(``tsdfm.models.data.trajectories``: the distill loader, its held-out split, the vocabulary check)
 runs two cheap checks by default (``distill --no-verify`` switches both off):
 
 * **Digests.** When the dataset folder holds ``manifest.json``, it must record every planned
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import ShardError
-from models.hashing import file_sha256
-from models.paths import confined
+from tsdfm.models.errors import ShardError
+from tsdfm.models.hashing import file_sha256
+from tsdfm.models.paths import confined
 
 MANIFEST_FILE = "manifest.json"
 _HASHED: dict[tuple[str, str], tuple[int, int]] = {}  # (path, sha256) → (size, mtime_ns) seen

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.errors import DataError
+from tsdfm.models.errors import DataError
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"tsdfm"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import ConfigError, DataError
+from tsdfm.models.errors import ConfigError, DataError
 
 LANGUAGE_FORMAT = "tsdfm-synthetic-language"
 LANGUAGE_VERSION = 1

@@ -24,7 +24,8 @@ Reading (``datasets`` streaming, one file = one ``datasets`` shard):
   those points plus the epoch and the round-robin pointer, a JSON object: a resumed run seeks
   straight to it (at most one file is re-read up to the row) and continues with the identical
   batch sequence.
-* **Integrity** (``models.data.integrity``, on unless ``verify=False``): before a shard file is
+* **Integrity** (``tsdfm.models.data.integrity``, on unless ``verify=False``): before a shard
+  file is
   decoded, its size and sha256 are checked against ``manifest.json`` when the folder has one;
   every row read is checked against the dataset contract (ids, grid, shapes, token ranges,
   reveal-once). Paths the card lists must lie inside the dataset folder.
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.data.integrity import (
+from tsdfm.models.data.integrity import (
     RowRules,
     ShardDigest,
     check_digest,
@@ -56,10 +57,10 @@ from models.data.integrity import (
     fix_hint,
     read_manifest_digests,
 )
-from models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
-from models.errors import ConfigError, DataError
-from models.paths import confined
-from models.refs import parse_hub_ref
+from tsdfm.models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
+from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.paths import confined
+from tsdfm.models.refs import parse_hub_ref
 
 SPLIT = "train"
 TRAIN_COLUMNS = ("trajectory_id", "times", "states")
@@ -197,7 +198,7 @@ class TrajectorySource:
         times: (S+1,) float32 time grid t_0 … t_S read from the first trajectory.
         seq_len: L.
         resolved_revision: the Hub commit the files were read at (None for a local folder).
-        verify: whether reads are checked (``models.data.integrity``).
+        verify: whether reads are checked (``tsdfm.models.data.integrity``).
         digests: manifest.json's record of each shard by file path (None: not checked).
         rules: the row invariants checked on every row read (None: not checked).
     """
@@ -375,7 +376,7 @@ def open_trajectory_dataset(spec: str | Path, verify: bool = True) -> Trajectory
 
     Args:
         spec: a dataset folder or Hub id ``org/name[@revision]``.
-        verify: check what is read (``models.data.integrity``): for a local folder with a
+        verify: check what is read (``tsdfm.models.data.integrity``): for a local folder with a
             manifest.json, the split against it and the sha256 of every shard (here, and again
             before a shard is decoded if its file changed since), and every row read against
             the dataset contract.
@@ -747,7 +748,7 @@ class _StreamWorkers(torch.utils.data.IterableDataset):
         self.starts, self.workers, self.max_token_id = starts, workers, max_token_id
 
     def __iter__(self):
-        from models.errors import TsdfmError
+        from tsdfm.models.errors import TsdfmError
 
         info = torch.utils.data.get_worker_info()
         w = 0 if info is None else info.id

@@ -31,14 +31,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from models.checkpoint import Checkpoint
-from models.compass import CompassScorer, Scorer, check_compass_for_teacher
-from models.errors import ConfigError
-from models.eval.metrics import unigram_entropy
-from models.rng import CounterRNG, trajectory_seed
-from models.solver import DenoiserCache, rollout, uniform_grid
-from models.train.compass import default_data_source, teacher_states
-from models.train.teacher import load_language
+from tsdfm.models.checkpoint import Checkpoint
+from tsdfm.models.compass import CompassScorer, Scorer, check_compass_for_teacher
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.eval.metrics import unigram_entropy
+from tsdfm.models.rng import CounterRNG, trajectory_seed
+from tsdfm.models.solver import DenoiserCache, rollout, uniform_grid
+from tsdfm.models.train.compass import default_data_source, teacher_states
+from tsdfm.models.train.teacher import load_language
 
 
 def rank(x: torch.Tensor) -> torch.Tensor:
@@ -276,7 +276,7 @@ def evaluate_scorer(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """All three measurements of ``scorer`` against ``teacher``; a JSON-able report."""
-    from models.eval.evaluate import _device_info
+    from tsdfm.models.eval.evaluate import _device_info
 
     teacher.model.to(device).eval()
     data = default_data_source(teacher)

@@ -2,9 +2,10 @@
 by an evaluator.
 
 Every (step count, temperature T) pair is an arm; its samples draw from softmax(logits / T)
-(``models.solver.TemperedDenoiser``; T = 1 is the model itself) with the same seeds in every
+(``tsdfm.models.solver.TemperedDenoiser``; T = 1 is the model itself) with the same seeds in every
 arm. For each arm the report holds the token-weighted generative perplexity under the chosen
-evaluator (``models.eval.evaluators``; which tokens weight it is in ``evaluator_info.tokens``),
+evaluator (``tsdfm.models.eval.evaluators``; which tokens weight it is in
+``evaluator_info.tokens``),
 the mean and sd of per-sample unigram entropy (nats, over the generator's L tokens), distinct-n
 for n = 1..4 (per-sample mean and over the whole set, generator tokens), NFE (steps, and
 per-sequence forward passes actually run) and seconds per sample; the same figures (but speed)
@@ -29,19 +30,19 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import Checkpoint
-from models.errors import ConfigError, DataError
-from models.eval.metrics import (
+from tsdfm.models.checkpoint import Checkpoint
+from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.eval.metrics import (
     Evaluator,
     ExactEvaluator,
     distinct_n,
     generative_perplexity,
     unigram_entropy,
 )
-from models.eval.sampling import decode as decode_samples
-from models.eval.sampling import default_order
-from models.rng import trajectory_seed
-from models.solver import Counters, RevealPlan, check_temperature, sample
+from tsdfm.models.eval.sampling import decode as decode_samples
+from tsdfm.models.eval.sampling import default_order
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.models.solver import Counters, RevealPlan, check_temperature, sample
 
 DISTINCT_ORDERS = (1, 2, 3, 4)
 METRICS = {
@@ -69,8 +70,8 @@ class EvalConfig:
         temperatures: sampler temperatures T > 0; every (steps, T) pair is an arm.
         match_entropy: entropies (nats) at which to read each step count's frontier
             (:func:`gen_ppl_at_entropy`).
-        order: reveal order of the sampler (``models.solver.RevealPlan``); None is the
-            checkpoint's own (``models.eval.sampling.default_order``: a student's dataset's).
+        order: reveal order of the sampler (``tsdfm.models.solver.RevealPlan``); None is the
+            checkpoint's own (``tsdfm.models.eval.sampling.default_order``: a student's dataset's).
     """
 
     steps: tuple[int, ...] = (1024, 8)
@@ -183,7 +184,7 @@ def reference_windows(path: str | Path, ckpt: Checkpoint, samples: int, seed: in
     ``path`` (a .txt file or a folder of them), cut with the checkpoint's own tokenizer exactly
     as its training corpus was, chosen by a permutation seeded with ``seed + 1``. Use held-out
     text: the figures are those of the data the samples should look like."""
-    from models.data.corpus import CorpusConfig, TokenizedCorpus
+    from tsdfm.models.data.corpus import CorpusConfig, TokenizedCorpus
 
     mc = ckpt.config
     if mc.data.get("kind") == "synthetic":
@@ -214,7 +215,7 @@ def evaluate_checkpoint(
         cfg: step counts, temperatures, samples, seed, entropies to read the frontier at.
         device: where to sample.
         progress: called as progress(label, done, total) after each batch.
-        evaluator: loaded once with ``models.eval.evaluators.load_evaluator`` (bound to
+        evaluator: loaded once with ``tsdfm.models.eval.evaluators.load_evaluator`` (bound to
             ``ckpt`` here); None is the exact likelihood, which only synthetic checkpoints have.
         reference: (n, L) real-data rows of a text checkpoint (:func:`reference_windows`); the
             synthetic language draws its own.
@@ -227,7 +228,7 @@ def evaluate_checkpoint(
     synthetic = mc.data.get("kind") == "synthetic"
     language = None
     if synthetic:
-        from models.train.teacher import load_language
+        from tsdfm.models.train.teacher import load_language
 
         language = load_language(ckpt.directory, mc.data)
     elif reference is not None and (reference.dim() != 2 or reference.shape[1] != mc.seq_len):

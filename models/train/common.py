@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.errors import CheckpointError, ConfigError
+from tsdfm.models.errors import CheckpointError, ConfigError
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"

@@ -2,7 +2,7 @@
 
 Positives are real sequences x_1 noised to time t along the mixture path, x_t ~ p_t(· | x_1);
 negatives are the teacher's own trajectory states at the same t. Both follow one reveal order
-(``models.solver.RevealPlan``, :func:`noise_like`): "random", the path's own rule, or
+(``tsdfm.models.solver.RevealPlan``, :func:`noise_like`): "random", the path's own rule, or
 "dilated", the order of a dataset built with ``--reveal-order dilated``, so that the compass
 learns on the reveal patterns it will score. With energy E_θ(x_t, t) and the logistic
 classifier P(real | x_t, t) = σ(−E_θ(x_t, t)), the loss is the binary cross-entropy with
@@ -52,13 +52,13 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from models.compass import CompassModel, check_teacher_identity, compass_config
-from models.errors import CheckpointError, ConfigError, DataError
-from models.flow_model import FlowModel, ModelConfig
-from models.path import MixturePath
-from models.rng import CounterRNG, trajectory_seed
-from models.solver import (
+from tsdfm.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tsdfm.models.compass import CompassModel, check_teacher_identity, compass_config
+from tsdfm.models.errors import CheckpointError, ConfigError, DataError
+from tsdfm.models.flow_model import FlowModel, ModelConfig
+from tsdfm.models.path import MixturePath
+from tsdfm.models.rng import CounterRNG, trajectory_seed
+from tsdfm.models.solver import (
     REVEAL_ORDERS,
     Counters,
     DenoiserCache,
@@ -67,7 +67,7 @@ from models.solver import (
     rollout,
     uniform_grid,
 )
-from models.train.common import (
+from tsdfm.models.train.common import (
     EMA,
     MetricsLog,
     check_run_config,
@@ -79,7 +79,7 @@ from models.train.common import (
     save_step_state,
     seeded,
 )
-from models.train.teacher import LANGUAGE_FILE, DataSource, SyntheticSource, load_language
+from tsdfm.models.train.teacher import LANGUAGE_FILE, DataSource, SyntheticSource, load_language
 
 # Lanes of the counter RNG reserved for the compass's teacher trajectories. Samplers and the
 # navigator use lanes 0..K−1, so these trajectories are independent of every other trajectory
@@ -155,7 +155,7 @@ def teacher_states(
 ) -> torch.Tensor:
     """States x_{t_j} of B blind teacher trajectories at per-row grid indices j.
 
-    Each row is one trajectory of the N-step teacher sampler (``models.solver.sample``): x_0
+    Each row is one trajectory of the N-step teacher sampler (``tsdfm.models.solver.sample``): x_0
     from the source, then the jump rule over t_j = j / N in the reveal order of ``plan``. The
     batch is rolled in segments between the requested indices (exact: the counter RNG is keyed
     by the global step).
@@ -168,7 +168,7 @@ def teacher_states(
         n_steps: N, teacher steps over [0, 1].
         record_at: (B, R) int64 grid indices in [0, N] at which each row is recorded.
         counters: accumulates the teacher's forward calls.
-        plan: the reveal order (:class:`models.solver.RevealPlan`; dilated needs N a multiple
+        plan: the reveal order (:class:`tsdfm.models.solver.RevealPlan`; dilated needs N a multiple
             of its S segments); None is the random order.
 
     Returns:
@@ -222,7 +222,7 @@ class TeacherNegatives:
         records: R states recorded per trajectory.
         heldout_trajectories: trajectories of the held-out set (R records each).
         temperature: T of the teacher's draws (the module docstring says why T > 1).
-        plan: reveal order of the rollouts (:class:`models.solver.RevealPlan`); None = random.
+        plan: reveal order of the rollouts (:class:`tsdfm.models.solver.RevealPlan`); None = random.
         seed: base seed; bank r uses trajectory seeds seed·2^32 + r·M + j in lane NEGATIVE_LANE,
             the held-out set seeds seed·2^32 + j in lane HELDOUT_LANE. Record times are drawn
             from a generator seeded with seed·2^20 + r for bank r and 2^62 + seed for the
@@ -422,8 +422,8 @@ def default_data_source(teacher: Checkpoint, corpus: str | Path | None = None) -
             )
         if teacher.tokenizer is None:
             raise DataError(f"teacher {teacher.spec} has no tokenizer.json to cut the corpus with")
-        from models.data.corpus import CorpusConfig, TokenizedCorpus
-        from models.train.teacher import CorpusSource
+        from tsdfm.models.data.corpus import CorpusConfig, TokenizedCorpus
+        from tsdfm.models.train.teacher import CorpusSource
 
         windows = TokenizedCorpus.from_path(
             corpus, teacher.tokenizer, CorpusConfig(seq_len=teacher.config.seq_len)
@@ -662,7 +662,7 @@ def _heldout_set(negatives, data, path, plan, tcfg, seed: int, device) -> dict:
 
 @torch.no_grad()
 def _heldout_metrics(model, ema, heldout: dict, chunk: int = 1024) -> dict:
-    from models.eval.compass_metrics import energy_auc, stratified_auc
+    from tsdfm.models.eval.compass_metrics import energy_auc, stratified_auc
 
     was_training = model.training
     model.eval()

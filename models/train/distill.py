@@ -6,7 +6,7 @@ Its step count S is the dataset's: the grid t_0 = 0 < … < t_S = 1 of the recor
 trajectories. Every segment k of a trajectory is an example (x_{t_k}, t_k, h_k = t_{k+1} − t_k)
 with the targets x_{t_{k+1}} (the trajectory's own next midpoint) and x_1 (its final sequence).
 
-Loss (``models.losses.segment_loss``): the negative log-likelihood of the recorded segment
+Loss (``tsdfm.models.losses.segment_loss``): the negative log-likelihood of the recorded segment
 x_t → x_{t+h} under the student's own S-step jump rule,
 
     ℓ(θ) = −Σ_i log[ (1 − q) · δ(x_{t+h}^i, x_t^i) + q · p_θ(x_{t+h}^i | x_t, t, h) ],
@@ -29,7 +29,7 @@ is the DFM target; with shaping they differ, and the segment target is the one t
 step samples from.) An optional λ-weighted cross-entropy toward x_1 on the positions a segment
 left masked (``--final-weight``) trades that exactness for lower variance; see docs/distill.md.
 
-The loop mirrors ``models.train.teacher``: AdamW (β = 0.9, 0.95) with linear warmup and cosine
+The loop mirrors ``tsdfm.models.train.teacher``: AdamW (β = 0.9, 0.95) with linear warmup and cosine
 decay, gradient clipping, gradient accumulation, an EMA of the weights, bf16 autocast on CUDA,
 resumable checkpoints (model, optimizer, EMA, step, data position, torch RNG; pickle-free), a
 held-out loss on a deterministic split of trajectory ids, metrics.jsonl (and TensorBoard when
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from models.data.trajectories import (
+from tsdfm.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tsdfm.models.data.trajectories import (
     ExampleBatch,
     Examples,
     LoaderConfig,
@@ -60,11 +60,11 @@ from models.data.trajectories import (
     open_trajectory_dataset,
     table_arrays,
 )
-from models.devices import check_device, resolve_device
-from models.errors import CheckpointError, ConfigError
-from models.flow_model import FlowModel, student_from_teacher
-from models.losses import segment_loss
-from models.train.common import (
+from tsdfm.models.devices import check_device, resolve_device
+from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.flow_model import FlowModel, student_from_teacher
+from tsdfm.models.losses import segment_loss
+from tsdfm.models.train.common import (
     EMA,
     MetricsLog,
     check_run_config,

@@ -3,7 +3,7 @@
 The model is a ``transformers`` Llama decoder p_φ(y_j | y_<j) over the project's byte-level BPE
 tokens (the tokenizer of a text teacher, so it can read the teacher's samples without
 retokenizing). The corpus is cut into windows w_{1:L} exactly as for the teacher
-(``models.data.corpus``: one stream ``doc EOS doc EOS ...``, non-overlapping windows), each
+(``tsdfm.models.data.corpus``: one stream ``doc EOS doc EOS ...``, non-overlapping windows), each
 window is prefixed with the start token y_0 = EOS, and the loss is
 
     ℓ(φ) = −(1/L) Σ_{j=1..L} log p_φ(w_j | EOS, w_<j)
@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from models.causal_lm import PROJECT_LM_FILE
-from models.data.corpus import (
+from tsdfm.models.causal_lm import PROJECT_LM_FILE
+from tsdfm.models.data.corpus import (
     EOS_TOKEN,
     EOS_TOKEN_ID,
     CorpusConfig,
@@ -46,9 +46,9 @@ from models.data.corpus import (
     _digest,
     load_texts,
 )
-from models.data.synthetic import MASK_TOKEN
-from models.errors import ConfigError, DataError
-from models.train.common import (
+from tsdfm.models.data.synthetic import MASK_TOKEN
+from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.train.common import (
     MetricsLog,
     check_run_config,
     due,

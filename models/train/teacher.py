@@ -1,7 +1,7 @@
 """Teacher pretraining: fit p_θ(x_1 | x_t) on the mixture path.
 
 Each step draws x_1 from the data, t ~ U[0, 1], x_t ~ p_t(· | x_1) along the path, and minimises
-the cross-entropy on x_1 (or the generalized KL, see ``models.losses``). All randomness comes
+the cross-entropy on x_1 (or the generalized KL, see ``tsdfm.models.losses``). All randomness comes
 from one explicit ``torch.Generator`` whose state is checkpointed, so a resumed run is exact.
 """
 
@@ -17,14 +17,14 @@ from typing import Any, Protocol
 
 import torch
 
-from models.checkpoint import save_checkpoint
-from models.data.corpus import CorpusConfig, TokenizedCorpus, load_texts, train_bpe_tokenizer
-from models.data.synthetic import LanguageConfig, SyntheticLanguage
-from models.errors import ConfigError, DataError
-from models.flow_model import FlowModel, teacher_config
-from models.losses import cross_entropy_loss, generalized_kl_loss
-from models.paths import confined
-from models.train.common import (
+from tsdfm.models.checkpoint import save_checkpoint
+from tsdfm.models.data.corpus import CorpusConfig, TokenizedCorpus, load_texts, train_bpe_tokenizer
+from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
+from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.flow_model import FlowModel, teacher_config
+from tsdfm.models.losses import cross_entropy_loss, generalized_kl_loss
+from tsdfm.models.paths import confined
+from tsdfm.models.train.common import (
     EMA,
     MetricsLog,
     check_run_config,
