@@ -35,9 +35,9 @@ import torch
 from results_io import write_results
 
 from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.pipeline.build import run_build
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.navigator import NavigatorConfig
 
 
 def _column_bytes(root: Path) -> dict[str, int]:

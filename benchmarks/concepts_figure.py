@@ -35,9 +35,9 @@ from results_io import cpu_model
 from tokenizers import Tokenizer
 
 from tsdfm.models.checkpoint import bundled_path
+from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.pipeline.build import run_build
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.navigator import NavigatorConfig
 
 MASKED, EARLIER, NEW = 0, 1, 2
 COLOURS = ("#e4e4e4", "#9ecae1", "#e6550d")

@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import cpu_device, package_versions, write_results
 
 from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+from tsdfm.models.data.sources import load_language
 from tsdfm.models.data.synthetic import ExactDenoiser
 from tsdfm.models.eval.evaluate import FrontierPoint, describe_samples, gen_ppl_at_entropy
 from tsdfm.models.eval.metrics import ExactEvaluator
 from tsdfm.models.rng import trajectory_seed
 from tsdfm.models.solver import sample
-from tsdfm.models.train.teacher import load_language
 
 EVAL_SEED_BASE = 1000
 TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6)

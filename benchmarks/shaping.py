@@ -611,7 +611,7 @@ class Run:
     # -- datasets ---------------------------------------------------------------------------
     def nav_config(self, arm: DataArm):
         """The arm's NavigatorConfig: S and N of the preset, its K, τ and navigator options."""
-        from tsdfm.pipeline.navigator import NavigatorConfig
+        from tsdfm.models.navigator import NavigatorConfig
 
         known = {f.name for f in fields(NavigatorConfig)} - set(_NAV_FIXED)
         unknown = sorted(set(arm.navigator) - known)
@@ -778,7 +778,7 @@ class Run:
 
         def make() -> tuple[torch.Tensor, dict]:
             from tsdfm.models.compass import CompassScorer
-            from tsdfm.pipeline.navigator import navigate
+            from tsdfm.models.navigator import navigate
 
             p = self.p
             teacher = self.checkpoint(self.teacher)
@@ -818,7 +818,7 @@ class Run:
             import pyarrow.parquet as pq
 
             from tsdfm.models.data.trajectories import open_trajectory_dataset, table_arrays
-            from tsdfm.pipeline.navigator import NavigatorConfig
+            from tsdfm.models.navigator import NavigatorConfig
 
             source = open_trajectory_dataset(record["root"])
             ids, finals = [], []
@@ -1073,7 +1073,7 @@ def prepare_dilated_compass(
 def text_reference(corpus: str, teacher: Checkpoint, samples: int) -> torch.Tensor:
     """Held-out real windows of the teacher's corpus, cut and split as its training run did."""
     from tsdfm.models.data.corpus import CorpusConfig, TokenizedCorpus
-    from tsdfm.models.train.teacher import CorpusSource
+    from tsdfm.models.data.sources import CorpusSource
 
     windows = TokenizedCorpus.from_path(
         corpus, teacher.tokenizer, CorpusConfig(seq_len=teacher.config.seq_len)
@@ -1446,7 +1446,7 @@ SAMPLER_TEXT = (
 def _real_data(r: Run, track: str, made: dict[str, str], teacher: str) -> dict:
     """Real sequences scored like the samples: the language's own draws, or held-out text."""
     if track == "synthetic":
-        from tsdfm.models.train.teacher import load_language
+        from tsdfm.models.data.sources import load_language
 
         ckpt = r.checkpoint(teacher)
         language = load_language(ckpt.directory, ckpt.config.data)
@@ -1947,7 +1947,7 @@ def _compass_label(spec: str | None) -> str:
 
 
 def _navigator_defaults() -> dict:
-    from tsdfm.pipeline.navigator import NavigatorConfig
+    from tsdfm.models.navigator import NavigatorConfig
 
     return asdict(NavigatorConfig())
 

@@ -1,7 +1,7 @@
 """Shaping in memory: issue 13's questions on the synthetic language, before the full benchmark.
 
 Each arm is a dataset made by the library's own navigator
-(``tsdfm.pipeline.navigator.navigate``) and a
+(``tsdfm.models.navigator.navigate``) and a
 student distilled from it with the library's own training step (``StudentStep``, segment NLL),
 all in memory: no Ray, no Parquet, so an arm costs minutes. Everything is scored by the exact
 likelihood of the language and read **at matched entropy**, against temperature frontiers of
@@ -42,14 +42,14 @@ from results_io import cpu_device, package_versions, write_results
 
 from tsdfm.models.checkpoint import bundled_path, load_checkpoint
 from tsdfm.models.compass import CompassScorer, ExactScorer
+from tsdfm.models.data.sources import load_language
 from tsdfm.models.data.trajectories import ExampleBatch
 from tsdfm.models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
 from tsdfm.models.eval.metrics import unigram_entropy
+from tsdfm.models.navigator import NavigatorConfig, navigate
 from tsdfm.models.rng import trajectory_seed
 from tsdfm.models.solver import sample
 from tsdfm.models.train.distill import DistillConfig, StudentStep, build_student
-from tsdfm.models.train.teacher import load_language
-from tsdfm.pipeline.navigator import NavigatorConfig, navigate
 
 EVAL_SEED_BASE = 1000
 ARMS = ("blind", "ratio", "joint", "compass", "compass-ratio")

@@ -310,7 +310,7 @@ class ExactScorer:
     @staticmethod
     def for_teacher(spec: str, teacher: Checkpoint) -> ExactScorer:
         """The exact scorer named ``spec`` ("exact" or "exact-ratio") for a synthetic teacher."""
-        from tsdfm.models.train.teacher import load_language
+        from tsdfm.models.data.sources import load_language
 
         if teacher.config.data.get("kind") != "synthetic" or teacher.config.source != "mask":
             raise ConfigError(

@@ -99,9 +99,9 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
         manifest. Rerun the same command to resume.
         """
         from tsdfm.models.errors import ConfigError
+        from tsdfm.models.navigator import NavigatorConfig
         from tsdfm.pipeline.build import check_arguments, run_build
         from tsdfm.pipeline.config import BuildConfig
-        from tsdfm.pipeline.navigator import NavigatorConfig
 
         if old_temperature is not None:
             raise ConfigError(
@@ -109,6 +109,9 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                 "for the softmax selection or --teacher-temperature for the teacher's draws"
             )
         check_arguments(out, device, num_workers, max_retries)
+        from tsdfm.pipeline.executor import import_ray
+
+        import_ray()  # the build side's extra, before anything is shown or written
         if push_to_hub is not None:  # fail before the build, not after it
             from tsdfm.pipeline.hub import check_repo_id, resolve_token
 

@@ -289,12 +289,8 @@ def teacher_train(
     eval_samples: Annotated[int, typer.Option(help="Samples of the final evaluation.")] = 256,
 ) -> None:
     """Pretrain a discrete-flow teacher (resumable: rerun the same command)."""
-    from tsdfm.models.train.teacher import (
-        CorpusSource,
-        SyntheticSource,
-        TeacherTrainConfig,
-        train_teacher,
-    )
+    from tsdfm.models.data.sources import CorpusSource, SyntheticSource
+    from tsdfm.models.train.teacher import TeacherTrainConfig, train_teacher
 
     data = None
     if corpus is not None:
@@ -407,7 +403,8 @@ def compass_train(
 ) -> None:
     """Train an energy compass on the teacher's own states (resumable: rerun the command)."""
     from tsdfm.models.checkpoint import load_checkpoint
-    from tsdfm.models.train.compass import CompassTrainConfig, default_data_source, train_compass
+    from tsdfm.models.data.sources import default_data_source
+    from tsdfm.models.train.compass import CompassTrainConfig, train_compass
 
     cfg = CompassTrainConfig(
         out=str(out),
@@ -589,7 +586,9 @@ def demo(
     entropy matches the shaped student's), and prints a results table. Rerun to resume.
     """
     from tsdfm.pipeline.demo import DemoConfig, format_results, run_demo
+    from tsdfm.pipeline.executor import import_ray
 
+    import_ray()  # the demo builds: needs the build side's extra
     cfg = DemoConfig(
         trajectories_per_shard=trajectories_per_shard,
         distill_steps=distill_steps,

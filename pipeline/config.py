@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.hashing import sha256_json
+from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.models.rng import trajectory_seed
-from tsdfm.pipeline.navigator import NavigatorConfig
 
 PRECISIONS = ("fp32", "bf16")
 # navigator fields newer than the first published datasets → their defaults (left out at these)

@@ -90,11 +90,11 @@ Log = Callable[[str], None]
 
 
 def _build(cfg: DemoConfig, root: Path, compass: str | None, k: int, log: Log) -> dict:
+    from tsdfm.models.navigator import NavigatorConfig
     from tsdfm.pipeline.build import run_build
     from tsdfm.pipeline.card import statistics
     from tsdfm.pipeline.config import BuildConfig
     from tsdfm.pipeline.manifest import Manifest
-    from tsdfm.pipeline.navigator import NavigatorConfig
 
     nav = NavigatorConfig(cfg.student_steps, cfg.teacher_steps, k)
     build_cfg = BuildConfig(

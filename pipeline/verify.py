@@ -737,7 +737,7 @@ def _check_rows(
     el = _lengths(col["energies"])
     rows.check(el != S, f"energies has S = {S} lists")
     if (el == S).all():
-        from tsdfm.pipeline.navigator import NavigatorConfig
+        from tsdfm.models.navigator import NavigatorConfig
 
         try:
             shaped = np.array(NavigatorConfig(**nav).shaped_segments(), dtype=bool)

@@ -19,9 +19,9 @@ from tsdfm.models import __version__
 from tsdfm.models.checkpoint import Checkpoint, load_checkpoint
 from tsdfm.models.data.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
 from tsdfm.models.eval.metrics import unigram_entropy
+from tsdfm.models.navigator import navigate
 from tsdfm.models.rng import trajectory_seed
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.navigator import navigate
 from tsdfm.pipeline.shards import ShardInfo, write_shard
 
 

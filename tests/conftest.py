@@ -146,9 +146,9 @@ def saved_tiny_compass(tmp_path_factory, saved_tiny_teacher, tiny_language):
 
 
 def _build_tiny_dataset(root, teacher, compass, candidates):
+    from tsdfm.models.navigator import NavigatorConfig
     from tsdfm.pipeline.build import run_build
     from tsdfm.pipeline.config import BuildConfig
-    from tsdfm.pipeline.navigator import NavigatorConfig
 
     nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=candidates)
     cfg = BuildConfig(

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from tsdfm.models.errors import ConfigError
+from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.pipeline.build import run_build
 from tsdfm.pipeline.config import BuildConfig
 from tsdfm.pipeline.manifest import Manifest
-from tsdfm.pipeline.navigator import NavigatorConfig
 from tsdfm.pipeline.shards import read_shard
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(teacher: str):
+    from tsdfm.models.navigator import NavigatorConfig
     from tsdfm.pipeline.config import BuildConfig
-    from tsdfm.pipeline.navigator import NavigatorConfig
 
     nav = NavigatorConfig(student_steps=4, teacher_steps=128, candidates=1)
     return BuildConfig(

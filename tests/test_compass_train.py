@@ -10,23 +10,21 @@ from typer.testing import CliRunner
 
 from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
 from tsdfm.models.compass import TeacherMismatchWarning, load_compass
+from tsdfm.models.data.sources import SyntheticSource
 from tsdfm.models.errors import CheckpointError, ConfigError, DataError
 from tsdfm.models.eval.compass_metrics import energy_auc
 from tsdfm.models.flow_model import FlowModel, teacher_config
 from tsdfm.models.path import MixturePath, PolynomialScheduler
 from tsdfm.models.rng import CounterRNG
-from tsdfm.models.solver import RevealPlan, sample
+from tsdfm.models.solver import RevealPlan, noise_like, sample, teacher_states
 from tsdfm.models.train.common import seeded
 from tsdfm.models.train.compass import (
     CompassTrainConfig,
     TeacherNegatives,
     _jsonable,
     nce_loss,
-    noise_like,
-    teacher_states,
     train_compass,
 )
-from tsdfm.models.train.teacher import SyntheticSource
 from tsdfm.pipeline.cli import app
 
 DATA = {"kind": "synthetic", "language": "language.json"}

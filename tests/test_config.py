@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tsdfm.models.errors import ConfigError
+from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.navigator import NavigatorConfig
 
 TEACHER = "sha256:" + "a" * 64
 COMPASS = "sha256:" + "b" * 64

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from tsdfm.models.errors import ConfigError
+from tsdfm.models.navigator import NavigatorConfig, navigate
 from tsdfm.models.rng import CounterRNG
 from tsdfm.models.solver import rollout, sample, uniform_grid
-from tsdfm.pipeline.navigator import NavigatorConfig, navigate
 
 
 class TokenSumScorer:

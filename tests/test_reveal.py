@@ -9,11 +9,11 @@ from tsdfm.models.checkpoint import bundled_path, load_checkpoint
 from tsdfm.models.compass import ExactScorer
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
+from tsdfm.models.navigator import NavigatorConfig, navigate
 from tsdfm.models.path import MixturePath, parse_scheduler
 from tsdfm.models.rng import CounterRNG, Stream
 from tsdfm.models.solver import RevealPlan, dilated_ranks, rollout, sample, uniform_grid
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.navigator import NavigatorConfig, navigate
 
 
 def test_dilated_ranks_are_a_spread_permutation():

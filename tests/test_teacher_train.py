@@ -84,7 +84,7 @@ def test_bad_training_configs(tmp_path):
 
 def test_corpus_teacher_trains_and_saves_its_tokenizer(tmp_path):
     from tsdfm.models.data.corpus import write_demo_corpus
-    from tsdfm.models.train.teacher import CorpusSource
+    from tsdfm.models.data.sources import CorpusSource
 
     corpus_dir = write_demo_corpus(tmp_path / "corpus")
     data = CorpusSource.from_path(corpus_dir, seq_len=32, vocab_size=300)

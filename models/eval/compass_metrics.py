@@ -33,12 +33,11 @@ import torch
 
 from tsdfm.models.checkpoint import Checkpoint
 from tsdfm.models.compass import CompassScorer, Scorer, check_compass_for_teacher
+from tsdfm.models.data.sources import default_data_source, load_language
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.eval.metrics import unigram_entropy
 from tsdfm.models.rng import CounterRNG, trajectory_seed
-from tsdfm.models.solver import DenoiserCache, rollout, uniform_grid
-from tsdfm.models.train.compass import default_data_source, teacher_states
-from tsdfm.models.train.teacher import load_language
+from tsdfm.models.solver import DenoiserCache, rollout, teacher_states, uniform_grid
 
 
 def rank(x: torch.Tensor) -> torch.Tensor:

@@ -228,7 +228,7 @@ def evaluate_checkpoint(
     synthetic = mc.data.get("kind") == "synthetic"
     language = None
     if synthetic:
-        from tsdfm.models.train.teacher import load_language
+        from tsdfm.models.data.sources import load_language
 
         language = load_language(ckpt.directory, mc.data)
     elif reference is not None and (reference.dim() != 2 or reference.shape[1] != mc.seq_len):

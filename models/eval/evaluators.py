@@ -183,7 +183,7 @@ class GeneratorText:
     def from_checkpoint(ckpt: Checkpoint) -> GeneratorText:
         mc = ckpt.config
         if mc.data.get("kind") == "synthetic":
-            from tsdfm.models.train.teacher import load_language
+            from tsdfm.models.data.sources import load_language
 
             return GeneratorText(
                 None, load_language(ckpt.directory, mc.data), None, mc.mask_token_id

@@ -58,8 +58,8 @@ class ExactEvaluator:
         self.language = language
 
     def bind(self, ckpt: Any) -> ExactEvaluator:
+        from tsdfm.models.data.sources import load_language
         from tsdfm.models.errors import ConfigError
-        from tsdfm.models.train.teacher import load_language
 
         kind = ckpt.config.data.get("kind", "unknown")
         if kind != "synthetic":

@@ -75,7 +75,7 @@ def decode(ckpt: Checkpoint, tokens: torch.Tensor) -> list[str] | None:
     mc = ckpt.config
     language_file = ckpt.data_file() if mc.data.get("kind") == "synthetic" else None
     if language_file is not None and language_file.is_file():
-        from tsdfm.models.train.teacher import load_language
+        from tsdfm.models.data.sources import load_language
 
         language = load_language(ckpt.directory, mc.data)
         return [language.decode(row, mc.mask_token_id) for row in tokens]

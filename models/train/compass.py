@@ -54,18 +54,17 @@ import torch.nn.functional as F
 
 from tsdfm.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tsdfm.models.compass import CompassModel, check_teacher_identity, compass_config
+from tsdfm.models.data.sources import LANGUAGE_FILE, DataSource, default_data_source
 from tsdfm.models.errors import CheckpointError, ConfigError, DataError
 from tsdfm.models.flow_model import FlowModel, ModelConfig
-from tsdfm.models.path import MixturePath
 from tsdfm.models.rng import CounterRNG, trajectory_seed
 from tsdfm.models.solver import (
     REVEAL_ORDERS,
     Counters,
-    DenoiserCache,
     RevealPlan,
     TemperedDenoiser,
-    rollout,
-    uniform_grid,
+    noise_like,
+    teacher_states,
 )
 from tsdfm.models.train.common import (
     EMA,
@@ -79,7 +78,6 @@ from tsdfm.models.train.common import (
     save_step_state,
     seeded,
 )
-from tsdfm.models.train.teacher import LANGUAGE_FILE, DataSource, SyntheticSource, load_language
 
 # Lanes of the counter RNG reserved for the compass's teacher trajectories. Samplers and the
 # navigator use lanes 0..K−1, so these trajectories are independent of every other trajectory
@@ -96,98 +94,6 @@ def nce_loss(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
         e_neg: (B',) energies of teacher states.
     """
     return 0.5 * (F.softplus(e_pos).mean() + F.softplus(-e_neg).mean())
-
-
-def noise_like(
-    path: MixturePath,
-    plan: RevealPlan,
-    x_1: torch.Tensor,
-    t: torch.Tensor,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """x_t: real sequences noised to t in the reveal order of ``plan`` (the positives).
-
-    random: x_t ~ p_t(· | x_1) of the mixture path, exactly ``path.sample(x_1, t, generator)``
-    (same generator calls). dilated (mask source): position i, in segment k_i of the S-segment
-    grid (``plan.segment_of``), is revealed at
-
-        τ_i = (k_i + u_i) / S,   u_i ~ U(0, 1],   x_t^i = x_1^i if τ_i ≤ t else [MASK],
-
-    a uniform time inside its segment, as the dilated teacher reveals it; at a segment end
-    t = k / S exactly the segments < k are revealed. t is compared in units of segments, a t
-    equal in float32 to a segment end counting as that end (the bank's times are float32).
-
-    Args:
-        path: the teacher's mixture path.
-        plan: the reveal order and its S segments.
-        x_1: (B, L) int64 data tokens.
-        t: (B,) times in [0, 1].
-        generator: explicit generator on x_1's device.
-
-    Returns:
-        (B, L) int64 x_t.
-    """
-    if plan.order == "random":
-        return path.sample(x_1, t, generator).x_t
-    plan.check(path)
-    B, L = x_1.shape
-    S = plan.segments
-    seg = plan.segment_of(path, L, x_1.device)
-    u = 1.0 - torch.rand((B, L), generator=generator, device=x_1.device, dtype=torch.float64)
-    t = t.to(x_1.device)
-    ts = t.double() * S
-    end = ts.round()
-    ts = torch.where(t.float() == (end / S).float(), end, ts)  # a segment end, in float32
-    revealed = seg + u <= ts.unsqueeze(1)
-    return torch.where(revealed, x_1, torch.full_like(x_1, path.mask_token_id))
-
-
-@torch.no_grad()
-def teacher_states(
-    teacher: FlowModel | TemperedDenoiser,
-    path: MixturePath,
-    rng: CounterRNG,
-    seq_len: int,
-    n_steps: int,
-    record_at: torch.Tensor,
-    counters: Counters | None = None,
-    plan: RevealPlan | None = None,
-) -> torch.Tensor:
-    """States x_{t_j} of B blind teacher trajectories at per-row grid indices j.
-
-    Each row is one trajectory of the N-step teacher sampler (``tsdfm.models.solver.sample``): x_0
-    from the source, then the jump rule over t_j = j / N in the reveal order of ``plan``. The
-    batch is rolled in segments between the requested indices (exact: the counter RNG is keyed
-    by the global step).
-
-    Args:
-        teacher: the denoiser.
-        path: its mixture path.
-        rng: counter-based randomness of the B trajectories (seeds and lane).
-        seq_len: L.
-        n_steps: N, teacher steps over [0, 1].
-        record_at: (B, R) int64 grid indices in [0, N] at which each row is recorded.
-        counters: accumulates the teacher's forward calls.
-        plan: the reveal order (:class:`tsdfm.models.solver.RevealPlan`; dilated needs N a multiple
-            of its S segments); None is the random order.
-
-    Returns:
-        (B, R, L) int64 states; [b, r] is trajectory b at t = record_at[b, r] / N.
-    """
-    B, R = record_at.shape
-    device = rng.device
-    record_at = record_at.to(device)
-    grid = uniform_grid(n_steps, device)
-    x = path.sample_source((B, seq_len), rng)
-    out = torch.empty((B, R, seq_len), dtype=torch.long, device=device)
-    cur, cache = 0, DenoiserCache()
-    for j in torch.unique(record_at).tolist():
-        if j > cur:
-            x, cache = rollout(teacher, path, x, grid[cur : j + 1], rng, cur, cache, counters, plan)
-            cur = j
-        rows, cols = (record_at == j).nonzero(as_tuple=True)
-        out[rows, cols] = x[rows]
-    return out
 
 
 class NegativeSource(Protocol):
@@ -407,34 +313,6 @@ class CompassTrainResult:
     heldout_auc: float
     heldout_loss: float
     history: list[dict]
-
-
-def default_data_source(teacher: Checkpoint, corpus: str | Path | None = None) -> DataSource:
-    """The teacher's own data: the synthetic language stored beside it, or, for a text teacher,
-    the windows of ``corpus`` (a .txt file or folder) cut with the teacher's own tokenizer and
-    split as its training run split them."""
-    kind = teacher.config.data.get("kind")
-    if corpus is not None:
-        if kind == "synthetic":
-            raise DataError(
-                f"teacher {teacher.spec} was trained on the synthetic language, which is its "
-                "data; drop --corpus"
-            )
-        if teacher.tokenizer is None:
-            raise DataError(f"teacher {teacher.spec} has no tokenizer.json to cut the corpus with")
-        from tsdfm.models.data.corpus import CorpusConfig, TokenizedCorpus
-        from tsdfm.models.train.teacher import CorpusSource
-
-        windows = TokenizedCorpus.from_path(
-            corpus, teacher.tokenizer, CorpusConfig(seq_len=teacher.config.seq_len)
-        )
-        return CorpusSource(windows)
-    if kind != "synthetic":
-        raise DataError(
-            f"teacher {teacher.spec} was trained on {kind or 'unknown'} data; pass its corpus "
-            "(--corpus PATH, the text the teacher was trained on)"
-        )
-    return SyntheticSource(load_language(teacher.directory, teacher.config.data))
 
 
 def _as_teacher(teacher: Checkpoint | str | Path, device: str | torch.device) -> Checkpoint:

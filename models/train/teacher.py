@@ -7,23 +7,20 @@ from one explicit ``torch.Generator`` whose state is checkpointed, so a resumed 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 
 from tsdfm.models.checkpoint import save_checkpoint
-from tsdfm.models.data.corpus import CorpusConfig, TokenizedCorpus, load_texts, train_bpe_tokenizer
+from tsdfm.models.data.sources import DataSource, SyntheticSource
 from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
-from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.errors import ConfigError
 from tsdfm.models.flow_model import FlowModel, teacher_config
 from tsdfm.models.losses import cross_entropy_loss, generalized_kl_loss
-from tsdfm.models.paths import confined
 from tsdfm.models.train.common import (
     EMA,
     MetricsLog,
@@ -36,92 +33,6 @@ from tsdfm.models.train.common import (
     save_step_state,
     seeded,
 )
-
-LANGUAGE_FILE = "language.json"
-
-
-class DataSource(Protocol):
-    """What the teacher trainer needs from its data."""
-
-    vocab_size: int
-    seq_len: int
-
-    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor: ...
-
-    def heldout(self, batch_size: int, generator: torch.Generator) -> torch.Tensor: ...
-
-    def tokenizer(self) -> Any: ...
-
-    def checkpoint_files(self) -> dict[str, str]: ...
-
-    def describe(self) -> dict: ...
-
-
-class SyntheticSource:
-    """Fresh sequences of the synthetic language for every batch (an infinite dataset)."""
-
-    def __init__(self, language: SyntheticLanguage):
-        self.language = language
-        self.vocab_size = language.vocab_size
-        self.seq_len = language.seq_len
-
-    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return self.language.sample(batch_size, generator)
-
-    heldout = batch  # fresh samples are held out by construction
-
-    def tokenizer(self):
-        return self.language.tokenizer(with_mask=True)
-
-    def checkpoint_files(self) -> dict[str, str]:
-        return {LANGUAGE_FILE: json.dumps(self.language.to_dict())}
-
-    def describe(self) -> dict:
-        return {
-            "kind": "synthetic",
-            "language": LANGUAGE_FILE,
-            "entropy_per_token": self.language.entropy_per_token(),
-        }
-
-
-class CorpusSource:
-    """Fixed-length windows of a tokenized text corpus, with a held-out split."""
-
-    def __init__(self, corpus: TokenizedCorpus, holdout_fraction: float = 0.05, seed: int = 0):
-        self.corpus = corpus
-        self.train, self.held = corpus.split(holdout_fraction, seed)
-        self.vocab_size = corpus.vocab_size
-        self.seq_len = corpus.seq_len
-
-    @staticmethod
-    def from_path(path: str | Path, seq_len: int, vocab_size: int, seed: int = 0) -> CorpusSource:
-        """Read .txt files, train a byte-level BPE of ``vocab_size`` tokens, cut windows."""
-        texts = load_texts(path)
-        tokenizer = train_bpe_tokenizer(texts, vocab_size)
-        return CorpusSource(
-            TokenizedCorpus.from_texts(texts, tokenizer, CorpusConfig(seq_len), str(path)),
-            seed=seed,
-        )
-
-    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return self.train.batch(batch_size, generator)
-
-    def heldout(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return self.held.batch(batch_size, generator)
-
-    def tokenizer(self):
-        return self.corpus.tokenizer
-
-    def checkpoint_files(self) -> dict[str, str]:
-        return {}
-
-    def describe(self) -> dict:
-        return {
-            "kind": "corpus",
-            "source": self.corpus.source,
-            "windows": len(self.corpus),
-            "eos_token_id": self.corpus.eos_token_id,
-        }
 
 
 @dataclass(frozen=True)
@@ -294,11 +205,3 @@ def _heldout_loss(model, ema, batches, path, loss_fn, seed: int) -> float:
 def _save_step(out: Path, step: int, model, opt, ema, gen, data: DataSource) -> None:
     save_checkpoint(checkpoint_dir(out, step), model, data.tokenizer(), data.checkpoint_files())
     save_step_state(out, step, model, opt, ema, {"data": gen.get_state()})
-
-
-def load_language(directory: Path, data_info: dict) -> SyntheticLanguage:
-    """The synthetic language stored beside a checkpoint (``data.language``)."""
-    if data_info.get("kind") != "synthetic":
-        raise DataError("this checkpoint was not trained on the synthetic language")
-    name = data_info.get("language", LANGUAGE_FILE)
-    return SyntheticLanguage.load(confined(directory, name, "config.json data.language"))
