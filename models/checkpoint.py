@@ -24,24 +24,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tsdfm.models.errors import CheckpointError, TsdfmError
-from tsdfm.models.flow_model import FlowModel, ModelConfig
+from tsdfm.models.flow_model import ModelConfig
 from tsdfm.models.hashing import canonical_json
 from tsdfm.models.paths import confined
 from tsdfm.models.refs import parse_hub_ref
+from tsdfm.models.roles import register_role as register_role  # documented here too
+from tsdfm.models.roles import role_class
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.md"]
-
-# role → constructor(config) of the nn.Module that holds the weights.
-_ROLE_CLASSES: dict[str, Any] = {"teacher": FlowModel, "student": FlowModel}
-
-
-def register_role(role: str, cls: Any) -> None:
-    """Register the module class that a checkpoint of ``role`` loads into (e.g. the compass)."""
-    _ROLE_CLASSES[role] = cls
 
 
 def identity(config: dict, state_dict: dict[str, torch.Tensor]) -> str:
@@ -62,7 +56,8 @@ class Checkpoint:
     """A loaded checkpoint.
 
     Attributes:
-        model: the module (FlowModel for teacher/student; the compass class for compass).
+        model: the module its role's class builds (``tsdfm.models.roles``: FlowModel for
+            teacher/student, CompassModel for compass).
         config: parsed config.
         tokenizer: a ``tokenizers.Tokenizer`` or None when the directory has none.
         directory: where the files are.
@@ -286,11 +281,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{spec} is a {config.role} checkpoint, but a {' or '.join(roles)} is needed here"
         )
-    if config.role == "compass" and "compass" not in _ROLE_CLASSES:
-        import tsdfm.models.compass  # noqa: F401  (registers CompassModel for role "compass")
-    cls = _ROLE_CLASSES.get(config.role)
-    if cls is None:
-        raise CheckpointError(f"no model class registered for role {config.role!r}")
+    cls = role_class(config.role)  # registered: read_config refuses an unknown role
     try:
         state = load_file(str(directory / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types

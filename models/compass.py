@@ -1,6 +1,7 @@
-"""The energy compass and the scorer interface the navigator selects candidates with.
+"""The energy compass and the other scorers the navigator selects candidates with.
 
-A scorer maps a batch of states x_t at time t to energies, lower = more coherent:
+A scorer (``tsdfm.models.scorer.Scorer``) maps a batch of states x_t at time t to energies,
+lower = more coherent:
 
     E: (x_t ∈ V^{B×L}, t ∈ [0, 1]^B) ↦ e ∈ ℝ^B
 
@@ -11,8 +12,11 @@ energy, the teacher's own trajectory states at the same t get high energy. Its l
 classifier is σ(−E_θ), so with positives and negatives in equal numbers E_θ estimates
 log p_teacher,t(x_t) − log p_data,t(x_t).
 
-Any other model can stand behind the same interface; :class:`CausalLMScorer` scores the
-teacher's denoised guess of each state with a local causal language model.
+The network E_θ is ``tsdfm.models.flow_model.CompassModel`` (defined beside the other roles'
+networks, so a compass checkpoint loads without this module); it and the ``Scorer`` protocol
+are importable from here as well. Any other model can stand behind the same interface;
+:class:`CausalLMScorer` scores the teacher's denoised guess of each state with a local causal
+language model, :class:`ExactScorer` with the synthetic language's own likelihood.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
-from tsdfm.models.backbone import Backbone, BackboneConfig
+from tsdfm.models.backbone import BackboneConfig
 from tsdfm.models.causal_lm import (
     check_lm_directory,
     document_tokens,
@@ -34,91 +38,15 @@ from tsdfm.models.causal_lm import (
     sequence_nll,
 )
 from tsdfm.models.causal_lm import lm_identity as causal_lm_identity
-from tsdfm.models.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    register_role,
-)
+from tsdfm.models.checkpoint import Checkpoint, load_checkpoint
 from tsdfm.models.errors import CheckpointError, ConfigError
-from tsdfm.models.flow_model import FlowModel, ModelConfig, PrecisionMixin
+from tsdfm.models.flow_model import CompassModel, FlowModel, ModelConfig, batch_times
 from tsdfm.models.hashing import sha256_json
-from tsdfm.models.path import MixturePath
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    """Energy of a batch of states at time t; lower = more coherent.
-
-    Attributes:
-        name: short label of the scorer (``"compass"``, ``"causal-lm"``), for reports.
-        identity: what produced the energies, e.g. the compass checkpoint's ``sha256:...``
-            identity; every dataset shaped with the scorer records it.
-    """
-
-    name: str
-    identity: str
-
-    def energy(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Energies of a batch, computed in one batched pass (no loop over sequences).
-
-        Args:
-            x_t: (B, L) int64 states; the energies live on its device.
-            t: a float or a (B,) tensor of times in [0, 1].
-
-        Returns:
-            (B,) float32 finite energies; row b depends on x_t[b] and t[b] only.
-        """
-        ...
+from tsdfm.models.scorer import Scorer as Scorer  # the one protocol, importable here too
 
 
 class TeacherMismatchWarning(UserWarning):
     """A compass or negative source saw another teacher's states, and the user allowed it."""
-
-
-def _times(t: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    """A float, 0-d or (B,) time → (B,) float32 on ``device``."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=device)
-    if t.dim() == 0:
-        return t.expand(batch)
-    assert t.shape == (batch,), f"t must be a float or a ({batch},) tensor, got {tuple(t.shape)}"
-    return t
-
-
-class CompassModel(PrecisionMixin, nn.Module):
-    """E_θ(x_t, t): a time-conditioned transformer with a scalar head.
-
-    ``forward`` returns (B,) float32 energies. Under CUDA and ``precision="bf16"`` the
-    backbone runs in bf16 autocast, like :class:`tsdfm.models.flow_model.FlowModel`.
-    """
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.role != "compass":
-            raise ConfigError(f"a compass needs role='compass', got {config.role!r}")
-        if config.backbone.head != "scalar" or not config.backbone.time_conditioning:
-            raise ConfigError(
-                "a compass backbone needs head='scalar' and time_conditioning=True; "
-                "build its config with tsdfm.models.compass.compass_config"
-            )
-        self.config = config
-        self.backbone = Backbone(config.backbone)
-        self.precision = "fp32"
-
-    @property
-    def path(self) -> MixturePath:
-        return self.config.path()
-
-    def forward(
-        self, x_t: torch.Tensor, t: float | torch.Tensor, h: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x_t: (B, L) int64; t: float or (B,) → (B,) float32 energies (h is ignored)."""
-        tt = _times(t, x_t.shape[0], x_t.device)
-        with self._autocast(x_t.device):
-            e = self.backbone(x_t, tt)
-        return e.float()
-
-
-register_role("compass", CompassModel)
 
 
 def compass_config(
@@ -242,7 +170,7 @@ def _follow_device(model: nn.Module, device: torch.device) -> None:
 
 
 class CompassScorer:
-    """A loaded compass behind the :class:`Scorer` interface.
+    """A loaded compass behind the :class:`tsdfm.models.scorer.Scorer` interface.
 
     Args:
         model: the compass.
@@ -408,7 +336,7 @@ class CausalLMScorer:
         """x̂_1: (B, L) the teacher's argmax guess at the positions that may be noise."""
         _follow_device(self.teacher, x_t.device)
         cfg = self.teacher.config
-        guess = self.teacher(x_t, _times(t, x_t.shape[0], x_t.device)).argmax(dim=-1)
+        guess = self.teacher(x_t, batch_times(t, x_t.shape[0], x_t.device)).argmax(dim=-1)
         if cfg.source == "mask":
             return torch.where(x_t == cfg.mask_token_id, guess, x_t)
         return guess

@@ -1,9 +1,16 @@
-"""Teacher and student: a backbone that predicts p(x_1 | x_t) on a mixture path.
+"""The networks a checkpoint holds, and its ``config.json`` (:class:`ModelConfig`).
 
-The checkpoint's ``config.json`` is a :class:`ModelConfig`. A teacher is conditioned on t (or,
-under the mask source, on nothing: the posterior p(x_1 | x_t) of the mask path does not depend
-on t, which lets the sampler cache evaluations); a student is additionally conditioned on the
-step size h (FS-DFM).
+Teacher and student (:class:`FlowModel`): a backbone that predicts p(x_1 | x_t) on a mixture
+path. A teacher is conditioned on t (or, under the mask source, on nothing: the posterior
+p(x_1 | x_t) of the mask path does not depend on t, which lets the sampler cache evaluations);
+a student is additionally conditioned on the step size h (FS-DFM).
+
+Compass (:class:`CompassModel`): the energy network E_θ(x_t, t), the same backbone with a
+scalar head; what it estimates and how it is trained is in ``tsdfm.models.compass``.
+
+The three built-in roles are registered here, in ``tsdfm.models.roles``, beside their classes,
+so a config of any built-in role validates (and a checkpoint of it loads) in a process that
+imported nothing else; ``tsdfm.models.roles.register_role`` adds more.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from torch import nn
 from tsdfm.models.backbone import Backbone, BackboneConfig
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.path import MixturePath, check_source, parse_scheduler
+from tsdfm.models.roles import check_role, register_role
 
-ROLES = ("teacher", "student", "compass")
 FORMAT = "tsdfm-checkpoint"
 FORMAT_VERSION = 1
 
@@ -28,7 +35,8 @@ class ModelConfig:
     """What ``config.json`` of a checkpoint holds.
 
     Args:
-        role: teacher | student | compass.
+        role: a registered role (``tsdfm.models.roles``): teacher | student | compass, or
+            one added with ``register_role``.
         source: mask | uniform.
         scheduler: scheduler dict, e.g. {"name": "polynomial", "n": 1.0}.
         vocab_size: number of data tokens V (ids 0..V−1).
@@ -51,8 +59,7 @@ class ModelConfig:
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ConfigError(f"unknown role {self.role!r}; use one of {', '.join(ROLES)}")
+        check_role(self.role)
         check_source(self.source)
         parse_scheduler(self.scheduler)
         if self.vocab_size < 2:
@@ -187,6 +194,55 @@ class FlowModel(PrecisionMixin, nn.Module):
         with self._autocast(x_t.device):
             logits = self.backbone(x_t, t, h)
         return logits.float()
+
+
+def batch_times(t: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """A float, 0-d or (B,) time → (B,) float32 on ``device``."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    assert t.shape == (batch,), f"t must be a float or a ({batch},) tensor, got {tuple(t.shape)}"
+    return t
+
+
+class CompassModel(PrecisionMixin, nn.Module):
+    """E_θ(x_t, t): a time-conditioned transformer with a scalar head (the compass role).
+
+    ``forward`` returns (B,) float32 energies. Under CUDA and ``precision="bf16"`` the
+    backbone runs in bf16 autocast, like :class:`FlowModel`. Build its config with
+    ``tsdfm.models.compass.compass_config``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.role != "compass":
+            raise ConfigError(f"a compass needs role='compass', got {config.role!r}")
+        if config.backbone.head != "scalar" or not config.backbone.time_conditioning:
+            raise ConfigError(
+                "a compass backbone needs head='scalar' and time_conditioning=True; "
+                "build its config with tsdfm.models.compass.compass_config"
+            )
+        self.config = config
+        self.backbone = Backbone(config.backbone)
+        self.precision = "fp32"
+
+    @property
+    def path(self) -> MixturePath:
+        return self.config.path()
+
+    def forward(
+        self, x_t: torch.Tensor, t: float | torch.Tensor, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_t: (B, L) int64; t: float or (B,) → (B,) float32 energies (h is ignored)."""
+        tt = batch_times(t, x_t.shape[0], x_t.device)
+        with self._autocast(x_t.device):
+            e = self.backbone(x_t, tt)
+        return e.float()
+
+
+register_role("teacher", FlowModel)
+register_role("student", FlowModel)
+register_role("compass", CompassModel)
 
 
 def teacher_config(

@@ -3,13 +3,15 @@ the measurement library."""
 
 import json
 import math
+import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
 import torch
 
-from tsdfm.models.checkpoint import _ROLE_CLASSES, load_checkpoint, save_checkpoint
+from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
 from tsdfm.models.compass import (
     CausalLMScorer,
     CompassModel,
@@ -142,22 +144,31 @@ def test_compass_config_follows_the_teacher_and_bad_configs_are_refused(tiny_lan
         CompassModel(replace(cfg, backbone=replace(cfg.backbone, head="tokens")))
 
 
-def test_checkpoint_round_trip_registers_the_compass_lazily(tmp_path, tiny_language, monkeypatch):
+def test_a_compass_checkpoint_loads_in_a_process_that_never_imported_the_compass_module(
+    tmp_path, tiny_language
+):
     tcfg = _teacher(tiny_language).config
     compass = _compass(tcfg)
     compass.config = compass.config.replace(provenance={"teacher_identity": "sha256:abc"})
     ident = save_checkpoint(tmp_path / "c", compass, tiny_language.tokenizer())
-    # a fresh process that never imported tsdfm.models.compass still loads a compass checkpoint
-    import tsdfm.models
-
-    monkeypatch.delitem(_ROLE_CLASSES, "compass")
-    monkeypatch.delitem(sys.modules, "tsdfm.models.compass")
-    monkeypatch.delattr(tsdfm.models, "compass")
-    ck = load_checkpoint(tmp_path / "c", role="compass")
-    assert type(ck.model).__name__ == "CompassModel" and ck.identity == ident
     x = _states(tiny_language)
-    torch.testing.assert_close(ck.model(x, 0.3), compass(x, 0.3), rtol=0, atol=0)
-    monkeypatch.undo()
+    torch.save({"x": x, "e": compass(x, 0.3)}, tmp_path / "expected.pt")
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        from tsdfm.models.checkpoint import load_checkpoint
+        ck = load_checkpoint({str(tmp_path / "c")!r}, role="compass")
+        assert "tsdfm.models.compass" not in sys.modules, "the loader imported the compass"
+        want = torch.load({str(tmp_path / "expected.pt")!r})
+        torch.testing.assert_close(ck.model(want["x"], 0.3), want["e"], rtol=0, atol=0)
+        print(type(ck.model).__name__, ck.identity)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["CompassModel", ident]
     scorer = load_compass(tmp_path / "c")
     assert scorer.identity == ident and scorer.teacher_identity == "sha256:abc"
     assert scorer.name == "compass"

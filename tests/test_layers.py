@@ -138,9 +138,6 @@ def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="checkpoint -> compass -> causal_lm -> checkpoint: being broken"
-)
 def test_no_import_cycles():
     assert _cycles(GRAPH) == []
 
