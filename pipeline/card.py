@@ -15,31 +15,35 @@ card already at the root (regenerating keeps the date), or from today's UTC date
 
 ``num_bytes`` of the split is the uncompressed size of the data as recorded in the Parquet
 footers (read from the footers only, never by reading the data); ``download_size`` is the sum
-of the shard files' sizes.
+of the shard files' sizes. ``features`` is written by ``datasets``' own serializer, and a card
+is read back through ``huggingface_hub.DatasetCard``.
+
+The license is a parameter: by default the teacher's (its model card or config.json records
+one), else ``unknown``; never assumed. The card names checkpoints by Hub id, or a local
+checkpoint by its folder name only: no path of the builder's machine is published.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
-from tsdfm.models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
+from tsdfm.models.data.schema import SCHEMA_VERSION, trajectory_schema
 from tsdfm.models.errors import DataError
 from tsdfm.models.refs import parse_hub_ref
 from tsdfm.pipeline.manifest import Manifest
-from tsdfm.pipeline.shards import atomic_write, open_root, parse_metadata, shard_name
+from tsdfm.pipeline.shards import atomic_write, open_root, read_footer, shard_name
 
 CARD_FILE = "README.md"
 DATA_FILES = "data/train-*.parquet"
-LICENSE = "apache-2.0"
+UNKNOWN_LICENSE = "unknown"
+LICENSE: str | None = None  # the default: the teacher's license, else UNKNOWN_LICENSE
 TAGS = ("tsdfm", "discrete-flow-matching", "distillation", "trajectories", "synthetic")
 REPO_PLACEHOLDER = "ORG/NAME"
 VERSION_PLACEHOLDER = "vN"
@@ -58,9 +62,6 @@ COLUMN_MEANINGS = {
     "text": "decoded final sequence (null without a tokenizer)",
 }
 
-_FRONT_MATTER = re.compile(r"\A---\n(.*?\n)---\n", re.DOTALL)
-
-
 # features ------------------------------------------------------------------------------------
 
 
@@ -71,70 +72,16 @@ def _type_name(t: pa.DataType) -> str:
     return {pa.string(): "string", pa.float32(): "float32"}.get(t, str(t))
 
 
-def _feature_type(t: pa.DataType) -> dict[str, Any]:
-    """A ``datasets`` YAML feature type: ``{"dtype": "int64"}`` or ``{"list": ...}``."""
-    if pa.types.is_list(t):
-        inner = _feature_type(t.value_type)
-        return {"list": inner.get("dtype", inner)}
-    return {"dtype": _type_name(t)}
-
-
 def features_yaml() -> list[dict[str, Any]]:
-    """``dataset_info.features`` of the trajectory schema, in the YAML form of ``datasets``."""
-    return [{"name": f.name, **_feature_type(f.type)} for f in trajectory_schema()]
+    """``dataset_info.features`` of the trajectory schema, written by ``datasets``' own
+    serializer (``Features._to_yaml_list``), so ``datasets.load_dataset`` reads back exactly
+    the contract's features."""
+    from datasets import Features
+
+    return Features.from_arrow_schema(trajectory_schema())._to_yaml_list()
 
 
 # facts ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardFooter:
-    """What a shard's Parquet footer says, without reading the data.
-
-    Attributes:
-        rows: number of rows.
-        uncompressed_bytes: sum of the row groups' uncompressed sizes.
-        max_row_group_bytes: the largest row group (uncompressed).
-        metadata: the ``tsdfm`` key-value metadata, parsed (None when absent or unusable).
-        schema: the Arrow schema stored in the file (without metadata).
-        metadata_problem: why ``metadata`` is None ("is absent …", "is not JSON …", "is N
-            bytes, over the bound", ...); None when it was read.
-    """
-
-    rows: int
-    uncompressed_bytes: int
-    max_row_group_bytes: int
-    metadata: dict[str, Any] | None
-    schema: pa.Schema
-    metadata_problem: str | None = None
-
-
-def read_footer(root: str, name: str) -> ShardFooter:
-    """The footer of ``root/name``; DataError when the file is missing or not Parquet."""
-    fs, base = open_root(root)
-    path = f"{base.rstrip('/')}/{name}"
-    try:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            md = pf.metadata
-            schema = pf.schema_arrow
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist: rebuild it (rerun the build)") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path} is not a readable Parquet file ({e}); rebuild it") from None
-    kv = md.metadata or {}
-    meta, problem = None, "is absent (not written by tsdfm-pipeline)"
-    if METADATA_KEY in kv:
-        meta, problem = parse_metadata(kv[METADATA_KEY])
-    sizes = [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
-    return ShardFooter(
-        rows=md.num_rows,
-        uncompressed_bytes=sum(sizes),
-        max_row_group_bytes=max(sizes, default=0),
-        metadata=meta,
-        schema=schema.remove_metadata(),
-        metadata_problem=problem,
-    )
 
 
 @dataclass(frozen=True)
@@ -157,6 +104,25 @@ class ModelFacts:
         return dict(self.__dict__)
 
 
+def _teacher_file(teacher: str, name: str) -> Path | None:
+    """File ``name`` of the teacher checkpoint, if it is reachable without a download: a
+    local checkpoint directory, else the local Hub cache of a Hub id. None when neither."""
+    path = Path(str(teacher)).expanduser() / name
+    if path.is_file():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        repo_id, _, revision = str(teacher).partition("@")
+        folder = snapshot_download(
+            repo_id, revision=revision or None, allow_patterns=[name], local_files_only=True
+        )
+    except Exception:  # not a Hub id, or not in the cache: the facts are optional
+        return None
+    path = Path(folder) / name
+    return path if path.is_file() else None
+
+
 def teacher_facts(teacher: str) -> ModelFacts | None:
     """The teacher's vocabulary and source from its config.json, if it is reachable.
 
@@ -165,26 +131,39 @@ def teacher_facts(teacher: str) -> ModelFacts | None:
     """
     from tsdfm.models.flow_model import ModelConfig
 
-    path = Path(str(teacher)).expanduser() / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import snapshot_download
-
-            repo_id, _, revision = str(teacher).partition("@")
-            folder = snapshot_download(
-                repo_id,
-                revision=revision or None,
-                allow_patterns=["config.json"],
-                local_files_only=True,
-            )
-            path = Path(folder) / "config.json"
-        except Exception:  # not a Hub id, or not in the cache: the facts are optional
-            return None
+    path = _teacher_file(teacher, "config.json")
+    if path is None:
+        return None
     try:
         cfg = ModelConfig.from_dict(json.loads(path.read_text()))
     except Exception:
         return None
     return ModelFacts(cfg.vocab_size, cfg.seq_len, cfg.source, cfg.mask_token_id)
+
+
+def teacher_license(teacher: str) -> str | None:
+    """The license the teacher checkpoint records, if it is reachable and records one: the
+    ``license`` of its model card (README.md metadata, read by ``huggingface_hub.ModelCard``),
+    else a ``license`` string in its config.json. None otherwise."""
+    readme = _teacher_file(teacher, CARD_FILE)
+    if readme is not None:
+        from huggingface_hub import ModelCard
+
+        try:
+            found = ModelCard(readme.read_text(encoding="utf-8")).data.get("license")
+        except Exception:  # a malformed model card records nothing we can use
+            found = None
+        if isinstance(found, str) and found.strip():
+            return found.strip()
+    config = _teacher_file(teacher, "config.json")
+    if config is not None:
+        try:
+            found = json.loads(config.read_text()).get("license")
+        except Exception:
+            found = None
+        if isinstance(found, str) and found.strip():
+            return found.strip()
+    return None
 
 
 @dataclass(frozen=True)
@@ -197,6 +176,7 @@ class CardFacts:
         uncompressed_bytes: sum of the shards' uncompressed sizes (Parquet footers).
         model: teacher facts, when the teacher checkpoint was reachable.
         build_date: ISO date (YYYY-MM-DD).
+        teacher_license: the license the teacher records (:func:`teacher_license`), or None.
     """
 
     manifest: dict[str, Any]
@@ -204,10 +184,16 @@ class CardFacts:
     uncompressed_bytes: int
     model: ModelFacts | None
     build_date: str
+    teacher_license: str | None = None
+
+    @property
+    def license(self) -> str:
+        """The card's default license: the teacher's, else ``unknown``."""
+        return self.teacher_license or UNKNOWN_LICENSE
 
 
 def read_card(root: str) -> tuple[dict[str, Any], str] | None:
-    """(YAML front matter, body) of ``root/README.md``; None if there is no card.
+    """(YAML metadata, body) of ``root/README.md``; None if there is no card.
 
     DataError when the card exists but its front matter is missing or not a YAML mapping.
     """
@@ -221,18 +207,23 @@ def read_card(root: str) -> tuple[dict[str, Any], str] | None:
 
 
 def parse_card(text: str, where: str = CARD_FILE) -> tuple[dict[str, Any], str]:
-    """Split a card into (YAML front matter, body); DataError if the YAML is not a mapping."""
-    m = _FRONT_MATTER.match(text)
-    if m is None:
-        raise DataError(f"{where} has no YAML front matter (--- … ---); regenerate the card")
+    """(YAML metadata, body) of a card, parsed by ``huggingface_hub.DatasetCard``; DataError
+    if it has no front matter or the front matter is not a YAML mapping."""
+    from huggingface_hub import DatasetCard
+
+    missing = f"{where} has no YAML front matter (--- … ---); regenerate the card"
+    if not text.lstrip().startswith("---"):
+        raise DataError(missing)
     try:
-        meta = yaml.safe_load(m.group(1))
+        card = DatasetCard(text)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise DataError(f"{where}: the YAML front matter does not parse ({first})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{where}: the YAML front matter is not a mapping")
-    return meta, text[m.end() :]
+    except ValueError:  # "repo card metadata block should be a dict"
+        raise DataError(f"{where}: the YAML front matter is not a mapping") from None
+    if card.text == card.content:  # an opening --- that is never closed
+        raise DataError(missing)
+    return card.data.to_dict(), card.text
 
 
 def _existing_build_date(root: str) -> str | None:
@@ -274,6 +265,7 @@ def card_facts(root: str, build_date: str | None = None) -> CardFacts:
         uncompressed_bytes=sum(f.uncompressed_bytes for f in footers),
         model=teacher_facts(teacher) if teacher else None,
         build_date=str(date),
+        teacher_license=teacher_license(teacher) if teacher else None,
     )
 
 
@@ -348,6 +340,23 @@ def _is_hub_id(spec: Any) -> bool:
     return isinstance(spec, str) and parse_hub_ref(spec) is not None and not Path(spec).exists()
 
 
+def public_name(spec: Any) -> str | None:
+    """A checkpoint as the card names it: a Hub id as given, a local path by its folder name
+    only (the builder's local paths never reach a published card)."""
+    if spec is None or _is_hub_id(spec):
+        return spec
+    return Path(str(spec).rstrip("/")).name or None
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The build config as the card shows it: checkpoints by :func:`public_name`."""
+    out = dict(config)
+    for key in ("teacher", "compass"):
+        if key in out:
+            out[key] = public_name(out[key])
+    return out
+
+
 def _teacher_temperature(nav: dict[str, Any]) -> float:
     """The teacher's T (recorded only away from 1, see tsdfm.pipeline.config)."""
     return float(nav.get("teacher_temperature", 1.0))
@@ -364,8 +373,13 @@ def pretty_name(manifest: dict[str, Any]) -> str:
     )
 
 
-def front_matter(facts: CardFacts, license: str = LICENSE) -> dict[str, Any]:
-    """The card's YAML front matter as a dict (key order is the rendering order)."""
+def front_matter(facts: CardFacts, license: str | None = LICENSE) -> dict[str, Any]:
+    """The card's YAML front matter as a dict (key order is the rendering order).
+
+    Args:
+        facts: from :func:`card_facts`.
+        license: the Hub license id; None: the teacher's (``facts.license``), else unknown.
+    """
     m = facts.manifest
     stats = statistics(m)
     tsdfm: dict[str, Any] = {
@@ -382,7 +396,7 @@ def front_matter(facts: CardFacts, license: str = LICENSE) -> dict[str, Any]:
         tsdfm["model"] = facts.model.to_dict()
     return {
         "pretty_name": pretty_name(m),
-        "license": license,
+        "license": license or facts.license,
         "tags": list(TAGS),
         "task_categories": ["text-generation"],
         "size_categories": [_size_category(stats["rows"])],
@@ -470,7 +484,7 @@ def render_card(
     facts: CardFacts,
     repo_id: str | None = None,
     version: str | None = None,
-    license: str = LICENSE,
+    license: str | None = LICENSE,
 ) -> str:
     """The card as Markdown with YAML front matter; the same inputs give the same bytes.
 
@@ -478,7 +492,8 @@ def render_card(
         facts: from :func:`card_facts`.
         repo_id: the Hub dataset repo for the snippets (a placeholder when None).
         version: the tag consumers pin (``vN`` placeholder when None).
-        license: SPDX-like license id of the Hub metadata.
+        license: the Hub license id of the metadata (``mit``, ``cc-by-4.0``, …); None: the
+            teacher's when its checkpoint records one, else ``unknown``.
     """
     m = facts.manifest
     cfg = m["plan"]["config"]
@@ -489,12 +504,12 @@ def render_card(
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100)
     teacher_spec = cfg.get("teacher")
     init = teacher_spec if _is_hub_id(teacher_spec) else "TEACHER_CKPT"
+    shown = public_config(cfg)
     lines = ["---", head.rstrip("\n"), "---", "", f"# {meta['pretty_name']}", ""]
     lines += [
         f"{stats['rows']:,} teacher trajectories for distilling few-step discrete-flow students, "
         f"in {stats['shards']} Parquet shards ({stats['bytes']:,} bytes). One row is one "
-        "trajectory; built with "
-        f"[tsdfm-pipeline](https://pypi.org/project/tsdfm-pipeline/) {m.get('package_version')}.",
+        f"trajectory; built with tsdfm-pipeline {m.get('package_version')}.",
         "",
         "## How it was made",
         "",
@@ -545,9 +560,9 @@ def render_card(
         "",
         "| item | value |",
         "|---|---|",
-        f"| teacher checkpoint | `{teacher_spec}` |",
+        f"| teacher checkpoint | `{shown.get('teacher')}` |",
         f"| teacher identity | `{facts.identities.get('teacher_identity')}` |",
-        f"| compass checkpoint | `{cfg.get('compass')}` |",
+        f"| compass checkpoint | `{shown.get('compass')}` |",
         f"| compass identity | `{facts.identities.get('compass_identity')}` |",
         f"| tokenizer identity | `{facts.identities.get('tokenizer_identity')}` |",
     ]
@@ -564,7 +579,7 @@ def render_card(
         f"| tsdfm-pipeline version | {m.get('package_version')} |",
         f"| build date | {facts.build_date} |",
     ]
-    for key, value in _flatten(cfg):
+    for key, value in _flatten(shown):
         lines.append(f"| config `{key}` | `{json.dumps(value)}` |")
     lines += [
         "",
@@ -600,11 +615,12 @@ def write_card(
     build_date: str | None = None,
     repo_id: str | None = None,
     version: str | None = None,
-    license: str = LICENSE,
+    license: str | None = LICENSE,
 ) -> str:
     """Render the card of the finished dataset at ``root`` and write ``root/README.md``.
 
-    Written by temp file + rename. Returns the card's text.
+    Written by temp file + rename. Returns the card's text. ``license``: see
+    :func:`render_card`.
     """
     text = render_card(card_facts(root, build_date), repo_id, version, license)
     fs, base = open_root(root)

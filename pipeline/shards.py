@@ -19,7 +19,6 @@ metadata (never the key ``huggingface``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import uuid
@@ -29,18 +28,27 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from tsdfm.models.data.integrity import RowRules
 from tsdfm.models.data.schema import (
     METADATA_KEY,
     SCHEMA_VERSION,
+    MetadataError,
+    ShardFooter,
     TrajectoryBatch,
+    TrajectoryRows,
+    batch_rows,
+    check_schema_version,
+    decode_metadata,
+    decode_rows,
+    parquet_footer,
+    shard_is,
     to_arrow,
     trajectory_schema,
 )
-from tsdfm.models.errors import ShardError
+from tsdfm.models.errors import DataError, ShardError
 from tsdfm.models.hashing import canonical_json, file_sha256
 
 DATA_DIR = "data"
@@ -49,7 +57,6 @@ COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
 ROW_GROUP_TARGET_BYTES = 32 * 2**20  # uncompressed estimate; compressed groups are smaller
 MAX_ROW_GROUP_ROWS = 65_536
-MAX_METADATA_BYTES = 256 * 2**10  # a shard's tsdfm metadata is ~2 KB
 _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]+$")
 
 
@@ -165,9 +172,12 @@ def default_row_group_rows(first: pa.Table) -> int:
     return max(1, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_TARGET_BYTES // (2 * fixed)))
 
 
-def _as_table(item: TrajectoryBatch | pa.Table | pa.RecordBatch, index: int) -> pa.Table:
+def _as_table(
+    item: TrajectoryBatch | pa.Table | pa.RecordBatch, index: int
+) -> tuple[pa.Table, TrajectoryRows]:
+    """The rows as a table of the trajectory schema, and decoded (for the row invariants)."""
     if isinstance(item, TrajectoryBatch):
-        table = pa.Table.from_batches([to_arrow(item)])
+        table, rows = pa.Table.from_batches([to_arrow(item)]), batch_rows(item)
     elif isinstance(item, (pa.Table, pa.RecordBatch)):
         table = item if isinstance(item, pa.Table) else pa.Table.from_batches([item])
         if not table.schema.equals(trajectory_schema()):
@@ -175,16 +185,37 @@ def _as_table(item: TrajectoryBatch | pa.Table | pa.RecordBatch, index: int) -> 
                 f"rows for shard {index} do not have the trajectory schema v{SCHEMA_VERSION}; "
                 "build them with tsdfm.models.data.schema.to_arrow"
             )
+        try:
+            rows = decode_rows(table)
+        except DataError as e:
+            raise ShardError(f"rows for shard {index}: {e}; {_WRITER_FIX}") from None
     else:
         raise ShardError(
             f"write_shard takes TrajectoryBatch or pyarrow tables, got {type(item).__name__}"
         )
-    if table.num_rows:
-        shards = table.column("shard")
-        bad = pc.not_equal(shards, pa.scalar(index, pa.int32()))
-        if pc.any(bad).as_py():
-            raise ShardError(f"rows of shard {index} carry other shard indices")
-    return table.replace_schema_metadata(None)
+    bad = shard_is(rows.shard, index)
+    if bad.any():
+        others = sorted(set(rows.shard[bad].tolist()))
+        raise ShardError(f"rows of shard {index} carry other shard indices {others[:5]}")
+    return table.replace_schema_metadata(None), rows
+
+
+_WRITER_FIX = (
+    "nothing was committed; fix what produced the rows (the contract's invariants are the "
+    "predicates of tsdfm.models.data.schema)"
+)
+
+
+def _check_rows(rules: RowRules, rows: TrajectoryRows, index: int, start: int) -> None:
+    """The contract's row invariants on rows ``start``… of shard ``index``, before they are
+    written: a ShardError naming the shard, the row and the fix."""
+    broken = rules.broken(rows, start=start)
+    if broken is not None:
+        r, what = broken
+        raise ShardError(
+            f"shard {index}, row {start + r} (trajectory_id {int(rows.ids[r])}), breaks the "
+            f"dataset contract ('{what}'): {_WRITER_FIX}"
+        )
 
 
 def write_shard(
@@ -222,6 +253,8 @@ def write_shard(
         if key in metadata and metadata[key] != value:
             raise ShardError(f"shard metadata says {key}={metadata[key]!r}, the shard is {value}")
     payload = canonical_json({**metadata, **meta})
+    config = metadata.get("config")
+    rules = RowRules.from_config(config if isinstance(config, dict) else {}, shard=index)
     fs, base = open_root(root)
     final = _join(base, name)
     schema = trajectory_schema()
@@ -241,9 +274,10 @@ def write_shard(
             pending: list[pa.Table] = []
             buffered = 0
             for item in batches:
-                table = _as_table(item, index)
+                table, decoded = _as_table(item, index)
                 if not table.num_rows:
                     continue
+                _check_rows(rules, decoded, index, rows + buffered)
                 group = group or default_row_group_rows(table)
                 pending.append(table)
                 buffered += table.num_rows
@@ -264,54 +298,49 @@ def write_shard(
     return ShardInfo(index, name, rows, fs.size(final), file_sha256(final, fs))
 
 
-def read_shard(root: str, name: str) -> tuple[pa.Table, dict[str, Any]]:
-    """(rows, ``tsdfm`` metadata) of the shard at ``root/name``; the table has no metadata."""
+def read_footer(root: str, name: str) -> ShardFooter:
+    """The footer of the shard ``root/name`` (``tsdfm.models.data.schema.parquet_footer``);
+    ShardError when the file is missing or not Parquet. Reads only the footer."""
     fs, base = open_root(root)
     path = _join(base, name)
-    if not fs.exists(path):
-        raise ShardError(f"shard {path} does not exist: rerun the build to (re)write it")
     try:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            kv = pf.metadata.metadata or {}
-            table = pf.read()
+            return parquet_footer(f)
+    except FileNotFoundError:
+        raise ShardError(f"shard {path} does not exist: rerun the build to (re)write it") from None
+    except DataError as e:  # not Parquet
+        raise ShardError(f"{path} {e}: rebuild it") from None
+
+
+def read_shard(root: str, name: str) -> tuple[pa.Table, dict[str, Any]]:
+    """(rows, ``tsdfm`` metadata) of the shard at ``root/name``; the table has no metadata.
+
+    The footer is read by :func:`read_footer`, the metadata by the one reader
+    (``decode_metadata``, unknown keys accepted), and its schema version must be this one's.
+    """
+    footer = read_footer(root, name)
+    fs, base = open_root(root)
+    path = _join(base, name)
+    try:
+        meta = footer.tsdfm()
+        check_schema_version(meta)
+    except DataError as e:
+        raise ShardError(f"{path}: {e}; rebuild it") from None
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read()
     except (pa.ArrowInvalid, OSError) as e:
-        raise ShardError(f"{path} is not a readable Parquet file ({e}): rebuild it") from None
-    if METADATA_KEY not in kv:
-        raise ShardError(
-            f"{path} has no '{METADATA_KEY.decode()}' metadata: it was not written by "
-            "tsdfm-pipeline"
-        )
-    meta, problem = parse_metadata(kv[METADATA_KEY])
-    if problem is not None:
-        raise ShardError(f"{path}: '{METADATA_KEY.decode()}' metadata {problem}; rebuild it")
-    version = meta.get("schema_version") if isinstance(meta, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ShardError(
-            f"{path} uses dataset schema v{version}, this tsdfm-pipeline reads "
-            f"v{SCHEMA_VERSION}: install the version that wrote it"
-        )
+        raise ShardError(f"{path}: the data pages do not decode ({e}): rebuild it") from None
     return table.replace_schema_metadata(None), meta
 
 
 def parse_metadata(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """(the ``tsdfm`` metadata object, None) or (None, what is wrong with it).
-
-    Bounded before it is parsed: a shard's metadata is a few kilobytes (config, identities,
-    indices), so anything over :data:`MAX_METADATA_BYTES`, nesting too deep for the parser, or
-    not a JSON object is refused, never half-read.
-    """
-    if len(raw) > MAX_METADATA_BYTES:
-        return None, f"is {len(raw):,} bytes, over the {MAX_METADATA_BYTES:,}-byte bound"
+    """(the ``tsdfm`` metadata object, None) or (None, what is wrong with it): the one reader
+    ``tsdfm.models.data.schema.decode_metadata`` (lenient about unknown keys), as a pair."""
     try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"is not JSON ({str(e).splitlines()[0]})"
-    except RecursionError:
-        return None, "nests too deeply to be a tsdfm record"
-    if not isinstance(meta, dict):
-        return None, f"is a JSON {type(meta).__name__}, not an object"
-    return meta, None
+        return decode_metadata(raw, strict=False), None
+    except MetadataError as e:
+        return None, str(e)
 
 
 def is_temp(name: str) -> bool:

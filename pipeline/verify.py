@@ -30,30 +30,32 @@ import random
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tsdfm.models.data.schema import METADATA_KEYS, SCHEMA_VERSION, trajectory_schema
-from tsdfm.models.errors import ConfigError, DataError, TsdfmError
+from tsdfm.models.data.integrity import RowRules
+from tsdfm.models.data.schema import (
+    SCHEMA_VERSION,
+    RowError,
+    ShardFooter,
+    decode_rows,
+    infer_mask_token,
+    text_all_or_none,
+    trajectory_schema,
+)
+from tsdfm.models.errors import ConfigError, DataError, PathError, TsdfmError
 from tsdfm.models.hashing import file_sha256
+from tsdfm.models.paths import confined
 from tsdfm.models.refs import parse_hub_ref
 from tsdfm.models.rng import trajectory_seed
-from tsdfm.pipeline.card import (
-    CARD_FILE,
-    DATA_FILES,
-    ShardFooter,
-    features_yaml,
-    read_card,
-    read_footer,
-)
+from tsdfm.pipeline.card import CARD_FILE, DATA_FILES, features_yaml, read_card
 from tsdfm.pipeline.manifest import FORMAT, MANIFEST_FILE, MISSING, Manifest
-from tsdfm.pipeline.shards import DATA_DIR, is_temp, open_root, shard_name
+from tsdfm.pipeline.shards import DATA_DIR, is_temp, open_root, read_footer, shard_name
 
 MAX_ROW_GROUP_BYTES = 100 * 2**20
 _SHOW = 5  # rows named per broken invariant
@@ -258,7 +260,7 @@ def verify_folder(
     if plan is None:
         return report
     if manifest is not None:
-        _check_manifest(manifest, plan, report)
+        _check_manifest(root, manifest, plan, report)
     expected = [shard_name(i, plan.num_shards) for i in range(plan.num_shards)]
     for name in sorted(set(names) - set(expected)):
         if is_temp(name.rpartition("/")[2]):
@@ -288,7 +290,7 @@ def verify_folder(
     if manifest is not None:
         _check_fingerprint(manifest, plan, identities, report)
     if card is not None and manifest is not None:
-        _check_card(card[0], manifest, identities, report)
+        _check_card(root, card[0], manifest, identities, report)
     if replay or replay_shards:
         if manifest is None:
             report.add("replay", "needs a valid manifest.json; fix it first")
@@ -361,7 +363,18 @@ def _plan(
     return None
 
 
-def _check_manifest(manifest: Manifest, plan: _Plan, report: VerifyReport) -> None:
+def _confined(root: str, path: Any, what: str, report: VerifyReport) -> None:
+    """A path read from a file must stay inside the dataset folder
+    (``tsdfm.models.paths.confined``); a PathError becomes a problem of that file."""
+    if not isinstance(path, str):
+        return  # reported by the check that reads it
+    try:
+        confined(open_root(root)[1], path, what)
+    except PathError as e:
+        report.add(what.split(" ")[0], str(e))
+
+
+def _check_manifest(root: str, manifest: Manifest, plan: _Plan, report: VerifyReport) -> None:
     d = manifest.to_dict()
     if d.get("format") != FORMAT:
         report.add(MANIFEST_FILE, f"format is {d.get('format')!r}, expected {FORMAT!r}")
@@ -401,6 +414,7 @@ def _check_manifest(manifest: Manifest, plan: _Plan, report: VerifyReport) -> No
                 f"shard {i:05d} is recorded with {entry['rows']} rows, the plan has "
                 f"{plan.rows_per_shard} per shard",
             )
+        _confined(root, entry.get("path"), f"{MANIFEST_FILE} shard {i:05d} path", report)
         if entry.get("path") != shard_name(i, plan.num_shards):
             report.add(MANIFEST_FILE, f"shard {i:05d} is recorded at {entry.get('path')!r}")
     total = sum(manifest.shard(i)["rows"] for i in manifest.committed())
@@ -473,7 +487,11 @@ def _load_card(root: str, report: VerifyReport) -> tuple[dict[str, Any], str] | 
 
 
 def _check_card(
-    meta: dict[str, Any], manifest: Manifest, identities: dict[str, set], report: VerifyReport
+    root: str,
+    meta: dict[str, Any],
+    manifest: Manifest,
+    identities: dict[str, set],
+    report: VerifyReport,
 ) -> None:
     def bad(what: str) -> None:
         report.add(CARD_FILE, what + "; regenerate the card")
@@ -487,6 +505,8 @@ def _check_card(
         for df in (c.get("data_files") or [])
         if isinstance(df, dict)
     ]
+    for path in paths:
+        _confined(root, path, f"{CARD_FILE} configs[].data_files path", report)
     if paths != [DATA_FILES]:
         bad(f"configs.data_files is {paths}, expected [{DATA_FILES!r}]")
     info = meta.get("dataset_info") or {}
@@ -616,17 +636,11 @@ def _check_metadata(
     report: VerifyReport,
     identities: dict[str, set],
 ) -> None:
-    meta = footer.metadata
+    meta = footer.metadata  # read by the one reader, strictly (footer.error)
+    if footer.error is not None:
+        report.add(name, f"{footer.error}; rebuild the shard")
     if meta is None:
-        report.add(name, f"its tsdfm key-value metadata {footer.metadata_problem}; rebuild it")
         return
-    unknown = sorted(set(meta) - METADATA_KEYS)
-    if unknown:
-        report.add(
-            name,
-            f"tsdfm metadata carries unknown key(s) {unknown[:5]}: not written by this "
-            "tsdfm-pipeline (or altered); rebuild the shard",
-        )
     expected: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "shard": i,
@@ -656,18 +670,8 @@ def _check_metadata(
 # rows ----------------------------------------------------------------------------------------
 
 
-def _np(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    return arr.to_numpy(zero_copy_only=False)
-
-
-def _lengths(arr: pa.Array) -> np.ndarray:
-    return _np(pc.list_value_length(arr).fill_null(-1))
-
-
 class _Rows:
-    """Collects broken invariants of one shard and reports each with the first rows."""
+    """Reports each broken invariant of one shard with the first rows that break it."""
 
     def __init__(self, name: str, tid: np.ndarray, report: VerifyReport):
         self.name, self.tid, self.report = name, tid, report
@@ -685,130 +689,35 @@ class _Rows:
 def _check_rows(
     i: int, name: str, table: pa.Table, plan: _Plan, vocab: _Vocab, report: VerifyReport
 ) -> None:
-    """The per-row invariants (vectorised over the shard)."""
-    B = table.num_rows
-    if B == 0:
+    """The contract's row invariants, all of them, on every row: the one decoder
+    (``decode_rows``: shapes) and the one composition of the named predicates (``RowRules``)."""
+    if table.num_rows == 0:
         report.add(name, "holds no rows")
         return
-    col = {n: table.column(n).combine_chunks() for n in table.column_names}
-    for n in trajectory_schema().names[:-1]:
-        if col[n].null_count:
-            report.add(name, f"column {n} holds {col[n].null_count} null(s)")
-            return
-    tid = _np(col["trajectory_id"])
-    rows = _Rows(name, tid, report)
-    R = plan.rows_per_shard
-    rows.check(tid != i * R + np.arange(B), f"trajectory_id = {i}·{R} + row")
-    rows.check(_np(col["shard"]) != i, f"shard = {i}")
-    cfg_seed = plan.config.get("seed")
-    if isinstance(cfg_seed, int):
-        rows.check(
-            _np(col["seed"]) != trajectory_seed(cfg_seed, tid), "seed = dataset seed·2^32 + id"
-        )
-
-    nav = plan.nav
-    S = nav.get("student_steps")
-    K = nav.get("candidates")
+    tid = table.column("trajectory_id").combine_chunks().fill_null(-1).to_numpy()
+    rows_out = _Rows(name, tid, report)
+    S, K = plan.nav.get("student_steps"), plan.nav.get("candidates")
     if not isinstance(S, int) or not isinstance(K, int):
         report.add(name, "the recorded config has no navigator.student_steps/candidates")
         return
-
-    # times: S+1 values, t_0 = 0 < t_1 < ... < t_S = 1
-    tl = _lengths(col["times"])
-    rows.check(tl != S + 1, f"times has S+1 = {S + 1} values")
-    ok = tl == S + 1
-    if ok.any():
-        t = _np(col["times"].filter(pa.array(ok)).flatten()).reshape(-1, S + 1)
-        bad = ~np.isfinite(t).all(1) | (t[:, 0] != 0) | (t[:, -1] != 1)
-        bad |= ~(np.diff(t, axis=1) > 0).all(1)
-        full = np.zeros(B, bool)
-        full[ok] = bad
-        rows.check(full, "times increase strictly from 0 to 1")
-
-    # chosen: S values in [0, K)
-    cl = _lengths(col["chosen"])
-    rows.check(cl != S, f"chosen has S = {S} values")
-    chosen = None
-    if (cl == S).all():
-        chosen = _np(col["chosen"].flatten()).reshape(B, S).astype(np.int64)
-        rows.check(((chosen < 0) | (chosen >= K)).any(1), f"0 ≤ chosen < K = {K}")
-
-    # energies: S lists, K finite values in shaped segments, empty elsewhere
-    el = _lengths(col["energies"])
-    rows.check(el != S, f"energies has S = {S} lists")
-    if (el == S).all():
-        from tsdfm.models.navigator import NavigatorConfig
-
-        try:
-            shaped = np.array(NavigatorConfig(**nav).shaped_segments(), dtype=bool)
-        except (TsdfmError, TypeError):
-            shaped = None
-        seg = col["energies"].flatten()
-        sl = _lengths(seg).reshape(B, S)
-        if shaped is not None:
-            want = np.where(shaped, K, 0)
-            rows.check(
-                (sl != want).any(1),
-                f"energies hold K = {K} values exactly in the shaped segments "
-                f"{np.flatnonzero(shaped).tolist()}",
-            )
-        values = _np(seg.flatten()).astype(np.float64)
-        owner = np.repeat(np.arange(B), sl.sum(1))
-        bad = np.zeros(B, bool)
-        np.logical_or.at(bad, owner, ~np.isfinite(values))
-        rows.check(bad, "energies are finite")
-        if chosen is not None:
-            rows.check(((sl == 0) & (chosen != 0)).any(1), "chosen = 0 where not shaped")
-
-    # states: S+1 rows of L token ids
-    _check_states(col["states"], B, S, vocab, rows, report)
-
-    if 0 < col["text"].null_count < B:
-        rows.check(_np(col["text"].is_null()), "text is present in every row or in none")
-
-
-def _check_states(
-    states: pa.Array,
-    B: int,
-    S: int,
-    vocab: _Vocab,
-    rows: _Rows,
-    report: VerifyReport,
-) -> None:
-    """S+1 states of L tokens; token ranges; under the mask source, reveal-once and no mask
-    left at t = 1."""
-    ol = _lengths(states)
-    rows.check(ol != S + 1, f"states has S+1 = {S + 1} rows")
-    if not (ol == S + 1).all():
+    try:
+        rows = decode_rows(table, steps=S, seq_len=vocab.seq_len or None, num_candidates=K)
+    except RowError as e:
+        rows_out.check(e.bad, e.what)
         return
-    inner = states.flatten()
-    il = _lengths(inner).reshape(B, S + 1)
-    L = vocab.seq_len if vocab.seq_len else int(il[0, 0])
-    rows.check((il != L).any(1), f"every state has L = {L} tokens")
-    if not (il == L).all():
+    except DataError as e:
+        report.add(name, str(e))
         return
-    x = _np(inner.flatten()).reshape(B, S + 1, L).astype(np.int64)
-    rows.check((x < 0).any((1, 2)), "token ids ≥ 0")
-    source, V, mask = vocab.source, vocab.vocab_size, vocab.mask_token_id
-    if source is None:  # infer: under the mask source x_0 is all [MASK], the largest id
-        first = x[:, 0]
-        if (first == first.flat[0]).all() and (x <= first.flat[0]).all():
-            source, mask, V = "mask", int(first.flat[0]), int(first.flat[0])
-    if source == "mask" and mask is not None:
-        rows.check((x[:, 0] != mask).any(1), f"x_0 is all [MASK] = {mask}")
-        rows.check((x[:, :-1] > mask).any((1, 2)), f"token ids ≤ [MASK] = {mask} before t = 1")
-        rows.check((x[:, -1] == mask).any(1), "no [MASK] left at t = 1")
-        revealed = x[:, :-1] != mask
-        changed = x[:, 1:] != x[:, :-1]
-        rows.check(
-            (revealed & changed).any((1, 2)),
-            "a revealed position keeps its token (revealed once, never re-masked)",
-        )
-        if V is not None:
-            rows.check((x[:, -1] >= V).any(1), f"final token ids < V = {V}")
-    elif V is not None:
-        rows.check((x >= V).any((1, 2)), f"token ids < V = {V}")
-    else:
+    V, mask = vocab.vocab_size, vocab.mask_token_id
+    if vocab.source is None:  # infer: under the mask source x_0 is all [MASK], the largest id
+        mask = infer_mask_token(rows.states)
+        V = mask
+    rules = RowRules.from_config(plan.config, shard=i, vocab_size=V, mask_token_id=mask)
+    rules = replace(rules, rows_per_shard=plan.rows_per_shard)
+    for what, bad in rules.violations(rows):
+        rows_out.check(bad, what)
+    rows_out.check(text_all_or_none(rows.text or []), "text is present in every row or in none")
+    if mask is None and V is None:
         note = "uniform source with unknown V: token ids checked only for ≥ 0"
         if note not in report.notes:
             report.notes.append(note)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,10 @@ from tsdfm.pipeline.card import (
     _flatten,
     card_facts,
     features_yaml,
+    front_matter,
     parse_card,
+    public_config,
+    public_name,
     read_card,
     render_card,
     statistics,
@@ -55,7 +59,8 @@ def test_build_writes_a_card_whose_yaml_matches_the_data(tiny_shaped_dataset):
     assert info["download_size"] == sum(p.stat().st_size for p in shards)
     assert info["download_size"] == manifest["totals"]["bytes"]
     assert info["dataset_size"] == info["splits"][0]["num_bytes"]
-    assert meta["license"] == "apache-2.0" and "tsdfm" in meta["tags"]
+    # the tiny teacher records no license: the card says so rather than assuming one
+    assert meta["license"] == "unknown" and "tsdfm" in meta["tags"]
     assert meta["pretty_name"] == "TS-DFM teacher trajectories (shaped, K=3, S=4, N=32)"
     assert meta["size_categories"] == ["n<1K"]
     t = meta["tsdfm"]
@@ -108,8 +113,13 @@ def test_prose_has_provenance_statistics_schema_and_snippets(tiny_shaped_dataset
     assert "K = 3 independent candidates" in how and "τ = 0.0" in how
     assert "tsdfm-pipeline distill --data my-org/traj@v3 --init TEACHER_CKPT --out DIR" in body
     assert 'load_dataset("my-org/traj", revision="v3", split="train", streaming=True)' in body
-    for key, value in _flatten(m["plan"]["config"]):
+    for key, value in _flatten(public_config(m["plan"]["config"])):
         assert f"| config `{key}` | `{json.dumps(value)}` |" in body
+    # the builder's local checkpoint paths are not published: only the folder names
+    for key in ("teacher", "compass"):
+        local = m["plan"]["config"][key]
+        assert local not in text and f'| config `{key}` | `"{Path(local).name}"` |' in body
+    assert "pypi.org" not in text  # no link to a package page
     for key in ("teacher_identity", "compass_identity", "tokenizer_identity"):
         assert f"`{facts.identities[key]}`" in body
     assert f"| fingerprint | `{m['fingerprint']}` |" in body
@@ -155,3 +165,43 @@ def test_card_without_front_matter_is_refused():
         parse_card("# just a title\n")
     with pytest.raises(DataError, match="does not parse"):
         parse_card("---\na: [1, 2\n---\n")
+
+
+def test_features_come_from_the_datasets_serializer():
+    assert features_yaml() == _contract_features()._to_yaml_list()
+
+
+def test_card_reads_back_through_huggingface_hub(tiny_shaped_dataset):
+    from huggingface_hub import DatasetCard
+
+    facts = card_facts(str(tiny_shaped_dataset))
+    text = render_card(facts, "a/b", "v1")
+    meta, body = parse_card(text)
+    assert meta == DatasetCard(text).data.to_dict() == front_matter(facts)
+    assert body.lstrip().startswith("# TS-DFM teacher trajectories")
+
+
+def test_license_is_a_parameter_defaulting_to_the_teachers(tmp_path, tiny_blind_dataset):
+    facts = card_facts(str(tiny_blind_dataset))
+    assert facts.teacher_license is None and front_matter(facts)["license"] == "unknown"
+    assert front_matter(facts, license="cc-by-4.0")["license"] == "cc-by-4.0"
+    assert "license: mit" in render_card(facts, license="mit")
+    # a teacher whose model card records a license passes it on
+    teacher = shutil.copytree(facts.manifest["plan"]["config"]["teacher"], tmp_path / "t")
+    (teacher / "README.md").write_text("---\nlicense: mit\n---\n# a teacher\n")
+    root = shutil.copytree(tiny_blind_dataset, tmp_path / "ds")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["plan"]["config"]["teacher"] = str(teacher)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    facts = card_facts(str(root))
+    assert facts.teacher_license == "mit" and front_matter(facts)["license"] == "mit"
+    assert front_matter(facts, license="other")["license"] == "other"  # the flag wins
+    assert "license: mit" in write_card(str(root))
+
+
+def test_checkpoints_are_named_by_hub_id_or_folder_name(tmp_path):
+    assert public_name("some-org/teacher@v2") == "some-org/teacher@v2"
+    assert public_name(str(tmp_path / "ckpts" / "teacher")) == "teacher"
+    assert public_name(None) is None
+    cfg = {"teacher": str(tmp_path / "t"), "compass": None, "seed": 3}
+    assert public_config(cfg) == {"teacher": "t", "compass": None, "seed": 3}

@@ -4,15 +4,17 @@ import json
 import shutil
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from tsdfm.models.data.schema import trajectory_schema
 from tsdfm.models.errors import DataError
+from tsdfm.models.hashing import canonical_json, file_sha256
 from tsdfm.pipeline.card import write_card
 from tsdfm.pipeline.cli import app
 from tsdfm.pipeline.manifest import Manifest
-from tsdfm.pipeline.shards import read_shard, shard_name, write_shard
+from tsdfm.pipeline.shards import ShardInfo, read_shard, shard_name
 from tsdfm.pipeline.verify import choose_replay, parse_target, verify
 
 runner = CliRunner()
@@ -123,12 +125,17 @@ def test_every_problem_is_reported_not_just_the_first(shaped):
 
 
 def _rewrite_shard(root, index: int, edit) -> None:
-    """Rewrite shard ``index`` with edited rows and record it, so only the rows are wrong."""
+    """Rewrite shard ``index`` with edited rows and record it, so only the rows are wrong.
+
+    The shard writer refuses rows that break the contract, so they are written by pyarrow
+    itself (the metadata as the writer writes it)."""
     table, meta = read_shard(str(root), SHARD[index])
     rows = table.to_pylist()
     edit(rows)
     bad = pa.Table.from_pylist(rows, schema=trajectory_schema())
-    info = write_shard(str(root), index, 3, [bad], meta)
+    path = root / SHARD[index]
+    pq.write_table(bad.replace_schema_metadata({"tsdfm": canonical_json(meta)}), path)
+    info = ShardInfo(index, SHARD[index], bad.num_rows, path.stat().st_size, file_sha256(path))
     manifest = Manifest.load(str(root))
     entry = manifest.shard(index)
     manifest.record_shard(info, entry["counters"], entry["stats"])
@@ -248,8 +255,6 @@ def test_parse_target(tmp_path):
 
 
 def _with_metadata(root, name, raw: bytes) -> None:
-    import pyarrow.parquet as pq
-
     table = pq.read_table(root / name)
     pq.write_table(table.replace_schema_metadata({"tsdfm": raw}), root / name)
 

@@ -17,6 +17,11 @@ runs two cheap checks by default (``distill --no-verify`` switches both off):
   position keeps its token (revealed once, never re-masked).
 
 Either check that fails raises a ShardError of one line that names the shard and the fix.
+
+The invariants themselves are the named predicates of ``tsdfm.models.data.schema``;
+:class:`RowRules` says which of them a reader checks and against what, and is the one
+composition used alike by the build's shard writer (``tsdfm.pipeline.shards``), ``verify``,
+this trainer-side reader and ``inspect``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tsdfm.models.errors import ShardError
+from tsdfm.models.data import schema
+from tsdfm.models.data.schema import TrajectoryRows
+from tsdfm.models.errors import ShardError, TsdfmError
 from tsdfm.models.hashing import file_sha256
 from tsdfm.models.paths import confined
 
@@ -147,48 +155,144 @@ def check_digest(path: Path, digest: ShardDigest, root: Path) -> None:
 # --------------------------------------------------------------------------- row invariants
 @dataclass(frozen=True)
 class RowRules:
-    """The token-level invariants a reader checks on every row.
+    """Which of the contract's row invariants (``tsdfm.models.data.schema``) a reader checks,
+    and against what. A field left None is not known to the reader, and what depends on it is
+    not checked.
 
     Args:
-        vocab_size: V data tokens (None: unknown, only ids ≥ 0 are checked).
+        vocab_size: V data tokens (None: only ids ≥ 0 are checked).
         mask_token_id: the [MASK] id under the mask source; None under the uniform source.
+        shard: the shard index every row carries.
+        rows_per_shard: R (with ``shard``, messages name trajectory_id = i·R + row).
+        dataset_seed: the build's seed (seed = dataset seed · 2^32 + trajectory_id).
+        grid: (S+1,) the time grid every row carries (a trainer: the first shard's); without
+            it, the grid must rise strictly from 0 to 1.
+        shaped: (S,) which segments store energies; None: not checked.
+        candidates: K (0 ≤ chosen < K).
     """
 
     vocab_size: int | None = None
     mask_token_id: int | None = None
+    shard: int | None = None
+    rows_per_shard: int | None = None
+    dataset_seed: int | None = None
+    grid: tuple[float, ...] | None = None
+    shaped: tuple[bool, ...] | None = None
+    candidates: int | None = None
 
-    def broken(
-        self, ids: np.ndarray, states: np.ndarray, first_id: int | None
-    ) -> tuple[int, str] | None:
-        """The first row that breaks an invariant and the invariant, or None.
+    @staticmethod
+    def from_config(
+        config: dict[str, Any],
+        shard: int | None = None,
+        vocab_size: int | None = None,
+        mask_token_id: int | None = None,
+    ) -> RowRules:
+        """The rules a build config (as recorded in a manifest or a shard's metadata) fixes
+        for the rows of shard ``shard``."""
+        from tsdfm.models.navigator import NavigatorConfig
+
+        def integer(v: Any) -> int | None:
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+        nav = config.get("navigator") if isinstance(config.get("navigator"), dict) else {}
+        try:
+            shaped = tuple(NavigatorConfig(**nav).shaped_segments()) if nav else None
+        except (TsdfmError, TypeError):
+            shaped = None
+        return RowRules(
+            vocab_size=vocab_size,
+            mask_token_id=mask_token_id,
+            shard=shard,
+            rows_per_shard=integer(config.get("trajectories_per_shard")),
+            dataset_seed=integer(config.get("seed")),
+            shaped=shaped,
+            candidates=integer(nav.get("candidates")),
+        )
+
+    def first_id(self) -> int | None:
+        """shard · R, the id of the shard's row 0, when both are known."""
+        if self.shard is None or self.rows_per_shard is None:
+            return None
+        return self.shard * self.rows_per_shard
+
+    def violations(
+        self, rows: TrajectoryRows, first_id: int | None = None, start: int = 0
+    ) -> list[tuple[str, np.ndarray]]:
+        """Every invariant the rows break, in a fixed order, with the rows that break it.
 
         Args:
-            ids: (n,) trajectory ids of consecutive rows of one shard.
-            states: (n, S+1, L) token ids.
-            first_id: the id row 0 must have (shard · rows_per_shard + row), None if unknown.
+            rows: consecutive decoded rows of one shard.
+            first_id: the id the first of them must have, when the caller knows it (not
+                necessarily i and R).
+            start: else, the shard row of the first of them (its id is then i·R + start).
+
+        Returns:
+            [(invariant as messages quote it, (n,) bool rows that break it)], only the broken.
         """
-        n = ids.shape[0]
-        checks: list[tuple[np.ndarray, str]] = []
-        if first_id is not None:
-            checks.append((ids != first_id + np.arange(n), "trajectory_id = shard·R + row"))
-        x = states
-        checks.append(((x < 0).any((1, 2)), "token ids ≥ 0"))
+        x, ids = rows.states, rows.ids
+        out: list[tuple[str, np.ndarray]] = []
+        if first_id is not None:  # the caller knows the first id, not necessarily i and R
+            out.append(("trajectory_id = shard·R + row", schema.ids_follow_rows(ids, first_id)))
+        elif self.first_id() is not None:
+            what = f"trajectory_id = {self.shard}·{self.rows_per_shard} + row"
+            out.append((what, schema.ids_follow_rows(ids, self.first_id() + start)))
+        if self.shard is not None and rows.shard is not None:
+            out.append((f"shard = {self.shard}", schema.shard_is(rows.shard, self.shard)))
+        if self.dataset_seed is not None and rows.seed is not None:
+            bad = schema.seeds_follow_ids(rows.seed, ids, self.dataset_seed)
+            out.append(("seed = dataset seed·2^32 + id", bad))
+        if self.grid is not None:
+            grid = [float(t) for t in self.grid]
+            out.append((f"times = the dataset's grid {grid}", schema.grid_is(rows.times, grid)))
+        else:
+            bad = schema.grid_rises_from_0_to_1(rows.times)
+            out.append(("times increase strictly from 0 to 1", bad))
+        K = self.candidates
+        if rows.chosen is not None and K is not None:
+            out.append((f"0 ≤ chosen < K = {K}", schema.chosen_below_k(rows.chosen, K)))
+        if rows.shaped is not None and rows.energies is not None:
+            if self.shaped is not None:
+                where = np.flatnonzero(self.shaped).tolist()
+                out.append(
+                    (
+                        f"energies hold K = {K} values exactly in the shaped segments {where}",
+                        schema.energies_where_shaped(rows.shaped, np.array(self.shaped)),
+                    )
+                )
+            out.append(("energies are finite", schema.energies_finite(rows.energies, rows.shaped)))
+            if rows.chosen is not None:
+                bad = schema.chosen_zero_where_unshaped(rows.chosen, rows.shaped)
+                out.append(("chosen = 0 where not shaped", bad))
+        out += self._token_checks(x)
+        return [(what, bad) for what, bad in out if bad.any()]
+
+    def _token_checks(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        out = [("token ids ≥ 0", schema.token_ids_nonnegative(x))]
         V, M = self.vocab_size, self.mask_token_id
         if M is not None:
-            checks += [
-                ((x[:, 0] != M).any(1), f"x_0 is all [MASK] = {M}"),
-                ((x[:, :-1] > M).any((1, 2)), f"token ids ≤ [MASK] = {M} before t = 1"),
-                ((x[:, -1] == M).any(1), "no [MASK] left at t = 1"),
+            below_mask = schema.ids_at_most_mask_before_one(x, M)
+            out += [
+                (f"x_0 is all [MASK] = {M}", schema.x0_all_mask(x, M)),
+                (f"token ids ≤ [MASK] = {M} before t = 1", below_mask),
+                ("no [MASK] left at t = 1", schema.no_mask_at_one(x, M)),
                 (
-                    ((x[:, :-1] != M) & (x[:, 1:] != x[:, :-1])).any((1, 2)),
                     "a revealed position keeps its token (revealed once, never re-masked)",
+                    schema.revealed_once(x, M),
                 ),
             ]
             if V is not None:
-                checks.append(((x[:, -1] >= V).any(1), f"final token ids < V = {V}"))
+                out.append((f"final token ids < V = {V}", schema.final_ids_below(x, V)))
         elif V is not None:
-            checks.append(((x >= V).any((1, 2)), f"token ids < V = {V}"))
-        for bad, what in checks:
-            if bad.any():
-                return int(np.flatnonzero(bad)[0]), what
-        return None
+            out.append((f"token ids < V = {V}", schema.token_ids_below(x, V)))
+        return out
+
+    def broken(
+        self, rows: TrajectoryRows, first_id: int | None = None, start: int = 0
+    ) -> tuple[int, str] | None:
+        """The first row that breaks an invariant and the invariant, or None (the first
+        invariant in :meth:`violations` order that any row breaks)."""
+        found = self.violations(rows, first_id, start)
+        if not found:
+            return None
+        what, bad = found[0]
+        return int(np.flatnonzero(bad)[0]), what

@@ -24,6 +24,7 @@ change that a reader would notice.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,26 +290,74 @@ def to_arrow(batch: TrajectoryBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def _conform(table: pa.Table | pa.RecordBatch) -> pa.Table:
-    """The table cast to the contract schema, or a DataError naming the difference."""
-    if isinstance(table, pa.RecordBatch):
-        table = pa.Table.from_batches([table])
-    schema = trajectory_schema()
-    if table.schema.equals(schema):  # ignores metadata
-        return table
-    missing = [n for n in schema.names if n not in table.schema.names]
-    if missing:
-        raise DataError(
-            f"table lacks the column(s) {missing} of the trajectory schema v{SCHEMA_VERSION}: "
-            "it is not a tsdfm trajectory dataset, or one written by another schema version"
-        )
-    try:
-        return table.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise DataError(
-            f"table does not fit the trajectory schema v{SCHEMA_VERSION} ({e}); "
-            "it was written by another schema version"
-        ) from None
+# --------------------------------------------------------------------------- the decoder
+TRAIN_COLUMNS = ("trajectory_id", "times", "states")  # what a trainer reads of a row
+
+
+class RowError(DataError):
+    """Rows that break one invariant of the dataset contract.
+
+    Attributes:
+        what: the invariant, as messages quote it (``'times has S+1 = 5 values'``).
+        bad: (n,) bool, True for every row that breaks it.
+    """
+
+    def __init__(self, what: str, bad: np.ndarray):
+        self.what, self.bad = what, np.asarray(bad, dtype=bool)
+        rows = np.flatnonzero(self.bad)
+        assert rows.size, "a RowError needs a row that breaks the invariant"
+        super().__init__(f"{rows.size} row(s) break '{what}' (the first is row {rows[0]})")
+
+    @property
+    def first(self) -> int:
+        """The first row that breaks the invariant."""
+        return int(np.flatnonzero(self.bad)[0])
+
+
+@dataclass(frozen=True, eq=False)
+class TrajectoryRows:
+    """n decoded rows of a shard as numpy arrays; the columns that were not read are None.
+
+    Unlike a :class:`TrajectoryBatch`, rows may disagree on their time grid or shaping pattern
+    and their values are not range-checked: the row invariants (``*`` predicates below) say
+    which rows keep the contract. "Not shaped" decodes one way: segment k of row j stored no
+    energies ⇔ ``shaped[j, k]`` is False ⇔ ``energies[j, k]`` is all NaN.
+
+    Attributes:
+        ids: (n,) int64 trajectory ids.
+        times: (n, S+1) float32 grids.
+        states: (n, S+1, L) int32 token ids.
+        shard: (n,) int32 shard indices.
+        seed: (n,) int64 per-trajectory seeds.
+        energies: (n, S, K) float32 candidate energies, NaN where a segment stores none.
+        shaped: (n, S) bool, True where segment k of row j stores K energies.
+        chosen: (n, S) int16 kept candidates.
+        text: n decoded final sequences (str or None).
+    """
+
+    ids: np.ndarray
+    times: np.ndarray
+    states: np.ndarray
+    shard: np.ndarray | None = None
+    seed: np.ndarray | None = None
+    energies: np.ndarray | None = None
+    shaped: np.ndarray | None = None
+    chosen: np.ndarray | None = None
+    text: list[str | None] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def num_segments(self) -> int:
+        """S."""
+        return int(self.times.shape[1] - 1)
+
+    @property
+    def seq_len(self) -> int:
+        """L."""
+        return int(self.states.shape[2])
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -316,78 +365,391 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 def _lengths(arr: pa.Array) -> np.ndarray:
-    return pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    return pc.list_value_length(arr).fill_null(-1).to_numpy(zero_copy_only=False)
 
 
-def _fixed(arr: pa.Array, n: int, column: str) -> pa.Array:
-    """Flatten a list array whose every list has length n."""
-    lengths = _lengths(arr)
-    if (lengths != n).any():
-        bad = int(np.flatnonzero(lengths != n)[0])
+def _depth(t: pa.DataType) -> int:
+    return 1 + _depth(t.value_type) if pa.types.is_list(t) or pa.types.is_large_list(t) else 0
+
+
+def _uniform(lengths: np.ndarray, expected: int | None, what: str, per_row: int = 1) -> int:
+    """The common list length (``expected``, else the first list's); RowError naming the
+    rows with another (``per_row`` consecutive lists belong to one row)."""
+    n = expected if expected is not None else (int(lengths[0]) if lengths.size else 0)
+    bad = lengths != n
+    if bad.any():
+        raise RowError(what.format(n=n, n1=n - 1), bad.reshape(-1, per_row).any(1))
+    return n
+
+
+def decode_rows(
+    table: pa.Table | pa.RecordBatch,
+    columns: tuple[str, ...] | None = None,
+    *,
+    steps: int | None = None,
+    seq_len: int | None = None,
+    num_candidates: int | None = None,
+) -> TrajectoryRows:
+    """Arrow rows of the trajectory schema → :class:`TrajectoryRows` (the one decoder).
+
+    The shape is checked while decoding (every row has S+1 times and states, L tokens per
+    state, S energy lists of 0 or K values, S chosen indices, no nulls): a row that breaks it
+    raises :class:`RowError` naming all such rows.
+
+    Args:
+        table: rows of one shard (a datasets-read table with nullable fields is fine).
+        columns: the columns to decode (default: all; ``TRAIN_COLUMNS`` for a trainer).
+        steps: S, when known (else read from the first row).
+        seq_len: L, when known (else read from the first row).
+        num_candidates: K, when known; else read from the data (1 when no segment is shaped).
+    """
+    schema = trajectory_schema()
+    names = schema.names if columns is None else list(columns)
+    missing = [c for c in (*TRAIN_COLUMNS, *names) if c not in table.schema.names]
+    if missing:
         raise DataError(
-            f"column {column}: a list has {lengths[bad]} entries where {n} are expected "
-            "(every row of a shard must have the same S and L)"
+            f"table lacks the column(s) {sorted(set(missing), key=schema.names.index)} of the "
+            f"trajectory schema v{SCHEMA_VERSION}: it is not a tsdfm trajectory dataset, or one "
+            "written by another schema version"
         )
-    return arr.flatten()
+    col = {c: _flat(table.column(c)) for c in dict.fromkeys((*TRAIN_COLUMNS, *names))}
+    for c, arr in col.items():
+        want = schema.field(c).type
+        if _depth(arr.type) != _depth(want) or (c == "text") != pa.types.is_string(arr.type):
+            raise DataError(
+                f"column {c} is {arr.type}, the trajectory schema v{SCHEMA_VERSION} says {want}: "
+                "it was written by another schema version"
+            )
+        if c != "text" and arr.null_count:
+            raise RowError(f"{c} is not null", arr.is_null().to_numpy(zero_copy_only=False))
+    n = table.num_rows
+    what = "times has S+1 = {n} values"
+    S1 = _uniform(_lengths(col["times"]), None if steps is None else steps + 1, what)
+    times = col["times"].flatten().to_numpy().astype(np.float32).reshape(n, S1)
+    outer = col["states"]
+    _uniform(_lengths(outer), S1, "states has S+1 = {n} rows")
+    inner = outer.flatten()
+    L = _uniform(_lengths(inner), seq_len, "every state has L = {n} tokens", S1)
+    states = inner.flatten().to_numpy().astype(np.int32).reshape(n, S1, L)
+    rows: dict[str, Any] = {"ids": col["trajectory_id"].to_numpy().astype(np.int64)}
+    rows.update(times=times, states=states)
+    if "shard" in col:
+        rows["shard"] = col["shard"].to_numpy().astype(np.int32)
+    if "seed" in col:
+        rows["seed"] = col["seed"].to_numpy().astype(np.int64)
+    if "energies" in col:
+        rows.update(_decode_energies(col["energies"], n, S1 - 1, num_candidates))
+    if "chosen" in col:
+        _uniform(_lengths(col["chosen"]), S1 - 1, "chosen has S = {n} values")
+        rows["chosen"] = col["chosen"].flatten().to_numpy().astype(np.int16).reshape(n, S1 - 1)
+    if "text" in col:
+        rows["text"] = col["text"].to_pylist()
+    return TrajectoryRows(**rows)
+
+
+def _decode_energies(arr: pa.Array, n: int, S: int, num_candidates: int | None) -> dict:
+    """energies (n, S, K) with NaN where a segment stores none, and shaped (n, S)."""
+    _uniform(_lengths(arr), S, "energies has S = {n} lists")
+    segments = arr.flatten()
+    counts = _lengths(segments).reshape(n, S)
+    stored = np.unique(counts[counts > 0])
+    if num_candidates is not None and stored.size == 1 and stored[0] != num_candidates:
+        raise RowError(
+            f"energies hold K = {stored[0]} candidates, not {num_candidates}", (counts > 0).any(1)
+        )
+    K = num_candidates or (int(stored.max()) if stored.size else 1)
+    bad = ((counts != 0) & (counts != K)).any(1)
+    if bad.any():
+        raise RowError(f"a segment holds no energies or K = {K}", bad)
+    shaped = counts > 0
+    energies = np.full((n, S, K), np.nan, dtype=np.float32)
+    energies[shaped] = segments.flatten().to_numpy().astype(np.float32).reshape(-1, K)
+    return {"energies": energies, "shaped": shaped}
 
 
 def from_arrow(
     table: pa.Table | pa.RecordBatch, num_candidates: int | None = None
 ) -> TrajectoryBatch:
-    """Inverse of :func:`to_arrow` (exact round trip).
+    """Inverse of :func:`to_arrow` (exact round trip), through :func:`decode_rows`.
 
     Args:
         table: rows of one shard (one shard index, one time grid, one shaping pattern).
         num_candidates: K; needed only when no segment was shaped (every energy list empty),
             otherwise read from the data. Defaults to 1 (the blind baseline) in that case.
     """
-    table = _conform(table)
-    B = table.num_rows
-    if B == 0:
+    if table.num_rows == 0:
         raise DataError("cannot build a TrajectoryBatch from an empty table")
-    for name in trajectory_schema().names[:-1]:
-        if table.column(name).null_count:
-            raise DataError(f"column {name} holds nulls; the trajectory schema forbids them")
-
-    times_arr = _flat(table.column("times"))
-    S = int(_lengths(times_arr)[0]) - 1
-    times = _fixed(times_arr, S + 1, "times").to_numpy().reshape(B, S + 1)
-    if not (times == times[:1]).all():
+    rows = decode_rows(table, num_candidates=num_candidates)
+    assert rows.shard is not None and rows.shaped is not None
+    if not (rows.times == rows.times[:1]).all():
         raise DataError("rows have different time grids; a TrajectoryBatch shares one grid")
-
-    states_rows = _fixed(_flat(table.column("states")), S + 1, "states")
-    L = int(_lengths(states_rows)[0])
-    states = _fixed(states_rows, L, "states").to_numpy().reshape(B, S + 1, L)
-
-    segments = _fixed(_flat(table.column("energies")), S, "energies")
-    seg_lengths = _lengths(segments).reshape(B, S)
-    if not (seg_lengths == seg_lengths[:1]).all():
+    if not (rows.shaped == rows.shaped[:1]).all():
         raise DataError("rows shaped different segments; a TrajectoryBatch shares one pattern")
-    shaped = seg_lengths[0] > 0
-    Ks = np.unique(seg_lengths[0][shaped])
-    if Ks.size > 1:
-        raise DataError(f"energy lists have different candidate counts {Ks.tolist()}")
-    if Ks.size == 1:
-        K = int(Ks[0])
-        if num_candidates is not None and num_candidates != K:
-            raise DataError(f"energies hold K = {K} candidates, not {num_candidates}")
-    else:
-        K = 1 if num_candidates is None else int(num_candidates)
-    energies = np.full((B, S, K), np.nan, dtype=np.float32)
-    energies[:, shaped, :] = segments.flatten().to_numpy().reshape(B, int(shaped.sum()), K)
-
-    shard = pc.unique(table.column("shard")).to_numpy()
+    shard = np.unique(rows.shard)
     if shard.size != 1:
         raise DataError(f"rows come from several shards {shard.tolist()}; read one at a time")
-    text = table.column("text")
+    text = rows.text or []
     return TrajectoryBatch(
-        trajectory_id=table.column("trajectory_id").to_numpy(),
+        trajectory_id=rows.ids,
         shard=int(shard[0]),
-        seed=table.column("seed").to_numpy(),
-        times=times[0],
-        states=states,
-        energies=energies,
-        shaped=shaped,
-        chosen=_fixed(_flat(table.column("chosen")), S, "chosen").to_numpy().reshape(B, S),
-        text=None if text.null_count == B else text.to_pylist(),
+        seed=rows.seed,
+        times=rows.times[0],
+        states=rows.states,
+        energies=rows.energies,
+        shaped=rows.shaped[0],
+        chosen=rows.chosen,
+        text=None if all(t is None for t in text) else text,
     )
+
+
+def batch_rows(batch: TrajectoryBatch) -> TrajectoryRows:
+    """A batch as the rows it encodes to (``decode_rows(to_arrow(batch))``, without Arrow)."""
+    B = batch.num_rows
+    return TrajectoryRows(
+        ids=batch.trajectory_id,
+        times=np.broadcast_to(batch.times, (B, batch.times.shape[0])),
+        states=batch.states,
+        shard=np.full(B, batch.shard, dtype=np.int32),
+        seed=batch.seed,
+        energies=batch.energies,
+        shaped=np.broadcast_to(batch.shaped, (B, batch.num_segments)),
+        chosen=batch.chosen,
+        text=[None] * B if batch.text is None else list(batch.text),
+    )
+
+
+# --------------------------------------------------------------------------- the footer
+MAX_METADATA_BYTES = 256 * 2**10  # a shard's tsdfm metadata is ~2 KB
+
+
+class MetadataError(DataError):
+    """A shard's ``tsdfm`` key-value metadata is absent or unusable; the message says how.
+
+    Attributes:
+        metadata: the parsed object when it is a JSON object whose only fault is keys outside
+            :data:`METADATA_KEYS` (a lenient reader may use it); else None.
+    """
+
+    def __init__(self, message: str, metadata: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.metadata = metadata
+
+
+def decode_metadata(raw: bytes | None, *, strict: bool = True) -> dict[str, Any]:
+    """The ``tsdfm`` metadata object of a shard from its raw key-value bytes (the one reader).
+
+    Bounded before it is parsed: a shard's metadata is a few kilobytes (config, identities,
+    indices), so anything over :data:`MAX_METADATA_BYTES`, nesting too deep for the parser, or
+    not a JSON object is refused, never half-read.
+
+    Args:
+        raw: the value under :data:`METADATA_KEY`; None when the file has no such key.
+        strict: also refuse keys outside :data:`METADATA_KEYS` (verify); a lenient reader
+            (build, trainer, inspect) accepts them.
+
+    Raises:
+        MetadataError: one line saying what is wrong (callers add the shard and the fix).
+    """
+    where = "tsdfm key-value metadata"
+    if raw is None:
+        raise MetadataError("no 'tsdfm' metadata: the file was not written by tsdfm-pipeline")
+    if len(raw) > MAX_METADATA_BYTES:
+        raise MetadataError(
+            f"{where} is {len(raw):,} bytes, over the {MAX_METADATA_BYTES:,}-byte bound"
+        )
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetadataError(f"{where} is not JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise MetadataError(f"{where} nests too deeply to be a tsdfm record") from None
+    if not isinstance(meta, dict):
+        raise MetadataError(f"{where} is a JSON {type(meta).__name__}, not an object")
+    unknown = sorted(set(meta) - METADATA_KEYS)
+    if strict and unknown:
+        raise MetadataError(
+            f"tsdfm metadata carries unknown key(s) {unknown[:5]}: not written by this "
+            "tsdfm-pipeline (or altered)",
+            meta,
+        )
+    return meta
+
+
+def check_schema_version(meta: dict[str, Any]) -> None:
+    """DataError unless the metadata's ``schema_version`` is the one this package reads."""
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DataError(
+            f"uses trajectory schema v{version}, but this tsdfm-pipeline reads "
+            f"v{SCHEMA_VERSION}: install the tsdfm-pipeline version that built the dataset"
+        )
+
+
+@dataclass(frozen=True)
+class ShardFooter:
+    """What a shard's Parquet footer says, without reading the data.
+
+    Attributes:
+        rows: number of rows.
+        uncompressed_bytes: sum of the row groups' uncompressed sizes.
+        max_row_group_bytes: the largest row group (uncompressed).
+        schema: the Arrow schema stored in the file (without metadata).
+        metadata: the ``tsdfm`` metadata (None when absent or unusable; with unknown keys it is
+            read and ``error`` says so).
+        error: what is wrong with the metadata (:func:`decode_metadata`, strict), or None.
+    """
+
+    rows: int
+    uncompressed_bytes: int
+    max_row_group_bytes: int
+    schema: pa.Schema
+    metadata: dict[str, Any] | None
+    error: MetadataError | None = None
+
+    @property
+    def metadata_problem(self) -> str | None:
+        """The error's message, or None."""
+        return None if self.error is None else str(self.error)
+
+    def tsdfm(self, strict: bool = False) -> dict[str, Any]:
+        """The metadata, or the MetadataError (unknown keys are an error only when strict)."""
+        if self.error is not None and (strict or self.metadata is None):
+            raise self.error
+        assert self.metadata is not None
+        return self.metadata
+
+
+def parquet_footer(file: Any) -> ShardFooter:
+    """The footer of a Parquet file (a path or an open binary file); DataError if it is not
+    Parquet. Only the footer is read."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(file)
+        md, schema = pf.metadata, pf.schema_arrow
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"is not a readable Parquet file ({e})") from None
+    raw = (md.metadata or {}).get(METADATA_KEY)
+    meta, error = None, None
+    try:
+        meta = decode_metadata(raw)
+    except MetadataError as e:
+        meta, error = e.metadata, e
+    sizes = [md.row_group(i).total_byte_size for i in range(md.num_row_groups)]
+    return ShardFooter(
+        rows=md.num_rows,
+        uncompressed_bytes=sum(sizes),
+        max_row_group_bytes=max(sizes, default=0),
+        schema=schema.remove_metadata(),
+        metadata=meta,
+        error=error,
+    )
+
+
+# --------------------------------------------------------------------------- row invariants
+# The contract's row invariants, one named predicate each. A predicate takes decoded columns
+# of n rows (TrajectoryRows fields) and returns bad: (n,) bool, True where row j breaks it.
+# tsdfm.models.data.integrity.RowRules composes them for the shard writer, verify, the
+# trainer's reader and inspect.
+
+
+def ids_follow_rows(ids: np.ndarray, first_id: int) -> np.ndarray:
+    """trajectory_id = shard · rows_per_shard + row: row r of a read whose first row should
+    have the id ``first_id`` has the id first_id + r (ids unique and in range)."""
+    return ids != first_id + np.arange(ids.shape[0])
+
+
+def shard_is(shard: np.ndarray, index: int) -> np.ndarray:
+    """Every row of shard i carries shard = i."""
+    return shard != index
+
+
+def seeds_follow_ids(seed: np.ndarray, ids: np.ndarray, dataset_seed: int) -> np.ndarray:
+    """seed = dataset seed · 2^32 + trajectory_id (tsdfm.models.rng.trajectory_seed)."""
+    from tsdfm.models.rng import trajectory_seed
+
+    return seed != trajectory_seed(dataset_seed, ids)
+
+
+def grid_rises_from_0_to_1(times: np.ndarray) -> np.ndarray:
+    """times (n, S+1) is finite and rises strictly from t_0 = 0 to t_S = 1."""
+    bad = ~np.isfinite(times).all(1) | (times[:, 0] != 0) | (times[:, -1] != 1)
+    return bad | ~(np.diff(times, axis=1) > 0).all(1)
+
+
+def grid_is(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Every row carries exactly the dataset's grid (S+1,) (one build, one grid)."""
+    return (times != np.asarray(grid, dtype=np.float32)).any(1)
+
+
+def energies_where_shaped(shaped: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Energies are stored exactly in the segments the navigator shaped (pattern (S,)): K
+    values there, an empty list elsewhere ("not shaped")."""
+    return (shaped != np.asarray(pattern, dtype=bool)).any(1)
+
+
+def energies_finite(energies: np.ndarray, shaped: np.ndarray) -> np.ndarray:
+    """Every stored energy (n, S, K) is finite (NaN stands only for "not stored")."""
+    return (shaped & ~np.isfinite(energies).all(2)).any(1)
+
+
+def chosen_below_k(chosen: np.ndarray, K: int) -> np.ndarray:
+    """0 ≤ chosen < K in every segment."""
+    return ((chosen < 0) | (chosen >= K)).any(1)
+
+
+def chosen_zero_where_unshaped(chosen: np.ndarray, shaped: np.ndarray) -> np.ndarray:
+    """chosen = 0 in every segment that stores no energies."""
+    return (~shaped & (chosen != 0)).any(1)
+
+
+def token_ids_nonnegative(states: np.ndarray) -> np.ndarray:
+    """Token ids ≥ 0."""
+    return (states < 0).any((1, 2))
+
+
+def token_ids_below(states: np.ndarray, V: int) -> np.ndarray:
+    """Token ids < V (the uniform source: every state is data tokens)."""
+    return (states >= V).any((1, 2))
+
+
+def x0_all_mask(states: np.ndarray, M: int) -> np.ndarray:
+    """Mask source: x_0 = [MASK]^L."""
+    return (states[:, 0] != M).any(1)
+
+
+def ids_at_most_mask_before_one(states: np.ndarray, M: int) -> np.ndarray:
+    """Mask source: token ids ≤ [MASK] = M in every state before t = 1."""
+    return (states[:, :-1] > M).any((1, 2))
+
+
+def no_mask_at_one(states: np.ndarray, M: int) -> np.ndarray:
+    """Mask source: no [MASK] is left in the final state x_1."""
+    return (states[:, -1] == M).any(1)
+
+
+def revealed_once(states: np.ndarray, M: int) -> np.ndarray:
+    """Mask source: a revealed position keeps its token (revealed once, never re-masked):
+    x_{t_k}^i ≠ [MASK] ⇒ x_{t_{k+1}}^i = x_{t_k}^i."""
+    return ((states[:, :-1] != M) & (states[:, 1:] != states[:, :-1])).any((1, 2))
+
+
+def final_ids_below(states: np.ndarray, V: int) -> np.ndarray:
+    """Mask source: the final state holds data tokens only, ids < V."""
+    return (states[:, -1] >= V).any(1)
+
+
+def text_all_or_none(text: list[str | None]) -> np.ndarray:
+    """A shard has decoded text in every row or in none (a tokenizer decodes every row)."""
+    null = np.array([t is None for t in text], dtype=bool)
+    return null if 0 < null.sum() < null.size else np.zeros(null.size, dtype=bool)
+
+
+def infer_mask_token(states: np.ndarray) -> int | None:
+    """The [MASK] id when the rows look like the mask source (x_0 a single repeated id that
+    no token exceeds), else None."""
+    if states.size == 0:
+        return None
+    first = states[:, 0]
+    M = int(first.flat[0])
+    return M if (first == M).all() and (states <= M).all() else None

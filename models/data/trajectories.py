@@ -36,7 +36,6 @@ Reading (``datasets`` streaming, one file = one ``datasets`` shard):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -57,13 +56,24 @@ from tsdfm.models.data.integrity import (
     fix_hint,
     read_manifest_digests,
 )
-from tsdfm.models.data.schema import METADATA_KEY, SCHEMA_VERSION, trajectory_schema
+from tsdfm.models.data.schema import (
+    SCHEMA_VERSION,
+    TRAIN_COLUMNS,
+    MetadataError,
+    RowError,
+    TrajectoryRows,
+    check_schema_version,
+    decode_rows,
+    grid_is,
+    grid_rises_from_0_to_1,
+    parquet_footer,
+    trajectory_schema,
+)
 from tsdfm.models.errors import ConfigError, DataError
 from tsdfm.models.paths import confined
 from tsdfm.models.refs import parse_hub_ref
 
 SPLIT = "train"
-TRAIN_COLUMNS = ("trajectory_id", "times", "states")
 _HF_REVISION = re.compile(r"^hf://datasets/[^@]+@([^/]+)/")
 
 
@@ -144,31 +154,20 @@ def _unreadable(ref: DatasetRef, e: Exception) -> str:
 
 
 def _read_footer(url: str) -> tuple[list[str], dict]:
-    """(column names, ``tsdfm`` metadata) of one shard, reading only its footer."""
+    """(column names, ``tsdfm`` metadata) of one shard, reading only its footer
+    (``tsdfm.models.data.schema.parquet_footer``; unknown metadata keys are accepted)."""
     import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
         with fsspec.open(url, "rb") as f:
-            meta = pq.read_metadata(f)
-    except (OSError, pa.ArrowInvalid) as e:
+            footer = parquet_footer(f)
+        return footer.schema.names, footer.tsdfm()
+    except OSError as e:
         raise DataError(f"shard {url} is not a readable Parquet file ({e})") from None
-    names = meta.schema.to_arrow_schema().names
-    kv = meta.metadata or {}
-    if METADATA_KEY not in kv:
-        raise DataError(
-            f"shard {url} has no '{METADATA_KEY.decode()}' metadata: it was not written by "
-            "tsdfm-pipeline build"
-        )
-    try:
-        info = json.loads(kv[METADATA_KEY])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        key = METADATA_KEY.decode()
-        raise DataError(f"shard {url}: '{key}' metadata is not JSON ({type(e).__name__})") from None
-    if not isinstance(info, dict):
-        raise DataError(f"shard {url}: '{METADATA_KEY.decode()}' metadata is not a JSON object")
-    return names, info
+    except MetadataError as e:
+        raise DataError(f"shard {url}: {e}; rebuild it or download it again") from None
+    except DataError as e:  # not Parquet
+        raise DataError(f"shard {url} {e}") from None
 
 
 def check_shard_footer(url: str, names: list[str], info: dict) -> None:
@@ -179,12 +178,10 @@ def check_shard_footer(url: str, names: list[str], info: dict) -> None:
             f"shard {url} lacks the column(s) {', '.join(missing)} of the trajectory schema "
             f"v{SCHEMA_VERSION}; it is not a tsdfm trajectory dataset, or it was altered"
         )
-    version = info.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise DataError(
-            f"shard {url} uses trajectory schema v{version}, but this tsdfm-pipeline reads "
-            f"v{SCHEMA_VERSION}: install the tsdfm-pipeline version that built the dataset"
-        )
+    try:
+        check_schema_version(info)
+    except DataError as e:
+        raise DataError(f"shard {url} {e}") from None
 
 
 @dataclass(frozen=True)
@@ -264,7 +261,9 @@ class TrajectorySource:
         tokens; the [MASK] id under the mask source, None under the uniform one)."""
         if self.rules is None:
             return self
-        return replace(self, rules=RowRules(vocab_size, mask_token_id))
+        return replace(
+            self, rules=replace(self.rules, vocab_size=vocab_size, mask_token_id=mask_token_id)
+        )
 
     def shard_name(self, index: int) -> str:
         """Shard file ``index`` as messages name it: relative to a local folder, else its URL."""
@@ -338,27 +337,25 @@ class TrajectorySource:
             yield table
 
     def _check_rows(self, index: int, table, start: int, first_id: int | None) -> None:
-        """The contract's row invariants on ``table`` (rows ``start``… of shard ``index``, whose
-        row 0 has the id ``first_id`` when known), or a DataError naming the shard."""
+        """The contract's row invariants (``self.rules``) on ``table`` (rows ``start``… of
+        shard ``index``, whose row 0 has the id ``first_id`` when known), or a DataError
+        naming the shard, the row and the fix."""
         assert self.rules is not None
         where = f"shard {self.shard_name(index)}"
+        steps = self.num_steps if self.seq_len else None
         try:
-            rows = table_arrays(table, self.times if self.seq_len else None)
+            rows = decode_rows(table, TRAIN_COLUMNS, steps=steps, seq_len=self.seq_len or None)
+            broken = self.rules.broken(rows, None if first_id is None else first_id + start)
+        except RowError as e:
+            broken = e.first, e.what
         except DataError as e:
             raise DataError(f"{where}: {e}; {fix_hint(self.ref.id)}") from None
-        if self.seq_len and rows.states.shape[2] != self.seq_len:
-            raise DataError(
-                f"{where} has sequences of L={rows.states.shape[2]} tokens, the dataset's first "
-                f"shard L={self.seq_len}: {fix_hint(self.ref.id)}"
-            )
-        broken = self.rules.broken(
-            rows.ids, rows.states, None if first_id is None else first_id + start
-        )
         if broken is not None:
             r, what = broken
+            tid = table.column("trajectory_id")[r].as_py()
             raise DataError(
-                f"{where}, row {start + r} (trajectory_id {int(rows.ids[r])}), breaks the "
-                f"dataset contract ('{what}'): {fix_hint(self.ref.id)}"
+                f"{where}, row {start + r} (trajectory_id {tid}), breaks the dataset contract "
+                f"('{what}'): {fix_hint(self.ref.id)}"
             )
 
 
@@ -411,58 +408,44 @@ def open_trajectory_dataset(spec: str | Path, verify: bool = True) -> Trajectory
         raise DataError(f"the first shard of dataset {ref} holds no trajectories; rebuild it")
     rows = table_arrays(first, None)
     times = rows.times[0]
-    if not (times[0] == 0.0 and times[-1] == 1.0 and (np.diff(times) > 0).all()):
+    if grid_rises_from_0_to_1(rows.times[:1]).any():
         raise DataError(
             f"dataset {ref} has the time grid {times.tolist()}; a trajectory grid must rise "
             "strictly from 0 to 1"
         )
-    return replace(source, times=times, seq_len=int(rows.states.shape[2]))
+    rules = None if source.rules is None else replace(source.rules, grid=tuple(times.tolist()))
+    return replace(source, times=times, seq_len=int(rows.states.shape[2]), rules=rules)
 
 
 # --------------------------------------------------------------------------- rows → examples
-@dataclass(frozen=True)
-class TrajectoryRows:
-    """Decoded rows: ids (n,) int64, times (n, S+1) float32, states (n, S+1, L) int32."""
-
-    ids: np.ndarray
-    times: np.ndarray
-    states: np.ndarray
-
-
-def _list_values(arr, n_outer: int, inner: int, column: str) -> Any:
-    import pyarrow.compute as pc
-
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-    if lengths.shape[0] != n_outer or (lengths != inner).any():
-        raise DataError(
-            f"column {column}: lists of {sorted(set(lengths.tolist()))} entries where {inner} "
-            "are expected (every trajectory of a dataset has the same S and L)"
-        )
-    return arr.flatten()
-
-
 def table_arrays(table, times_ref: np.ndarray | None) -> TrajectoryRows:
-    """An Arrow table of (trajectory_id, times, states) as numpy arrays, shapes checked.
+    """An Arrow table of (trajectory_id, times, states) decoded (``schema.decode_rows``).
 
     Args:
         table: rows of the trajectory schema (at least the three columns).
         times_ref: the dataset's grid; every row must carry exactly it (None: take the first
             row's).
+
+    Raises:
+        DataError: a row of another shape or grid (shards of different builds are mixed).
     """
-    n = table.num_rows
-    times_arr = table.column("times").combine_chunks()
-    S1 = int(times_arr.value_lengths()[0].as_py()) if times_ref is None else len(times_ref)
-    times = _list_values(times_arr, n, S1, "times").to_numpy().reshape(n, S1)
-    if times_ref is not None and not (times == times_ref).all():
+    steps = None if times_ref is None else len(times_ref) - 1
+    try:
+        rows = decode_rows(table, TRAIN_COLUMNS, steps=steps)
+    except RowError as e:
+        r = e.first
         raise DataError(
-            f"a trajectory has the time grid {times[(times != times_ref).any(1)][0].tolist()}, "
-            f"the dataset's first has {times_ref.tolist()}: shards of different builds are mixed"
-        )
-    rows = _list_values(table.column("states").combine_chunks(), n, S1, "states")
-    L = int(rows.value_lengths()[0].as_py()) if len(rows) else 0
-    states = _list_values(rows, n * S1, L, "states").to_numpy().reshape(n, S1, L)
-    ids = table.column("trajectory_id").to_numpy()
-    return TrajectoryRows(np.asarray(ids, np.int64), times.astype(np.float32), states)
+            f"row {r} (trajectory_id {table.column('trajectory_id')[r].as_py()}) breaks "
+            f"'{e.what}' (every trajectory of a dataset has the same S and L)"
+        ) from None
+    if times_ref is not None:
+        bad = grid_is(rows.times, times_ref)
+        if bad.any():
+            raise DataError(
+                f"a trajectory has the time grid {rows.times[bad][0].tolist()}, the dataset's "
+                f"first has {times_ref.tolist()}: shards of different builds are mixed"
+            )
+    return rows
 
 
 @dataclass(frozen=True)
