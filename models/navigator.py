@@ -32,16 +32,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.path import MixturePath
 from tsdfm.models.rng import CounterRNG, Stream, categorical
+from tsdfm.models.scorer import Scorer, uses_proposal
 from tsdfm.models.solver import (
     Counters,
     Denoiser,
+    DenoiserCache,
     RevealPlan,
     check_temperature,
     rollout,
@@ -50,19 +51,6 @@ from tsdfm.models.solver import (
 )
 
 SELECTIONS = ("argmin", "softmax")
-
-
-class Scorer(Protocol):
-    """Energy of a batch of states at time t (lower = more coherent).
-
-    A scorer with ``uses_proposal = True`` is also given ``log_q``: (B,) float64, the log
-    probability with which the teacher drew the tokens each candidate revealed in the segment
-    (its proposal), so that it can return a density-ratio energy log q − log p.
-    """
-
-    def energy(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        """(B, L) int64 states → (B,) float32 energies."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -170,6 +158,97 @@ def select(
     return categorical(p.cumsum(1), u)
 
 
+def lane_rng(seeds: torch.Tensor, candidates: int, shared_reveals: bool = False) -> CounterRNG:
+    """Randomness of the K candidate lanes of B trajectories, in the navigator's layout.
+
+    Row b·K + j is lane j of trajectory b (seed ``seeds[b]``); lane 0 draws exactly what the
+    blind trajectory draws. ``shared_reveals``: every lane takes lane 0's JUMP stream, so the
+    same positions move in all K candidates.
+
+    Args:
+        seeds: (B,) int64 trajectory seeds.
+        candidates: K.
+        shared_reveals: share the reveal randomness (``NavigatorConfig.shared_reveals``).
+    """
+    K = candidates
+    lanes = torch.arange(K, device=seeds.device).repeat(len(seeds))
+    shared = (Stream.JUMP,) if shared_reveals else ()
+    return CounterRNG(seeds.repeat_interleave(K), lanes, shared)
+
+
+@dataclass
+class SegmentChoice:
+    """One shaped segment of a batch: the kept candidate of each trajectory.
+
+    Attributes:
+        x: (B, L) int64 kept states at t_{k+1}.
+        cache: the teacher's denoiser cache of the kept rows, for the next segment.
+        energies: (B, K) float32 energies of all candidates.
+        chosen: (B,) int64 kept lane j*.
+    """
+
+    x: torch.Tensor
+    cache: DenoiserCache
+    energies: torch.Tensor
+    chosen: torch.Tensor
+
+
+@torch.no_grad()
+def search_segment(
+    teacher: Denoiser,
+    scorer: Scorer,
+    path: MixturePath,
+    x: torch.Tensor,
+    times: torch.Tensor,
+    segment: int,
+    step_offset: int,
+    cfg: NavigatorConfig,
+    rng: CounterRNG,
+    lanes: CounterRNG,
+    cache: DenoiserCache | None = None,
+    counters: Counters | None = None,
+) -> SegmentChoice:
+    """The search step of one segment [t_k, t_{k+1}] (see the module docstring):
+
+        X_j = rollout of x in lane j,  e_j = E(X_j, t_{k+1}),  j* = select(e),  x ← X_{j*}
+
+    All B·K candidates are one batch (row b·K + j, :func:`lane_rng`); a trajectory's result
+    does not depend on its batch-mates.
+
+    Args:
+        teacher: denoiser p(x_1 | x_t) (already tempered, if at all).
+        scorer: energy model (``tsdfm.models.scorer.Scorer``); given ``log_q`` when it
+            ``uses_proposal``.
+        path: the teacher's mixture path.
+        x: (B, L) int64 states at t_k = times[0].
+        times: (n+1,) float64 teacher sub-step grid of the segment.
+        segment: k, which keys the SELECT stream of softmax selection.
+        step_offset: global index of the segment's first teacher step.
+        cfg: candidates K, selection rule and temperature, reveal order.
+        rng: (B rows) randomness of the trajectories (selection draws).
+        lanes: (B·K rows) randomness of the candidates, :func:`lane_rng`.
+        cache: the teacher's denoiser cache of the B rows at t_k.
+        counters: accumulates teacher and scorer work.
+    """
+    B, K, device = x.shape[0], cfg.candidates, x.device
+    counters = counters if counters is not None else Counters()
+    for key in ("compass_calls", "compass_rows", "compass_seconds", "candidates"):
+        counters.extra.setdefault(key, 0)
+    rows = torch.arange(B, device=device).repeat_interleave(K)
+    cache_k = cache.select(rows) if cache is not None else None
+    log_q = (
+        torch.zeros(B * K, dtype=torch.float64, device=device) if uses_proposal(scorer) else None
+    )
+    xk, cache_k = rollout(
+        teacher, path, x[rows], times, lanes, step_offset, cache_k, counters, cfg.plan(), log_q
+    )
+    e = _score(scorer, xk, float(times[-1]), counters, log_q).view(B, K)
+    j = select(e, cfg, rng, segment)
+    pick = torch.arange(B, device=device) * K + j
+    counters.extra["candidates"] += B * K
+    return SegmentChoice(xk[pick], cache_k.select(pick), e, j)
+
+
 @torch.no_grad()
 def navigate(
     teacher: Denoiser,
@@ -196,11 +275,8 @@ def navigate(
     S, K, n = cfg.student_steps, cfg.candidates, cfg.substeps
     B, device = len(seeds), seeds.device
     rng = CounterRNG(seeds)
-    shared = (Stream.JUMP,) if cfg.shared_reveals else ()
-    lanes = torch.arange(K, device=device).repeat(B)
-    lanes_rng = CounterRNG(seeds.repeat_interleave(K), lanes, shared)
+    lanes = lane_rng(seeds, K, cfg.shared_reveals)
     plan = cfg.plan()
-    wants_proposal = bool(getattr(scorer, "uses_proposal", False))
     grid = uniform_grid(cfg.teacher_steps, device)
     x = path.sample_source((B, seq_len), rng)
     states = [x]
@@ -213,22 +289,12 @@ def navigate(
     for k in range(S):
         seg = grid[k * n : (k + 1) * n + 1]
         if shaped[k]:
-            rows = torch.arange(B, device=device).repeat_interleave(K)
-            cache_k = cache.select(rows) if cache is not None else None
-            log_q = (
-                torch.zeros(B * K, dtype=torch.float64, device=device) if wants_proposal else None
+            choice = search_segment(
+                teacher, scorer, path, x, seg, k, k * n, cfg, rng, lanes, cache, counters
             )
-            xk, cache_k = rollout(
-                teacher, path, x[rows], seg, lanes_rng, k * n, cache_k, counters, plan, log_q
-            )
-            e = _score(scorer, xk, float(seg[-1]), counters, log_q).view(B, K)
-            j = select(e, cfg, rng, k)
-            pick = torch.arange(B, device=device) * K + j
-            x = xk[pick]
-            cache = cache_k.select(pick)
-            energies[:, k] = e
-            chosen[:, k] = j
-            counters.extra["candidates"] += B * K
+            x, cache = choice.x, choice.cache
+            energies[:, k] = choice.energies
+            chosen[:, k] = choice.chosen
         else:
             x, cache = rollout(teacher, path, x, seg, rng, k * n, cache, counters, plan)
         states.append(x)

@@ -11,9 +11,10 @@ Three measurements, each over several seeds (mean ± sd across seeds):
 2. **Agreement with the truth** (synthetic language). Spearman rank correlation ρ between the
    energy at t = 1 and the exact NLL −log p(x) of the teacher's samples, and of real samples.
 3. **Selection gain.** From the same blind starting states x_{t_k} (lane 0 of the teacher
-   sampler on the S-step grid, N/S teacher sub-steps per segment), roll K candidates to
-   t_{k+1} in lanes 0..K−1 with the global sub-step counters, keep j* = argmin_j E(X_j, t_{k+1}),
-   then finish blind (lane 0) to t = 1. Lane 0 is the blind continuation, so K = 1 is the
+   sampler on the S-step grid, N/S teacher sub-steps per segment), the navigator's search step
+   (``tsdfm.models.navigator.search_segment``) rolls K candidates to t_{k+1} in lanes 0..K−1
+   with the global sub-step counters and keeps j* = argmin_j E(X_j, t_{k+1}); the trajectory
+   then finishes blind (lane 0) to t = 1. Lane 0 is the blind continuation, so K = 1 is the
    blind trajectory itself and the comparison is paired:
 
        gain = mean_b NLL(x_1^{blind, b}) − mean_b NLL(x_1^{selected, b})    (nats / sequence)
@@ -32,11 +33,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tsdfm.models.checkpoint import Checkpoint
-from tsdfm.models.compass import CompassScorer, Scorer, check_compass_for_teacher
+from tsdfm.models.compass import CompassScorer, check_compass_for_teacher
 from tsdfm.models.data.sources import default_data_source, load_language
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.eval.metrics import unigram_entropy
+from tsdfm.models.navigator import NavigatorConfig, lane_rng, search_segment
 from tsdfm.models.rng import CounterRNG, trajectory_seed
+from tsdfm.models.scorer import Scorer
 from tsdfm.models.solver import DenoiserCache, rollout, teacher_states, uniform_grid
 
 
@@ -198,11 +201,17 @@ def separation(
 def selection_gain(
     scorer: Scorer, teacher: Checkpoint, language, cfg: CompassEvalConfig, seed: int, device
 ) -> list[dict]:
-    """Best-of-K selection at each midpoint vs the blind trajectory, for one seed."""
+    """Best-of-K selection at each midpoint vs the blind trajectory, for one seed.
+
+    The selection is the navigator's own search step (``tsdfm.models.navigator.search_segment``,
+    argmin over K independent lanes, the navigator's lane layout), applied to the one segment
+    [t_k, t_{k+1}] and nowhere else.
+    """
     tcfg = teacher.config
     path, model, L, V = tcfg.path(), teacher.model, tcfg.seq_len, tcfg.vocab_size
     N, S, K = cfg.teacher_steps, cfg.student_steps, cfg.candidates
-    n = N // S
+    nav = NavigatorConfig(student_steps=S, teacher_steps=N, candidates=K, selection="argmin")
+    n = nav.substeps
     grid = uniform_grid(N, device)
     ks = sorted(set(cfg.midpoints))
     per_k: dict[int, dict[str, list]] = {k: {} for k in ks}
@@ -219,26 +228,19 @@ def selection_gain(
             starts[k] = (x, cache)
         x_blind, _ = rollout(model, path, x, grid[cur:], rng, cur, cache)
         blind_final.append(x_blind.cpu())
-        lanes = torch.arange(K, device=device).repeat_interleave(m)
-        rng_k = CounterRNG(seeds.repeat(K), lanes)
+        lanes = lane_rng(seeds, K)
         for k in ks:
             x_k, c_k = starts[k]
-            c_rep = DenoiserCache()
-            if c_k.logits is not None:
-                c_rep = DenoiserCache(c_k.logits.repeat(K, 1, 1), c_k.valid.repeat(K))
-            X, c_X = rollout(
-                model, path, x_k.repeat(K, 1), grid[k * n : (k + 1) * n + 1], rng_k, k * n, c_rep
-            )
-            e = _energy(scorer, X, (k + 1) / S, cfg.batch_size * K).view(K, m)
-            j = e.argmin(dim=0)
-            rows = j * m + torch.arange(m, device=device)
+            seg = grid[k * n : (k + 1) * n + 1]
+            choice = search_segment(model, scorer, path, x_k, seg, k, k * n, nav, rng, lanes, c_k)
             x_sel, _ = rollout(
-                model, path, X[rows], grid[(k + 1) * n :], rng, (k + 1) * n, c_X.select(rows)
+                model, path, choice.x, grid[(k + 1) * n :], rng, (k + 1) * n, choice.cache
             )
+            j, e = choice.chosen, choice.energies
             acc = per_k[k]
             acc.setdefault("selected", []).append(x_sel.cpu())
-            acc.setdefault("e_chosen", []).append(e.gather(0, j.unsqueeze(0)).squeeze(0).cpu())
-            acc.setdefault("e_lane0", []).append(e[0].cpu())
+            acc.setdefault("e_chosen", []).append(e.gather(1, j.unsqueeze(1)).squeeze(1).cpu())
+            acc.setdefault("e_lane0", []).append(e[:, 0].cpu())
             acc.setdefault("chosen", []).append(j.cpu())
     blind = torch.cat(blind_final)
     nll_blind = -language.log_likelihood(blind)
