@@ -166,3 +166,74 @@ def test_sample_records_its_temperature(tmp_path, saved_tiny_teacher):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["temperature"] for r in rows] == [0.5] * 3
     assert [r["tokens"] for r in rows] == hot.tokens[:3].tolist()
+
+
+# ---------------------------------------------------------------------------- one sampler
+class _Recording:
+    """An exact evaluator that keeps every batch of tokens it scores."""
+
+    def __init__(self):
+        from tsdfm.models.eval.metrics import ExactEvaluator
+
+        self.inner, self.seen = ExactEvaluator(), []
+        self.name = "exact"
+
+    def bind(self, ckpt):
+        self.inner = self.inner.bind(ckpt)
+        return self
+
+    def nll(self, x):
+        self.seen.append(x.clone())
+        return self.inner.nll(x)
+
+    def describe(self):
+        return self.inner.describe()
+
+
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory, saved_tiny_teacher):
+    """A student distilled (here: initialised) on an uneven 3-step dataset grid."""
+    import torch
+
+    from tsdfm.models.checkpoint import save_checkpoint
+    from tsdfm.models.flow_model import student_from_teacher
+
+    teacher = load_checkpoint(saved_tiny_teacher)
+    student = student_from_teacher(teacher.model)
+    for p in student.parameters():
+        torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(5))
+    times = [0.0, 0.2, 0.7, 1.0]  # far from k / 3: the grid policy shows in the tokens
+    student.config = student.config.replace(provenance={"student_steps": 3, "times": times})
+    d = tmp_path_factory.mktemp("student") / "student"
+    save_checkpoint(d, student, teacher.tokenizer, {"language.json": teacher.data_file()})
+    return d
+
+
+@pytest.mark.parametrize("steps", [3, 4])
+def test_sample_and_eval_draw_the_same_tokens(tmp_path, saved_student, steps):
+    import torch
+
+    from tsdfm.models.eval.sampling import draw, student_grid
+    from tsdfm.models.rng import trajectory_seed
+
+    ckpt = load_checkpoint(saved_student)
+    assert (student_grid(ckpt, 3) is not None) and student_grid(ckpt, 4) is None
+    out = tmp_path / "s.jsonl"
+    args = ["sample", "--model", str(saved_student), "-n", "6", "--steps", str(steps)]
+    res = runner.invoke(app, [*args, "--temperature", "0.8", "--seed", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    printed = torch.tensor([json.loads(line)["tokens"] for line in out.read_text().splitlines()])
+    recording = _Recording()
+    cfg = EvalConfig(steps=(steps,), samples=6, batch_size=4, seed=3, temperatures=(0.8,))
+    evaluate_checkpoint(ckpt, cfg, evaluator=recording)
+    assert torch.equal(recording.seen[0], printed)  # the first scored batch: the arm
+    seeds = trajectory_seed(3, torch.arange(6))
+    again = draw(ckpt, seeds, steps, 0.8, batch_size=5).tokens
+    assert torch.equal(again, printed)  # independent of the batch size
+    if steps == 3:  # its own S: the dataset grid, not the uniform one
+        library = sample_checkpoint(ckpt, 6, 3, 3, 4, temperature=0.8)
+        assert torch.equal(library.tokens, printed)
+        from tsdfm.models.solver import sample
+
+        plain = sample(ckpt.model, ckpt.config.path(), seeds, ckpt.config.seq_len, 3, None, 0.8)
+        assert not torch.equal(plain.x_1, printed)

@@ -1,11 +1,13 @@
 """``tsdfm-pipeline eval``: unconditional samples at several step counts and temperatures, scored
 by an evaluator.
 
-Every (step count, temperature T) pair is an arm; its samples draw from softmax(logits / T)
-(``tsdfm.models.solver.TemperedDenoiser``; T = 1 is the model itself) with the same seeds in every
-arm. For each arm the report holds the token-weighted generative perplexity under the chosen
-evaluator (``tsdfm.models.eval.evaluators``; which tokens weight it is in
-``evaluator_info.tokens``),
+Every (step count, temperature T) pair is an arm; its samples come from the one sampler,
+``tsdfm.models.eval.sampling.draw`` (the ``sample`` command's: a student at its own S on its
+dataset grid, draws from softmax(logits / T), T = 1 the model itself), with the same seeds in
+every arm, so an arm's tokens are those ``tsdfm-pipeline sample`` prints for that seed, step
+count, temperature and order. For each arm the report holds the token-weighted generative
+perplexity under the chosen evaluator (``tsdfm.models.eval.evaluators``; which tokens weight it
+is in ``evaluator_info.tokens``),
 the mean and sd of per-sample unigram entropy (nats, over the generator's L tokens), distinct-n
 for n = 1..4 (per-sample mean and over the whole set, generator tokens), NFE (steps, and
 per-sequence forward passes actually run) and seconds per sample; the same figures (but speed)
@@ -23,7 +25,6 @@ from __future__ import annotations
 import itertools
 import math
 import platform
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,9 +41,9 @@ from tsdfm.models.eval.metrics import (
     unigram_entropy,
 )
 from tsdfm.models.eval.sampling import decode as decode_samples
-from tsdfm.models.eval.sampling import default_order
+from tsdfm.models.eval.sampling import default_order, draw
 from tsdfm.models.rng import trajectory_seed
-from tsdfm.models.solver import Counters, RevealPlan, check_temperature, sample
+from tsdfm.models.solver import RevealPlan, check_temperature
 
 DISTINCT_ORDERS = (1, 2, 3, 4)
 METRICS = {
@@ -247,26 +248,26 @@ def evaluate_checkpoint(
     arms = []
     for steps, temperature in itertools.product(cfg.steps, cfg.temperatures):
         label = f"{steps} steps" + ("" if temperature == 1.0 else f" T={temperature:g}")
-        xs, counters, seconds = [], Counters(), 0.0
-        for start in range(0, cfg.samples, cfg.batch_size):
-            n = min(cfg.batch_size, cfg.samples - start)
-            seeds = trajectory_seed(cfg.seed, torch.arange(start, start + n, dtype=torch.long))
-            t0 = time.perf_counter()
-            res = sample(model, path, seeds.to(device), mc.seq_len, steps, None, temperature, order)
-            seconds += time.perf_counter() - t0
-            counters.add(res.counters)
-            xs.append(res.x_1.cpu())
-            if progress:
-                progress(label, start + n, cfg.samples)
+        seeds = trajectory_seed(cfg.seed, torch.arange(cfg.samples, dtype=torch.long))
+        drawn = draw(
+            ckpt,
+            seeds,
+            steps,
+            temperature,
+            order,
+            cfg.batch_size,
+            device,
+            None if progress is None else (lambda done, n, label=label: progress(label, done, n)),
+        )
         arms.append(
             describe_samples(
                 arm_name(mc.role, steps, temperature, order),
-                torch.cat(xs),
+                drawn.tokens,
                 evaluator,
                 vocab,
                 steps=steps,
-                row_forwards=counters.row_forwards,
-                seconds=seconds,
+                row_forwards=drawn.counters.row_forwards,
+                seconds=drawn.seconds,
                 decode=decode,
                 temperature=temperature,
                 order=order,
