@@ -1,11 +1,14 @@
 """``tsdfm-pipeline build``: plan, resume, execute on Ray, record, summarise.
 
-1. Load teacher and compass on the driver: their identities and the config give the dataset's
-   fingerprint, and a mismatch fails before any worker starts.
-2. Check the output: empty (or absent) → new dataset; holding this fingerprint's manifest →
-   resume; holding another dataset → refused unless ``overwrite``.
+1. Identify teacher and compass from their files (no model is built on the driver): their
+   identities and the config give the dataset's fingerprint, and a mismatch between them fails
+   before any worker starts.
+2. Take the output's lock, then read it once: empty (or absent) → new dataset; holding this
+   fingerprint's manifest → resume; holding another dataset → refused unless ``overwrite``.
+   That one :class:`Manifest` (read, or created) is the build's record until it ends.
 3. Skip committed shards whose checksum holds; rebuild missing and corrupt ones.
-4. Run the rest on Ray actors; record every committed shard in ``manifest.json``.
+4. Run the rest on the generic Ray executor, one :class:`ShardBuilder` per actor (each loads the
+   models once); the driver records every committed shard in the manifest as it arrives.
 """
 
 from __future__ import annotations
@@ -18,11 +21,32 @@ from tsdfm.models.devices import check_device
 from tsdfm.models.errors import ConfigError, DataError, TsdfmError
 from tsdfm.pipeline.card import write_card
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.executor import ExecutionReport, Progress, connect, execute, plan_workers
+from tsdfm.pipeline.executor import (
+    ExecutionReport,
+    Setup,
+    TaskEvent,
+    connect,
+    execute,
+    plan_workers,
+)
 from tsdfm.pipeline.lock import LOCK_FILE, BuildLock
-from tsdfm.pipeline.manifest import MANIFEST_FILE, MISSING, Manifest, plan_status
+from tsdfm.pipeline.manifest import MANIFEST_FILE, MISSING, Manifest
 from tsdfm.pipeline.shards import DATA_DIR, cleanup_temp, open_root
-from tsdfm.pipeline.worker import load_models, provenance
+from tsdfm.pipeline.worker import Provenance, ShardBuilder, ShardResult, identify
+
+
+@dataclass
+class Progress:
+    """What the progress callback receives after every committed shard (and every retry)."""
+
+    done_shards: int
+    total_shards: int
+    trajectories: int
+    total_trajectories: int
+    seconds: float
+    energy_gain: float | None
+    retries: int
+    event: str = ""
 
 
 @dataclass
@@ -83,8 +107,11 @@ def check_arguments(root: str, device: str, num_workers: int | None, max_retries
     open_root(root)  # an unknown protocol or a missing fsspec backend fails here, in one line
 
 
-def check_output(root: str, fingerprint: str, overwrite: bool) -> str:
-    """What ``root`` holds, without writing: "new", "resume", "orphaned" or "overwrite".
+def check_output(root: str, fingerprint: str, overwrite: bool) -> tuple[str, Manifest | None]:
+    """What ``root`` holds, without writing: (state, manifest).
+
+    The state is "new", "resume", "orphaned" or "overwrite"; the manifest is read here, once,
+    when this build resumes the folder's dataset (None otherwise).
 
     "orphaned" is a folder whose ``manifest.json`` was deleted but whose shards carry this
     config's fingerprint: the build rebuilds every shard in place (a shard is a pure function
@@ -101,17 +128,17 @@ def check_output(root: str, fingerprint: str, overwrite: bool) -> str:
     if overwrite:
         if entries and foreign and not has_manifest:
             raise ConfigError(f"refusing to --overwrite {root}: it does not hold a tsdfm dataset")
-        return "overwrite" if entries else "new"
+        return ("overwrite" if entries else "new"), None
     if has_manifest:
         manifest = Manifest.load(root)
         manifest.check_fingerprint(fingerprint)
-        return "resume"
+        return "resume", manifest
     if not entries:
-        return "new"
+        return "new", None
     if not foreign:
         found = _shard_fingerprints(root)
         if found and found == {fingerprint}:
-            return "orphaned"
+            return "orphaned", None
         if found - {fingerprint}:
             other = sorted(found - {fingerprint})[0]
             raise ConfigError(
@@ -190,54 +217,52 @@ def run_build(
 
     Everything that can be checked before the first shard is checked before anything is
     written (arguments, checkpoints, the output's contents, the Ray cluster and its devices),
-    so a build that cannot start leaves the folder as it was. The build then holds
-    ``root/.tsdfm-build.lock`` until it ends.
+    so a build that cannot start leaves the folder as it was. The build holds
+    ``root/.tsdfm-build.lock`` from the moment it reads the output until it ends (a failed
+    start removes the lock, and the folder when the lock created it).
     """
     say = say or (lambda line: None)
     start = time.perf_counter()
     check_arguments(root, device, num_workers, max_retries)
-    teacher, compass = load_models(cfg, "cpu")
-    prov = provenance(cfg, teacher, compass)
-    del teacher, compass
+    prov = identify(cfg)  # from the files: the driver builds no model
     plan = plan_of(cfg)
-    state = check_output(root, prov.fingerprint, overwrite)
-    if state == "resume":
-        manifest = Manifest.load(root)
-        manifest.check_plan(plan)
-        check_tokenizer(manifest, prov.tokenizer_identity)
-        pending = manifest.missing()  # corrupt shards are found (by hashing) under the lock
-    else:
-        pending = list(range(cfg.shards))
-    if pending:  # Ray and its devices, before the first write
-        connect(address, num_cpus=None)
-        plan_workers(device, num_workers)
     with BuildLock(root) as lock:
         if lock.took_over is not None:
             say(f"took over the lock of a build that is gone ({lock.took_over.describe()})")
-        # the folder may have changed while this driver waited for Ray: check it again
-        state = check_output(root, prov.fingerprint, overwrite)
+        state, manifest = check_output(root, prov.fingerprint, overwrite)
+        if manifest is not None:
+            manifest.check_plan(plan)
+            check_tokenizer(manifest, prov.tokenizer_identity)
+        # Ray and its devices, before the first write (corrupt shards are found by hashing)
+        if manifest is None or manifest.missing():
+            connect(address, num_cpus=None)
+            plan_workers(device, num_workers)
         if state == "orphaned":
             say(f"{MANIFEST_FILE} is missing: rebuilding every shard in place from this config")
         prepare_output(root, state)
-        if state != "resume":
-            Manifest.create(root, plan, prov.fingerprint, prov.tokenizer_identity)
+        if manifest is None:
+            manifest = Manifest.create(root, plan, prov.fingerprint, prov.tokenizer_identity)
         cleanup_temp(root)  # this build holds the lock: every temp file is a dead writer's
-        todo, done, corrupt = plan_status(root, plan, prov.fingerprint)
+        todo, done, corrupt = manifest.status()
         if on_plan:
             on_plan(todo, done, corrupt)
-        manifest = Manifest.load(root)
         for index in corrupt:
             manifest.forget(index)
         report = None
         if todo:
             connect(address, num_cpus=None)
-
-            def record(result) -> None:
-                manifest.record_shard(result.info, result.counters, result.stats)
-
             try:
-                report = execute(
-                    cfg, root, todo, record, device, num_workers, max_retries, progress, on_workers
+                report = build_shards(
+                    cfg,
+                    root,
+                    prov,
+                    todo,
+                    manifest,
+                    device=device,
+                    num_workers=num_workers,
+                    max_retries=max_retries,
+                    progress=progress,
+                    on_workers=on_workers,
                 )
             finally:
                 # a worker killed while writing leaves its temp file; its shard was built again
@@ -245,7 +270,6 @@ def run_build(
                 removed = cleanup_temp(root)
             if removed:
                 say(f"removed {len(removed)} temp file(s) left by worker(s) that died")
-        manifest = Manifest.load(root)
         missing = manifest.missing()
         if missing:
             raise DataError(f"build ended with shards {missing} unrecorded; rerun to finish them")
@@ -259,6 +283,68 @@ def run_build(
         totals=manifest.totals(),
         execution=report,
         seconds=time.perf_counter() - start,
+    )
+
+
+def build_shards(
+    cfg: BuildConfig,
+    root: str,
+    planned: Provenance,
+    todo: list[int],
+    manifest: Manifest,
+    *,
+    device: str = "auto",
+    num_workers: int | None = None,
+    max_retries: int = 3,
+    progress: Callable[[Progress], None] | None = None,
+    on_workers: Callable[[list[dict]], None] | None = None,
+) -> ExecutionReport:
+    """Build the shards ``todo`` on the Ray executor and record each in ``manifest``.
+
+    Each actor holds one :class:`ShardBuilder` (the models loaded once, checked against
+    ``planned``); a shard is recorded in the driver as soon as its worker returns, which is
+    after its file was committed by rename. ``progress`` sees every recorded shard and every
+    retry. Ray must be connected.
+    """
+    trajectories = 0
+    gains: list[float] = []
+
+    def on_event(event: TaskEvent) -> None:
+        nonlocal trajectories
+        if event.kind == "done":
+            result: ShardResult = event.result
+            manifest.record_shard(result.info, result.counters, result.stats)
+            trajectories += result.info.rows
+            if "energy_gain" in result.stats:
+                gains.append(result.stats["energy_gain"])
+            what = f"shard {event.index}"
+        else:
+            what = f"worker died, shard {event.index} queued again"
+        if progress:
+            progress(
+                Progress(
+                    done_shards=event.done,
+                    total_shards=cfg.shards,
+                    trajectories=trajectories,
+                    total_trajectories=cfg.total_trajectories,
+                    seconds=event.seconds,
+                    energy_gain=sum(gains) / len(gains) if gains else None,
+                    retries=event.retries,
+                    event=what,
+                )
+            )
+
+    return execute(
+        Setup(ShardBuilder, (cfg, root), {"planned": planned}),
+        ShardBuilder.build,
+        todo,
+        on_event=on_event,
+        device=device,
+        num_workers=num_workers,
+        max_retries=max_retries,
+        on_workers=on_workers,
+        name="ShardActor",
+        noun="shard",
     )
 
 

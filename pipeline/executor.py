@@ -1,11 +1,24 @@
-"""Run a build on Ray: one actor per GPU (or CPU actors), dynamic shard scheduling, retries.
+"""Run indexed tasks on Ray actors: one actor per GPU (or CPU actors), dynamic scheduling, retries.
 
-The driver owns the plan and the manifest; actors own the models and write shards straight to
-the output (local path or fsspec URL shared by all nodes). Shards go to whichever actor is free.
-An actor that dies loses only its shard in flight: Ray restarts the actor (bounded) and the
-shard is queued again for any free actor, at most ``max_retries`` times, after which the build
-fails naming the shard and the cause. Completion is recorded in the manifest only after the
-shard's bytes were committed by rename.
+The executor knows nothing of what its tasks make. The caller gives
+
+- a :class:`Setup`: what each actor builds once when it starts, ``fn(*args, **kwargs,
+  device=device)`` (e.g. loading models), kept as the actor's state;
+- a task, ``task(state, index)``, run in an actor on that state for each index;
+- the indices, the retries, and ``on_event``, which receives every finished task's result in
+  the driver as it arrives (and every retry), in the order they happen.
+
+Indices go to whichever actor is free. An actor that dies loses only its task in flight: Ray
+restarts the actor (at most ``max_retries`` times) and the index is queued again for any free
+actor, at most ``max_retries`` times, after which the run fails naming the index and the cause.
+A restarting actor gets work again only after it answered a probe, so an actor whose node is
+gone cannot use up the retries of the indices queued behind it. An error raised by a task (or
+by the setup) stops the run at once: a :class:`TsdfmError` as it is, anything else as a
+:class:`BuildError` naming the index.
+
+Everything about the cluster lives here too: :func:`import_ray`, :func:`connect` (join an
+address, or start a local cluster bound to loopback) and :func:`plan_workers` (which actors
+the cluster's GPUs and CPUs allow).
 """
 
 from __future__ import annotations
@@ -13,48 +26,83 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from tsdfm.models.errors import ConfigError, TsdfmError
-from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.worker import ShardBuilder, ShardResult
 
 STALL_SECONDS = 600  # fail when every live worker has been restarting this long
 
 
 class BuildError(TsdfmError):
-    """The build could not finish (a shard kept failing, no worker left, Ray unreachable)."""
+    """The run could not finish (a task kept failing, no worker left, Ray unreachable)."""
 
 
-@dataclass
-class Progress:
-    """What the progress callback receives after every committed shard."""
+@dataclass(frozen=True)
+class Setup:
+    """What each actor builds once: ``fn(*args, **kwargs, device=device)``.
 
-    done_shards: int
-    total_shards: int
-    trajectories: int
-    total_trajectories: int
-    seconds: float
-    energy_gain: float | None
+    ``fn`` and its arguments travel to the actors by pickle: use an importable callable (a
+    class, a module-level function) and plain data, not objects bound to the driver.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """What ``on_event`` receives: a finished task (``done``) or a lost one queued again.
+
+    Attributes:
+        kind: "done" (``result`` holds what the task returned) or "retry" (its worker died;
+            ``cause`` says how).
+        index: the task's index.
+        done: tasks finished so far, this one included.
+        retries: retries so far, this one included.
+        seconds: since the run started.
+    """
+
+    kind: Literal["done", "retry"]
+    index: int
+    done: int
     retries: int
-    event: str = ""
+    seconds: float
+    result: Any = None
+    cause: str = ""
 
 
 @dataclass
 class ExecutionReport:
-    results: dict[int, ShardResult] = field(default_factory=dict)
+    """How a run went: each index's result, the retries, the workers and their device."""
+
+    results: dict[int, Any] = field(default_factory=dict)
     retries: int = 0
     workers: int = 0
     device: str = "cpu"
     seconds: float = 0.0
 
 
-class ShardActor:
-    """Ray actor body: a ShardBuilder on the GPU Ray assigned to it (or on the CPU)."""
+class Placement(NamedTuple):
+    """Which actors a run gets: their device, how many, and their Ray resource options."""
 
-    def __init__(self, cfg_dict: dict, root: str, device: str, threads: int | None):
+    device: str
+    workers: int
+    options: dict
+
+
+class TaskActor:
+    """Ray actor body: the setup's state on the GPU Ray assigned to it (or on the CPU).
+
+    A setup that raises does not kill the actor (Ray would only say that it died): the error
+    is kept and raised by every task, so the driver gets the error itself.
+    """
+
+    def __init__(
+        self, setup: Setup, task: Callable[[Any, int], Any], device: str, threads: int | None
+    ):
         import os
 
         import torch
@@ -64,8 +112,18 @@ class ShardActor:
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"  # fake GPUs in tests: CUDA_VISIBLE_DEVICES is set, CUDA is not there
         self.device = device
-        self.builder = ShardBuilder(BuildConfig.from_dict(cfg_dict), root, device)
         self.pid = os.getpid()
+        self.task = task
+        self.state: Any = None
+        self.failure: BaseException | None = None
+        try:
+            self.state = setup.fn(*setup.args, **setup.kwargs, device=device)
+        except TsdfmError as e:
+            self.failure = e
+        except Exception as e:
+            self.failure = BuildError(
+                f"worker setup failed on {device}: {type(e).__name__}: {_first_line(e)}"
+            )
 
     def info(self) -> dict:
         import os
@@ -76,8 +134,10 @@ class ShardActor:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
-    def build(self, index: int) -> ShardResult:
-        return self.builder.build(index)
+    def run(self, index: int) -> Any:
+        if self.failure is not None:
+            raise self.failure
+        return self.task(self.state, index)
 
 
 def import_ray():
@@ -183,10 +243,11 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         ) from None
 
 
-def plan_workers(device: str, num_workers: int | None) -> tuple[str, int, dict]:
-    """Decide the actor kind and count from the cluster's resources.
+def plan_workers(device: str, num_workers: int | None) -> Placement:
+    """Decide the actor kind and count from the connected cluster's resources.
 
-    Returns (device, workers, ray actor options).
+    ``cuda`` (or ``auto`` on a cluster with GPUs): one actor per GPU, each holding one GPU
+    (Ray sets its ``CUDA_VISIBLE_DEVICES``); else one single-threaded CPU actor per CPU.
     """
     import ray
 
@@ -207,66 +268,86 @@ def plan_workers(device: str, num_workers: int | None) -> tuple[str, int, dict]:
                 f"--num-workers {workers} exceeds the cluster's {gpus} GPUs; each GPU worker "
                 "needs its own GPU"
             )
-        return "cuda", workers, {"num_gpus": 1, "num_cpus": 0}
+        return Placement("cuda", workers, {"num_gpus": 1, "num_cpus": 0})
     workers = num_workers or max(1, cpus)
-    return "cpu", workers, {"num_cpus": 1}
+    return Placement("cpu", workers, {"num_cpus": 1})
 
 
 def execute(
-    cfg: BuildConfig,
-    root: str,
-    todo: list[int],
-    on_result: Callable[[ShardResult], None],
+    setup: Setup,
+    task: Callable[[Any, int], Any],
+    indices: Sequence[int],
+    *,
+    on_event: Callable[[TaskEvent], None] | None = None,
     device: str = "auto",
     num_workers: int | None = None,
     max_retries: int = 3,
-    progress: Callable[[Progress], None] | None = None,
     on_workers: Callable[[list[dict]], None] | None = None,
+    name: str = "TaskActor",
+    noun: str = "task",
 ) -> ExecutionReport:
-    """Build the shards in ``todo`` on Ray actors; ``on_result`` records each committed shard.
+    """Run ``task(state, i)`` for every ``i`` in ``indices`` on Ray actors built by ``setup``.
 
-    Ray must already be connected (see :func:`connect`). ``on_workers`` receives each actor's
-    pid, device and CUDA_VISIBLE_DEVICES once they are up.
+    Ray must already be connected (see :func:`connect`). Every index runs until it succeeds
+    once; ``on_event`` sees each result (and each retry) in the driver as it arrives, and an
+    exception it raises stops the run (the actors are stopped either way).
+
+    Args:
+        setup: what each actor builds once (see :class:`Setup`).
+        task: ``task(state, index) -> result``, importable (it travels by pickle).
+        indices: what to run, in this order as far as actors are free.
+        on_event: called with a :class:`TaskEvent` after every finished or retried task.
+        device: "auto", "cuda" or "cpu" (see :func:`plan_workers`).
+        num_workers: actors; default one per GPU, else one per CPU (never more than indices).
+        max_retries: how often an index whose worker died runs again, and how often Ray
+            restarts each actor.
+        on_workers: receives each actor's pid, device and CUDA_VISIBLE_DEVICES once they
+            are up.
+        name: the actors' class name, as Ray shows it (``ray list actors``, process titles
+            ``ray::<name>.run``).
+        noun: what an index is called in error messages ("shard 3 failed ...").
     """
     import ray
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
     device, workers, options = plan_workers(device, num_workers)
-    workers = min(workers, max(1, len(todo)))
+    workers = min(workers, max(1, len(indices)))
     threads = 1 if device == "cpu" else None
-    Actor = ray.remote(max_restarts=max_retries, max_task_retries=0)(ShardActor)
-    actors = [
-        Actor.options(**options).remote(cfg.to_dict(), root, device, threads)
-        for _ in range(workers)
-    ]
+    body = type(name, (TaskActor,), {"__module__": TaskActor.__module__})
+    Actor = ray.remote(max_restarts=max_retries, max_task_retries=0)(body)
+    actors = [Actor.options(**options).remote(setup, task, device, threads) for _ in range(workers)]
     report = ExecutionReport(workers=workers, device=device)
-    if on_workers is not None:
-        on_workers(ray.get([a.info.remote() for a in actors]))
-    queue: deque[int] = deque(todo)
+    start = time.perf_counter()
+
+    def tell(kind: Literal["done", "retry"], index: int, result: Any = None, cause: str = ""):
+        if on_event is not None:
+            seconds = time.perf_counter() - start
+            done, retries = len(report.results), report.retries
+            on_event(TaskEvent(kind, index, done, retries, seconds, result, cause))
+
+    queue: deque[int] = deque(indices)
     attempts: dict[int, int] = {}
     idle = deque(actors)
-    # shard builds (index, actor) and probes (None, actor) of actors that failed: an actor gets
-    # shards again only after it answered a probe, so a worker whose node is gone (restart
-    # pending, or impossible) cannot use up the retries of the shards queued behind it.
+    # tasks (index, actor) and probes (None, actor) of actors that failed: an actor gets work
+    # again only after it answered a probe
     in_flight: dict[Any, tuple[int | None, Any]] = {}
     alive = len(actors)
-    stalled = 0.0  # since when no shard could be built (every live actor restarting)
-    start = time.perf_counter()
-    trajectories = 0
-    gains: list[float] = []
+    stalled = 0.0  # since when no task could run (every live actor restarting)
 
-    def building() -> bool:
+    def running() -> bool:
         return any(i is not None for i, _ in in_flight.values())
 
     try:
-        while queue or building():
+        if on_workers is not None:
+            on_workers(ray.get([a.info.remote() for a in actors]))
+        while queue or running():
             while queue and idle:
                 index = queue.popleft()
                 actor = idle.popleft()
-                in_flight[actor.build.remote(index)] = (index, actor)
-            if queue and not building():
+                in_flight[actor.run.remote(index)] = (index, actor)
+            if queue and not running():
                 if alive == 0:
-                    raise BuildError(f"every worker died; shards {sorted(queue)} were not built")
+                    raise BuildError(f"every worker died; {noun}s {sorted(queue)} were not built")
                 stalled = stalled or time.perf_counter()
                 if time.perf_counter() - stalled > STALL_SECONDS:
                     raise BuildError(
@@ -292,64 +373,36 @@ def execute(
                     in_flight[actor.info.remote()] = (None, actor)
                 continue
             try:
-                result: ShardResult = ray.get(ref)
+                result = ray.get(ref)
             except RayActorError as e:
                 attempts[index] = attempts.get(index, 0) + 1
                 report.retries += 1
                 if attempts[index] > max_retries:
                     raise BuildError(
-                        f"shard {index} failed {attempts[index]} times; last cause: worker "
+                        f"{noun} {index} failed {attempts[index]} times; last cause: worker "
                         f"died ({_first_line(e)})"
                     ) from None
                 queue.appendleft(index)
                 # Ray restarts the actor (at most max_retries times): probe it before giving
                 # it work; the probe fails with ActorDiedError once Ray has given up.
                 in_flight[actor.info.remote()] = (None, actor)
-                if progress:
-                    progress(
-                        _progress(
-                            report,
-                            cfg,
-                            trajectories,
-                            start,
-                            gains,
-                            f"worker died, shard {index} queued again",
-                        )
-                    )
+                tell("retry", index, cause=_first_line(e))
                 continue
             except RayTaskError as e:
                 cause = e.cause if isinstance(e.cause, Exception) else e
                 if isinstance(cause, TsdfmError):
                     raise cause from None
                 raise BuildError(
-                    f"shard {index} failed: {type(cause).__name__}: {_first_line(cause)}"
+                    f"{noun} {index} failed: {type(cause).__name__}: {_first_line(cause)}"
                 ) from None
             idle.append(actor)
-            on_result(result)
             report.results[index] = result
-            trajectories += result.info.rows
-            if "energy_gain" in result.stats:
-                gains.append(result.stats["energy_gain"])
-            if progress:
-                progress(_progress(report, cfg, trajectories, start, gains, f"shard {index}"))
+            tell("done", index, result)
     finally:
         for actor in actors:
             ray.kill(actor)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _progress(report, cfg, trajectories, start, gains, event) -> Progress:
-    return Progress(
-        done_shards=len(report.results),
-        total_shards=cfg.shards,
-        trajectories=trajectories,
-        total_trajectories=cfg.total_trajectories,
-        seconds=time.perf_counter() - start,
-        energy_gain=sum(gains) / len(gains) if gains else None,
-        retries=report.retries,
-        event=event,
-    )
 
 
 def _first_line(e: BaseException) -> str:

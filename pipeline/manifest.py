@@ -20,7 +20,9 @@ manifest never lists bytes that are not safe. A shard file without a manifest en
 driver died between the rename and the record) is rebuilt on resume: a shard is a pure
 function of (config, index), so the rebuild gives the same bytes.
 
-One driver process owns the manifest; workers report to it. ``record_shard`` is safe to call
+One driver process owns the manifest; workers report to it. A build reads manifest.json once
+into one :class:`Manifest` (or creates it), updates it in memory and rewrites the file after
+every change; nothing else reads the file during the build. ``record_shard`` is safe to call
 from several threads of that process.
 """
 
@@ -316,6 +318,25 @@ class Manifest:
         except FileNotFoundError:
             return False
 
+    def status(self) -> tuple[list[int], list[int], list[int]]:
+        """What a build must do: (todo, done, corrupt) shard indices, ascending.
+
+        Recorded shards whose file still has its size and sha256 are done; missing, unrecorded
+        and corrupt (flipped byte, truncated, deleted) shards are todo; corrupt ones, recorded
+        but failing the check, are also listed in ``corrupt`` so the build can report them.
+        Reads every committed shard once to hash it.
+        """
+        todo, done, corrupt = [], [], []
+        for i in range(self.num_shards):
+            if _key(i) not in self._data["shards"]:
+                todo.append(i)
+            elif self.verify(i):
+                done.append(i)
+            else:
+                todo.append(i)
+                corrupt.append(i)
+        return todo, done, corrupt
+
     def totals(self) -> dict[str, Any]:
         """{"shards", "rows", "bytes", "counters"} summed over recorded shards."""
         entries = [self._data["shards"][k] for k in sorted(self._data["shards"])]
@@ -371,13 +392,10 @@ def plan_status(
 ) -> tuple[list[int], list[int], list[int]]:
     """What a resuming build must do at ``root``: (todo, done, corrupt) shard indices.
 
-    Recorded shards whose file still has its size and sha256 are done; missing, unrecorded
-    and corrupt (flipped byte, truncated, deleted) shards are todo; corrupt ones, recorded but
-    failing the check, are also listed in ``corrupt`` so the build can report them. Without a
-    manifest every shard is todo. A manifest from another config (fingerprint) or another
-    cut into shards raises ConfigError.
-
-    Reads every committed shard once to hash it.
+    Without a manifest every shard is todo; else :meth:`Manifest.status` of the manifest at
+    ``root``, after checking that it was planned from this config (fingerprint) and cut into
+    the same shards (ConfigError otherwise). A build that holds its manifest calls
+    :meth:`Manifest.status` on it instead of reading the file again.
     """
     plan = _check_plan(plan, str(root))
     if not Manifest.exists(root):
@@ -385,14 +403,4 @@ def plan_status(
     manifest = Manifest.load(root)
     manifest.check_fingerprint(fingerprint)
     manifest.check_plan(plan)
-    todo, done, corrupt = [], [], []
-    recorded = set(manifest.committed())
-    for i in range(plan["num_shards"]):
-        if i not in recorded:
-            todo.append(i)
-        elif manifest.verify(i):
-            done.append(i)
-        else:
-            todo.append(i)
-            corrupt.append(i)
-    return todo, done, corrupt
+    return manifest.status()

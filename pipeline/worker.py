@@ -1,16 +1,21 @@
 """Build one shard: navigate its trajectories in batches and write them as Parquet (no Ray).
 
 :class:`ShardBuilder` loads the teacher and compass once and builds any shard of the plan; the
-Ray actor in ``tsdfm.pipeline.executor`` is a thin wrapper around it. A shard is a pure function of
-(config, shard index): trajectory i has seed ``seed · 2^32 + i`` and all randomness is
-counter-based, so a retried shard has the same bytes on the same hardware and software.
+build (``tsdfm.pipeline.build``) makes one per Ray actor of the generic executor, and
+``verify --replay`` makes one from a dataset's recorded config. The driver itself builds no
+model: :func:`identify` gets the identities, and so the fingerprint, from the files.
+
+A shard is a pure function of (config, shard index): trajectory i has seed ``seed · 2^32 + i``
+and all randomness is counter-based, so a retried shard has the same bytes on the same hardware
+and software.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,10 +23,12 @@ import torch
 from tsdfm.models import __version__
 from tsdfm.models.checkpoint import Checkpoint, load_checkpoint
 from tsdfm.models.data.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
+from tsdfm.models.errors import ConfigError
 from tsdfm.models.eval.metrics import unigram_entropy
 from tsdfm.models.navigator import navigate
 from tsdfm.models.rng import trajectory_seed
 from tsdfm.pipeline.config import BuildConfig
+from tsdfm.pipeline.identity import CheckpointFiles
 from tsdfm.pipeline.shards import ShardInfo, write_shard
 
 
@@ -47,35 +54,49 @@ class ShardResult:
     stats: dict[str, Any]
 
 
-def tokenizer_identity(ckpt: Checkpoint) -> str | None:
+def tokenizer_identity(ckpt: Checkpoint | CheckpointFiles) -> str | None:
+    """``sha256:<hex>`` of the checkpoint's tokenizer.json, or None without one."""
     path = ckpt.directory / "tokenizer.json"
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Any]:
-    """Load teacher and compass, check that they fit together.
+def open_models(cfg: BuildConfig, open_checkpoint: Callable[[str, str], Any]) -> tuple[Any, Any]:
+    """Teacher and compass of ``cfg`` as ``open_checkpoint(spec, role)`` gives them, checked.
 
     The compass is a checkpoint, or for ``exact`` / ``exact-ratio`` the synthetic language's
-    own likelihood (:class:`tsdfm.models.compass.ExactScorer`, the oracle of research controls).
-    """
-    from tsdfm.models.compass import EXACT_SCORERS, ExactScorer
+    own likelihood (:class:`tsdfm.models.compass.ExactScorer`, the oracle of research
+    controls). A compass must read the teacher's states and have learned from them
+    (:func:`tsdfm.models.compass.check_compass_for_teacher`).
 
-    teacher = load_checkpoint(cfg.teacher, device, role="teacher")
+    Args:
+        cfg: the build config.
+        open_checkpoint: e.g. :func:`tsdfm.models.checkpoint.load_checkpoint` on a device (the
+            actors), or :func:`tsdfm.pipeline.identity.checkpoint_files` (the driver: files
+            and identities only, no module).
+    """
+    from tsdfm.models.compass import EXACT_SCORERS, ExactScorer, check_compass_for_teacher
+
+    teacher = open_checkpoint(cfg.teacher, "teacher")
     compass = None
     if cfg.compass in EXACT_SCORERS:
         compass = ExactScorer.for_teacher(cfg.compass, teacher)
     elif cfg.compass is not None:
-        from tsdfm.models.compass import check_compass_for_teacher
-
-        compass = load_checkpoint(cfg.compass, device, role="compass")
+        compass = open_checkpoint(cfg.compass, "compass")
         check_compass_for_teacher(compass, teacher, cfg.allow_teacher_mismatch)
+    return teacher, compass
+
+
+def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Any]:
+    """Load teacher and compass onto ``device`` (see :func:`open_models`), at cfg's precision."""
+    teacher, compass = open_models(cfg, lambda spec, role: load_checkpoint(spec, device, role=role))
     for ck in (teacher, compass):
         if hasattr(getattr(ck, "model", None), "set_precision"):
             ck.model.set_precision(cfg.precision)
     return teacher, compass
 
 
-def provenance(cfg: BuildConfig, teacher: Checkpoint, compass: Any) -> Provenance:
+def provenance(cfg: BuildConfig, teacher: Any, compass: Any) -> Provenance:
+    """Identities of ``teacher`` and ``compass`` (loaded or as files) and the fingerprint."""
     compass_id = compass.identity if compass is not None else None
     return Provenance(
         teacher_identity=teacher.identity,
@@ -85,21 +106,62 @@ def provenance(cfg: BuildConfig, teacher: Checkpoint, compass: Any) -> Provenanc
     )
 
 
+def identify(cfg: BuildConfig) -> Provenance:
+    """The provenance of a build of ``cfg``, from the checkpoint files: no model is built.
+
+    Every check that does not need the module runs (roles, pickles, tokenizer, compass fits
+    and learned from the teacher), so a mismatch fails before a worker starts.
+    """
+    from tsdfm.pipeline.identity import checkpoint_files
+
+    return provenance(cfg, *open_models(cfg, lambda spec, role: checkpoint_files(spec, role)))
+
+
 class ShardBuilder:
-    """Builds shards of one plan on one device.
+    """Builds shards of one plan on one device; loads teacher and compass once.
 
     Args:
-        cfg: the build config.
+        cfg: the build config, recorded as given in every shard's metadata.
         root: dataset root (local path or fsspec URL).
         device: "cpu" or "cuda[:i]".
+        teacher: where to load the teacher from instead of ``cfg.teacher`` (e.g. ``verify
+            --replay`` of a dataset whose checkpoints moved since); the identity decides.
+        compass: likewise for ``cfg.compass``.
+        planned: what the driver computed from the files (:func:`identify`); a builder
+            whose checkpoints give another fingerprint refuses to start (a node that sees
+            other files than the driver did would write another dataset's shards).
     """
 
-    def __init__(self, cfg: BuildConfig, root: str, device: str = "cpu"):
+    def __init__(
+        self,
+        cfg: BuildConfig,
+        root: str,
+        device: str = "cpu",
+        *,
+        teacher: str | None = None,
+        compass: str | None = None,
+        planned: Provenance | None = None,
+    ):
         self.cfg = cfg
         self.root = root
         self.device = device
-        self.teacher, self.compass = load_models(cfg, device)
+        where = replace(
+            cfg,
+            teacher=teacher or cfg.teacher,
+            compass=compass if compass is not None else cfg.compass,
+        )
+        self.teacher, self.compass = load_models(where, device)
         self.provenance = provenance(cfg, self.teacher, self.compass)
+        if planned is not None and self.provenance != planned:
+            here, there = self.provenance.to_dict(), planned.to_dict()
+            diff = "; ".join(
+                f"{k} {here[k]} here, {there[k]} on the driver" for k in here if here[k] != there[k]
+            )
+            raise ConfigError(
+                f"the checkpoints this worker loaded are not the driver's ({diff}): every node "
+                "must see the same teacher and compass files (a shared path, or a Hub id "
+                "pinned @revision)"
+            )
         self.scorer = None
         if isinstance(self.compass, Checkpoint):
             from tsdfm.models.compass import CompassScorer

@@ -162,7 +162,7 @@ def test_killed_worker_loses_only_its_shard(tmp_path, saved_tiny_teacher, fault_
                     title = " ".join(psutil.Process(pid).cmdline())
                 except psutil.NoSuchProcess:
                     continue
-                if title.startswith("ray::ShardActor.build"):
+                if title.startswith("ray::ShardActor.run"):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                     return

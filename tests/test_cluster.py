@@ -56,7 +56,7 @@ def _config(teacher: str):
 def _remove_busy_node(cluster, pids, first_commit, stop, removed) -> None:
     """After the first committed shard, SIGKILL the node of a worker that is building a shard.
 
-    Ray titles a worker ``ray::ShardActor.build`` while the task runs and resets the title before
+    Ray titles a worker ``ray::ShardActor.run`` while the task runs and resets the title before
     the reply leaves the worker. A title read from outside can be stale by the time the node is
     killed (the shard finished, so nothing is retried), so the worker is frozen with SIGSTOP and
     its title read again: still building means the reply has not been sent.
@@ -68,7 +68,7 @@ def _remove_busy_node(cluster, pids, first_commit, stop, removed) -> None:
     from ray._private.ray_constants import PROCESS_TYPE_RAYLET
 
     def building(proc) -> bool:
-        return " ".join(proc.cmdline()).startswith("ray::ShardActor.build")
+        return " ".join(proc.cmdline()).startswith("ray::ShardActor.run")
 
     first_commit.wait(timeout=120)
     deadline = time.time() + 120
