@@ -152,7 +152,13 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
             f"nats/revealed token"
         )
         if eval_samples > 0:
-            _final_eval(result.final_dir, result.student_steps, eval_samples, out / "eval.json")
+            from tsdfm.models.eval.final import final_eval, format_final_eval
+
+            final = final_eval(
+                result.final_dir, result.student_steps, eval_samples, out / "eval.json"
+            )
+            if final is not None:
+                typer.echo(format_final_eval(final, out / "eval.json"))
 
     @app.command("sample")
     @user_errors
@@ -220,21 +226,3 @@ def register(app: typer.Typer, user_errors, progress_factory, default_teacher) -
                     }
                     f.write(json.dumps(record) + "\n")
             typer.echo(f"wrote {out}")
-
-
-def _final_eval(final_dir: Path, steps: int, samples: int, json_path: Path) -> None:
-    """Gen-PPL of the student at its own S against the synthetic language's exact likelihood."""
-    from tsdfm.models.checkpoint import load_checkpoint
-    from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
-
-    ckpt = load_checkpoint(final_dir)
-    if ckpt.config.data.get("kind") != "synthetic":
-        return
-    report = evaluate_checkpoint(ckpt, EvalConfig((steps,), samples, min(samples, 256), 0))
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    arm = report["arms"][0]
-    typer.echo(
-        f"final eval ({samples} samples, {steps} steps): gen-PPL {arm['gen_ppl']:.3f} "
-        f"(true {report['true_perplexity']:.3f}), entropy {arm['entropy_mean']:.3f} "
-        f"(real {report['real_data']['entropy_mean']:.3f}) -> {json_path}"
-    )

@@ -118,7 +118,7 @@ def _closed_port() -> int:
         (["--tau", "2"], "tau=2.0 must lie in [0, 1]"),
         (["--k", "4"], "need a compass"),
         (["--device", "tpu"], "unknown device 'tpu'"),
-        (["--precision", "fp8"], "precision 'fp8'"),
+        (["--precision", "fp8"], "'fp8' is not one of 'fp32', 'bf16'"),
         (["--selection-temperature", "0"], "temperature=0.0 must be positive"),
         (["--teacher-temperature", "0"], "teacher_temperature=0.0 must be a finite number > 0"),
         (["--num-workers", "-1"], "--num-workers -1 must be at least 1"),

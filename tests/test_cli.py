@@ -70,7 +70,7 @@ def test_eval_on_a_tiny_checkpoint_writes_a_json_report(tmp_path, tiny_teacher, 
         (["eval", "--device", "cuda"], "no CUDA GPU"),
         (
             ["teacher", "train", "--out", "{tmp}/run", "--source", "gauss", "--steps", "1"],
-            "unknown source 'gauss'",
+            "'gauss' is not one of 'mask', 'uniform'",
         ),
         (
             ["teacher", "train", "--out", "{tmp}/run", "--scheduler", "cosine", "--steps", "1"],
@@ -277,3 +277,21 @@ def test_h_is_help_everywhere(command):
     long = runner.invoke(app, [*command, "--help"], env=WIDE)
     assert short.exit_code == long.exit_code == 0, short.output
     assert short.output == long.output and "Usage: tsdfm-pipeline" in short.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "--nope"], "No such option: --nope"),
+        (["eval", "--steps", "abc"], "Invalid value for '--steps'"),
+        (["eval", "--order", "sideways"], "'sideways' is not one of 'random', 'dilated'"),
+        (["distill", "--data", "x"], "Missing option"),
+        (["teacher", "train", "--out", "x", "--loss", "mse"], "'mse' is not one of 'ce', 'gkl'"),
+    ],
+)
+def test_a_bad_flag_is_one_line_naming_the_help(args, message):
+    res = _run(*args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert lines[0].endswith(" -h`)")  # names the help of the command
