@@ -503,7 +503,7 @@ def publish(
         private: create the repo private (an existing repo keeps its visibility).
         token: write token; default HF_TOKEN or the HF login.
         version: publish as ``v{version}``; default the next free integer.
-        license: license of the card's metadata (default apache-2.0).
+        license: license of the card's metadata; None: the teacher's, else unknown.
         files_per_commit, bytes_per_commit: split the upload into commits of at most this many
             files / bytes, so an interrupted upload loses at most one commit's worth.
         policy, sleep: retry waits (tests pass a recording ``sleep``).

@@ -27,7 +27,8 @@ def publish_cmd(
         typer.Option(help="Publish as vN with this N; default: the next free version."),
     ] = None,
     license: Annotated[
-        str | None, typer.Option(help="License id for the card; default apache-2.0.")
+        str | None,
+        typer.Option(help="Hub license id for the card; default: the teacher's, else unknown."),
     ] = None,
     files_per_commit: Annotated[
         int, typer.Option(help="Shards per commit (a rerun resumes after the last one).")
