@@ -32,6 +32,7 @@ from tsdfm.models.train.distill import (
     DistillWarning,
     StudentStep,
     build_student,
+    prepare_run,
     train_student,
 )
 
@@ -267,6 +268,25 @@ def test_resume_gives_the_same_next_loss(tmp_path, tiny_blind_dataset, saved_tin
         train_student(
             _cfg(tiny_blind_dataset, saved_tiny_teacher, tmp_path / "full", **kw, lr=0.01)
         )
+
+
+def test_no_draw_uses_or_moves_the_global_rng(tmp_path, tiny_blind_dataset, saved_tiny_teacher):
+    """Training is a function of the run alone: another global torch seed before it gives the
+    same trainer state bit for bit, and the caller's global RNG state is left as it was."""
+    states = []
+    for global_seed in (0, 12345):
+        out = tmp_path / f"global-{global_seed}"
+        cfg = _cfg(tiny_blind_dataset, saved_tiny_teacher, out, steps=2, eval_every=2)
+        run = prepare_run(cfg)
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        train_student(run)
+        assert torch.equal(torch.get_rng_state(), before)
+        states.append(load_file(str(out / "checkpoints/step-0000002/trainer_state.safetensors")))
+    a, b = states
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((out / "checkpoints/step-0000002/trainer_state.json").read_text())
+    assert [g["weight_decay"] for g in meta["optimizer"]["param_groups"]] == [0.03, 0.0]
 
 
 # --------------------------------------------------------------------------- bad input

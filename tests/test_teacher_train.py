@@ -69,6 +69,36 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == [2, 4, 6, 8]
 
 
+def test_the_run_ignores_and_keeps_the_global_rng(tmp_path):
+    idents = []
+    for global_seed in (0, 999):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        idents.append(train_teacher(_cfg(tmp_path / f"g{global_seed}", steps=4)).identity)
+        assert torch.equal(torch.get_rng_state(), before)
+    assert idents[0] == idents[1]
+
+
+def test_biases_norm_gains_and_embeddings_are_not_decayed(tmp_path):
+    from tsdfm.models.train.loop import param_groups
+
+    train_teacher(_cfg(tmp_path / "run", steps=4))
+    meta = json.loads((tmp_path / "run/checkpoints/step-0000004/trainer_state.json").read_text())
+    saved = meta["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in saved] == [0.03, 0.0]
+    model = load_checkpoint(tmp_path / "run/final").model
+    groups = param_groups(model, 0.03)
+    assert [len(g["params"]) for g in saved] == [len(g["params"]) for g in groups]
+    name = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name[id(p)] for p in groups[0]["params"]}
+    kept = {name[id(p)] for p in groups[1]["params"]}
+    assert {"backbone.tok.weight", "backbone.cond_const"} <= kept
+    assert kept - {"backbone.tok.weight", "backbone.cond_const"} == {
+        n for n in name.values() if n.endswith(".bias")
+    }
+    assert decayed == {n for n in name.values() if n.endswith(".weight")} - kept
+
+
 def test_changed_config_is_refused(tmp_path):
     train_teacher(_cfg(tmp_path / "run", steps=4))
     with pytest.raises(ConfigError, match=r"different config \(changed: lr\)"):

@@ -1,5 +1,6 @@
 """Pieces shared by the trainers: learning-rate schedule, EMA, pickle-free trainer state, and
-the run folder (run_config.json, metrics.jsonl, rotated checkpoints).
+the run folder (run_config.json, metrics.jsonl, rotated checkpoints). The loop that uses them
+is ``tsdfm.models.train.loop``.
 
 Trainer state (optimizer moments, EMA weights, RNG states, step) is written as one safetensors
 file plus a JSON file, never with pickle, so a resumed run continues bit-for-bit.
@@ -38,10 +39,10 @@ KEEP_CHECKPOINTS = 2
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block (parameter initialisation) under a fixed seed without touching the caller's
-    global RNG state."""
+    """Run a block (parameter initialisation on the CPU) under a fixed seed without touching
+    the caller's global RNG state (of the CPU or of any CUDA device)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         yield
 
 
@@ -92,26 +93,6 @@ class EMA:
             model.load_state_dict(backup)
 
 
-def optimizer_step(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    loss: torch.Tensor,
-    grad_clip: float,
-    ema: EMA | None = None,
-) -> float:
-    """One update from ``loss``: backward, clip the gradient norm, step, update the EMA.
-
-    Returns the gradient norm before clipping.
-    """
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    if ema is not None:
-        ema.update(model)
-    return gnorm.item()
-
-
 @dataclass
 class TrainerState:
     """Everything needed to continue a run exactly."""
@@ -148,9 +129,23 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors that share memory with an earlier one (tied weights appear under
+    several names in a state dict; safetensors stores each name on its own)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
 def save_trainer_state(directory: Path, state: TrainerState) -> None:
     """Write trainer_state.{safetensors,json} into ``directory`` (JSON last, atomically)."""
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in state.model.items()}
+    tensors = _unshared(
+        {f"model/{k}": v.detach().contiguous().cpu() for k, v in state.model.items()}
+    )
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     tensors.update(opt_tensors)
     if state.ema is not None:
@@ -214,6 +209,15 @@ def resume_latest(
         return None
     state = load_trainer_state(resume_from)
     model.load_state_dict(state.model)
+    saved = [len(g["params"]) for g in state.optimizer["param_groups"]]
+    wanted = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != wanted:
+        raise CheckpointError(
+            f"{resume_from} holds optimizer state for parameter groups of {saved} tensors, this "
+            f"trainer has groups of {wanted} (the checkpoint was written by a version that "
+            "grouped the parameters for weight decay differently); pass a new --out, or delete "
+            "the folder to start over"
+        )
     optimizer.load_state_dict(state.optimizer)
     if ema is not None and state.ema is not None:
         ema.load_state_dict(state.ema)
@@ -241,9 +245,10 @@ def save_step_state(
     ema: EMA | None,
     generators: dict[str, torch.Tensor],
     extra: dict[str, Any] | None = None,
+    keep: int = KEEP_CHECKPOINTS,
 ) -> None:
     """Write the trainer state after ``step`` steps into :func:`checkpoint_dir` (beside the
-    model files the trainer saved there first), then rotate the run's checkpoints.
+    model files the trainer saved there first), then keep the newest ``keep`` checkpoints.
 
     The counterpart of :func:`resume_latest`.
     """
@@ -260,7 +265,7 @@ def save_step_state(
             extra=extra if extra is not None else {},
         ),
     )
-    rotate_checkpoints(run_dir)
+    rotate_checkpoints(run_dir, keep)
 
 
 def check_run_config(

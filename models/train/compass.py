@@ -37,14 +37,14 @@ the bank it was using. The bank is visited without replacement in an order fixed
 (seed, r): each step takes the next B entries and B real sequences noised to the same t. With
 refresh_every · B ≤ M · R no negative is seen twice; a reused negative is one the compass can
 memorise, and real positives are always fresh, so memorised negatives do not generalise.
-Everything else random comes from one checkpointed ``torch.Generator``.
+Everything else random comes from the training loop's (``tsdfm.models.train.loop``) one
+checkpointed ``torch.Generator``; the loop also owns the optimisation, EMA, resume and metrics.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,18 +66,8 @@ from tsdfm.models.solver import (
     noise_like,
     teacher_states,
 )
-from tsdfm.models.train.common import (
-    EMA,
-    MetricsLog,
-    check_run_config,
-    checkpoint_dir,
-    due,
-    get_lr,
-    optimizer_step,
-    resume_latest,
-    save_step_state,
-    seeded,
-)
+from tsdfm.models.train.common import check_run_config, seeded
+from tsdfm.models.train.loop import LoopConfig, OptimConfig, Task, TrainLoop
 
 # Lanes of the counter RNG reserved for the compass's teacher trajectories. Samplers and the
 # navigator use lanes 0..K−1, so these trajectories are independent of every other trajectory
@@ -431,60 +421,12 @@ def train_compass(
             compass_config(tcfg, cfg.d_model, cfg.n_layers, cfg.n_heads, provenance=provenance)
         )
     model.to(device)
-    path = tcfg.path()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-    )
-    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    state = resume_latest(out, model, opt, ema)
-    if state is not None:
-        gen.set_state(state.generators["data"])
-        start = state.step
-    files = _checkpoint_files(teacher)
-    heldout = _heldout_set(negatives, data, path, plan, tcfg, cfg.seed, device)
-    last: dict = {"loss": float("nan")}
-    bank_index, bank = -1, None
-    t0 = time.perf_counter()
-    model.train()
-    with MetricsLog(out, resume_step=start) as log:
-        for step in range(start, cfg.steps):
-            refresh = step // cfg.refresh_every
-            bank_seconds = None
-            if refresh != bank_index:
-                tb = time.perf_counter()
-                bank = _shuffled(negatives.bank(refresh), cfg.seed, refresh)
-                bank_index, bank_seconds = refresh, time.perf_counter() - tb
-            lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x_neg, t = _draw(bank, step - refresh * cfg.refresh_every, cfg.batch_size)
-            x_1 = _check_batch(data.batch(cfg.batch_size, gen), cfg.batch_size, tcfg, "data")
-            x_pos = noise_like(path, plan, x_1, t.cpu(), gen).to(device)
-            e_pos, e_neg = _energies(model, x_pos, x_neg, t.to(device))
-            loss = nce_loss(e_pos, e_neg)
-            gnorm = optimizer_step(model, opt, loss, cfg.grad_clip, ema)
-            last = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "accuracy": 0.5 * ((e_pos < 0).float().mean() + (e_neg > 0).float().mean()).item(),
-                "lr": lr,
-                "grad_norm": gnorm,
-                "seconds": time.perf_counter() - t0,
-            }
-            if bank_seconds is not None:
-                last["bank_seconds"] = bank_seconds
-            if due(step + 1, cfg.eval_every, cfg.steps):
-                last.update(_heldout_metrics(model, ema, heldout))
-                log.write(last)
-            if progress is not None:
-                progress(step + 1, cfg.steps, last)
-            if due(step + 1, cfg.checkpoint_every, cfg.steps):
-                _save_step(out, step + 1, model, opt, ema, gen, teacher, files)
-    final_metrics = _heldout_metrics(model, ema, heldout)
+    task = CompassTask(model, cfg, negatives, data, teacher, device)
+    loop = TrainLoop(loop_config(cfg), task, out)
+    run = loop.run(progress)
+    final_metrics = loop.evaluate()
     final = out / "final"
-    with ema.applied(model) if ema is not None else nullcontext():
+    with loop.averaged():
         model.config = model.config.replace(
             provenance={
                 **provenance,
@@ -492,16 +434,91 @@ def train_compass(
                 "heldout_auc": final_metrics["heldout_auc"],
             }
         )
-        ident = save_checkpoint(final, model.eval(), teacher.tokenizer, files)
+        ident = save_checkpoint(final, model.eval(), teacher.tokenizer, task.files)
     return CompassTrainResult(
         final,
         ident,
         cfg.steps,
-        last["loss"],
+        run.last["loss"],
         final_metrics["heldout_auc"],
         final_metrics["heldout_loss"],
-        log.history,
+        run.history,
     )
+
+
+def loop_config(cfg: CompassTrainConfig) -> LoopConfig:
+    """The compass run's loop: one micro-batch per step, a metrics line per evaluation."""
+    optim = OptimConfig(
+        lr=cfg.lr,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        ema=cfg.ema,
+    )
+    return LoopConfig(optim, cfg.seed, cfg.checkpoint_every, cfg.eval_every)
+
+
+class CompassTask(Task):
+    """One NCE step: the next B entries of the shuffled negative bank of refresh
+    r = ⌊step / refresh_every⌋ (rebuilt when r changes, a pure function of r) and B real
+    sequences noised to the same times in the run's reveal order.
+
+    Args:
+        model: the compass being trained.
+        cfg: the run.
+        negatives: where the teacher states come from.
+        data: real sequences of the teacher's data.
+        teacher: the teacher (its tokenizer and data files travel with every checkpoint).
+        device: where the compass runs.
+    """
+
+    def __init__(
+        self,
+        model: CompassModel,
+        cfg: CompassTrainConfig,
+        negatives: NegativeSource,
+        data: DataSource,
+        teacher: Checkpoint,
+        device: str | torch.device,
+    ):
+        self.model, self.cfg, self.negatives, self.data = model, cfg, negatives, data
+        self.teacher, self.device = teacher, torch.device(device)
+        self.tcfg, self.plan = teacher.config, cfg.plan()
+        self.path = self.tcfg.path()
+        self.files = _checkpoint_files(teacher)
+        self.heldout = _heldout_set(
+            negatives, data, self.path, self.plan, self.tcfg, cfg.seed, self.device
+        )
+        self.bank_index, self.bank = -1, None
+        self.step_metrics: dict = {}
+
+    def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        refresh = step // cfg.refresh_every
+        self.step_metrics = {}
+        if refresh != self.bank_index:
+            tb = time.perf_counter()
+            self.bank = _shuffled(self.negatives.bank(refresh), cfg.seed, refresh)
+            self.bank_index = refresh
+            self.step_metrics["bank_seconds"] = time.perf_counter() - tb
+        x_neg, t = _draw(self.bank, step - refresh * cfg.refresh_every, cfg.batch_size)
+        x_1 = _check_batch(self.data.batch(cfg.batch_size, gen), cfg.batch_size, self.tcfg, "data")
+        x_pos = noise_like(self.path, self.plan, x_1, t.cpu(), gen).to(self.device)
+        e_pos, e_neg = _energies(self.model, x_pos, x_neg, t.to(self.device))
+        accuracy = 0.5 * ((e_pos < 0).float().mean() + (e_neg > 0).float().mean())
+        self.step_metrics = {"accuracy": accuracy.item(), **self.step_metrics}
+        return nce_loss(e_pos, e_neg)
+
+    def describe(self) -> dict:
+        """accuracy of the step's classifier; bank_seconds when the step rebuilt the bank."""
+        return self.step_metrics
+
+    def evaluate(self) -> dict:
+        return _heldout_metrics(self.model, self.heldout)
+
+    def save(self, directory: Path) -> None:
+        save_checkpoint(directory, self.model, self.teacher.tokenizer, self.files)
 
 
 def _shuffled(bank, seed: int, refresh: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -539,19 +556,17 @@ def _heldout_set(negatives, data, path, plan, tcfg, seed: int, device) -> dict:
 
 
 @torch.no_grad()
-def _heldout_metrics(model, ema, heldout: dict, chunk: int = 1024) -> dict:
+def _heldout_metrics(model, heldout: dict, chunk: int = 1024) -> dict:
+    """Held-out ROC AUC (stratified by t, and pooled), NCE loss and energy gap of ``model``
+    as it is (the loop calls it under the EMA weights, in eval mode)."""
     from tsdfm.models.eval.compass_metrics import energy_auc, stratified_auc
 
-    was_training = model.training
-    model.eval()
     e_pos, e_neg = [], []
-    with ema.applied(model) if ema is not None else nullcontext():
-        for i in range(0, heldout["t"].shape[0], chunk):
-            sl = slice(i, i + chunk)
-            p, q = _energies(model, heldout["x_pos"][sl], heldout["x_neg"][sl], heldout["t"][sl])
-            e_pos.append(p)
-            e_neg.append(q)
-    model.train(was_training)
+    for i in range(0, heldout["t"].shape[0], chunk):
+        sl = slice(i, i + chunk)
+        p, q = _energies(model, heldout["x_pos"][sl], heldout["x_neg"][sl], heldout["t"][sl])
+        e_pos.append(p)
+        e_neg.append(q)
     e_pos, e_neg = torch.cat(e_pos), torch.cat(e_neg)
     return {
         "heldout_auc": stratified_auc(e_pos, e_neg, heldout["t"], heldout["t"]),
@@ -596,8 +611,3 @@ def _jsonable(cfg: CompassTrainConfig) -> dict:
     if cfg.reveal_order == "random":
         del d["reveal_order"], d["student_steps"]
     return d
-
-
-def _save_step(out: Path, step: int, model, opt, ema, gen, teacher: Checkpoint, files) -> None:
-    save_checkpoint(checkpoint_dir(out, step), model, teacher.tokenizer, files)
-    save_step_state(out, step, model, opt, ema, {"data": gen.get_state()})

@@ -29,12 +29,16 @@ is the DFM target; with shaping they differ, and the segment target is the one t
 step samples from.) An optional λ-weighted cross-entropy toward x_1 on the positions a segment
 left masked (``--final-weight``) trades that exactness for lower variance; see docs/distill.md.
 
-The loop mirrors ``tsdfm.models.train.teacher``: AdamW (β = 0.9, 0.95) with linear warmup and cosine
-decay, gradient clipping, gradient accumulation, an EMA of the weights, bf16 autocast on CUDA,
-resumable checkpoints (model, optimizer, EMA, step, data position, torch RNG; pickle-free), a
-held-out loss on a deterministic split of trajectory ids, metrics.jsonl (and TensorBoard when
-installed). A resumed run continues bit-for-bit: the data position seeks straight to the next
-batch, and the batch sequence does not depend on the number of loader workers.
+The loop is the one the other trainers share (``tsdfm.models.train.loop``): AdamW (β = 0.9, 0.95;
+no decay on biases, norm gains and embeddings) with linear warmup and cosine decay, gradient
+clipping, gradient accumulation, an EMA of the weights, resumable checkpoints (model, optimizer,
+EMA, step, data position, the run's generator; pickle-free), metrics.jsonl. This module adds
+bf16 autocast on CUDA, a held-out loss on a deterministic split of trajectory ids, throughput
+metrics and TensorBoard (when installed). No draw uses torch's global RNG: the loader's order is
+a function of (seed, epoch, stream, window), and dropout, if the backbone has any, runs under
+the loop's per-micro-batch seed. A resumed run continues bit-for-bit: the data position seeks
+straight to the next batch, and the batch sequence does not depend on the number of loader
+workers.
 """
 
 from __future__ import annotations
@@ -43,8 +47,7 @@ import hashlib
 import importlib.util
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,16 +67,14 @@ from tsdfm.models.devices import check_device, resolve_device
 from tsdfm.models.errors import CheckpointError, ConfigError
 from tsdfm.models.flow_model import FlowModel, student_from_teacher
 from tsdfm.models.losses import segment_loss
-from tsdfm.models.train.common import (
-    EMA,
-    MetricsLog,
-    check_run_config,
-    checkpoint_dir,
-    due,
-    get_lr,
-    resume_latest,
-    save_step_state,
-    seeded,
+from tsdfm.models.train.common import check_run_config, seeded
+from tsdfm.models.train.loop import (
+    LoopConfig,
+    OptimConfig,
+    Task,
+    TrainLoop,
+    Updater,
+    evaluating,
 )
 
 
@@ -155,6 +156,22 @@ class DistillConfig:
             raise ConfigError(f"precision {self.precision!r}; use 'fp32' or 'bf16'")
         check_device(self.device)
         self.loader_config()  # validates the loader's fields
+
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig(
+            lr=self.lr,
+            steps=self.steps,
+            warmup=self.warmup,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            ema=self.ema,
+            grad_accum=self.grad_accum,
+        )
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(
+            self.optim_config(), self.seed, self.checkpoint_every, self.eval_every, self.log_every
+        )
 
     def loader_config(self) -> LoaderConfig:
         return LoaderConfig(
@@ -290,18 +307,23 @@ def _device(device: str) -> torch.device:
 
 # --------------------------------------------------------------------------- the step
 class StudentStep:
-    """One optimizer step on micro-batches: loss, backward, clip, AdamW, EMA.
+    """One optimizer step on micro-batches: the segment loss through the loop's
+    :class:`tsdfm.models.train.loop.Updater` (accumulation, clipping, AdamW, EMA).
 
     Shared by the trainer and benchmarks/distill_loader.py (which feeds it from memory).
+
+    Attributes:
+        updater: the update rule (``opt`` and ``ema`` are its optimizer and EMA).
+        examples, data_wait: examples read, and seconds waited for batches, since the last
+            :meth:`take_counts`.
     """
 
     def __init__(self, model: FlowModel, cfg: DistillConfig, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
         self.path = model.config.path()
-        self.opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-        )
-        self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+        self.updater = Updater(model, cfg.optim_config(), cfg.seed)
+        self.opt, self.ema = self.updater.opt, self.updater.ema
+        self.examples, self.data_wait = 0, 0.0
 
     def loss(self, batch: ExampleBatch) -> torch.Tensor:
         logits = self.model(batch.x_t, batch.t, batch.h)
@@ -316,50 +338,115 @@ class StudentStep:
             self.cfg.final_weight,
         )
 
+    def micro_loss(self, next_batch: Callable[[], ExampleBatch]) -> torch.Tensor:
+        """The loss of the next micro-batch (counting its examples and the wait for it)."""
+        t0 = time.perf_counter()
+        batch = next_batch().to(self.device, non_blocking=True)
+        self.data_wait += time.perf_counter() - t0
+        self.examples += len(batch)
+        return self.loss(batch)
+
+    def take_counts(self) -> tuple[int, float]:
+        """(examples, data_wait) since the last call; resets them."""
+        counts = (self.examples, self.data_wait)
+        self.examples, self.data_wait = 0, 0.0
+        return counts
+
     def __call__(self, step: int, next_batch: Callable[[], ExampleBatch]) -> dict:
         """Run optimizer step ``step`` (0-based) on ``grad_accum`` batches from next_batch()."""
-        cfg = self.cfg
-        lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        total, examples, wait = 0.0, 0, 0.0
-        for _ in range(cfg.grad_accum):
-            t0 = time.perf_counter()
-            batch = next_batch().to(self.device, non_blocking=True)
-            wait += time.perf_counter() - t0
-            loss = self.loss(batch)
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-            examples += len(batch)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return {
-            "loss": total,
-            "lr": lr,
-            "grad_norm": float(gnorm),
-            "examples": examples,
-            "data_wait": wait,
-        }
+        self.take_counts()
+        m = self.updater(step, lambda: self.micro_loss(next_batch))
+        examples, wait = self.take_counts()
+        return {**m, "examples": examples, "data_wait": wait}
 
-    @torch.no_grad()
     def heldout_loss(self, examples: list[ExampleBatch]) -> float | None:
         """Mean segment loss of the held-out batches under the EMA weights."""
+        with evaluating(self.model, self.ema):
+            return self.mean_loss(examples)
+
+    def mean_loss(self, examples: list[ExampleBatch]) -> float | None:
+        """Mean segment loss per example of ``examples`` under the model's current weights
+        and mode (None for no batches)."""
         if not examples:
             return None
-        was_training = self.model.training
-        self.model.eval()
         total, n = 0.0, 0
-        with self.ema.applied(self.model) if self.ema is not None else nullcontext():
-            for batch in examples:
-                b = batch.to(self.device)
-                total += self.loss(b).item() * len(b)
-                n += len(b)
-        self.model.train(was_training)
+        for batch in examples:
+            b = batch.to(self.device)
+            total += self.loss(b).item() * len(b)
+            n += len(b)
         return total / n
+
+
+class DistillTask(Task):
+    """The loop's view of a distillation run: micro-batches from the trajectory loader,
+    throughput over each metrics line's window, the held-out segment loss, the loader's
+    position as resumable state.
+
+    Args:
+        trainer: the step (model, loss, counters).
+        loader: the training batches.
+        held_batches: the held-out batches (empty: no held-out loss).
+        init: the --init checkpoint (its tokenizer travels with every checkpoint).
+        extra_files: data files copied into every checkpoint.
+        tensorboard: a SummaryWriter, or None.
+    """
+
+    def __init__(
+        self,
+        trainer: StudentStep,
+        loader: TrajectoryLoader,
+        held_batches: list[ExampleBatch],
+        init: Checkpoint,
+        extra_files: dict[str, Path],
+        tensorboard=None,
+    ):
+        self.trainer, self.model, self.loader = trainer, trainer.model, loader
+        self.held_batches, self.init, self.extra_files = held_batches, init, extra_files
+        self.tensorboard = tensorboard
+        self.batches: Iterator[ExampleBatch] | None = None
+        self.window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
+
+    def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        if self.batches is None:  # after a resume has set the loader's position
+            self.batches = iter(self.loader)
+            self.window["t0"] = time.perf_counter()
+        return self.trainer.micro_loss(lambda: next(self.batches))
+
+    def describe(self) -> dict:
+        examples, wait = self.trainer.take_counts()
+        self.window["examples"] += examples
+        self.window["wait"] += wait
+        elapsed = max(time.perf_counter() - self.window["t0"], 1e-9)
+        return {
+            "examples_per_second": self.window["examples"] / elapsed,
+            "data_wait_share": self.window["wait"] / elapsed,
+            "epoch": self.loader.state.epoch,
+        }
+
+    def evaluate(self) -> dict:
+        return {"heldout_loss": self.trainer.mean_loss(self.held_batches)}
+
+    def logged(self, line: dict) -> None:
+        if self.tensorboard is not None:
+            for k, v in line.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self.tensorboard.add_scalar(f"distill/{k}", v, line["step"])
+        self.window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
+
+    def save(self, directory: Path) -> None:
+        save_checkpoint(directory, self.model, self.init.tokenizer, self.extra_files)
+
+    def state_dict(self) -> dict:
+        return {"data": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["data"])
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 # --------------------------------------------------------------------------- the run
@@ -453,14 +540,6 @@ def train_student(
         max_token_id=model.config.input_vocab - 1,
         pin_memory=device.type == "cuda",
     )
-    extra_files = run.extra_files
-    start = 0
-    rng_state = None
-    state = resume_latest(out, model, trainer.opt, trainer.ema)
-    if state is not None:
-        loader.load_state_dict(state.extra["data"])
-        rng_state = state.generators.get("torch")
-        start = state.step
     held = loader.heldout(cfg.heldout_trajectories)
     held_batches = _batches(held, cfg.batch_size)
     if not held_batches and cfg.heldout_fraction > 0:
@@ -470,56 +549,23 @@ def train_student(
         )
         issued.append(msg)
         (warn or (lambda m: warnings.warn(m, DistillWarning, stacklevel=3)))(msg)
-    tb = _tensorboard(out)
-    last: dict = {"loss": float("nan")}
-    window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
-    batches = iter(loader)
+    task = DistillTask(trainer, loader, held_batches, init, run.extra_files, _tensorboard(out))
+    loop = TrainLoop(cfg.loop_config(), task, out, trainer.updater)
     try:
         # on resume, lines written after the checkpoint we resume from are dropped
-        with seeded(cfg.seed), MetricsLog(out, resume_step=start) as log:
-            if rng_state is not None:
-                torch.set_rng_state(rng_state)
-            t_run = time.perf_counter()
-            for step in range(start, cfg.steps):
-                m = trainer(step, lambda: next(batches))
-                window["examples"] += m["examples"]
-                window["wait"] += m["data_wait"]
-                elapsed = time.perf_counter() - window["t0"]
-                last = {
-                    "step": step + 1,
-                    "loss": m["loss"],
-                    "lr": m["lr"],
-                    "grad_norm": m["grad_norm"],
-                    "examples_per_second": window["examples"] / max(elapsed, 1e-9),
-                    "data_wait_share": window["wait"] / max(elapsed, 1e-9),
-                    "epoch": loader.state.epoch,
-                    "seconds": time.perf_counter() - t_run,
-                }
-                if due(step + 1, cfg.eval_every, cfg.steps):
-                    last["heldout_loss"] = trainer.heldout_loss(held_batches)
-                if (step + 1) % cfg.log_every == 0 or "heldout_loss" in last:
-                    log.write(last)
-                    if tb is not None:
-                        for k, v in last.items():
-                            if isinstance(v, (int, float)) and v is not None:
-                                tb.add_scalar(f"distill/{k}", v, step + 1)
-                    window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
-                if progress is not None:
-                    progress(step + 1, cfg.steps, last)
-                if due(step + 1, cfg.checkpoint_every, cfg.steps):
-                    _save_step(out, step + 1, trainer, loader, init, extra_files)
+        result = loop.run(progress)
     finally:
-        batches.close()
-        if tb is not None:
-            tb.close()
+        task.close()
     final = out / "final"
-    with trainer.ema.applied(model) if trainer.ema is not None else nullcontext():
+    with loop.averaged():
         model.config = model.config.replace(
             provenance={**model.config.provenance, "steps": cfg.steps}
         )
-        ident = save_checkpoint(final, model.eval(), init.tokenizer, extra_files)
+        ident = save_checkpoint(final, model.eval(), init.tokenizer, run.extra_files)
     heldout = trainer.heldout_loss(held_batches)
-    return DistillResult(final, ident, cfg.steps, S, last["loss"], heldout, log.history, issued)
+    return DistillResult(
+        final, ident, cfg.steps, S, result.last["loss"], heldout, result.history, issued
+    )
 
 
 def _batches(examples: Examples | None, size: int) -> list[ExampleBatch]:
@@ -534,16 +580,3 @@ def _tensorboard(out: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def _save_step(out, step, trainer: StudentStep, loader, init: Checkpoint, extra_files) -> None:
-    save_checkpoint(checkpoint_dir(out, step), trainer.model, init.tokenizer, extra_files)
-    save_step_state(
-        out,
-        step,
-        trainer.model,
-        trainer.opt,
-        trainer.ema,
-        generators={"torch": torch.get_rng_state()},
-        extra={"data": loader.state_dict()},
-    )

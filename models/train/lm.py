@@ -15,9 +15,10 @@ the teacher's states, and selects nothing.
 The result (``OUT/final``) is a ``save_pretrained`` directory — ``config.json``,
 ``model.safetensors``, the tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` — plus
 ``tsdfm_lm.json`` (how it was trained, its held-out perplexity), loadable by
-``AutoModelForCausalLM`` and by ``--evaluator lm:OUT/final`` or ``hf:OUT/final``. Resumable:
-trainer state (optimizer moments, RNG state, step) is safetensors + JSON, never pickle, and a
-resumed run continues bit-for-bit.
+``AutoModelForCausalLM`` and by ``--evaluator lm:OUT/final`` or ``hf:OUT/final``. The loop is
+``tsdfm.models.train.loop``'s (AdamW with no decay on biases, norm gains and embeddings,
+warmup + cosine, clipping, no EMA). Resumable: trainer state (optimizer moments, RNG state,
+step) is safetensors + JSON, never pickle, and a resumed run continues bit-for-bit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,16 +48,8 @@ from tsdfm.models.data.corpus import (
 )
 from tsdfm.models.data.synthetic import MASK_TOKEN
 from tsdfm.models.errors import ConfigError, DataError
-from tsdfm.models.train.common import (
-    MetricsLog,
-    check_run_config,
-    due,
-    get_lr,
-    optimizer_step,
-    resume_latest,
-    save_step_state,
-    seeded,
-)
+from tsdfm.models.train.common import check_run_config, seeded
+from tsdfm.models.train.loop import LoopConfig, OptimConfig, Task, TrainLoop
 
 LM_FORMAT = "tsdfm-causal-lm"
 LM_FORMAT_VERSION = 1
@@ -75,7 +67,8 @@ class LMTrainConfig:
         seq_len: L, tokens per training window (the LM takes L + 1 positions).
         d_model, n_layers, n_heads: model size (d_model divisible by n_heads).
         steps, batch_size, lr, warmup, weight_decay, grad_clip: optimisation (AdamW,
-            β = (0.9, 0.95), linear warmup then cosine decay to lr/10).
+            β = (0.9, 0.95), no decay on biases, norm gains and embeddings, linear warmup
+            then cosine decay to lr/10).
         holdout_fraction: share of windows held out for the held-out perplexity.
         heldout_windows: at most this many held-out windows are scored at each evaluation.
         checkpoint_every: steps between resumable checkpoints (the last 2 are kept).
@@ -250,47 +243,9 @@ def train_lm(
     with seeded(cfg.seed):
         model = LlamaForCausalLM(lm_config(tok.get_vocab_size(), cfg))
     model.to(device).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    state = resume_latest(out, model, opt, None)
-    if state is not None:
-        gen.set_state(state.generators["data"])
-        start = state.step
     held_windows = held.windows[: cfg.heldout_windows]
-    last: dict = {"loss": float("nan")}
-    t0 = time.perf_counter()
-    with MetricsLog(out, resume_step=start) as log:
-        for step in range(start, cfg.steps):
-            lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            w = train.batch(cfg.batch_size, gen).to(device)
-            loss = window_nll(model, w).mean()
-            gnorm = optimizer_step(model, opt, loss, cfg.grad_clip)
-            last = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "lr": lr,
-                "grad_norm": gnorm,
-                "seconds": time.perf_counter() - t0,
-            }
-            if due(step + 1, cfg.eval_every, cfg.steps):
-                last["heldout_nll"] = heldout_nll(model, held_windows, cfg.batch_size, device)
-                log.write(last)
-            if progress is not None:
-                progress(step + 1, cfg.steps, last)
-            if due(step + 1, cfg.checkpoint_every, cfg.steps):
-                save_step_state(out, step + 1, model, opt, None, {"data": gen.get_state()})
+    task = LMTask(model, train, held_windows, cfg.batch_size, device)
+    run = TrainLoop(loop_config(cfg), task, out).run(progress)
     model.eval()
     nll = heldout_nll(model, held_windows, cfg.batch_size, device)
     meta = {
@@ -310,7 +265,56 @@ def train_lm(
     }
     final = out / "final"
     save_lm(final, model, tok, meta)
-    return LMTrainResult(final, cfg.steps, last["loss"], nll, math.exp(nll), log.history)
+    return LMTrainResult(final, cfg.steps, run.last["loss"], nll, math.exp(nll), run.history)
+
+
+def loop_config(cfg: LMTrainConfig) -> LoopConfig:
+    """The LM run's loop: no EMA, one micro-batch per step, a metrics line per evaluation."""
+    optim = OptimConfig(
+        lr=cfg.lr,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+    )
+    return LoopConfig(optim, cfg.seed, cfg.checkpoint_every, cfg.eval_every)
+
+
+class LMTask(Task):
+    """One step: B training windows drawn uniformly (with replacement) from the run's
+    generator; the loss is the mean of −log p_φ(w_j | EOS, w_<j) over them.
+
+    Args:
+        model: the LM being trained.
+        train: the training windows (a ``TokenizedCorpus`` part).
+        held_windows: (N, L) held-out windows scored at each evaluation.
+        batch_size: B (also the evaluation's batch).
+        device: where the LM runs.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        train: TokenizedCorpus,
+        held_windows: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+    ):
+        self.model, self.windows, self.held_windows = model, train, held_windows
+        self.batch_size, self.device = batch_size, device
+
+    def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        w = self.windows.batch(self.batch_size, gen).to(self.device)
+        return window_nll(self.model, w).mean()
+
+    def evaluate(self) -> dict:
+        return {
+            "heldout_nll": heldout_nll(self.model, self.held_windows, self.batch_size, self.device)
+        }
+
+    def save(self, directory: Path) -> None:
+        """Nothing beside the trainer state: an LM checkpoint is resumable state only."""
+        directory.mkdir(parents=True, exist_ok=True)
 
 
 def save_lm(directory: str | Path, model: Any, tokenizer: Any, meta: dict) -> Path:

@@ -1,15 +1,14 @@
 """Teacher pretraining: fit p_θ(x_1 | x_t) on the mixture path.
 
 Each step draws x_1 from the data, t ~ U[0, 1], x_t ~ p_t(· | x_1) along the path, and minimises
-the cross-entropy on x_1 (or the generalized KL, see ``tsdfm.models.losses``). All randomness comes
-from one explicit ``torch.Generator`` whose state is checkpointed, so a resumed run is exact.
+the cross-entropy on x_1 (or the generalized KL, see ``tsdfm.models.losses``). The loop, the
+optimisation and the run folder are ``tsdfm.models.train.loop``'s: every draw comes from its
+explicit, checkpointed ``torch.Generator``, so a resumed run is exact.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,18 +20,9 @@ from tsdfm.models.data.synthetic import LanguageConfig, SyntheticLanguage
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.flow_model import FlowModel, teacher_config
 from tsdfm.models.losses import cross_entropy_loss, generalized_kl_loss
-from tsdfm.models.train.common import (
-    EMA,
-    MetricsLog,
-    check_run_config,
-    checkpoint_dir,
-    due,
-    get_lr,
-    optimizer_step,
-    resume_latest,
-    save_step_state,
-    seeded,
-)
+from tsdfm.models.path import MixturePath
+from tsdfm.models.train.common import check_run_config, seeded
+from tsdfm.models.train.loop import LoopConfig, OptimConfig, Task, TrainLoop
 
 
 @dataclass(frozen=True)
@@ -90,10 +80,62 @@ class TrainResult:
     history: list[dict]
 
 
-def _loss_fn(cfg: TeacherTrainConfig, path):
-    if cfg.loss == "ce":
+def _loss_fn(loss: str, path: MixturePath):
+    """ℓ(logits, path sample) of the run's loss name ("ce" or "gkl")."""
+    if loss == "ce":
         return lambda logits, ps: cross_entropy_loss(logits, ps.x_1, ps.x_t, path)
     return lambda logits, ps: generalized_kl_loss(logits, ps.x_1, ps.x_t, ps.t, path)
+
+
+def loop_config(cfg: TeacherTrainConfig) -> LoopConfig:
+    """The teacher run's loop: one micro-batch per step, a metrics line per evaluation."""
+    optim = OptimConfig(
+        lr=cfg.lr,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        ema=cfg.ema,
+    )
+    return LoopConfig(optim, cfg.seed, cfg.checkpoint_every, cfg.eval_every)
+
+
+class TeacherTask(Task):
+    """One step: x_1 from the data, t ~ U[0, 1], x_t ~ p_t(· | x_1), loss on p_θ(x_1 | x_t).
+
+    Args:
+        model: the teacher being trained.
+        data: where x_1 comes from.
+        loss: "ce" or "gkl".
+        batch_size: B.
+        seed: the run seed (fixes the held-out batches and their noise).
+    """
+
+    def __init__(self, model: FlowModel, data: DataSource, loss: str, batch_size: int, seed: int):
+        self.model, self.data, self.batch_size, self.seed = model, data, batch_size, seed
+        self.path = model.config.path()
+        self.loss_fn = _loss_fn(loss, self.path)
+        heldout_gen = torch.Generator().manual_seed(seed + 7919)
+        self.heldout = [data.heldout(batch_size, heldout_gen) for _ in range(4)]
+
+    def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        x_1 = self.data.batch(self.batch_size, gen)
+        t = torch.rand(self.batch_size, generator=gen)
+        ps = self.path.sample(x_1, t, gen)
+        return self.loss_fn(self.model(ps.x_t, t), ps)
+
+    def evaluate(self) -> dict:
+        """heldout_loss: the mean loss of 4 fixed held-out batches at fixed (t, x_t)."""
+        gen = torch.Generator().manual_seed(self.seed + 104729)
+        total = 0.0
+        for x_1 in self.heldout:
+            t = torch.rand(x_1.shape[0], generator=gen)
+            ps = self.path.sample(x_1, t, gen)
+            total += self.loss_fn(self.model(ps.x_t, t), ps).item()
+        return {"heldout_loss": total / len(self.heldout)}
+
+    def save(self, directory: Path) -> None:
+        save_checkpoint(directory, self.model, self.data.tokenizer(), self.data.checkpoint_files())
 
 
 def train_teacher(
@@ -125,55 +167,18 @@ def train_teacher(
     )
     with seeded(cfg.seed):
         model = FlowModel(mcfg)
-    path = mcfg.path()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    loop = TrainLoop(
+        loop_config(cfg), TeacherTask(model, data, cfg.loss, cfg.batch_size, cfg.seed), out
     )
-    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    state = resume_latest(out, model, opt, ema)
-    if state is not None:
-        gen.set_state(state.generators["data"])
-        start = state.step
-    heldout_gen = torch.Generator().manual_seed(cfg.seed + 7919)
-    heldout = [data.heldout(cfg.batch_size, heldout_gen) for _ in range(4)]
-    loss_fn = _loss_fn(cfg, path)
-    last = {"loss": float("nan")}
-    t0 = time.perf_counter()
-    model.train()
-    with MetricsLog(out, resume_step=start) as log:
-        for step in range(start, cfg.steps):
-            lr = get_lr(step, cfg.lr, cfg.warmup, cfg.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x_1 = data.batch(cfg.batch_size, gen)
-            t = torch.rand(cfg.batch_size, generator=gen)
-            ps = path.sample(x_1, t, gen)
-            loss = loss_fn(model(ps.x_t, t), ps)
-            gnorm = optimizer_step(model, opt, loss, cfg.grad_clip, ema)
-            last = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "lr": lr,
-                "grad_norm": gnorm,
-                "seconds": time.perf_counter() - t0,
-            }
-            if due(step + 1, cfg.eval_every, cfg.steps):
-                last["heldout_loss"] = _heldout_loss(model, ema, heldout, path, loss_fn, cfg.seed)
-                log.write(last)
-            if progress is not None:
-                progress(step + 1, cfg.steps, last)
-            if due(step + 1, cfg.checkpoint_every, cfg.steps):
-                _save_step(out, step + 1, model, opt, ema, gen, data)
+    run = loop.run(progress)
     final = out / "final"
-    with ema.applied(model) if ema is not None else nullcontext():
+    with loop.averaged():
         model.config = model.config.replace(
             provenance={"trainer": "teacher", "steps": cfg.steps, "run_config": _jsonable(cfg)}
         )
         ident = save_checkpoint(final, model.eval(), data.tokenizer(), data.checkpoint_files())
-    heldout_loss = _heldout_loss(model, ema, heldout, path, loss_fn, cfg.seed)
-    return TrainResult(final, ident, cfg.steps, last["loss"], heldout_loss, log.history)
+    heldout_loss = loop.evaluate()["heldout_loss"]
+    return TrainResult(final, ident, cfg.steps, run.last["loss"], heldout_loss, run.history)
 
 
 def _special_tokens(data: DataSource) -> dict:
@@ -185,23 +190,3 @@ def _jsonable(cfg: TeacherTrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("out")
     return d
-
-
-@torch.no_grad()
-def _heldout_loss(model, ema, batches, path, loss_fn, seed: int) -> float:
-    gen = torch.Generator().manual_seed(seed + 104729)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    with ema.applied(model) if ema is not None else nullcontext():
-        for x_1 in batches:
-            t = torch.rand(x_1.shape[0], generator=gen)
-            ps = path.sample(x_1, t, gen)
-            total += loss_fn(model(ps.x_t, t), ps).item()
-    model.train(was_training)
-    return total / len(batches)
-
-
-def _save_step(out: Path, step: int, model, opt, ema, gen, data: DataSource) -> None:
-    save_checkpoint(checkpoint_dir(out, step), model, data.tokenizer(), data.checkpoint_files())
-    save_step_state(out, step, model, opt, ema, {"data": gen.get_state()})

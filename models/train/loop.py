@@ -1,0 +1,375 @@
+"""The one training loop of the four trainers (teacher, compass, LM, distill).
+
+A trainer supplies a :class:`Task`: its model, the loss of one micro-batch, and hooks that
+describe a step, evaluate, save the model files of a checkpoint and carry its own resumable
+state (a data position). The loop owns everything else:
+
+- **The update** (:class:`Updater`). Optimizer step n (0-based) with A micro-batches is
+
+      g_n = ∇_θ (1/A) Σ_{a<A} ℓ_{n,a}(θ),   g_n ← g_n · min(1, c / ‖g_n‖),
+      θ ← AdamW(θ, g_n; η_n, β = (0.9, 0.95), λ_group),   θ̄ ← d_n·θ̄ + (1 − d_n)·θ,
+
+  with η_n = ``get_lr(n)`` (linear warmup, then cosine decay to η/10), c the clipping norm and
+  θ̄ the EMA (:class:`tsdfm.models.train.common.EMA`). Weight decay λ applies to the weight
+  matrices only (:func:`param_groups`).
+- **Randomness.** One explicit ``torch.Generator`` per run, seeded with the run seed and
+  checkpointed; the task draws its batches and noise from it. Draws that cannot take a
+  generator (dropout inside a model) run under a global RNG that the loop re-seeds for every
+  micro-batch from (seed, micro-batch index) and restores afterwards
+  (:func:`pinned_global_rng`), so they too are a pure function of the run and the caller's
+  global RNG is never touched.
+- **Exact resume.** Model, optimizer moments, EMA, generator state, step and the task's own
+  state are saved every ``checkpoint_every`` steps (the newest ``keep`` kept); a run stopped
+  after step k and resumed continues bit for bit.
+- **Metrics.** One JSON line per logged step in metrics.jsonl (every ``log_every`` steps and
+  at every evaluation, every ``eval_every`` steps and after the last), the held-out metrics
+  computed under the EMA weights in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsdfm.models.errors import ConfigError
+from tsdfm.models.rng import trajectory_seed
+from tsdfm.models.train.common import (
+    EMA,
+    KEEP_CHECKPOINTS,
+    MetricsLog,
+    checkpoint_dir,
+    due,
+    get_lr,
+    resume_latest,
+    save_step_state,
+)
+
+GENERATOR = "data"  # the name of the run's generator in the trainer state
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How parameters are updated.
+
+    Args:
+        lr: peak learning rate η (reached after ``warmup`` steps).
+        steps: total optimizer steps (the end of the cosine decay).
+        warmup: steps of linear warmup.
+        weight_decay: λ of AdamW's decoupled decay on the weight matrices.
+        grad_clip: c, the largest gradient norm (larger gradients are scaled down to it).
+        ema: decay of the EMA of the weights; 0 switches the EMA off.
+        grad_accum: A, micro-batches per optimizer step.
+        betas: AdamW's (β₁, β₂).
+        min_lr_ratio: the learning rate at the end of the decay, as a share of η.
+    """
+
+    lr: float
+    steps: int
+    warmup: int
+    weight_decay: float
+    grad_clip: float
+    ema: float = 0.0
+    grad_accum: int = 1
+    betas: tuple[float, float] = (0.9, 0.95)
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.warmup < 0 or self.weight_decay < 0:
+            raise ConfigError("lr must be > 0, warmup and weight_decay >= 0")
+        if not self.grad_clip > 0 or not 0 <= self.ema < 1:
+            raise ConfigError("grad_clip must be > 0 and ema in [0, 1)")
+        for name in ("steps", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+
+
+def decays(module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    """Whether weight decay applies to ``param`` of ``module``: to weight matrices only.
+
+    Biases, norm gains and other vectors (every tensor with fewer than two axes longer than 1,
+    such as a learned (1, d) constant) are offsets and scales, not maps, and are not decayed.
+    Neither are embedding tables: a row is a token's vector and gets a gradient only where
+    that token occurs, so decay would shrink the rows of rare tokens for not being seen.
+    """
+    if isinstance(module, torch.nn.Embedding):
+        return False
+    return sum(size > 1 for size in param.shape) >= 2
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: [weight matrices (decay λ), everything else (decay 0)], each
+    in ``model.parameters()`` order; a parameter shared by several modules (tied weights)
+    is listed once, under the first module that holds it."""
+    owner: dict[int, bool] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owner.setdefault(id(param), decays(module, param))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if owner[id(p)]], "weight_decay": weight_decay},
+        {"params": [p for p in params if not owner[id(p)]], "weight_decay": 0.0},
+    ]
+
+
+@contextmanager
+def pinned_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's global generator (of the CPU, and of ``device`` when it is a
+    CUDA device) seeded with ``seed``; restore the caller's states afterwards.
+
+    For draws that cannot take an explicit generator (``F.dropout``, attention dropout):
+    under this context they are a pure function of ``seed``.
+    """
+    cuda = device.type == "cuda"
+    index = (
+        (device.index if device.index is not None else torch.cuda.current_device())
+        if cuda
+        else None
+    )
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module, ema: EMA | None) -> Iterator[None]:
+    """Eval mode, no gradients and the EMA weights (when there is an EMA) for a block; the
+    training weights and mode come back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), ema.applied(model) if ema is not None else nullcontext():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class Updater:
+    """Optimizer step n from A micro-batch losses (the first equation of the module
+    docstring): AdamW over :func:`param_groups`, accumulation, clipping, EMA.
+
+    Args:
+        model: the model being trained (its parameters are updated in place).
+        cfg: the optimisation.
+        seed: run seed; micro-batch i of the run is computed under
+            :func:`pinned_global_rng` with seed ``trajectory_seed(seed, i) mod 2^64``.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, seed: int = 0):
+        self.model, self.cfg, self.seed = model, cfg, seed
+        self.opt = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas
+        )
+        self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+
+    def lr(self, step: int) -> float:
+        """η_n of optimizer step ``step`` (0-based)."""
+        c = self.cfg
+        return get_lr(step, c.lr, c.warmup, c.steps, c.min_lr_ratio)
+
+    def __call__(self, step: int, micro_loss: Callable[[], torch.Tensor]) -> dict[str, float]:
+        """Run optimizer step ``step`` (0-based) on ``grad_accum`` calls of ``micro_loss``.
+
+        Args:
+            step: n.
+            micro_loss: the scalar loss ℓ_{n,a} of the next micro-batch (with its graph).
+
+        Returns:
+            loss (the mean of the A micro-batch losses), lr (η_n) and grad_norm (‖g_n‖ before
+            clipping).
+        """
+        A = self.cfg.grad_accum
+        lr = self.lr(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        device = next(self.model.parameters()).device
+        total = 0.0
+        for a in range(A):
+            seed = trajectory_seed(self.seed, step * A + a) % 2**64
+            with pinned_global_rng(seed, device):
+                loss = micro_loss()
+                (loss / A).backward()
+            total += loss.item() / A
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return {"loss": total, "lr": lr, "grad_norm": float(gnorm)}
+
+
+class Task:
+    """What a trainer gives the loop. Subclasses set ``model`` and implement :meth:`loss`
+    and :meth:`save`; the other hooks default to doing nothing."""
+
+    model: torch.nn.Module
+
+    def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        """The scalar loss of the next micro-batch of optimizer step ``step``, every random
+        draw taken from ``gen`` (the run's generator)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The task's own metrics of the step just taken (added to the loop's step, loss, lr,
+        grad_norm)."""
+        return {}
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics; the loop calls it under :func:`evaluating` (EMA weights)."""
+        return {}
+
+    def logged(self, line: dict[str, Any]) -> None:
+        """Called after ``line`` was written to metrics.jsonl."""
+
+    def save(self, directory: Path) -> None:
+        """Write the model files of the checkpoint ``directory`` (the loop adds the trainer
+        state beside them)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The task's resumable state besides the model (JSON-able), e.g. a data position."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The loop around the updates.
+
+    Args:
+        optim: the optimisation (its ``steps`` is the run's length).
+        seed: seed of the run's generator and of :func:`pinned_global_rng`.
+        checkpoint_every: steps between resumable checkpoints (and after the last step).
+        eval_every: steps between held-out evaluations (and after the last step).
+        log_every: steps between metrics lines; None = one line per evaluation only.
+        keep: checkpoints kept (the newest).
+    """
+
+    optim: OptimConfig
+    seed: int
+    checkpoint_every: int
+    eval_every: int
+    log_every: int | None = None
+    keep: int = KEEP_CHECKPOINTS
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "eval_every", "log_every", "keep"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value} must be a positive integer")
+
+    @property
+    def steps(self) -> int:
+        return self.optim.steps
+
+
+@dataclass
+class LoopResult:
+    """What :meth:`TrainLoop.run` did in this session.
+
+    Attributes:
+        start: the step the session started from (0, or the resumed checkpoint's).
+        last: the metrics of the last step taken (``{"loss": nan}`` when none was).
+        history: the metrics lines written in this session.
+    """
+
+    start: int
+    last: dict[str, Any] = field(default_factory=lambda: {"loss": math.nan})
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainLoop:
+    """Train ``task.model`` for ``cfg.steps`` steps in the run folder ``out``, resuming from
+    its newest checkpoint.
+
+    Args:
+        cfg: the loop.
+        task: the trainer's part.
+        out: the run folder (checkpoints/, metrics.jsonl).
+        updater: the update rule; default ``Updater(task.model, cfg.optim, cfg.seed)``.
+    """
+
+    def __init__(self, cfg: LoopConfig, task: Task, out: Path, updater: Updater | None = None):
+        self.cfg, self.task, self.out = cfg, task, Path(out)
+        self.updater = updater if updater is not None else Updater(task.model, cfg.optim, cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    @property
+    def ema(self) -> EMA | None:
+        return self.updater.ema
+
+    def averaged(self):
+        """A context with the EMA weights in the model (nothing changes without an EMA)."""
+        return self.ema.applied(self.task.model) if self.ema is not None else nullcontext()
+
+    def evaluate(self) -> dict[str, Any]:
+        """The task's held-out metrics under the EMA weights, in eval mode."""
+        with evaluating(self.task.model, self.ema):
+            return self.task.evaluate()
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint of the run (if any); returns its step."""
+        state = resume_latest(self.out, self.task.model, self.updater.opt, self.ema)
+        if state is None:
+            return 0
+        self.gen.set_state(state.generators[GENERATOR])
+        self.task.load_state_dict(state.extra)
+        return state.step
+
+    def run(self, progress: Callable[[int, int, dict], None] | None = None) -> LoopResult:
+        """Resume, then take the remaining steps.
+
+        Args:
+            progress: called as progress(step, total, metrics) after every step.
+        """
+        cfg, task = self.cfg, self.task
+        total = cfg.steps
+        self.out.mkdir(parents=True, exist_ok=True)
+        result = LoopResult(self.resume())
+        log_every = cfg.log_every if cfg.log_every is not None else cfg.eval_every
+        t0 = time.perf_counter()
+        with MetricsLog(self.out, resume_step=result.start) as log:
+            for step in range(result.start, total):
+                m = self.updater(step, lambda step=step: task.loss(step, self.gen))
+                line = {"step": step + 1, **m, **task.describe()}
+                line["seconds"] = time.perf_counter() - t0
+                evaluated = due(step + 1, cfg.eval_every, total)
+                if evaluated:
+                    line.update(self.evaluate())
+                if evaluated or (step + 1) % log_every == 0:
+                    log.write(line)
+                    task.logged(line)
+                result.last = line
+                if progress is not None:
+                    progress(step + 1, total, line)
+                if due(step + 1, cfg.checkpoint_every, total):
+                    self.save(step + 1)
+        result.history = log.history
+        return result
+
+    def save(self, step: int) -> None:
+        """The checkpoint after ``step`` steps: the task's model files, then the trainer state
+        (written last, so a checkpoint counts only once it is complete), then rotation."""
+        self.task.save(checkpoint_dir(self.out, step))
+        save_step_state(
+            self.out,
+            step,
+            self.task.model,
+            self.updater.opt,
+            self.ema,
+            {GENERATOR: self.gen.get_state()},
+            self.task.state_dict(),
+            keep=self.cfg.keep,
+        )
