@@ -1,4 +1,5 @@
-"""The build config's fingerprint: pinned for existing datasets, changed by what changes bytes."""
+"""The build config's fingerprint (pinned for existing datasets, changed by what changes bytes)
+and the checkpoint identities it hashes, computed from the files without building a model."""
 
 from __future__ import annotations
 
@@ -83,3 +84,102 @@ def test_teacher_temperature_changes_the_fingerprint_and_round_trips():
 def test_bad_teacher_temperature(bad):
     with pytest.raises(ConfigError, match=r"teacher_temperature=.* must be a finite number > 0"):
         NavigatorConfig(teacher_temperature=bad)
+
+
+# identities from the files (tsdfm.pipeline.identity): what the fingerprint hashes -------------
+
+
+def test_identity_from_files_equals_the_loaded_checkpoints(saved_tiny_teacher, saved_tiny_compass):
+    from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+    from tsdfm.models.errors import CheckpointError
+    from tsdfm.pipeline.identity import checkpoint_files, checkpoint_identity
+
+    for d in (saved_tiny_teacher, saved_tiny_compass, bundled_path("teacher")):
+        assert checkpoint_identity(d) == load_checkpoint(d).identity
+    assert checkpoint_identity(bundled_path("teacher")) == BUNDLED_TEACHER
+    assert checkpoint_identity(bundled_path("compass")) == BUNDLED_COMPASS
+    files = checkpoint_files(saved_tiny_compass, role="compass")
+    assert files.config.role == "compass" and files.directory == saved_tiny_compass
+    with pytest.raises(CheckpointError, match="is a compass checkpoint, but a teacher is needed"):
+        checkpoint_files(saved_tiny_compass, role="teacher")
+
+
+def test_identity_from_files_covers_every_dtype_and_shape(tmp_path, saved_tiny_teacher):
+    """Every dtype safetensors stores, scalars and empty tensors: the same digest as
+    ``tsdfm.models.checkpoint.identity`` of the tensors themselves."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tsdfm.models.checkpoint import identity, read_config
+    from tsdfm.pipeline.identity import SAFETENSORS_DTYPES, weights_identity
+
+    d = shutil.copytree(saved_tiny_teacher, tmp_path / "ckpt")
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for code, (name, itemsize) in SAFETENSORS_DTYPES.items():
+        dtype = getattr(torch, name.removeprefix("torch."))
+        assert str(dtype) == name and dtype.itemsize == itemsize, code
+        raw = torch.randint(0, 256, (3, 2 * itemsize), dtype=torch.uint8, generator=g)
+        state[f"w.{code}"] = raw.view(dtype)  # (3, 2): every bit pattern is a valid tensor
+    state["a.empty"] = torch.zeros(0, 4)
+    state["b.scalar"] = torch.tensor(7, dtype=torch.uint8)
+    save_file(state, str(d / "model.safetensors"), metadata={"note": "not hashed"})
+    config = read_config(d).to_dict()
+    assert weights_identity(config, d / "model.safetensors") == identity(
+        config, load_file(str(d / "model.safetensors"))
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: raw[:5], "shorter than its 8-byte header length"),
+        (lambda raw: (10**9).to_bytes(8, "little") + raw[8:], "header length 1000000000 exceeds"),
+        (lambda raw: raw[:-4], "data offsets that do not fit its shape or the file"),
+        (lambda raw: raw[:8] + b"[" + raw[9:], "header is not JSON"),
+    ],
+)
+def test_a_damaged_weights_file_is_refused_in_one_line(
+    tmp_path, saved_tiny_teacher, damage, message
+):
+    import shutil
+
+    from tsdfm.models.errors import CheckpointError
+    from tsdfm.pipeline.identity import checkpoint_identity
+
+    d = shutil.copytree(saved_tiny_teacher, tmp_path / "ckpt")
+    weights = d / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file") as e:
+        checkpoint_identity(d)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_hub_spec_is_resolved_as_load_checkpoint_resolves_it(saved_tiny_teacher, monkeypatch):
+    from tsdfm.models import checkpoint
+    from tsdfm.models.checkpoint import load_checkpoint
+    from tsdfm.pipeline.identity import checkpoint_files
+
+    asked = []
+
+    def download(repo_id, revision):
+        asked.append((repo_id, revision))
+        return saved_tiny_teacher
+
+    monkeypatch.setattr(checkpoint, "_download", download)
+    files = checkpoint_files("org/tiny-teacher@v1", role="teacher")
+    assert asked == [("org/tiny-teacher", "v1")] and files.spec == "org/tiny-teacher@v1"
+    assert files.identity == load_checkpoint(saved_tiny_teacher).identity
+
+
+def test_the_driver_provenance_equals_the_builders(
+    tmp_path, saved_tiny_teacher, saved_tiny_compass
+):
+    """identify(cfg) reads files only; a ShardBuilder loads the models: the same provenance."""
+    from tsdfm.pipeline.worker import ShardBuilder, identify
+
+    for compass, k in ((None, 1), (str(saved_tiny_compass), 3), ("exact", 3)):
+        cfg = BuildConfig(str(saved_tiny_teacher), compass, navigator=NavigatorConfig(4, 32, k))
+        assert identify(cfg) == ShardBuilder(cfg, str(tmp_path)).provenance
