@@ -34,7 +34,7 @@ import torch
 
 from tsdfm.models.checkpoint import Checkpoint
 from tsdfm.models.compass import CompassScorer, check_compass_for_teacher
-from tsdfm.models.data.sources import default_data_source, load_language
+from tsdfm.models.data.sources import DataSource, default_data_source, load_language
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.eval.metrics import unigram_entropy
 from tsdfm.models.navigator import NavigatorConfig, lane_rng, search_segment
@@ -165,7 +165,12 @@ def _energy(scorer: Scorer, x: torch.Tensor, t: float, chunk: int) -> torch.Tens
 
 @torch.no_grad()
 def separation(
-    scorer: Scorer, teacher: Checkpoint, data, cfg: CompassEvalConfig, seed: int, device
+    scorer: Scorer,
+    teacher: Checkpoint,
+    data: DataSource,
+    cfg: CompassEvalConfig,
+    seed: int,
+    device,
 ) -> tuple[list[float], torch.Tensor, torch.Tensor]:
     """AUC per t for one seed; also the teacher's final samples and their energies at t = 1.
 
@@ -275,12 +280,31 @@ def evaluate_scorer(
     cfg: CompassEvalConfig,
     device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    data: DataSource | None = None,
 ) -> dict:
-    """All three measurements of ``scorer`` against ``teacher``; a JSON-able report."""
+    """All three measurements of ``scorer`` against ``teacher``; a JSON-able report.
+
+    Args:
+        scorer: any ``tsdfm.models.scorer.Scorer``.
+        teacher: a teacher of the synthetic language (its exact likelihood is the truth).
+        cfg: what to measure.
+        device: where to run.
+        progress: called as progress(phase, done, total) after each phase of a seed.
+        data: where the real sequences come from (``heldout(n, generator)`` of a
+            ``tsdfm.models.data.sources.DataSource``, in the teacher's vocabulary and length);
+            None: the teacher's own (``default_data_source``).
+    """
     from tsdfm.models.eval.evaluate import _device_info
 
     teacher.model.to(device).eval()
-    data = default_data_source(teacher)
+    data = default_data_source(teacher) if data is None else data
+    tcfg = teacher.config
+    if data.vocab_size != tcfg.vocab_size or data.seq_len != tcfg.seq_len:
+        raise ConfigError(
+            f"the data source has {data.vocab_size} tokens of length {data.seq_len}, teacher "
+            f"{teacher.spec} {tcfg.vocab_size} of length {tcfg.seq_len}; pass a source of the "
+            "teacher's vocabulary and sequence length"
+        )
     language = load_language(teacher.directory, teacher.config.data)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     aucs, rho_teacher, rho_real, gains = [], [], [], []
@@ -313,6 +337,7 @@ def evaluate_scorer(
             "teacher_identity": getattr(scorer, "teacher_identity", None),
         },
         "teacher": {"spec": teacher.spec, "identity": teacher.identity},
+        "data": data.describe(),
         "config": asdict(cfg),
         "device": _device_info(str(device)),
         "auc": {
@@ -347,12 +372,14 @@ def evaluate_compass(
     device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
     allow_teacher_mismatch: bool = False,
+    data: DataSource | None = None,
 ) -> dict:
     """Check that the compass fits the teacher (vocabulary, tokens, source, identity of the
-    teacher whose negatives it saw), then :func:`evaluate_scorer`."""
+    teacher whose negatives it saw), then :func:`evaluate_scorer` (``data`` as there)."""
     check_compass_for_teacher(compass, teacher, allow_teacher_mismatch)
     compass.model.to(device)
-    return evaluate_scorer(CompassScorer.from_checkpoint(compass), teacher, cfg, device, progress)
+    scorer = CompassScorer.from_checkpoint(compass)
+    return evaluate_scorer(scorer, teacher, cfg, device, progress, data)
 
 
 def format_tables(report: dict) -> dict[str, list[list[str]]]:
