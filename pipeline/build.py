@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -264,10 +265,16 @@ def run_build(
                     progress=progress,
                     on_workers=on_workers,
                 )
-            finally:
-                # a worker killed while writing leaves its temp file; its shard was built again
-                # elsewhere, so nothing of this build needs it (every actor is stopped now)
-                removed = cleanup_temp(root)
+            except BaseException:
+                cleanup_temp(root)
+                if state == "new" and not manifest.committed():
+                    # e.g. the actors could not load the weights (only they build the models):
+                    # nothing was built, so the folder is left as it was, for the fixed rerun
+                    _undo_new(root)
+                raise
+            # a worker killed while writing leaves its temp file; its shard was built again
+            # elsewhere, so nothing of this build needs it (every actor is stopped now)
+            removed = cleanup_temp(root)
             if removed:
                 say(f"removed {len(removed)} temp file(s) left by worker(s) that died")
         missing = manifest.missing()
@@ -284,6 +291,16 @@ def run_build(
         execution=report,
         seconds=time.perf_counter() - start,
     )
+
+
+def _undo_new(root: str) -> None:
+    """Remove what a new build wrote before its first shard: manifest.json and empty data/."""
+    fs, base = open_root(root)
+    base = base.rstrip("/")
+    with contextlib.suppress(OSError):
+        fs.rm(f"{base}/{MANIFEST_FILE}")
+        if not fs.ls(f"{base}/{DATA_DIR}"):
+            fs.rmdir(f"{base}/{DATA_DIR}")
 
 
 def build_shards(

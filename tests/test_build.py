@@ -1,5 +1,6 @@
 """`build` on a real local Ray cluster with tiny models: determinism, resume, failures."""
 
+import json
 import os
 import signal
 import threading
@@ -11,7 +12,7 @@ from tsdfm.models.errors import ConfigError
 from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.pipeline.build import run_build
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.manifest import Manifest
+from tsdfm.pipeline.manifest import Manifest, without_timings
 from tsdfm.pipeline.shards import read_shard
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -468,3 +469,98 @@ def test_sigterm_stops_a_cli_build_cleanly_and_a_rerun_finishes_it(
     assert res.skipped == committed and len(res.built) == 6 - len(committed)
     assert _checksums(root) == _checksums(reference)
     assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]
+
+
+def test_the_driver_builds_no_model_and_reads_the_manifest_once(
+    tmp_path, saved_tiny_teacher, saved_tiny_compass, monkeypatch
+):
+    """Identities come from the files; only the actors (other processes) load the models. A
+    build reads manifest.json at most once (a resume) and keeps that one Manifest."""
+    from tsdfm.models import checkpoint
+    from tsdfm.pipeline import build, worker
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the driver built a model")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", no_model)
+    monkeypatch.setattr(worker, "load_checkpoint", no_model)
+    loads = []
+    original = Manifest.load.__func__
+    monkeypatch.setattr(
+        Manifest, "load", classmethod(lambda cls, r: loads.append(r) or original(cls, r))
+    )
+    monkeypatch.setattr(build, "write_card", lambda root: None)  # the card reads its own copy
+    nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=2)
+    cfg = _cfg(saved_tiny_teacher, compass=str(saved_tiny_compass), shards=2, navigator=nav)
+    root = tmp_path / "ds"
+    first = run_build(cfg, str(root), device="cpu", num_workers=1)
+    assert first.built == [0, 1] and loads == []
+    (root / "data/train-00001-of-00002.parquet").unlink()
+    again = run_build(cfg, str(root), device="cpu", num_workers=1)
+    assert again.built == [1] and again.skipped == [0] and loads == [str(root)]
+    on_disk = without_timings(json.loads((root / "manifest.json").read_text()))
+    assert on_disk["totals"] == without_timings({"totals": first.totals})["totals"]
+
+
+def test_weights_the_actors_cannot_load_fail_in_one_line_leaving_no_dataset(
+    tmp_path, saved_tiny_teacher
+):
+    """The driver hashes the files and cannot know that the weights do not fit the
+    architecture: the actors' error reaches the caller as it is, and the new folder is left
+    as it was, so the rerun with the fixed checkpoint starts afresh."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tsdfm.models.errors import CheckpointError
+
+    teacher = shutil.copytree(saved_tiny_teacher, tmp_path / "teacher")
+    state = load_file(str(teacher / "model.safetensors"))
+    name = sorted(state)[0]
+    state[name + ".renamed"] = state.pop(name)
+    save_file(state, str(teacher / "model.safetensors"))
+    root = tmp_path / "ds"
+    with pytest.raises(CheckpointError, match=r"do not fit its config\.json"):
+        run_build(_cfg(teacher, shards=2), str(root), device="cpu", num_workers=1)
+    assert _nothing_written(root)
+    shutil.rmtree(teacher)
+    shutil.copytree(saved_tiny_teacher, teacher)
+    assert run_build(_cfg(teacher, shards=2), str(root), device="cpu", num_workers=1).built == [
+        0,
+        1,
+    ]
+
+
+def test_a_shard_builder_from_the_recorded_config_replays_moved_checkpoints(
+    tmp_path, saved_tiny_teacher, saved_tiny_compass
+):
+    """``ShardBuilder(recorded, ..., teacher=, compass=)``: the checkpoints load from where
+    they are now, the shard records the config as the build wrote it: the same bytes."""
+    import dataclasses
+    import shutil
+
+    from tsdfm.pipeline.worker import ShardBuilder, identify
+
+    teacher = shutil.copytree(saved_tiny_teacher, tmp_path / "teacher")
+    compass = shutil.copytree(saved_tiny_compass, tmp_path / "compass")
+    nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=2)
+    recorded = _cfg(teacher, compass=str(compass), shards=2, navigator=nav)
+    root = tmp_path / "ds"
+    run_build(recorded, str(root), device="cpu", num_workers=1)
+    planned = identify(recorded)
+    moved_t, moved_c = teacher.rename(tmp_path / "t2"), compass.rename(tmp_path / "c2")
+    out = tmp_path / "replay"
+    builder = ShardBuilder(
+        recorded, str(out), "cpu", teacher=str(moved_t), compass=str(moved_c), planned=planned
+    )
+    assert builder.cfg == recorded and builder.provenance == planned
+    result = builder.build(1)
+    assert result.info.sha256 == Manifest.load(str(root)).shard(1)["sha256"]
+    _, meta = read_shard(str(out), result.info.path)
+    assert meta["config"]["teacher"] == str(teacher) and meta["config"]["compass"] == str(compass)
+    # a worker that sees other checkpoint files than the driver did refuses to build
+    other = dataclasses.replace(planned, teacher_identity="sha256:" + "0" * 64)
+    with pytest.raises(ConfigError, match=r"the checkpoints this worker loaded are not the driver"):
+        ShardBuilder(
+            recorded, str(out), "cpu", teacher=str(moved_t), compass=str(moved_c), planned=other
+        )
