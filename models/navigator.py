@@ -11,6 +11,9 @@ segment. For a batch of trajectories with state x at t_k:
     else:                                                     (a blind segment)
         x   = rollout of x from t_k to t_{k+1} in lane 0
 
+E is any ``tsdfm.models.scorer.Scorer``. One shaped segment is :func:`search_segment` (the
+compass metrics run the same step); :func:`navigate` only loops over the segments.
+
 Lane j draws its randomness from stream (seed, lane j) with the same global step counters as
 the blind trajectory, so lane 0 *is* the blind continuation and K = 1 reproduces the plain
 teacher sampler exactly. A trajectory's result does not depend on its batch-mates.

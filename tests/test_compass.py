@@ -339,3 +339,18 @@ def test_evaluate_scorer_report(tiny_language, saved_teacher):
     assert mp["t_k"] == 0.5 and len(mp["gain"]["per_seed"]) == 2
     assert report["selection"]["gain"]["mean"] == pytest.approx(mp["gain"]["mean"])
     json.dumps(report)  # JSON-able
+
+
+def test_the_compass_metrics_score_the_samples_eval_draws(tiny_language, saved_teacher):
+    from tsdfm.models.data.sources import default_data_source
+    from tsdfm.models.eval.compass_metrics import separation
+    from tsdfm.models.eval.sampling import draw
+    from tsdfm.models.rng import trajectory_seed
+
+    cfg = CompassEvalConfig(times=(0.5, 1.0), samples=10, teacher_steps=16, batch_size=4)
+    scorer = CompassScorer(_compass(saved_teacher.config), "sha256:c")
+    data = default_data_source(saved_teacher)
+    _, final, e_final = separation(scorer, saved_teacher, data, cfg, 2, "cpu")
+    drawn = draw(saved_teacher, trajectory_seed(2, torch.arange(10)), 16, batch_size=3)
+    assert torch.equal(final.cpu(), drawn.tokens)  # the N-step samples `eval` scores
+    torch.testing.assert_close(e_final, scorer.energy(drawn.tokens, 1.0))
