@@ -1,10 +1,16 @@
-"""``tsdfm-pipeline inspect``: what a trajectory dataset holds, as text."""
+"""``tsdfm-pipeline inspect``: what a trajectory dataset holds, as text.
+
+The shown shard is read by the one reader (``read_shard``, ``from_arrow``) and its rows are
+checked by the same ``RowRules`` as verify and the trainer; a broken invariant is shown in one
+line (inspect still shows the trajectory; ``verify`` lists every problem).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tsdfm.models.data.schema import from_arrow
+from tsdfm.models.data.integrity import RowRules
+from tsdfm.models.data.schema import TrajectoryBatch, batch_rows, from_arrow, infer_mask_token
 from tsdfm.models.errors import DataError
 from tsdfm.pipeline.manifest import Manifest
 from tsdfm.pipeline.shards import read_shard, shard_name
@@ -103,7 +109,8 @@ def inspect_dataset(root: str, example: int = 0) -> str:
         )
     r = rows[0]
     tokenizer = _tokenizer(meta.get("config", {}))
-    mask_id = _mask_id(batch.states)
+    mask_id = infer_mask_token(batch.states)
+    lines.append(_invariants(root, shard, batch, meta, mask_id))
     lines.append(f"trajectory {int(batch.trajectory_id[r])} (seed {int(batch.seed[r])}):")
     for k, t in enumerate(batch.times.tolist()):
         label = f"  t={t:.3f}"
@@ -116,7 +123,21 @@ def inspect_dataset(root: str, example: int = 0) -> str:
     return "\n".join(lines)
 
 
-def _mask_id(states) -> int | None:
-    """Under the mask source the first state is all [MASK]: a single repeated id."""
-    first = states[:, 0]
-    return int(first.flat[0]) if (first == first.flat[0]).all() else None
+def _invariants(
+    root: str, shard: int, batch: TrajectoryBatch, meta: dict, mask_id: int | None
+) -> str:
+    """One line: whether the shard's rows keep the contract's row invariants (the same
+    ``RowRules`` as verify and the trainer; V and [MASK] inferred from the data)."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    rules = RowRules.from_config(config, shard=shard, vocab_size=mask_id, mask_token_id=mask_id)
+    found = rules.violations(batch_rows(batch))
+    if not found:
+        return f"row invariants: all {batch.num_rows} rows of shard {shard} keep them"
+    what, bad = found[0]
+    r = int(bad.nonzero()[0][0])
+    return (
+        f"row invariants: BROKEN, shard {shard} row {r} (trajectory_id "
+        f"{int(batch.trajectory_id[r])}) breaks '{what}'"
+        + (f" and {len(found) - 1} more invariant(s)" if len(found) > 1 else "")
+        + f": run `tsdfm-pipeline verify {root}`"
+    )

@@ -26,6 +26,7 @@ trajectory dataset at all raises DataError.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import tempfile
@@ -212,8 +213,17 @@ def verify(
     """
     hub = parse_target(target)
     root = target if hub is None else download(hub[0], hub[1], token)
+    # a Hub snapshot's files are links into its repo's blob store (snapshots/<sha>/… → blobs/…)
+    within = None if hub is None else str(Path(root).parent.parent)
     report = verify_folder(
-        root, replay, replay_shards, seed=seed, device=device, teacher=teacher, compass=compass
+        root,
+        replay,
+        replay_shards,
+        seed=seed,
+        device=device,
+        teacher=teacher,
+        compass=compass,
+        links_within=within,
     )
     if hub is not None:
         report.target = f"{hub[0]}@{hub[1] or 'main'}"
@@ -240,8 +250,15 @@ def verify_folder(
     device: str = "cpu",
     teacher: str | None = None,
     compass: str | None = None,
+    links_within: str | None = None,
 ) -> VerifyReport:
-    """Verify the dataset at ``root`` (local path or fsspec URL); see the module docstring."""
+    """Verify the dataset at ``root`` (local path or fsspec URL); see the module docstring.
+
+    ``links_within``: the folder that the files' links may point into (default ``root``
+    itself); a Hub snapshot links its files into its repo's blob store, so :func:`verify`
+    passes the repo's cache folder. Paths read from the manifest and the card are confined by
+    ``tsdfm.models.paths.confined``.
+    """
     root = str(root)
     fs, base = open_root(root)
     if not fs.exists(base):
@@ -260,7 +277,7 @@ def verify_folder(
     if plan is None:
         return report
     if manifest is not None:
-        _check_manifest(root, manifest, plan, report)
+        _check_manifest(root, manifest, plan, report, links_within)
     expected = [shard_name(i, plan.num_shards) for i in range(plan.num_shards)]
     for name in sorted(set(names) - set(expected)):
         if is_temp(name.rpartition("/")[2]):
@@ -290,7 +307,7 @@ def verify_folder(
     if manifest is not None:
         _check_fingerprint(manifest, plan, identities, report)
     if card is not None and manifest is not None:
-        _check_card(root, card[0], manifest, identities, report)
+        _check_card(root, card[0], manifest, identities, report, links_within)
     if replay or replay_shards:
         if manifest is None:
             report.add("replay", "needs a valid manifest.json; fix it first")
@@ -363,18 +380,30 @@ def _plan(
     return None
 
 
-def _confined(root: str, path: Any, what: str, report: VerifyReport) -> None:
-    """A path read from a file must stay inside the dataset folder
-    (``tsdfm.models.paths.confined``); a PathError becomes a problem of that file."""
+def _confined(
+    root: str, path: Any, what: str, report: VerifyReport, within: str | None = None
+) -> None:
+    """A path read from a file must stay inside the dataset folder (and its links inside
+    ``within``, default the folder): ``tsdfm.models.paths.confined``; a PathError becomes a
+    problem of that file."""
     if not isinstance(path, str):
         return  # reported by the check that reads it
+    base = open_root(root)[1]
     try:
-        confined(open_root(root)[1], path, what)
+        confined(base, path, what)  # an absolute path, a '..' that climbs out, a link out …
     except PathError as e:
-        report.add(what.split(" ")[0], str(e))
+        if within is None:
+            report.add(what.split(" ")[0], str(e))
+            return
+        try:  # … unless the link points into ``within`` (a Hub snapshot's blob store)
+            confined(within, os.path.join(os.path.relpath(base, within), path), what)
+        except PathError as e:
+            report.add(what.split(" ")[0], str(e))
 
 
-def _check_manifest(root: str, manifest: Manifest, plan: _Plan, report: VerifyReport) -> None:
+def _check_manifest(
+    root: str, manifest: Manifest, plan: _Plan, report: VerifyReport, within: str | None
+) -> None:
     d = manifest.to_dict()
     if d.get("format") != FORMAT:
         report.add(MANIFEST_FILE, f"format is {d.get('format')!r}, expected {FORMAT!r}")
@@ -414,7 +443,8 @@ def _check_manifest(root: str, manifest: Manifest, plan: _Plan, report: VerifyRe
                 f"shard {i:05d} is recorded with {entry['rows']} rows, the plan has "
                 f"{plan.rows_per_shard} per shard",
             )
-        _confined(root, entry.get("path"), f"{MANIFEST_FILE} shard {i:05d} path", report)
+        what = f"{MANIFEST_FILE} shard {i:05d} path"
+        _confined(root, entry.get("path"), what, report, within)
         if entry.get("path") != shard_name(i, plan.num_shards):
             report.add(MANIFEST_FILE, f"shard {i:05d} is recorded at {entry.get('path')!r}")
     total = sum(manifest.shard(i)["rows"] for i in manifest.committed())
@@ -492,6 +522,7 @@ def _check_card(
     manifest: Manifest,
     identities: dict[str, set],
     report: VerifyReport,
+    within: str | None,
 ) -> None:
     def bad(what: str) -> None:
         report.add(CARD_FILE, what + "; regenerate the card")
@@ -506,7 +537,7 @@ def _check_card(
         if isinstance(df, dict)
     ]
     for path in paths:
-        _confined(root, path, f"{CARD_FILE} configs[].data_files path", report)
+        _confined(root, path, f"{CARD_FILE} configs[].data_files path", report, within)
     if paths != [DATA_FILES]:
         bad(f"configs.data_files is {paths}, expected [{DATA_FILES!r}]")
     info = meta.get("dataset_info") or {}

@@ -372,3 +372,44 @@ def test_unusable_metadata_is_named_not_parsed_blindly(tmp_path, raw, problem):
     pq.write_table(table.replace_schema_metadata({"tsdfm": raw}), tmp_path / shard_name(0, 1))
     with pytest.raises(ShardError, match=re.escape(problem)):
         read_shard(str(tmp_path), shard_name(0, 1))
+
+
+def test_writer_refuses_rows_that_break_the_contract(tmp_path):
+    """The writer checks the same row invariants as verify (RowRules from the config)."""
+    config = {
+        "trajectories_per_shard": 6,
+        "seed": 0,
+        "navigator": {"student_steps": 4, "teacher_steps": 8, "candidates": 3, "tau": 0.25},
+    }
+    good = make_batch(shard=3, B=6, shaped=(False, True, True, True))  # τ = 0.25
+    ids = good.trajectory_id - 3000 + 18  # shard 3 · 6 rows per shard + row
+    seeds = ids  # dataset seed 0: seed = 0 · 2^32 + id
+    fields = {f: getattr(good, f) for f in TrajectoryBatch.__dataclass_fields__}
+    ok = TrajectoryBatch(**{**fields, "trajectory_id": ids, "seed": seeds})
+    info = write_shard(str(tmp_path / "ok"), 3, 8, [ok], {"config": config})
+    assert info.rows == 6
+    shifted = TrajectoryBatch(**{**fields, "trajectory_id": ids + 1, "seed": seeds + 1})
+    with pytest.raises(ShardError, match=r"shard 3, row 0 \(trajectory_id 19\), breaks the data"):
+        write_shard(str(tmp_path / "bad"), 3, 8, [shifted], {"config": config})
+    blind = {**config, "navigator": {**config["navigator"], "candidates": 1}}
+    with pytest.raises(ShardError, match=r"'0 ≤ chosen < K = 1'"):
+        write_shard(str(tmp_path / "bad"), 3, 8, [ok], {"config": blind})
+    grid = TrajectoryBatch(
+        **{**fields, "trajectory_id": ids, "seed": seeds, "times": [0, 1, 2, 3, 4]}
+    )
+    with pytest.raises(ShardError, match=r"'times increase strictly from 0 to 1'.*nothing was"):
+        write_shard(str(tmp_path / "bad"), 3, 8, [grid], {"config": config})
+    assert not (tmp_path / "bad" / "data").exists() or os.listdir(tmp_path / "bad" / "data") == []
+
+
+def test_one_footer_reader_names_every_metadata_problem():
+    from tsdfm.models.data.schema import MetadataError, decode_metadata
+
+    meta = {"schema_version": 1, "shard": 0}
+    assert decode_metadata(b'{"schema_version": 1, "shard": 0}') == meta
+    with pytest.raises(MetadataError, match="no 'tsdfm' metadata"):
+        decode_metadata(None)
+    with pytest.raises(MetadataError, match=r"unknown key\(s\) \['seed'\]") as e:
+        decode_metadata(b'{"shard": 0, "seed": 7}')
+    assert e.value.metadata == {"shard": 0, "seed": 7}  # a lenient reader may use it
+    assert decode_metadata(b'{"shard": 0, "seed": 7}', strict=False) == {"shard": 0, "seed": 7}

@@ -274,3 +274,17 @@ def test_metadata_is_bounded_strict_and_its_problem_named(shaped):
     _with_metadata(shaped, SHARD[1], b"{not json")
     text = _text(verify(str(shaped)))
     assert "tsdfm key-value metadata is not JSON" in text and "no tsdfm" not in text
+
+
+def test_inspect_checks_the_shown_shard_with_the_same_rules(shaped):
+    from tsdfm.pipeline.inspect import inspect_dataset
+
+    assert "row invariants: all 8 rows of shard 1 keep them" in inspect_dataset(str(shaped), 9)
+
+    def edit(rows):
+        rows[3]["trajectory_id"] = 42
+
+    _rewrite_shard(shaped, 1, edit)
+    text = inspect_dataset(str(shaped), 9)
+    assert "row invariants: BROKEN, shard 1 row 3 (trajectory_id 42) breaks" in text
+    assert "'trajectory_id = 1·8 + row'" in text and f"verify {shaped}" in text
