@@ -288,3 +288,15 @@ def test_inspect_checks_the_shown_shard_with_the_same_rules(shaped):
     text = inspect_dataset(str(shaped), 9)
     assert "row invariants: BROKEN, shard 1 row 3 (trajectory_id 42) breaks" in text
     assert "'trajectory_id = 1·8 + row'" in text and f"verify {shaped}" in text
+
+
+def test_paths_read_from_files_are_confined(shaped):
+    def edit(m):
+        m["shards"]["00001"]["path"] = "../elsewhere/train-00001-of-00003.parquet"
+
+    _edit_manifest(shaped, edit)
+    card = (shaped / "README.md").read_text()
+    (shaped / "README.md").write_text(card.replace("path: data/train-*.parquet", "path: /etc/*"))
+    text = _text(verify(str(shaped)))
+    assert "manifest.json shard 00001 path is '../elsewhere/" in text and "leads outside" in text
+    assert "README.md configs[].data_files path is the absolute path '/etc/*'" in text
