@@ -67,7 +67,7 @@ from tsdfm.models.solver import (
     teacher_states,
 )
 from tsdfm.models.train.common import check_run_config, seeded
-from tsdfm.models.train.loop import LoopConfig, OptimConfig, Task, TrainLoop
+from tsdfm.models.train.loop import Task, TrainLoop, loop_config
 
 # Lanes of the counter RNG reserved for the compass's teacher trajectories. Samplers and the
 # navigator use lanes 0..K−1, so these trajectories are independent of every other trajectory
@@ -444,19 +444,6 @@ def train_compass(
         final_metrics["heldout_loss"],
         run.history,
     )
-
-
-def loop_config(cfg: CompassTrainConfig) -> LoopConfig:
-    """The compass run's loop: one micro-batch per step, a metrics line per evaluation."""
-    optim = OptimConfig(
-        lr=cfg.lr,
-        steps=cfg.steps,
-        warmup=cfg.warmup,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        ema=cfg.ema,
-    )
-    return LoopConfig(optim, cfg.seed, cfg.checkpoint_every, cfg.eval_every)
 
 
 class CompassTask(Task):

@@ -69,12 +69,12 @@ from tsdfm.models.flow_model import FlowModel, student_from_teacher
 from tsdfm.models.losses import segment_loss
 from tsdfm.models.train.common import check_run_config, seeded
 from tsdfm.models.train.loop import (
-    LoopConfig,
-    OptimConfig,
     Task,
     TrainLoop,
     Updater,
     evaluating,
+    loop_config,
+    optim_config,
 )
 
 
@@ -156,22 +156,6 @@ class DistillConfig:
             raise ConfigError(f"precision {self.precision!r}; use 'fp32' or 'bf16'")
         check_device(self.device)
         self.loader_config()  # validates the loader's fields
-
-    def optim_config(self) -> OptimConfig:
-        return OptimConfig(
-            lr=self.lr,
-            steps=self.steps,
-            warmup=self.warmup,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            ema=self.ema,
-            grad_accum=self.grad_accum,
-        )
-
-    def loop_config(self) -> LoopConfig:
-        return LoopConfig(
-            self.optim_config(), self.seed, self.checkpoint_every, self.eval_every, self.log_every
-        )
 
     def loader_config(self) -> LoaderConfig:
         return LoaderConfig(
@@ -321,7 +305,7 @@ class StudentStep:
     def __init__(self, model: FlowModel, cfg: DistillConfig, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
         self.path = model.config.path()
-        self.updater = Updater(model, cfg.optim_config(), cfg.seed)
+        self.updater = Updater(model, optim_config(cfg), cfg.seed)
         self.opt, self.ema = self.updater.opt, self.updater.ema
         self.examples, self.data_wait = 0, 0.0
 
@@ -550,7 +534,7 @@ def train_student(
         issued.append(msg)
         (warn or (lambda m: warnings.warn(m, DistillWarning, stacklevel=3)))(msg)
     task = DistillTask(trainer, loader, held_batches, init, run.extra_files, _tensorboard(out))
-    loop = TrainLoop(cfg.loop_config(), task, out, trainer.updater)
+    loop = TrainLoop(loop_config(cfg), task, out, trainer.updater)
     try:
         # on resume, lines written after the checkpoint we resume from are dropped
         result = loop.run(progress)

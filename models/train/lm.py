@@ -49,7 +49,7 @@ from tsdfm.models.data.corpus import (
 from tsdfm.models.data.synthetic import MASK_TOKEN
 from tsdfm.models.errors import ConfigError, DataError
 from tsdfm.models.train.common import check_run_config, seeded
-from tsdfm.models.train.loop import LoopConfig, OptimConfig, Task, TrainLoop
+from tsdfm.models.train.loop import Task, TrainLoop, loop_config
 
 LM_FORMAT = "tsdfm-causal-lm"
 LM_FORMAT_VERSION = 1
@@ -266,18 +266,6 @@ def train_lm(
     final = out / "final"
     save_lm(final, model, tok, meta)
     return LMTrainResult(final, cfg.steps, run.last["loss"], nll, math.exp(nll), run.history)
-
-
-def loop_config(cfg: LMTrainConfig) -> LoopConfig:
-    """The LM run's loop: no EMA, one micro-batch per step, a metrics line per evaluation."""
-    optim = OptimConfig(
-        lr=cfg.lr,
-        steps=cfg.steps,
-        warmup=cfg.warmup,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-    )
-    return LoopConfig(optim, cfg.seed, cfg.checkpoint_every, cfg.eval_every)
 
 
 class LMTask(Task):

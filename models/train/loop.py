@@ -275,6 +275,32 @@ class LoopConfig:
         return self.optim.steps
 
 
+def optim_config(run: Any) -> OptimConfig:
+    """The optimisation of a trainer's run config: its lr, steps, warmup, weight_decay,
+    grad_clip and, where it has them, ema (else 0: no EMA) and grad_accum (else 1)."""
+    return OptimConfig(
+        lr=run.lr,
+        steps=run.steps,
+        warmup=run.warmup,
+        weight_decay=run.weight_decay,
+        grad_clip=run.grad_clip,
+        ema=getattr(run, "ema", 0.0),
+        grad_accum=getattr(run, "grad_accum", 1),
+    )
+
+
+def loop_config(run: Any) -> LoopConfig:
+    """The loop of a trainer's run config: :func:`optim_config`, its seed, checkpoint_every,
+    eval_every and, where it has one, log_every (else a line per evaluation)."""
+    return LoopConfig(
+        optim_config(run),
+        run.seed,
+        run.checkpoint_every,
+        run.eval_every,
+        getattr(run, "log_every", None),
+    )
+
+
 @dataclass
 class LoopResult:
     """What :meth:`TrainLoop.run` did in this session.

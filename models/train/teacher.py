@@ -22,7 +22,7 @@ from tsdfm.models.flow_model import FlowModel, teacher_config
 from tsdfm.models.losses import cross_entropy_loss, generalized_kl_loss
 from tsdfm.models.path import MixturePath
 from tsdfm.models.train.common import check_run_config, seeded
-from tsdfm.models.train.loop import LoopConfig, OptimConfig, Task, TrainLoop
+from tsdfm.models.train.loop import Task, TrainLoop, loop_config
 
 
 @dataclass(frozen=True)
@@ -85,19 +85,6 @@ def _loss_fn(loss: str, path: MixturePath):
     if loss == "ce":
         return lambda logits, ps: cross_entropy_loss(logits, ps.x_1, ps.x_t, path)
     return lambda logits, ps: generalized_kl_loss(logits, ps.x_1, ps.x_t, ps.t, path)
-
-
-def loop_config(cfg: TeacherTrainConfig) -> LoopConfig:
-    """The teacher run's loop: one micro-batch per step, a metrics line per evaluation."""
-    optim = OptimConfig(
-        lr=cfg.lr,
-        steps=cfg.steps,
-        warmup=cfg.warmup,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        ema=cfg.ema,
-    )
-    return LoopConfig(optim, cfg.seed, cfg.checkpoint_every, cfg.eval_every)
 
 
 class TeacherTask(Task):
