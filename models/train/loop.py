@@ -11,7 +11,8 @@ state (a data position). The loop owns everything else:
 
   with η_n = ``get_lr(n)`` (linear warmup, then cosine decay to η/10), c the clipping norm and
   θ̄ the EMA (:class:`tsdfm.models.train.common.EMA`). Weight decay λ applies to the weight
-  matrices only (:func:`param_groups`).
+  matrices only, not to biases, norm gains, other vectors or embedding tables
+  (:func:`param_groups`).
 - **Randomness.** One explicit ``torch.Generator`` per run, seeded with the run seed and
   checkpointed; the task draws its batches and noise from it. Draws that cannot take a
   generator (dropout inside a model) run under a global RNG that the loop re-seeds for every
