@@ -160,7 +160,7 @@ def check_output(root: str, fingerprint: str, overwrite: bool) -> tuple[str, Man
 
 def _shard_fingerprints(root: str) -> set[str]:
     """Fingerprints recorded in the metadata of the shard files under ``root/data``."""
-    from tsdfm.pipeline.card import read_footer
+    from tsdfm.pipeline.shards import read_footer
 
     fs, base = open_root(root)
     folder = f"{base.rstrip('/')}/{DATA_DIR}"
@@ -371,7 +371,7 @@ def check_tokenizer(manifest: Manifest, identity: str | None) -> None:
     The manifest records the tokenizer's identity (sha256 of tokenizer.json); a manifest
     written before it did is checked against the metadata of its first committed shard.
     """
-    from tsdfm.pipeline.card import read_footer
+    from tsdfm.pipeline.shards import read_footer
 
     recorded = manifest.tokenizer_identity
     for index in manifest.committed() if recorded is MISSING else []:
