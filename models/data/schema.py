@@ -20,6 +20,18 @@ text           string, nullable           decoded final sequence (null without a
 List children are named ``element`` (the Parquet-compliant nested name), so the schema read
 back from a shard equals :func:`trajectory_schema` exactly. Bump :data:`SCHEMA_VERSION` on any
 change that a reader would notice.
+
+One way each, for every reader and writer (the build, verify, the trainer, inspect):
+
+* encode: :func:`to_arrow` (a :class:`TrajectoryBatch` → a RecordBatch; an unshaped segment is
+  an empty energy list and ``chosen`` 0);
+* decode: :func:`decode_rows` (Arrow rows → :class:`TrajectoryRows`, shapes checked; "not
+  shaped" reads back as ``shaped`` False and NaN energies), and :func:`from_arrow` on top of it
+  for the rows of one shard;
+* the footer: :func:`parquet_footer` and :func:`decode_metadata` (the ``tsdfm`` key-value
+  metadata, one :class:`MetadataError` for each way it can be unusable);
+* the row invariants: one named predicate each (the last section), composed by
+  ``tsdfm.models.data.integrity.RowRules``.
 """
 
 from __future__ import annotations
