@@ -512,7 +512,7 @@ def publish(
     Returns:
         what was done; ``result.load_line`` is the line consumers copy.
     """
-    from tsdfm.pipeline.card import LICENSE, card_facts, render_card
+    from tsdfm.pipeline.card import card_facts, render_card
     from tsdfm.pipeline.verify import verify_folder
 
     say = log if log is not None else (lambda line: None)
@@ -572,7 +572,7 @@ def publish(
     else:
         tag = f"v{(versions[-1][0] if versions else 0) + 1}"
     facts = card_facts(str(root))
-    card = render_card(facts, repo_id, tag, license or LICENSE).encode()
+    card = render_card(facts, repo_id, tag, license).encode()
     upload = [*files, LocalFile.from_bytes(CARD_FILE, card)]
 
     main_head = next((b.target_commit for b in refs.branches if b.name == "main"), None)

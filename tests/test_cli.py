@@ -295,3 +295,25 @@ def test_a_bad_flag_is_one_line_naming_the_help(args, message):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert lines[0].endswith(" -h`)")  # names the help of the command
+
+
+def test_every_verb_that_reports_takes_json():
+    import typer.main
+
+    from tsdfm.pipeline.cli import app
+
+    def leaves(cmd, path=()):
+        subs = getattr(cmd, "commands", None)
+        if subs is None:
+            yield path, cmd
+            return
+        for name, sub in subs.items():
+            yield from leaves(sub, (*path, name))
+
+    reporting = {p: c for p, c in leaves(typer.main.get_command(app)) if p != ("inspect",)}
+    missing = [" ".join(p) for p, c in reporting.items() if "--json" not in _options(c)]
+    assert missing == []
+
+
+def _options(cmd) -> set[str]:
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}

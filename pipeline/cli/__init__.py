@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from tsdfm.pipeline import train_cli
 from tsdfm.pipeline.cli import build, demo, hub, lm, models, train  # noqa: F401 (registers)
-from tsdfm.pipeline.cli.common import app, default_teacher, progress, user_errors
-
-train_cli.register(app, user_errors, progress, default_teacher)  # distill, sample
+from tsdfm.pipeline.cli.common import app, user_errors
 
 __all__ = ["app", "main", "user_errors"]
 

@@ -9,6 +9,7 @@ import typer
 
 from tsdfm.pipeline.cli.common import (
     DEVICE_HELP,
+    JsonOption,
     Order,
     Precision,
     PrecisionOption,
@@ -18,6 +19,7 @@ from tsdfm.pipeline.cli.common import (
     progress,
     user_errors,
     value,
+    write_json,
 )
 
 DEFAULT_OUT = "tsdfm-out/dataset"
@@ -99,6 +101,7 @@ def build(
     private: Annotated[
         bool, typer.Option(help="With --push-to-hub: create the repo private.")
     ] = False,
+    json_out: JsonOption = None,
 ) -> None:
     """Build a trajectory dataset with energy-guided midpoint search on Ray (resumable).
 
@@ -206,8 +209,9 @@ def build(
             f"teacher forward {c.get('teacher_forward_seconds', 0):.1f}s, "
             f"compass {c.get('compass_seconds', 0):.1f}s"
         )
+    write_json(json_out, summary)
     if push_to_hub is not None:
-        from tsdfm.pipeline.hub_cli import push_after_build
+        from tsdfm.pipeline.cli.hub import push_after_build
 
         push_after_build(out, push_to_hub, private)
 
