@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from tsdfm.models.checkpoint import PICKLE_SUFFIXES, identity
 from tsdfm.models.errors import CheckpointError, ConfigError
+from tsdfm.models.extras import require
 from tsdfm.models.hashing import file_sha256, sha256_json
 
 DOCUMENT_TOKEN = "<|endoftext|>"
@@ -178,6 +179,7 @@ def load_causal_lm(
     """
     directory = Path(directory).expanduser()
     check_lm_directory(directory, gguf_file)
+    require("transformers", "text", "a causal LM scorer or evaluator")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -28,7 +28,6 @@ from tsdfm.models.flow_model import ModelConfig
 from tsdfm.models.hashing import canonical_json
 from tsdfm.models.paths import confined
 from tsdfm.models.refs import parse_hub_ref
-from tsdfm.models.roles import register_role as register_role  # documented here too
 from tsdfm.models.roles import role_class
 
 CONFIG_FILE = "config.json"
@@ -288,7 +287,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{directory / WEIGHTS_FILE} is not a readable safetensors file ({e})"
         ) from None
-    model = cls(config)
+    with torch.random.fork_rng(devices=[]):  # the weights are loaded next: the caller's
+        model = cls(config)  # global RNG must not move for an initialisation thrown away
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -13,8 +13,8 @@ classifier is σ(−E_θ), so with positives and negatives in equal numbers E_θ
 log p_teacher,t(x_t) − log p_data,t(x_t).
 
 The network E_θ is ``tsdfm.models.flow_model.CompassModel`` (defined beside the other roles'
-networks, so a compass checkpoint loads without this module); it and the ``Scorer`` protocol
-are importable from here as well. Any other model can stand behind the same interface;
+networks, so a compass checkpoint loads without this module); the protocol it stands behind is
+``tsdfm.models.scorer.Scorer``. Any other model can stand behind the same interface;
 :class:`CausalLMScorer` scores the teacher's denoised guess of each state with a local causal
 language model, :class:`ExactScorer` with the synthetic language's own likelihood.
 """
@@ -42,7 +42,6 @@ from tsdfm.models.checkpoint import Checkpoint, load_checkpoint
 from tsdfm.models.errors import CheckpointError, ConfigError
 from tsdfm.models.flow_model import CompassModel, FlowModel, ModelConfig, batch_times
 from tsdfm.models.hashing import sha256_json
-from tsdfm.models.scorer import Scorer as Scorer  # the one protocol, importable here too
 
 
 class TeacherMismatchWarning(UserWarning):

@@ -125,7 +125,8 @@ def saved_tiny_teacher(tmp_path_factory, tiny_language):
 def saved_tiny_compass(tmp_path_factory, saved_tiny_teacher, tiny_language):
     """A randomly initialised compass for the tiny teacher, saved with its provenance."""
     from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
-    from tsdfm.models.compass import CompassModel, compass_config
+    from tsdfm.models.compass import compass_config
+    from tsdfm.models.flow_model import CompassModel
     from tsdfm.models.train.common import seeded
 
     teacher = load_checkpoint(saved_tiny_teacher)

@@ -242,3 +242,24 @@ def test_a_missing_extra_is_one_line_naming_the_install(tmp_path):
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and "tsdfm-pipeline[build]" in lines[0]
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_missing_text_extra_is_one_line_naming_the_install(tmp_path):
+    done = _run(
+        BLOCK
+        + textwrap.dedent(
+            """
+        from typer.testing import CliRunner
+        from tsdfm.pipeline.cli import app
+        args = ["lm", "train", "--corpus", "c", "--tokenizer", "t", "--out", "lm"]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, res.output
+        print(res.output)
+        """
+        ),
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and "tsdfm-pipeline[text]" in lines[0]
+    assert not (tmp_path / "lm").exists()

@@ -1,7 +1,7 @@
 """The dataset contract: one Arrow schema and the one record type that flows through the build.
 
 One row = one trajectory of the energy-guided midpoint search on the student grid
-t_0 = 0 < t_1 < ... < t_S = 1 (DESIGN §5):
+t_0 = 0 < t_1 < ... < t_S = 1 (docs/schema.md):
 
 =============  =========================  ===================================================
 column         type                       meaning
@@ -48,7 +48,7 @@ from tsdfm.models.errors import DataError
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"tsdfm"
-# the keys of a shard's tsdfm metadata (DESIGN §5); verify refuses any other
+# the keys of a shard's tsdfm metadata (docs/schema.md); verify refuses any other
 METADATA_KEYS = frozenset(
     {
         "schema_version",

@@ -1,4 +1,4 @@
-"""Reading a trajectory dataset (DESIGN §5) as training examples for a few-step student.
+"""Reading a trajectory dataset (docs/schema.md) as training examples for a few-step student.
 
 A dataset is a local folder or a Hub dataset ``org/name[@revision]`` of Parquet shards, one row
 per trajectory on the student grid t_0 = 0 < t_1 < … < t_S = 1. Segment k of a trajectory is

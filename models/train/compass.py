@@ -26,7 +26,7 @@ differ otherwise. Two caveats (docs/compass.md): per-token tempering only approx
 p^{1/T}, and the normaliser of p^{1/T} depends on the reveal pattern of x_t, so the tempered
 optimum also rewards revealing more tokens; it ranks like the likelihood only among states
 with the same reveal pattern (``NavigatorConfig.shared_reveals`` or the dilated order).
-T = 1 gives the plain generation-aware NCE of DESIGN §3.
+T = 1 gives the plain generation-aware NCE (docs/compass.md).
 
 Negatives come from a *bank* of (state, t) pairs: M fresh teacher trajectories, each rolled
 over the uniform grid of N teacher steps and recorded at R grid times drawn uniformly from
@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from tsdfm.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from tsdfm.models.compass import CompassModel, check_teacher_identity, compass_config
+from tsdfm.models.compass import check_teacher_identity, compass_config
 from tsdfm.models.data.sources import LANGUAGE_FILE, DataSource, default_data_source
 from tsdfm.models.errors import CheckpointError, ConfigError, DataError
-from tsdfm.models.flow_model import FlowModel, ModelConfig
+from tsdfm.models.flow_model import CompassModel, FlowModel, ModelConfig
 from tsdfm.models.rng import CounterRNG, trajectory_seed
 from tsdfm.models.solver import (
     REVEAL_ORDERS,

@@ -48,6 +48,7 @@ from tsdfm.models.data.corpus import (
 )
 from tsdfm.models.data.synthetic import MASK_TOKEN
 from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.extras import require
 from tsdfm.models.train.common import check_run_config, seeded
 from tsdfm.models.train.loop import Task, TrainLoop, loop_config
 
@@ -212,6 +213,7 @@ def train_lm(
         progress: called as progress(step, total, metrics) after every step.
         device: where to train.
     """
+    require("transformers", "text", "lm train")
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 

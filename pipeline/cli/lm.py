@@ -54,7 +54,10 @@ def lm_train(
     OUT/final is a transformers directory (safetensors + tokenizer + tsdfm_lm.json) for
     `tsdfm-pipeline eval --evaluator lm:OUT/final`.
     """
+    from tsdfm.models.extras import require
     from tsdfm.models.train.lm import LMTrainConfig, train_lm
+
+    require("transformers", "text", "lm train")  # before anything is shown or written
 
     steps = steps if steps_alias is None else steps_alias  # --steps: the older name
     cfg = LMTrainConfig(
