@@ -12,7 +12,7 @@ The same rows and metadata give a byte-identical file: row groups have a fixed n
 (not tied to how the rows were batched), and Parquet records no timestamps; only the writer
 version (``created_by``) is embedded, so the bytes depend on the pyarrow version.
 
-Parquet options (DESIGN §5): zstd, content-defined chunking, a page index, row groups capped
+Parquet options (docs/schema.md): zstd, content-defined chunking, a page index, row groups capped
 well under 100 MB, file-level key-value metadata ``tsdfm`` = canonical JSON of the shard's
 metadata (never the key ``huggingface``).
 """

@@ -10,7 +10,7 @@ A dataset passes when, for the folder (or Hub revision) as a whole:
   schema, the recorded number of rows, row groups under 100 MB, and ``tsdfm`` metadata that
   agrees with the manifest (schema version, shard index, fingerprint, config, package version,
   shard seed, the same identities in every shard);
-- every row keeps the invariants of the algorithm (DESIGN §3, §5): trajectory_id = shard ·
+- every row keeps the invariants of the algorithm (docs/schema.md): trajectory_id = shard ·
   rows_per_shard + row, seed = dataset seed · 2^32 + trajectory_id, times strictly increasing
   from t_0 = 0 to t_S = 1, S and L as planned, energies finite with K values exactly in the
   shaped segments, chosen < K (0 where not shaped), token ids in [0, V) (the [MASK] id V also
