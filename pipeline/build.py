@@ -280,7 +280,7 @@ def run_build(
         missing = manifest.missing()
         if missing:
             raise DataError(f"build ended with shards {missing} unrecorded; rerun to finish them")
-        write_card(root)  # README.md: the dataset card, from the finished manifest
+        write_card(root, manifest=manifest)  # README.md: the card, from the manifest in memory
     return BuildSummary(
         root=root,
         fingerprint=prov.fingerprint,

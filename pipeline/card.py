@@ -237,12 +237,15 @@ def _existing_build_date(root: str) -> str | None:
     return str(date) if date else None
 
 
-def card_facts(root: str, build_date: str | None = None) -> CardFacts:
+def card_facts(
+    root: str, build_date: str | None = None, manifest: Manifest | None = None
+) -> CardFacts:
     """Gather the card's inputs at ``root``: manifest, shard footers, teacher facts, date.
 
-    Every planned shard must be committed (the card describes a finished dataset).
+    Every planned shard must be committed (the card describes a finished dataset). A build
+    passes the ``manifest`` it holds in memory, so manifest.json is not read again.
     """
-    manifest = Manifest.load(root)
+    manifest = Manifest.load(root) if manifest is None else manifest
     missing = manifest.missing()
     if missing:
         raise DataError(
@@ -616,13 +619,14 @@ def write_card(
     repo_id: str | None = None,
     version: str | None = None,
     license: str | None = LICENSE,
+    manifest: Manifest | None = None,
 ) -> str:
     """Render the card of the finished dataset at ``root`` and write ``root/README.md``.
 
     Written by temp file + rename. Returns the card's text. ``license``: see
-    :func:`render_card`.
+    :func:`render_card`; ``manifest``: see :func:`card_facts`.
     """
-    text = render_card(card_facts(root, build_date), repo_id, version, license)
+    text = render_card(card_facts(root, build_date, manifest), repo_id, version, license)
     fs, base = open_root(root)
     atomic_write(fs, f"{base.rstrip('/')}/{CARD_FILE}", lambda f: f.write(text.encode()))
     return text

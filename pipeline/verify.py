@@ -784,8 +784,6 @@ def _replay(
     report: VerifyReport,
 ) -> None:
     """Rebuild shards with the recorded config into a temp dir and compare their bytes."""
-    import dataclasses
-
     from tsdfm.pipeline.worker import ShardBuilder
 
     indices = choose_replay(manifest.committed(), replay, named, seed, manifest.num_shards)
@@ -794,14 +792,17 @@ def _replay(
     except (TsdfmError, TypeError) as e:
         report.add("replay", f"the recorded config does not load ({e})")
         return
-    load_cfg = dataclasses.replace(
-        recorded,
-        teacher=teacher or recorded.teacher,
-        compass=compass if compass is not None else recorded.compass,
-    )
     with tempfile.TemporaryDirectory(prefix="tsdfm-replay-") as tmp:
         try:
-            builder = ShardBuilder(load_cfg, tmp, device)
+            # the recorded config goes into every shard; the checkpoints load from where they
+            # are now (--teacher / --compass when they moved)
+            builder = ShardBuilder(
+                recorded,
+                tmp,
+                device,
+                teacher=teacher or recorded.teacher,
+                compass=compass if compass is not None else recorded.compass,
+            )
         except TsdfmError as e:
             report.add(
                 "replay",
@@ -817,7 +818,6 @@ def _replay(
                 "built it",
             )
             return
-        builder.cfg = recorded  # shard metadata records the config as the build wrote it
         for i in indices:
             result = builder.build(i)
             entry = manifest.shard(i)

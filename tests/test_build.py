@@ -477,7 +477,7 @@ def test_the_driver_builds_no_model_and_reads_the_manifest_once(
     """Identities come from the files; only the actors (other processes) load the models. A
     build reads manifest.json at most once (a resume) and keeps that one Manifest."""
     from tsdfm.models import checkpoint
-    from tsdfm.pipeline import build, worker
+    from tsdfm.pipeline import worker
 
     def no_model(*args, **kwargs):
         raise AssertionError("the driver built a model")
@@ -489,7 +489,6 @@ def test_the_driver_builds_no_model_and_reads_the_manifest_once(
     monkeypatch.setattr(
         Manifest, "load", classmethod(lambda cls, r: loads.append(r) or original(cls, r))
     )
-    monkeypatch.setattr(build, "write_card", lambda root: None)  # the card reads its own copy
     nav = NavigatorConfig(student_steps=4, teacher_steps=32, candidates=2)
     cfg = _cfg(saved_tiny_teacher, compass=str(saved_tiny_compass), shards=2, navigator=nav)
     root = tmp_path / "ds"
