@@ -525,7 +525,7 @@ def render_card(
         "Train an S-step student on it (no Ray needed):",
         "",
         "```bash",
-        f"tsdfm-pipeline distill --data {repo}@{tag} --init {init} --out DIR",
+        f"tsdfm-pipeline distill --data {repo}@{tag} --teacher {init} --out DIR",
         "```",
         "",
         "Read it with `datasets` (pin the version tag; tags are never moved):",

@@ -111,7 +111,7 @@ def test_prose_has_provenance_statistics_schema_and_snippets(tiny_shaped_dataset
     how = body.split("## How it was made")[1].split("## Use it")[0].strip()
     assert len([p for p in how.split("\n\n") if p.strip()]) == 2  # the algorithm, two paragraphs
     assert "K = 3 independent candidates" in how and "τ = 0.0" in how
-    assert "tsdfm-pipeline distill --data my-org/traj@v3 --init TEACHER_CKPT --out DIR" in body
+    assert "tsdfm-pipeline distill --data my-org/traj@v3 --teacher TEACHER_CKPT --out DIR" in body
     assert 'load_dataset("my-org/traj", revision="v3", split="train", streaming=True)' in body
     for key, value in _flatten(public_config(m["plan"]["config"])):
         assert f"| config `{key}` | `{json.dumps(value)}` |" in body
@@ -143,7 +143,7 @@ def test_distill_snippet_names_a_hub_teacher(tiny_blind_dataset):
     facts = card_facts(str(tiny_blind_dataset))
     facts.manifest["plan"]["config"]["teacher"] = "some-org/teacher@v2"
     text = render_card(facts, "a/b", "v1")
-    assert "tsdfm-pipeline distill --data a/b@v1 --init some-org/teacher@v2 --out DIR" in text
+    assert "tsdfm-pipeline distill --data a/b@v1 --teacher some-org/teacher@v2 --out DIR" in text
 
 
 def test_blind_card_says_blind(tiny_blind_dataset):
