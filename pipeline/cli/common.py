@@ -18,9 +18,11 @@ The command modules (``build``, ``hub``, ``train``, ``models``, ``lm``, ``demo``
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -251,6 +253,32 @@ def progress():
         TextColumn("{task.fields[info]}"),
         transient=False,
     )
+
+
+class TrainingBar:
+    """The progress bar of a trainer: ``report(step, total, metrics)`` is the trainers'
+    progress callback; each of ``fields`` (metric name, format) shows when the metrics hold
+    it; ``warn`` prints a warning above the live bar."""
+
+    def __init__(self, bar: Any, label: str, total: int, fields: tuple[tuple[str, str], ...]):
+        self.bar, self.fields = bar, fields
+        self.task = bar.add_task(label, total=total, info="")
+
+    def report(self, step: int, total: int, metrics: dict) -> None:
+        info = "  ".join(
+            fmt.format(metrics[name]) for name, fmt in self.fields if metrics.get(name) is not None
+        )
+        self.bar.update(self.task, completed=step, info=info)
+
+    def warn(self, message: str) -> None:
+        self.bar.console.print(f"warning: {message}", markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def training_bar(label: str, total: int, *fields: tuple[str, str]) -> Iterator[TrainingBar]:
+    """A :class:`TrainingBar` on a live progress display, for the ``with`` block."""
+    with progress() as bar:
+        yield TrainingBar(bar, label, total, fields)
 
 
 def default_teacher() -> str:

@@ -15,7 +15,7 @@ from tsdfm.pipeline.cli.common import (
     DeviceOption,
     JsonOption,
     lm_app,
-    progress,
+    training_bar,
     user_errors,
     write_json,
 )
@@ -79,16 +79,9 @@ def lm_train(
         seed=seed,
     )
     device = resolve_device(device)
-    with progress() as bar:
-        task = bar.add_task("training causal LM", total=steps, info="")
-
-        def report(step: int, total: int, m: dict) -> None:
-            info = f"loss {m['loss']:.4f}"
-            if "heldout_nll" in m:
-                info += f"  held-out {m['heldout_nll']:.4f}"
-            bar.update(task, completed=step, info=info)
-
-        result = train_lm(cfg, report, device)
+    fields = ("loss", "loss {:.4f}"), ("heldout_nll", "held-out {:.4f}")
+    with training_bar("training causal LM", steps, *fields) as bar:
+        result = train_lm(cfg, bar.report, device)
     typer.echo(f"final LM: {result.final_dir}")
     typer.echo(
         f"held-out NLL {result.heldout_nll:.4f} nats/token (perplexity "

@@ -20,6 +20,7 @@ from tsdfm.pipeline.cli.common import (
     default_teacher,
     progress,
     teacher_app,
+    training_bar,
     user_errors,
     value,
     write_json,
@@ -88,16 +89,9 @@ def teacher_train(
         eval_every=eval_every,
         seed=seed,
     )
-    with progress() as bar:
-        task = bar.add_task("training teacher", total=steps, info="")
-
-        def report(step: int, total: int, m: dict) -> None:
-            info = f"loss {m['loss']:.4f}"
-            if "heldout_loss" in m:
-                info += f"  held-out {m['heldout_loss']:.4f}"
-            bar.update(task, completed=step, info=info)
-
-        result = train_teacher(cfg, data, report)
+    fields = ("loss", "loss {:.4f}"), ("heldout_loss", "held-out {:.4f}")
+    with training_bar("training teacher", steps, *fields) as bar:
+        result = train_teacher(cfg, data, bar.report)
     typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
     typer.echo(f"held-out loss: {result.heldout_loss:.4f}")
     final = final_eval(result.final_dir, eval_steps, eval_samples, out / "eval.json")
@@ -190,18 +184,15 @@ def compass_train(
         seed=seed,
     )
     device = resolve_device(device)
-    with progress() as bar:
-        task = bar.add_task("training compass", total=steps, info="")
-
-        def report(step: int, total: int, m: dict) -> None:
-            info = f"loss {m['loss']:.4f}  acc {m['accuracy']:.3f}"
-            if "heldout_auc" in m:
-                info += f"  held-out AUC {m['heldout_auc']:.3f}"
-            bar.update(task, completed=step, info=info)
-
+    fields = (
+        ("loss", "loss {:.4f}"),
+        ("accuracy", "acc {:.3f}"),
+        ("heldout_auc", "held-out AUC {:.3f}"),
+    )
+    with training_bar("training compass", steps, *fields) as bar:
         ckpt = load_checkpoint(teacher or default_teacher(), device, role="teacher")
         data = default_data_source(ckpt, corpus)
-        result = train_compass(cfg, ckpt, data, report, device=device)
+        result = train_compass(cfg, ckpt, data, bar.report, device=device)
     typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
     typer.echo(
         f"held-out ROC AUC (real vs teacher states): {result.heldout_auc:.4f}  "

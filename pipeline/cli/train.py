@@ -23,6 +23,7 @@ from tsdfm.pipeline.cli.common import (
     default_teacher,
     pick,
     progress,
+    training_bar,
     user_errors,
     value,
     write_json,
@@ -158,19 +159,13 @@ def distill(
         f", L={run.source.seq_len}, fingerprint {str(run.source.fingerprint)[:23]}…; "
         f"sha256 {run.source.verification()['sha256']}"
     )
-    with progress() as bar:
-        task = bar.add_task("distilling", total=steps, info="")
-
-        def report(step: int, total: int, m: dict) -> None:
-            info = f"loss {m['loss']:.4f}  {m['examples_per_second']:.0f} ex/s"
-            if m.get("heldout_loss") is not None:
-                info += f"  held-out {m['heldout_loss']:.4f}"
-            bar.update(task, completed=step, info=info)
-
-        def warn_live(msg: str) -> None:
-            bar.console.print(f"warning: {msg}", markup=False, highlight=False)
-
-        result = train_student(run, report, warn_live)
+    fields = (
+        ("loss", "loss {:.4f}"),
+        ("examples_per_second", "{:.0f} ex/s"),
+        ("heldout_loss", "held-out {:.4f}"),
+    )
+    with training_bar("distilling", steps, *fields) as bar:
+        result = train_student(run, bar.report, bar.warn)
     typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
     held = "n/a" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
     typer.echo(
