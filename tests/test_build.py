@@ -563,3 +563,45 @@ def test_a_shard_builder_from_the_recorded_config_replays_moved_checkpoints(
         ShardBuilder(
             recorded, str(out), "cpu", teacher=str(moved_t), compass=str(moved_c), planned=other
         )
+
+
+@pytest.mark.slow
+def test_a_driver_killed_with_sigkill_resumes_to_the_same_bytes(
+    tmp_path, saved_tiny_teacher, fault_reference
+):
+    """Fault injection: SIGKILL (no handler runs: the OOM killer, a lost node) to a real
+    `tsdfm-pipeline build` after its first shard. The dead driver's lock is taken over, the
+    rerun finishes the dataset byte-identical to an uninterrupted build, and nothing that
+    looks complete but is not stays behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = _fault_cfg(saved_tiny_teacher)
+    root = tmp_path / "ds"
+    cli = Path(sys.executable).with_name("tsdfm-pipeline")
+    argv = [str(cli), "build", "--teacher", str(saved_tiny_teacher), "--out", str(root)]
+    argv += ["--shards", "6", "--trajectories-per-shard", "8", "--batch-size", "4", "-S", "4"]
+    argv += ["-N", "128", "--k", "1", "--seed", "1", "--device", "cpu", "--num-workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (root / "manifest.json").exists() and Manifest.load(str(root)).committed():
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    committed = Manifest.load(str(root)).committed()
+    assert 1 <= len(committed) < 6
+    assert not (root / "README.md").exists()  # no card: the dataset does not look finished
+    res = run_build(cfg, str(root), num_workers=1, device="cpu")
+    assert res.skipped == committed and len(res.built) == 6 - len(committed)
+    assert _checksums(root) == _checksums(fault_reference)
+    assert not (root / ".tsdfm-build.lock").exists()
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]
