@@ -16,7 +16,6 @@ from tsdfm.models.compass import (
     CausalLMScorer,
     CompassModel,
     CompassScorer,
-    Scorer,
     TeacherMismatchWarning,
     check_compatible,
     check_teacher_identity,
@@ -35,6 +34,7 @@ from tsdfm.models.eval.compass_metrics import (
     stratified_auc,
 )
 from tsdfm.models.flow_model import FlowModel, teacher_config
+from tsdfm.models.scorer import Scorer
 from tsdfm.models.train.common import seeded
 
 DATA = {"kind": "synthetic", "language": "language.json"}
