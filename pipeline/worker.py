@@ -25,10 +25,10 @@ from tsdfm.models.checkpoint import Checkpoint, load_checkpoint
 from tsdfm.models.data.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.eval.metrics import unigram_entropy
+from tsdfm.models.identity import CheckpointFiles
 from tsdfm.models.navigator import navigate
 from tsdfm.models.rng import trajectory_seed
 from tsdfm.pipeline.config import BuildConfig
-from tsdfm.pipeline.identity import CheckpointFiles
 from tsdfm.pipeline.shards import ShardInfo, write_shard
 
 
@@ -71,7 +71,7 @@ def open_models(cfg: BuildConfig, open_checkpoint: Callable[[str, str], Any]) ->
     Args:
         cfg: the build config.
         open_checkpoint: e.g. :func:`tsdfm.models.checkpoint.load_checkpoint` on a device (the
-            actors), or :func:`tsdfm.pipeline.identity.checkpoint_files` (the driver: files
+            actors), or :func:`tsdfm.models.identity.checkpoint_files` (the driver: files
             and identities only, no module).
     """
     from tsdfm.models.compass import EXACT_SCORERS, ExactScorer, check_compass_for_teacher
@@ -112,7 +112,7 @@ def identify(cfg: BuildConfig) -> Provenance:
     Every check that does not need the module runs (roles, pickles, tokenizer, compass fits
     and learned from the teacher), so a mismatch fails before a worker starts.
     """
-    from tsdfm.pipeline.identity import checkpoint_files
+    from tsdfm.models.identity import checkpoint_files
 
     return provenance(cfg, *open_models(cfg, lambda spec, role: checkpoint_files(spec, role)))
 

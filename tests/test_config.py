@@ -86,13 +86,13 @@ def test_bad_teacher_temperature(bad):
         NavigatorConfig(teacher_temperature=bad)
 
 
-# identities from the files (tsdfm.pipeline.identity): what the fingerprint hashes -------------
+# identities from the files (tsdfm.models.identity): what the fingerprint hashes -------------
 
 
 def test_identity_from_files_equals_the_loaded_checkpoints(saved_tiny_teacher, saved_tiny_compass):
     from tsdfm.models.checkpoint import bundled_path, load_checkpoint
     from tsdfm.models.errors import CheckpointError
-    from tsdfm.pipeline.identity import checkpoint_files, checkpoint_identity
+    from tsdfm.models.identity import checkpoint_files, checkpoint_identity
 
     for d in (saved_tiny_teacher, saved_tiny_compass, bundled_path("teacher")):
         assert checkpoint_identity(d) == load_checkpoint(d).identity
@@ -113,7 +113,7 @@ def test_identity_from_files_covers_every_dtype_and_shape(tmp_path, saved_tiny_t
     from safetensors.torch import load_file, save_file
 
     from tsdfm.models.checkpoint import identity, read_config
-    from tsdfm.pipeline.identity import SAFETENSORS_DTYPES, weights_identity
+    from tsdfm.models.identity import SAFETENSORS_DTYPES, weights_identity
 
     d = shutil.copytree(saved_tiny_teacher, tmp_path / "ckpt")
     g = torch.Generator().manual_seed(0)
@@ -147,7 +147,7 @@ def test_a_damaged_weights_file_is_refused_in_one_line(
     import shutil
 
     from tsdfm.models.errors import CheckpointError
-    from tsdfm.pipeline.identity import checkpoint_identity
+    from tsdfm.models.identity import checkpoint_identity
 
     d = shutil.copytree(saved_tiny_teacher, tmp_path / "ckpt")
     weights = d / "model.safetensors"
@@ -160,7 +160,7 @@ def test_a_damaged_weights_file_is_refused_in_one_line(
 def test_a_hub_spec_is_resolved_as_load_checkpoint_resolves_it(saved_tiny_teacher, monkeypatch):
     from tsdfm.models import checkpoint
     from tsdfm.models.checkpoint import load_checkpoint
-    from tsdfm.pipeline.identity import checkpoint_files
+    from tsdfm.models.identity import checkpoint_files
 
     asked = []
 
