@@ -1,4 +1,4 @@
-"""``tsdfm-pipeline inspect``: what a trajectory dataset holds, as text.
+"""``tsdfm-pipeline inspect``: what a trajectory dataset holds, as text or JSON.
 
 The shown shard is read by the one reader (``read_shard``, ``from_arrow``) and its rows are
 checked by the same ``RowRules`` as verify and the trainer; a broken invariant is shown in one
@@ -37,7 +37,16 @@ def _render(ids, tokenizer, mask_id: int | None, width: int = 24) -> str:
 
 
 def inspect_dataset(root: str, example: int = 0) -> str:
-    """A human-readable report of the dataset at ``root``."""
+    """A human-readable report of the dataset at ``root`` (:func:`format_inspection` of
+    :func:`inspection`)."""
+    return format_inspection(inspection(root, example))
+
+
+def inspection(root: str, example: int = 0) -> dict:
+    """What ``inspect`` reports on the dataset at ``root``, as JSON-ready data: plan and
+    counts, provenance, statistics, schema, the row-invariant check of the shown shard, and
+    trajectory ``example`` step by step (tokens, decoded text, energies and the kept
+    candidate)."""
     if not Manifest.exists(root):
         raise DataError(
             f"{root} has no manifest.json: not a tsdfm trajectory dataset (build one with "
@@ -48,19 +57,7 @@ def inspect_dataset(root: str, example: int = 0) -> str:
     if not committed:
         raise DataError(f"{root} has no committed shards yet; run or resume the build")
     totals = m.totals()
-    c = totals.get("counters", {})
     nav = m.plan["config"]["navigator"]
-    lines = [
-        f"dataset: {root}",
-        f"fingerprint: {m.fingerprint}",
-        f"shards: {len(committed)}/{m.num_shards} committed, rows {totals['rows']}, "
-        f"bytes {totals['bytes']:,} ({totals['bytes'] / max(totals['rows'], 1):,.0f} per "
-        "trajectory)",
-        f"navigator: S={nav['student_steps']} N={nav['teacher_steps']} K={nav['candidates']} "
-        f"tau={nav['tau']} selection={nav['selection']}"
-        + (f" selection_temperature={nav['temperature']}" if nav["selection"] == "softmax" else "")
-        + f" teacher_temperature={nav.get('teacher_temperature', 1.0)}",
-    ]
     total = m.num_shards * m.rows_per_shard
     if not 0 <= example < total:
         raise DataError(
@@ -74,32 +71,16 @@ def inspect_dataset(root: str, example: int = 0) -> str:
             f"a trajectory of a committed shard"
         )
     table, meta = read_shard(root, shard_name(shard, m.num_shards))
-    lines += [
-        f"teacher: {meta.get('teacher_identity')}",
-        f"compass: {meta.get('compass_identity')}",
-        f"tokenizer: {meta.get('tokenizer_identity')}",
-        f"package: {meta.get('package_version')}, schema v{meta.get('schema_version')}",
-        "counters: "
-        + ", ".join(
-            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(c.items())
-        ),
-    ]
     stats = [m.shard(i)["stats"] for i in committed]
-    gains = [s["energy_gain"] for s in stats if "energy_gain" in s]
+    shaped = [s for s in stats if "energy_gain" in s]
     ent = [s["mean_final_unigram_entropy"] for s in stats if "mean_final_unigram_entropy" in s]
-    if gains:
-        chosen = sum(s["mean_chosen_energy"] for s in stats if "energy_gain" in s) / len(gains)
-        cand = sum(s["mean_candidate_energy"] for s in stats if "energy_gain" in s) / len(gains)
-        lines.append(
-            f"energy: mean chosen {chosen:.4f}, mean candidate {cand:.4f}, "
-            f"gain {sum(gains) / len(gains):.4f}"
-        )
-    else:
-        lines.append("energy: not shaped (K=1 or tau=1)")
-    if ent:
-        lines.append(f"final unigram entropy: {sum(ent) / len(ent):.4f} nats (mean per sample)")
-    lines.append("schema:")
-    lines += [f"  {f.name}: {f.type}" for f in table.schema]
+    energy = None
+    if shaped:
+        energy = {
+            "mean_chosen": sum(s["mean_chosen_energy"] for s in shaped) / len(shaped),
+            "mean_candidate": sum(s["mean_candidate_energy"] for s in shaped) / len(shaped),
+            "gain": sum(s["energy_gain"] for s in shaped) / len(shaped),
+        }
     batch = from_arrow(table, num_candidates=nav["candidates"])
     rows = [i for i, t in enumerate(batch.trajectory_id.tolist()) if t == example]
     if not rows:
@@ -110,16 +91,88 @@ def inspect_dataset(root: str, example: int = 0) -> str:
     r = rows[0]
     tokenizer = _tokenizer(meta.get("config", {}))
     mask_id = infer_mask_token(batch.states)
-    lines.append(_invariants(root, shard, batch, meta, mask_id))
-    lines.append(f"trajectory {int(batch.trajectory_id[r])} (seed {int(batch.seed[r])}):")
+    steps = []
     for k, t in enumerate(batch.times.tolist()):
-        label = f"  t={t:.3f}"
+        step = {"t": t, "tokens": batch.states[r, k].tolist()}
+        step["text"] = _render(batch.states[r, k], tokenizer, mask_id)
         if k > 0 and bool(batch.shaped[k - 1]):
-            e = batch.energies[r, k - 1]
-            j = int(batch.chosen[r, k - 1])
-            label += f" [kept {j}: {e[j]:.3f} of " + ", ".join(f"{x:.3f}" for x in e) + "]"
+            step["energies"] = [float(x) for x in batch.energies[r, k - 1]]
+            step["kept"] = int(batch.chosen[r, k - 1])
+        steps.append(step)
+    return {
+        "dataset": root,
+        "fingerprint": m.fingerprint,
+        "shards_committed": len(committed),
+        "num_shards": m.num_shards,
+        "rows": totals["rows"],
+        "bytes": totals["bytes"],
+        "navigator": nav,
+        "teacher_identity": meta.get("teacher_identity"),
+        "compass_identity": meta.get("compass_identity"),
+        "tokenizer_identity": meta.get("tokenizer_identity"),
+        "package_version": meta.get("package_version"),
+        "schema_version": meta.get("schema_version"),
+        "counters": totals.get("counters", {}),
+        "energy": energy,
+        "final_unigram_entropy": sum(ent) / len(ent) if ent else None,
+        "schema": [{"name": f.name, "type": str(f.type)} for f in table.schema],
+        "invariants": _invariants(root, shard, batch, meta, mask_id),
+        "trajectory": {
+            "id": int(batch.trajectory_id[r]),
+            "seed": int(batch.seed[r]),
+            "shard": shard,
+            "steps": steps,
+        },
+    }
+
+
+def format_inspection(report: dict) -> str:
+    """The lines ``inspect`` prints for an :func:`inspection` report."""
+    nav, totals = report["navigator"], report
+    lines = [
+        f"dataset: {report['dataset']}",
+        f"fingerprint: {report['fingerprint']}",
+        f"shards: {report['shards_committed']}/{report['num_shards']} committed, rows "
+        f"{totals['rows']}, bytes {totals['bytes']:,} "
+        f"({totals['bytes'] / max(totals['rows'], 1):,.0f} per trajectory)",
+        f"navigator: S={nav['student_steps']} N={nav['teacher_steps']} K={nav['candidates']} "
+        f"tau={nav['tau']} selection={nav['selection']}"
+        + (f" selection_temperature={nav['temperature']}" if nav["selection"] == "softmax" else "")
+        + f" teacher_temperature={nav.get('teacher_temperature', 1.0)}",
+        f"teacher: {report['teacher_identity']}",
+        f"compass: {report['compass_identity']}",
+        f"tokenizer: {report['tokenizer_identity']}",
+        f"package: {report['package_version']}, schema v{report['schema_version']}",
+        "counters: "
+        + ", ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in sorted(report["counters"].items())
+        ),
+    ]
+    e = report["energy"]
+    if e is not None:
+        lines.append(
+            f"energy: mean chosen {e['mean_chosen']:.4f}, mean candidate "
+            f"{e['mean_candidate']:.4f}, gain {e['gain']:.4f}"
+        )
+    else:
+        lines.append("energy: not shaped (K=1 or tau=1)")
+    if report["final_unigram_entropy"] is not None:
+        lines.append(
+            f"final unigram entropy: {report['final_unigram_entropy']:.4f} nats (mean per sample)"
+        )
+    lines.append("schema:")
+    lines += [f"  {f['name']}: {f['type']}" for f in report["schema"]]
+    lines.append(report["invariants"])
+    tr = report["trajectory"]
+    lines.append(f"trajectory {tr['id']} (seed {tr['seed']}):")
+    for step in tr["steps"]:
+        label = f"  t={step['t']:.3f}"
+        if "kept" in step:
+            es, j = step["energies"], step["kept"]
+            label += f" [kept {j}: {es[j]:.3f} of " + ", ".join(f"{x:.3f}" for x in es) + "]"
         lines.append(label)
-        lines.append("      " + _render(batch.states[r, k], tokenizer, mask_id))
+        lines.append("      " + step["text"])
     return "\n".join(lines)
 
 

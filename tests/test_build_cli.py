@@ -1,5 +1,6 @@
 """`build` and `inspect` through the command line (real Ray, tiny teacher)."""
 
+import json
 import socket
 
 import pytest
@@ -54,6 +55,18 @@ def test_build_then_inspect(tmp_path, saved_tiny_teacher):
     assert "trajectory 5 (seed 5)" in text
     assert text.count("t=") == 5  # S+1 states shown step by step
     assert "energy: not shaped" in text
+    # the same report as JSON: the text is its rendering
+    report_path = tmp_path / "inspect.json"
+    shown = runner.invoke(app, ["inspect", str(out), "--example", "5", "--json", str(report_path)])
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(report_path.read_text())
+    assert report["trajectory"]["id"] == 5 and report["trajectory"]["seed"] == 5
+    assert len(report["trajectory"]["steps"]) == 5 and report["energy"] is None
+    assert report["trajectory"]["steps"][0]["tokens"] == [
+        max(report["trajectory"]["steps"][0]["tokens"])
+    ] * len(report["trajectory"]["steps"][0]["tokens"])
+    assert report["shards_committed"] == 2 and report["rows"] == 8
+    assert report["invariants"].startswith("row invariants: all 4 rows of shard 1 keep them")
     # an id outside the dataset is refused (before: trajectory 0 was shown instead)
     shown = runner.invoke(app, ["inspect", str(out), "--example", "999"])
     assert shown.exit_code == 2

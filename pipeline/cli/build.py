@@ -221,8 +221,11 @@ def build(
 def inspect(
     path: Annotated[Path, typer.Argument(help="Dataset folder.")],
     example: Annotated[int, typer.Option(help="Trajectory id to show step by step.")] = 0,
+    json_out: JsonOption = None,
 ) -> None:
     """Show a dataset: schema, counts, provenance, statistics, one trajectory step by step."""
-    from tsdfm.pipeline.inspect import inspect_dataset
+    from tsdfm.pipeline.inspect import format_inspection, inspection
 
-    typer.echo(inspect_dataset(str(path), example))
+    report = inspection(str(path), example)
+    typer.echo(format_inspection(report))
+    write_json(json_out, report)
