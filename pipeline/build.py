@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,6 +237,11 @@ def run_build(
             check_tokenizer(manifest, prov.tokenizer_identity)
         # Ray and its devices, before the first write (corrupt shards are found by hashing)
         if manifest is None or manifest.missing():
+            say(
+                "starting a local Ray cluster"
+                if address is None and not os.environ.get("RAY_ADDRESS")
+                else f"joining the Ray cluster at {address or os.environ['RAY_ADDRESS']}"
+            )
             connect(address, num_cpus=None)
             plan_workers(device, num_workers)
         if state == "orphaned":
@@ -252,6 +258,15 @@ def run_build(
         report = None
         if todo:
             connect(address, num_cpus=None)
+            loads = "the teacher" + (" and the compass" if cfg.compass else "")
+            say(f"{len(todo)} shard(s) to build: starting the workers (each loads {loads} once)")
+
+            def workers_ready(infos: list[dict]) -> None:
+                devices = sorted({str(i.get("device")) for i in infos})
+                say(f"{len(infos)} worker(s) ready on {', '.join(devices)}; building")
+                if on_workers is not None:
+                    on_workers(infos)
+
             try:
                 report = build_shards(
                     cfg,
@@ -263,7 +278,7 @@ def run_build(
                     num_workers=num_workers,
                     max_retries=max_retries,
                     progress=progress,
-                    on_workers=on_workers,
+                    on_workers=workers_ready,
                 )
             except BaseException:
                 cleanup_temp(root)
