@@ -261,6 +261,15 @@ def load_tokenizer(directory: Path, config: ModelConfig):
     return tok
 
 
+def check_role(spec: str | Path, config: ModelConfig, role: str | tuple[str, ...] | None) -> None:
+    """Refuse a checkpoint whose role is not one of ``role`` (None: any role)."""
+    roles = (role,) if isinstance(role, str) else role
+    if roles and config.role not in roles:
+        raise CheckpointError(
+            f"{spec} is a {config.role} checkpoint, but a {' or '.join(roles)} is needed here"
+        )
+
+
 def load_checkpoint(
     spec: str | Path,
     device: str | torch.device = "cpu",
@@ -275,11 +284,7 @@ def load_checkpoint(
     """
     directory = resolve(spec)
     config = read_config(directory)
-    roles = (role,) if isinstance(role, str) else role
-    if roles and config.role not in roles:
-        raise CheckpointError(
-            f"{spec} is a {config.role} checkpoint, but a {' or '.join(roles)} is needed here"
-        )
+    check_role(spec, config, role)
     cls = role_class(config.role)  # registered: read_config refuses an unknown role
     try:
         state = load_file(str(directory / WEIGHTS_FILE))

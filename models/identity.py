@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from tsdfm.models.checkpoint import (
     WEIGHTS_FILE,
+    check_role,
     load_tokenizer,
     read_config,
     resolve,
@@ -175,11 +176,7 @@ def checkpoint_files(
     """
     directory = resolve(spec)
     config = read_config(directory)
-    roles = (role,) if isinstance(role, str) else role
-    if roles and config.role not in roles:
-        raise CheckpointError(
-            f"{spec} is a {config.role} checkpoint, but a {' or '.join(roles)} is needed here"
-        )
+    check_role(spec, config, role)
     ident = weights_identity(config.to_dict(), directory / WEIGHTS_FILE)
     if check_tokenizer:
         load_tokenizer(directory, config)

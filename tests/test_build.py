@@ -439,21 +439,15 @@ def test_building_without_ray_installed_is_one_line(tmp_path, saved_tiny_teacher
     assert _nothing_written(root)
 
 
-@pytest.mark.slow
-def test_sigterm_stops_a_cli_build_cleanly_and_a_rerun_finishes_it(
-    tmp_path, saved_tiny_teacher, fault_reference
-):
-    """Fault injection: SIGTERM (what Kubernetes sends) to a real `tsdfm-pipeline build`
-    after its first shard; then the same build resumes to the bytes of an uninterrupted one."""
+def _signal_cli_build_after_first_shard(teacher, root, sig: int) -> tuple[int, str]:
+    """Run the fault build (as :func:`_fault_cfg`) through the real `tsdfm-pipeline build`,
+    send ``sig`` once its first shard is committed, and return its exit code and stderr."""
     import subprocess
     import sys
     from pathlib import Path
 
-    cfg = _fault_cfg(saved_tiny_teacher)
-    reference = fault_reference
-    root = tmp_path / "ds"
     cli = Path(sys.executable).with_name("tsdfm-pipeline")
-    argv = [str(cli), "build", "--teacher", str(saved_tiny_teacher), "--out", str(root)]
+    argv = [str(cli), "build", "--teacher", str(teacher), "--out", str(root)]
     argv += ["--shards", "6", "--trajectories-per-shard", "8", "--batch-size", "4", "-S", "4"]
     argv += ["-N", "128", "--k", "1", "--seed", "1", "--device", "cpu", "--num-workers", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -464,15 +458,28 @@ def test_sigterm_stops_a_cli_build_cleanly_and_a_rerun_finishes_it(
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if (root / "manifest.json").exists() and Manifest.load(str(root)).committed():
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
                 break
             time.sleep(0.02)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_cli_build_cleanly_and_a_rerun_finishes_it(
+    tmp_path, saved_tiny_teacher, fault_reference
+):
+    """Fault injection: SIGTERM (what Kubernetes sends) to a real `tsdfm-pipeline build`
+    after its first shard; then the same build resumes to the bytes of an uninterrupted one."""
+    cfg = _fault_cfg(saved_tiny_teacher)
+    reference = fault_reference
+    root = tmp_path / "ds"
+    returncode, err = _signal_cli_build_after_first_shard(saved_tiny_teacher, root, signal.SIGTERM)
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert proc.returncode == 143, err
+    assert returncode == 143, err
     assert lines[-1] == "terminated (SIGTERM); rerun the same command to resume"
     assert "Traceback" not in err
     committed = Manifest.load(str(root)).committed()
@@ -586,30 +593,10 @@ def test_a_driver_killed_with_sigkill_resumes_to_the_same_bytes(
     `tsdfm-pipeline build` after its first shard. The dead driver's lock is taken over, the
     rerun finishes the dataset byte-identical to an uninterrupted build, and nothing that
     looks complete but is not stays behind."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     cfg = _fault_cfg(saved_tiny_teacher)
     root = tmp_path / "ds"
-    cli = Path(sys.executable).with_name("tsdfm-pipeline")
-    argv = [str(cli), "build", "--teacher", str(saved_tiny_teacher), "--out", str(root)]
-    argv += ["--shards", "6", "--trajectories-per-shard", "8", "--batch-size", "4", "-S", "4"]
-    argv += ["-N", "128", "--k", "1", "--seed", "1", "--device", "cpu", "--num-workers", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if (root / "manifest.json").exists() and Manifest.load(str(root)).committed():
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    returncode, _ = _signal_cli_build_after_first_shard(saved_tiny_teacher, root, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
     committed = Manifest.load(str(root)).committed()
     assert 1 <= len(committed) < 6
     assert not (root / "README.md").exists()  # no card: the dataset does not look finished
