@@ -39,7 +39,12 @@ from tsdfm.pipeline.worker import Provenance, ShardBuilder, ShardResult, identif
 
 @dataclass
 class Progress:
-    """What the progress callback receives after every committed shard (and every retry)."""
+    """What the progress callback receives after every committed shard, every retry, and about
+    once a second while shards are in flight.
+
+    ``trajectories`` counts those in committed shards; ``in_flight`` those navigated so far in
+    shards not yet committed (a worker that dies loses them).
+    """
 
     done_shards: int
     total_shards: int
@@ -49,6 +54,7 @@ class Progress:
     energy_gain: float | None
     retries: int
     event: str = ""
+    in_flight: int = 0
 
 
 @dataclass
@@ -335,15 +341,20 @@ def build_shards(
 
     Each actor holds one :class:`ShardBuilder` (the models loaded once, checked against
     ``planned``); a shard is recorded in the driver as soon as its worker returns, which is
-    after its file was committed by rename. ``progress`` sees every recorded shard and every
-    retry. Ray must be connected.
+    after its file was committed by rename. ``progress`` sees every recorded shard, every
+    retry, and the batches navigated in shards in flight. Ray must be connected.
     """
     trajectories = 0
     gains: list[float] = []
+    partial: dict[int, int] = {}  # shard in flight -> trajectories navigated so far
 
     def on_event(event: TaskEvent) -> None:
         nonlocal trajectories
-        if event.kind == "done":
+        partial.pop(event.index, None)
+        if event.kind == "progress":
+            partial[event.index] = event.units
+            what = ""
+        elif event.kind == "done":
             result: ShardResult = event.result
             manifest.record_shard(result.info, result.counters, result.stats)
             trajectories += result.info.rows
@@ -363,6 +374,7 @@ def build_shards(
                     energy_gain=sum(gains) / len(gains) if gains else None,
                     retries=event.retries,
                     event=what,
+                    in_flight=sum(partial.values()),
                 )
             )
 
@@ -377,6 +389,7 @@ def build_shards(
         on_workers=on_workers,
         name="ShardActor",
         noun="shard",
+        reports_progress=True,
     )
 
 

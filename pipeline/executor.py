@@ -8,6 +8,11 @@ The executor knows nothing of what its tasks make. The caller gives
 - the indices, the retries, and ``on_event``, which receives every finished task's result in
   the driver as it arrives (and every retry), in the order they happen.
 
+A long task can say how far it got: with ``reports_progress=True`` it is called as
+``task(state, index, tick)`` and calls ``tick(n)`` whenever ``n`` more units of its work are
+done (trajectories, for a shard); the driver asks each busy actor about once a second and
+``on_event`` also receives "progress" events with the units done so far of a task in flight.
+
 Indices go to whichever actor is free. An actor that dies loses only its task in flight: Ray
 restarts the actor (at most ``max_retries`` times) and the index is queued again for any free
 actor, at most ``max_retries`` times, after which the run fails naming the index and the cause.
@@ -54,24 +59,26 @@ class Setup:
 
 @dataclass(frozen=True)
 class TaskEvent:
-    """What ``on_event`` receives: a finished task (``done``) or a lost one queued again.
+    """What ``on_event`` receives: a finished task (``done``), a lost one queued again, or how
+    far a task in flight got (``progress``).
 
     Attributes:
-        kind: "done" (``result`` holds what the task returned) or "retry" (its worker died;
-            ``cause`` says how).
+        kind: "done" (``result`` holds what the task returned), "retry" (its worker died;
+            ``cause`` says how) or "progress" (``units`` of the task in flight are done).
         index: the task's index.
         done: tasks finished so far, this one included.
         retries: retries so far, this one included.
         seconds: since the run started.
     """
 
-    kind: Literal["done", "retry"]
+    kind: Literal["done", "retry", "progress"]
     index: int
     done: int
     retries: int
     seconds: float
     result: Any = None
     cause: str = ""
+    units: int = 0
 
 
 @dataclass
@@ -114,6 +121,8 @@ class TaskActor:
         self.device = device
         self.pid = os.getpid()
         self.task = task
+        self.index: int | None = None
+        self.units = 0  # of the task in flight, as its tick said (read by ``partial``)
         self.state: Any = None
         self.failure: BaseException | None = None
         try:
@@ -134,10 +143,21 @@ class TaskActor:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
-    def run(self, index: int) -> Any:
+    def run(self, index: int, reports_progress: bool = False) -> Any:
         if self.failure is not None:
             raise self.failure
+        self.index, self.units = index, 0
+        if reports_progress:
+            return self.task(self.state, index, self._tick)
         return self.task(self.state, index)
+
+    def _tick(self, n: int) -> None:
+        self.units += n
+
+    def partial(self) -> tuple[int | None, int]:
+        """The index in flight and its units done (answered while ``run`` works: the actor
+        runs two threads when its tasks report progress)."""
+        return self.index, self.units
 
 
 def import_ray():
@@ -285,6 +305,7 @@ def execute(
     on_workers: Callable[[list[dict]], None] | None = None,
     name: str = "TaskActor",
     noun: str = "task",
+    reports_progress: bool = False,
 ) -> ExecutionReport:
     """Run ``task(state, i)`` for every ``i`` in ``indices`` on Ray actors built by ``setup``.
 
@@ -306,6 +327,8 @@ def execute(
         name: the actors' class name, as Ray shows it (``ray list actors``, process titles
             ``ray::<name>.run``).
         noun: what an index is called in error messages ("shard 3 failed ...").
+        reports_progress: the task takes a third argument, ``tick(n)``; ``on_event`` then
+            also gets "progress" events (about one a second per busy actor).
     """
     import ray
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
@@ -314,16 +337,20 @@ def execute(
     workers = min(workers, max(1, len(indices)))
     threads = 1 if device == "cpu" else None
     body = type(name, (TaskActor,), {"__module__": TaskActor.__module__})
-    Actor = ray.remote(max_restarts=max_retries, max_task_retries=0)(body)
+    # a second thread answers ``partial`` while ``run`` works
+    concurrency = 2 if reports_progress else 1
+    Actor = ray.remote(max_restarts=max_retries, max_task_retries=0, max_concurrency=concurrency)(
+        body
+    )
     actors = [Actor.options(**options).remote(setup, task, device, threads) for _ in range(workers)]
     report = ExecutionReport(workers=workers, device=device)
     start = time.perf_counter()
 
-    def tell(kind: Literal["done", "retry"], index: int, result: Any = None, cause: str = ""):
+    def tell(kind, index: int, result: Any = None, cause: str = "", units: int = 0):
         if on_event is not None:
             seconds = time.perf_counter() - start
             done, retries = len(report.results), report.retries
-            on_event(TaskEvent(kind, index, done, retries, seconds, result, cause))
+            on_event(TaskEvent(kind, index, done, retries, seconds, result, cause, units))
 
     queue: deque[int] = deque(indices)
     attempts: dict[int, int] = {}
@@ -333,6 +360,8 @@ def execute(
     in_flight: dict[Any, tuple[int | None, Any]] = {}
     alive = len(actors)
     stalled = 0.0  # since when no task could run (every live actor restarting)
+    polls: dict[Any, int] = {}  # partial() of a busy actor -> the index it runs
+    polled: dict[int, float] = {}  # index -> when its actor was last asked
 
     def running() -> bool:
         return any(i is not None for i, _ in in_flight.values())
@@ -344,7 +373,15 @@ def execute(
             while queue and idle:
                 index = queue.popleft()
                 actor = idle.popleft()
-                in_flight[actor.run.remote(index)] = (index, actor)
+                in_flight[actor.run.remote(index, reports_progress)] = (index, actor)
+                polled[index] = time.perf_counter()
+            if reports_progress:
+                asked = set(polls.values())
+                for index, actor in list(in_flight.values()):
+                    now = time.perf_counter()
+                    if index is not None and index not in asked and now - polled[index] >= 1.0:
+                        polls[actor.partial.remote()] = index
+                        polled[index] = now
             if queue and not running():
                 if alive == 0:
                     raise BuildError(f"every worker died; {noun}s {sorted(queue)} were not built")
@@ -357,10 +394,20 @@ def execute(
                     )
             else:
                 stalled = 0.0
-            ready: list = []
-            while not ready:  # a timeout, so SIGINT / SIGTERM handlers get to run meanwhile
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            # a timeout, so SIGINT / SIGTERM handlers get to run and busy actors get polled
+            ready, _ = ray.wait([*in_flight, *polls], num_returns=1, timeout=1.0)
+            if not ready:
+                continue
             ref = ready[0]
+            if ref in polls:
+                index = polls.pop(ref)
+                try:
+                    now_index, units = ray.get(ref)
+                except RayActorError:
+                    continue  # its run reports how the actor died
+                if now_index == index and index not in report.results:
+                    tell("progress", index, units=units)
+                continue
             index, actor = in_flight.pop(ref)
             if index is None:  # a probe of a restarting actor
                 try:

@@ -184,8 +184,12 @@ class ShardBuilder:
         return meta
 
     @torch.no_grad()
-    def build(self, index: int) -> ShardResult:
-        """Navigate and write shard ``index``; returns its info, counters and stats."""
+    def build(self, index: int, tick: Callable[[int], None] | None = None) -> ShardResult:
+        """Navigate and write shard ``index``; returns its info, counters and stats.
+
+        ``tick(n)`` hears of every batch of ``n`` trajectories navigated (the build's bar
+        moves per batch, not per shard); the shard is written after the last one.
+        """
         cfg = self.cfg
         if not 0 <= index < cfg.shards:
             raise ValueError(f"shard {index} outside the plan of {cfg.shards} shards")
@@ -221,6 +225,8 @@ class ShardBuilder:
                 )
             )
             totals.add(res, final, tcfg.vocab_size)
+            if tick is not None:
+                tick(n)
         info = write_shard(self.root, index, cfg.shards, batches, self.metadata(index))
         counters = totals.counters()
         counters["build_seconds"] = time.perf_counter() - start_time

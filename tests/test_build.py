@@ -573,7 +573,10 @@ def test_a_shard_builder_from_the_recorded_config_replays_moved_checkpoints(
         recorded, str(out), "cpu", teacher=str(moved_t), compass=str(moved_c), planned=planned
     )
     assert builder.cfg == recorded and builder.provenance == planned
-    result = builder.build(1)
+    ticks: list[int] = []  # the build's bar hears of every batch navigated
+    result = builder.build(1, tick=ticks.append)
+    per_shard, batch = recorded.trajectories_per_shard, recorded.batch_size
+    assert ticks == [min(batch, per_shard - lo) for lo in range(0, per_shard, batch)]
     assert result.info.sha256 == Manifest.load(str(root)).shard(1)["sha256"]
     _, meta = read_shard(str(out), result.info.path)
     assert meta["config"]["teacher"] == str(teacher) and meta["config"]["compass"] == str(compass)

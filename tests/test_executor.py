@@ -173,3 +173,50 @@ def test_an_error_in_the_result_callback_stops_the_run():
 
     with pytest.raises(KeyboardInterrupt):
         execute(Setup(Counter, (0,)), square, range(3), on_event=stop, device="cpu", num_workers=1)
+
+
+def ticking(state: Counter, index: int, tick) -> int:
+    """Says 3 units done, then waits until the driver has seen them (a file it writes)."""
+    import time
+
+    tick(3)
+    seen = Path(state.flag_dir) / f"seen-{index}"
+    deadline = time.monotonic() + 120
+    while not seen.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the driver never saw the progress")
+        time.sleep(0.05)
+    tick(2)
+    return index
+
+
+class Flags(Counter):
+    def __init__(self, flag_dir: str, *, device: str):
+        super().__init__(0, device=device)
+        self.flag_dir = flag_dir
+
+
+def test_a_task_in_flight_reports_its_units_before_it_finishes(tmp_path):
+    events: list[TaskEvent] = []
+
+    def on_event(event: TaskEvent) -> None:
+        events.append(event)
+        if event.kind == "progress" and event.units == 3:
+            (tmp_path / f"seen-{event.index}").touch()
+
+    report = execute(
+        Setup(Flags, (str(tmp_path),)),
+        ticking,
+        [0, 1],
+        on_event=on_event,
+        device="cpu",
+        num_workers=2,
+        reports_progress=True,
+    )
+    assert report.results == {0: 0, 1: 1}
+    for i in (0, 1):
+        mine = [e for e in events if e.index == i]
+        # the task cannot finish before the driver saw 3 units in flight: it waits for that
+        assert mine[-1].kind == "done"
+        assert {e.units for e in mine if e.kind == "progress"} >= {3}
+        assert all(e.kind == "progress" for e in mine[:-1])

@@ -174,13 +174,14 @@ def build(
             bar.update(task, completed=state["before"])
 
         def on_progress(p):
-            rate = p.trajectories / max(p.seconds, 1e-9)
+            rate = (p.trajectories + p.in_flight) / max(p.seconds, 1e-9)
             info = f"{rate:.2f} traj/s"
             if p.energy_gain is not None:
                 info += f"  energy gain {p.energy_gain:.3f}"
             if p.retries:
                 info += f"  retries {p.retries}"
-            bar.update(task, completed=state["before"] + p.trajectories, info=info)
+            done = state["before"] + p.trajectories + p.in_flight
+            bar.update(task, completed=done, info=info)
 
         summary = run_build(
             cfg,
