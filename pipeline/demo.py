@@ -37,7 +37,11 @@ class DemoConfig:
         student_steps, teacher_steps, candidates: S, N and K of the shaped build.
         distill_steps, distill_batch: the students' (equal) training budget.
         eval_samples: samples per evaluated arm.
-        seed: seed of the datasets, the students' data order and the evaluation.
+        seed: seed of the datasets and the students' data order.
+        eval_seed: seed of the evaluation's samples; it must differ from ``seed``: sample i of
+            seed s draws from stream ``s * 2**32 + i``, so with ``seed`` the teacher's samples
+            would be the blind dataset's own final sequences (and the students would be
+            scored on the very random streams they were trained on).
         match_range: the range of T searched for the entropy-matched blind student.
         match_evaluations: the most evaluations of the bisection on T.
         match_tolerance: the bisection stops at |entropy − target| below this (nats).
@@ -52,6 +56,7 @@ class DemoConfig:
     distill_batch: int = 64
     eval_samples: int = 400
     seed: int = 0
+    eval_seed: int = 1000
     match_range: tuple[float, float] = (0.3, 1.0)
     match_evaluations: int = 6
     match_tolerance: float = 0.005
@@ -60,6 +65,11 @@ class DemoConfig:
         for name in ("shards", "trajectories_per_shard", "distill_steps", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"demo {name} must be a positive integer")
+        if self.eval_seed == self.seed:
+            raise ConfigError(
+                f"demo eval_seed {self.eval_seed} equals the datasets' seed: evaluation would "
+                "replay the random streams the datasets were built from; use another eval_seed"
+            )
         lo, hi = self.match_range
         if not 0 < lo < hi or self.match_evaluations < 1 or not self.match_tolerance > 0:
             raise ConfigError(
@@ -162,7 +172,7 @@ def _evaluate(
 ) -> list[dict]:
     from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
 
-    eval_cfg = EvalConfig(steps, cfg.eval_samples, 250, cfg.seed, temperatures=(temperature,))
+    eval_cfg = EvalConfig(steps, cfg.eval_samples, 250, cfg.eval_seed, temperatures=(temperature,))
     report = evaluate_checkpoint(ckpt, eval_cfg)
     rows = [
         {

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tsdfm.models.errors import ConfigError
 from tsdfm.pipeline.demo import DemoConfig, format_results, run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -60,3 +61,12 @@ def test_demo_runs_the_whole_loop_and_resumes(tmp_path):
     again: list[str] = []
     run_demo(tmp_path, cfg, log=again.append)
     assert any("0 shard(s) built, 2 kept" in line for line in again)
+
+
+def test_the_demo_never_evaluates_on_the_datasets_random_streams():
+    """Sample i of seed s draws from stream s * 2**32 + i: evaluating with the datasets' seed
+    would score the teacher on the blind dataset's own finals. The default seeds differ."""
+    cfg = DemoConfig()
+    assert cfg.eval_seed != cfg.seed
+    with pytest.raises(ConfigError, match="eval_seed 3 equals the datasets' seed"):
+        DemoConfig(seed=3, eval_seed=3)
