@@ -34,7 +34,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.md"]
+# model code (*.py) is downloaded to be hashed and, with trust_remote_code only, run
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.md", "*.py", "*.model"]
 
 
 def identity(config: dict, state_dict: dict[str, torch.Tensor]) -> str:
@@ -196,7 +197,7 @@ def read_config(directory: Path) -> ModelConfig:
         if pickles:
             raise CheckpointError(
                 f"{directory} holds only pickled weights ({', '.join(pickles)}); pickles are "
-                "refused: convert them to model.safetensors"
+                "refused: convert them with `tsdfm-pipeline teacher import FILE --out DIR`"
             )
         raise CheckpointError(
             f"{directory} lacks {WEIGHTS_FILE}; a checkpoint directory needs config.json, "
@@ -276,6 +277,9 @@ def load_checkpoint(
     role: str | tuple[str, ...] | None = None,
 ) -> Checkpoint:
     """Load a checkpoint directory or Hub repo; refuse pickles; verify the tokenizer.
+
+    A teacher of another family (a transformers masked LM, MDLM, Duo) loads with
+    ``tsdfm.models.teachers.open_teacher``, which calls this for this project's format.
 
     Args:
         spec: local directory or ``org/name[@revision]``.

@@ -136,30 +136,59 @@ def weights_identity(config: dict[str, Any], weights: Path) -> str:
     The value of :func:`tsdfm.models.checkpoint.identity` for the same config and the state
     dict the file holds (see the module docstring), computed by streaming the file.
     """
+    return tensors_identity(config, [weights])
+
+
+def tensors_identity(config: dict[str, Any], files: list[Path]) -> str:
+    """``sha256:<hex>`` of config + the tensors of one or more safetensors files.
+
+    The tensors of all ``files`` (the shards of a sharded checkpoint) are hashed as one state
+    dict, in name order: the digest does not depend on how the tensors are split into files,
+    and for one file it is :func:`weights_identity`. A tensor name in two files is refused.
+    """
     h = hashlib.sha256()
     h.update(canonical_json(config, "the checkpoint config", CheckpointError))
+    handles: dict[Path, BinaryIO] = {}
     try:
-        with open(weights, "rb") as f:
-            start, entries = safetensors_entries(weights, f)
+        index: dict[str, tuple[Path, int, TensorEntry]] = {}
+        for path in files:
+            f = handles[path] = open(path, "rb")  # noqa: SIM115 (closed below)
+            start, entries = safetensors_entries(path, f)
             for e in entries:
-                h.update(e.name.encode())
-                h.update(e.dtype.encode())
-                h.update(str(e.shape).encode())
-                f.seek(start + e.begin)
-                left = e.end - e.begin
-                while left:
-                    chunk = f.read(min(_CHUNK, left))
-                    if not chunk:
-                        raise CheckpointError(f"{weights} is truncated inside tensor {e.name!r}")
-                    h.update(chunk)
-                    left -= len(chunk)
+                if e.name in index:
+                    raise CheckpointError(
+                        f"tensor {e.name!r} is in both {index[e.name][0].name} and {path.name}; "
+                        "a sharded checkpoint holds each tensor once"
+                    )
+                index[e.name] = (path, start, e)
+        for name in sorted(index):
+            path, start, e = index[name]
+            f = handles[path]
+            h.update(e.name.encode())
+            h.update(e.dtype.encode())
+            h.update(str(e.shape).encode())
+            f.seek(start + e.begin)
+            left = e.end - e.begin
+            while left:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise CheckpointError(f"{path} is truncated inside tensor {e.name!r}")
+                h.update(chunk)
+                left -= len(chunk)
     except OSError as e:
-        raise CheckpointError(f"{weights} cannot be read ({e.strerror or e})") from None
+        raise CheckpointError(
+            f"{e.filename or files[0]} cannot be read ({e.strerror or e})"
+        ) from None
+    finally:
+        for f in handles.values():
+            f.close()
     return "sha256:" + h.hexdigest()
 
 
 def checkpoint_files(
-    spec: str | Path, role: str | tuple[str, ...] | None = None, check_tokenizer: bool = True
+    spec: str | Path,
+    role: str | tuple[str, ...] | None = None,
+    check_tokenizer: bool = True,
 ) -> CheckpointFiles:
     """Resolve ``spec`` (directory or ``org/name[@rev]``), read its config, hash its files.
 

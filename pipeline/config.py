@@ -21,6 +21,8 @@ from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.models.rng import trajectory_seed
 
 PRECISIONS = ("fp32", "bf16")
+# teacher fields newer than the first published datasets → their defaults (left out at these)
+LATER_FIELDS = {"teacher_format": None, "trust_remote_code": False}
 # navigator fields newer than the first published datasets → their defaults (left out at these)
 LATER_NAVIGATOR_FIELDS = {
     f.name: f.default
@@ -43,6 +45,10 @@ class BuildConfig:
         seed: dataset seed; trajectory i has seed ``seed · 2^32 + i``.
         precision: fp32, or bf16 autocast on CUDA.
         allow_teacher_mismatch: accept a compass trained on another teacher's states (warns).
+        teacher_format: the teacher's family (``tsdfm.models.teachers.families``), None to
+            detect it from its config.json; recorded only when given.
+        trust_remote_code: allow a remote-code teacher (MDLM, Duo) to run its own code;
+            recorded only when on (the code's hash is part of the teacher's identity).
     """
 
     teacher: str
@@ -54,8 +60,14 @@ class BuildConfig:
     seed: int = 0
     precision: str = "fp32"
     allow_teacher_mismatch: bool = False
+    teacher_format: str | None = None
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        if self.teacher_format is not None:
+            from tsdfm.models.teachers.families import family
+
+            family(self.teacher_format)  # a one-line error naming the families
         for name in ("shards", "trajectories_per_shard", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -82,6 +94,9 @@ class BuildConfig:
     def to_dict(self) -> dict:
         """The config as recorded in the manifest and every shard (see the module docstring)."""
         d = asdict(self)
+        for name, default in LATER_FIELDS.items():  # recorded only when set
+            if d[name] == default:
+                del d[name]
         nav = d["navigator"]
         for name, default in LATER_NAVIGATOR_FIELDS.items():
             if nav[name] == default:
@@ -97,8 +112,8 @@ class BuildConfig:
     def content(self, teacher_identity: str, compass_identity: str | None) -> dict:
         """The values that decide a shard's bytes (checkpoint specs replaced by identities)."""
         d = self.to_dict()
-        for key in ("teacher", "compass", "allow_teacher_mismatch"):
-            d.pop(key)
+        for key in ("teacher", "compass", "allow_teacher_mismatch", "trust_remote_code"):
+            d.pop(key, None)  # the teacher identity covers its format and its code
         d["teacher_identity"] = teacher_identity
         d["compass_identity"] = compass_identity
         return d
