@@ -49,6 +49,7 @@ from tsdfm.models.solver import (
     RevealPlan,
     check_temperature,
     rollout,
+    synchronize,
     tempered,
     uniform_grid,
 )
@@ -238,7 +239,11 @@ def search_segment(
     for key in ("compass_calls", "compass_rows", "compass_seconds", "candidates"):
         counters.extra.setdefault(key, 0)
     rows = torch.arange(B, device=device).repeat_interleave(K)
-    cache_k = cache.select(rows) if cache is not None else None
+    # the K lanes start from the parent's cache only where it can be read: a time-invariant
+    # teacher with rows still valid (else every lane is evaluated anyway, and copying K times
+    # the parent's B × L × V logits would be work and memory for nothing)
+    reusable = cache is not None and cache.logits is not None and teacher.time_invariant
+    cache_k = cache.select(rows) if reusable and bool(cache.valid.any()) else None
     log_q = (
         torch.zeros(B * K, dtype=torch.float64, device=device) if uses_proposal(scorer) else None
     )
@@ -320,6 +325,7 @@ def _score(
 ) -> torch.Tensor:
     start = time.perf_counter()
     e = (scorer.energy(x, t) if log_q is None else scorer.energy(x, t, log_q=log_q)).float()
+    synchronize(e.device)
     counters.extra["compass_seconds"] += time.perf_counter() - start
     counters.extra["compass_calls"] += 1
     counters.extra["compass_rows"] += x.shape[0]
