@@ -240,3 +240,37 @@ def test_compass_training_keeps_its_tempered_denoiser():
     from tsdfm.models.train import compass
 
     assert compass.TemperedDenoiser is TemperedDenoiser
+
+
+def test_draws_in_chunks_are_the_draws_of_one_pass(monkeypatch):
+    """draw_tokens splits the positions into chunks; every draw and log q stays the same."""
+    import tsdfm.models.solver as solver
+    from tsdfm.models.rng import categorical
+
+    B, L, V = 3, 40, 37
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, L, V, generator=g) * 3
+    rows, cols = torch.meshgrid(torch.arange(B), torch.arange(L), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    u = torch.rand(B * L, generator=g, dtype=torch.float64)
+    p = torch.softmax(logits[rows, cols].double(), dim=-1)
+    one_pass = categorical(p.cumsum(-1), u)
+    log_p = torch.log_softmax(logits[rows, cols].double(), -1).gather(1, one_pass[:, None])[:, 0]
+    for elements in (V, 5 * V + 3, 1 << 20):  # 1 position, 5 positions, everything at once
+        monkeypatch.setattr(solver, "DRAW_CHUNK_ELEMENTS", elements)
+        assert torch.equal(solver.draw_tokens(logits, rows, cols, u), one_pass)
+        assert torch.equal(solver.token_log_probs(logits, rows, cols, one_pass), log_p)
+
+
+def test_a_rollout_leaves_the_callers_cache_as_it_was(tiny_teacher):
+    """The rollout writes re-evaluated rows into logits it allocated itself, never into the
+    cache it was given (a caller may roll the same state again from it)."""
+    path = tiny_teacher.path
+    rng = CounterRNG(torch.arange(6))
+    grid = uniform_grid(64)
+    x = path.sample_source((6, 8), rng)
+    x, cache = rollout(tiny_teacher, path, x, grid[:9], rng, 0)
+    before = cache.logits.clone()
+    again = [rollout(tiny_teacher, path, x, grid[8:], rng, 8, cache)[0] for _ in range(2)]
+    assert torch.equal(cache.logits, before)
+    assert torch.equal(again[0], again[1])
