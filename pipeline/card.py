@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from tsdfm.models.data.schema import SCHEMA_VERSION, trajectory_schema
+from tsdfm.models.data.schema import SCHEMA_VERSION, shard_schema, trajectory_schema
 from tsdfm.models.errors import DataError
 from tsdfm.models.refs import parse_hub_ref
 from tsdfm.pipeline.manifest import Manifest
@@ -60,6 +60,15 @@ COLUMN_MEANINGS = {
     "the segment was not shaped)",
     "chosen": "index of the kept candidate per segment (S values; 0 where not shaped)",
     "text": "decoded final sequence (null without a tokenizer)",
+    # schema v2 (docs/schema.md, "Rebuilding a state")
+    "tokens": "the final sequence x_1 (L token ids)",
+    "mask_token": "the [MASK] id of a row stored by reveal segments (mask source); else null",
+    "reveal": "per position, the segment k in which it was revealed: [MASK] in states 0..k, "
+    "tokens[i] from state k+1 on (L values; null under the uniform source)",
+    "changed_positions": "per segment k, the positions whose token changes from state k to "
+    "k+1, ascending (S lists; null under the mask source)",
+    "previous_tokens": "per segment k, the tokens those positions held in state k (S lists; "
+    "null under the mask source)",
 }
 
 # features ------------------------------------------------------------------------------------
@@ -69,16 +78,23 @@ def _type_name(t: pa.DataType) -> str:
     """``int64``, ``float32``, ``list<list<int32>>`` …"""
     if pa.types.is_list(t):
         return f"list<{_type_name(t.value_type)}>"
-    return {pa.string(): "string", pa.float32(): "float32"}.get(t, str(t))
+    names = {pa.string(): "string", pa.float32(): "float32", pa.float16(): "float16"}
+    return names.get(t, str(t))
 
 
-def features_yaml() -> list[dict[str, Any]]:
-    """``dataset_info.features`` of the trajectory schema, written by ``datasets``' own
-    serializer (``Features._to_yaml_list``), so ``datasets.load_dataset`` reads back exactly
-    the contract's features."""
+def features_yaml(version: int = SCHEMA_VERSION, text: bool = True) -> list[dict[str, Any]]:
+    """``dataset_info.features`` of the trajectory schema (``version``, with or without v2's
+    optional text column), written by ``datasets``' own serializer (``Features._to_yaml_list``),
+    so ``datasets.load_dataset`` reads back exactly the contract's features."""
     from datasets import Features
 
-    return Features.from_arrow_schema(trajectory_schema())._to_yaml_list()
+    return Features.from_arrow_schema(trajectory_schema(version, text))._to_yaml_list()
+
+
+def _manifest_schema(m: dict[str, Any]) -> pa.Schema:
+    """The shards' Arrow schema, from a manifest (its version and its config's ``text``)."""
+    config = m["plan"].get("config") or {}
+    return shard_schema({"schema_version": m["schema_version"], "config": config})
 
 
 # facts ---------------------------------------------------------------------------------------
@@ -407,7 +423,7 @@ def front_matter(facts: CardFacts, license: str | None = LICENSE) -> dict[str, A
             {"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}
         ],
         "dataset_info": {
-            "features": features_yaml(),
+            "features": features_yaml(m["schema_version"], "text" in _manifest_schema(m).names),
             "splits": [
                 {
                     "name": "train",
@@ -593,12 +609,12 @@ def render_card(
         "",
         "## Schema",
         "",
-        f"Dataset schema v{SCHEMA_VERSION}; one row per trajectory.",
+        f"Dataset schema v{m['schema_version']}; one row per trajectory.",
         "",
         "| column | type | meaning |",
         "|---|---|---|",
     ]
-    for f in trajectory_schema():
+    for f in _manifest_schema(m):
         lines.append(f"| `{f.name}` | `{_type_name(f.type)}` | {COLUMN_MEANINGS[f.name]} |")
     lines += [
         "",

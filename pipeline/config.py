@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from tsdfm.models.data.schema import SCHEMA_VERSION, SCHEMA_VERSIONS
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.hashing import sha256_json
 from tsdfm.models.navigator import NavigatorConfig
@@ -49,6 +50,10 @@ class BuildConfig:
             detect it from its config.json; recorded only when given.
         trust_remote_code: allow a remote-code teacher (MDLM, Duo) to run its own code;
             recorded only when on (the code's hash is part of the teacher's identity).
+        schema_version: the dataset schema the shards are written in (docs/schema.md): 2, the
+            information-minimal layout (default), or 1, full states (what older releases read).
+        text: store the decoded final text; None: the version's default (v1 stores it when the
+            teacher has a tokenizer, v2 has no text column). False under v1 writes null text.
     """
 
     teacher: str
@@ -62,6 +67,8 @@ class BuildConfig:
     allow_teacher_mismatch: bool = False
     teacher_format: str | None = None
     trust_remote_code: bool = False
+    schema_version: int = SCHEMA_VERSION
+    text: bool | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_format is not None:
@@ -83,6 +90,18 @@ class BuildConfig:
             )
         if self.seed < 0 or self.seed >= 2**30:
             raise ConfigError(f"seed={self.seed} must lie in [0, 2^30)")
+        if isinstance(self.schema_version, bool) or self.schema_version not in SCHEMA_VERSIONS:
+            raise ConfigError(
+                f"schema_version={self.schema_version!r}; use "
+                f"{' or '.join(map(str, SCHEMA_VERSIONS))} (docs/schema.md)"
+            )
+        if self.text is not None and not isinstance(self.text, bool):
+            raise ConfigError(f"text={self.text!r} must be true, false or null (the default)")
+
+    @property
+    def stores_text(self) -> bool:
+        """Whether shards store the decoded final text (see ``text``)."""
+        return self.text if self.text is not None else self.schema_version == 1
 
     @property
     def total_trajectories(self) -> int:
@@ -97,6 +116,12 @@ class BuildConfig:
         for name, default in LATER_FIELDS.items():  # recorded only when set
             if d[name] == default:
                 del d[name]
+        # absent means v1 and the version's text default: datasets built before these fields
+        # existed keep their recorded config and fingerprint
+        if d["schema_version"] == 1:
+            del d["schema_version"]
+        if d["text"] is None:
+            del d["text"]
         nav = d["navigator"]
         for name, default in LATER_NAVIGATOR_FIELDS.items():
             if nav[name] == default:
@@ -106,6 +131,7 @@ class BuildConfig:
     @staticmethod
     def from_dict(d: dict) -> BuildConfig:
         d = dict(d)
+        d.setdefault("schema_version", 1)  # a recorded config without it is a v1 dataset's
         d["navigator"] = NavigatorConfig(**d.get("navigator", {}))
         return BuildConfig(**d)
 

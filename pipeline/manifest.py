@@ -35,7 +35,7 @@ import threading
 from typing import Any
 
 from tsdfm.models import __version__
-from tsdfm.models.data.schema import SCHEMA_VERSION
+from tsdfm.models.data.schema import SCHEMA_VERSIONS
 from tsdfm.models.errors import ConfigError, DataError
 from tsdfm.models.hashing import canonical_json, file_sha256
 from tsdfm.pipeline.shards import (
@@ -132,7 +132,8 @@ class Manifest:
             raise ConfigError(f"the config fingerprint must be a non-empty str: {fingerprint!r}")
         data = {
             "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
+            # the build config records schema_version from v2 on (absent: v1)
+            "schema_version": (plan.get("config") or {}).get("schema_version", 1),
             "package_version": __version__,
             "fingerprint": fingerprint,
             "plan": json.loads(canonical_json(plan, "the plan")),
@@ -174,10 +175,11 @@ class Manifest:
         for key, typ in (("schema_version", int), ("fingerprint", str), ("plan", dict)):
             if not isinstance(data.get(key), typ):
                 raise bad(f"'{key}' is missing or not a {typ.__name__}")
-        if data["schema_version"] != SCHEMA_VERSION:
+        if data["schema_version"] not in SCHEMA_VERSIONS:
             raise DataError(
                 f"{path} describes dataset schema v{data['schema_version']}, this "
-                f"tsdfm-pipeline handles v{SCHEMA_VERSION}: install the version that wrote it"
+                f"tsdfm-pipeline handles v{' and v'.join(map(str, SCHEMA_VERSIONS))}: install "
+                "the version that wrote it"
             )
         try:
             plan = _check_plan(data["plan"], path)

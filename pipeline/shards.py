@@ -12,9 +12,11 @@ The same rows and metadata give a byte-identical file: row groups have a fixed n
 (not tied to how the rows were batched), and Parquet records no timestamps; only the writer
 version (``created_by``) is embedded, so the bytes depend on the pyarrow version.
 
-Parquet options (docs/schema.md): zstd, content-defined chunking, a page index, row groups capped
-well under 100 MB, file-level key-value metadata ``tsdfm`` = canonical JSON of the shard's
-metadata (never the key ``huggingface``).
+Parquet options (docs/schema.md): zstd, content-defined chunking, a page index, row groups of
+about 100 MB in memory (the Hub's guidance; v1 files keep their ≤ 32 MB groups), file-level
+key-value metadata ``tsdfm`` = canonical JSON of the shard's metadata (never the key
+``huggingface``). The shard's schema version and text column follow its metadata
+(``tsdfm.models.data.schema.shard_schema``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import os
 import re
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -45,8 +48,8 @@ from tsdfm.models.data.schema import (
     decode_rows,
     parquet_footer,
     shard_is,
+    shard_schema,
     to_arrow,
-    trajectory_schema,
 )
 from tsdfm.models.errors import DataError, ShardError
 from tsdfm.models.hashing import canonical_json, file_sha256
@@ -55,8 +58,12 @@ DATA_DIR = "data"
 MAX_SHARDS = 99_999
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
-ROW_GROUP_TARGET_BYTES = 32 * 2**20  # uncompressed estimate; compressed groups are smaller
-MAX_ROW_GROUP_ROWS = 65_536
+ROW_GROUP_TARGET_BYTES = 32 * 2**20  # v1: uncompressed estimate; compressed groups are smaller
+MAX_ROW_GROUP_ROWS = 65_536  # v1
+# v2: the Hub's guidance, 100-300 MB per row group in memory (the dataset viewer reads whole
+# groups and refuses more than 286 MiB); the estimate is the Arrow size of the first row
+ROW_GROUP_MEMORY_BYTES = 100 * 10**6
+MAX_ROW_GROUP_ROWS_V2 = 2**20
 _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]+$")
 
 
@@ -172,18 +179,29 @@ def default_row_group_rows(first: pa.Table) -> int:
     return max(1, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_TARGET_BYTES // (2 * fixed)))
 
 
+def memory_row_group_rows(first: pa.Table) -> int:
+    """Rows per v2 row group: about :data:`ROW_GROUP_MEMORY_BYTES` of Arrow memory, from the
+    in-memory size of the first row (so the file depends on the rows, not on their batching)."""
+    per_row = max(1, first.slice(0, 1).nbytes)  # a slice counts only its own values
+    return max(1, min(MAX_ROW_GROUP_ROWS_V2, ROW_GROUP_MEMORY_BYTES // per_row))
+
+
 def _as_table(
-    item: TrajectoryBatch | pa.Table | pa.RecordBatch, index: int
+    item: TrajectoryBatch | pa.Table | pa.RecordBatch, index: int, schema: pa.Schema, version: int
 ) -> tuple[pa.Table, TrajectoryRows]:
-    """The rows as a table of the trajectory schema, and decoded (for the row invariants)."""
+    """The rows as a table of the shard's schema, and decoded (for the row invariants)."""
     if isinstance(item, TrajectoryBatch):
-        table, rows = pa.Table.from_batches([to_arrow(item)]), batch_rows(item)
+        record = to_arrow(item, version, "text" in schema.names)
+        table, rows = pa.Table.from_batches([record]), batch_rows(item)
+        if version == 2:
+            rows = replace(rows, energies=rows.energies.astype(np.float16).astype(np.float32))
     elif isinstance(item, (pa.Table, pa.RecordBatch)):
         table = item if isinstance(item, pa.Table) else pa.Table.from_batches([item])
-        if not table.schema.equals(trajectory_schema()):
+        if not table.schema.equals(schema):
             raise ShardError(
-                f"rows for shard {index} do not have the trajectory schema v{SCHEMA_VERSION}; "
-                "build them with tsdfm.models.data.schema.to_arrow"
+                f"rows for shard {index} do not have the shard's trajectory schema "
+                f"v{version}{'' if 'text' in schema.names else ' (without text)'}; build them "
+                "with tsdfm.models.data.schema.to_arrow"
             )
         try:
             rows = decode_rows(table)
@@ -236,9 +254,11 @@ def write_shard(
         root: dataset root, a local path or fsspec URL.
         index, num_shards: the shard's place in the plan.
         batches: the rows in order, as TrajectoryBatch or tables of the trajectory schema.
-        metadata: JSON object stored as file metadata ``tsdfm``; ``schema_version``, ``shard``
-            and ``num_shards`` are added when absent.
-        row_group_rows: rows per row group; default from the row shape (≤ 32 MB per group).
+        metadata: JSON object stored as file metadata ``tsdfm``; ``schema_version`` (default
+            :data:`SCHEMA_VERSION`), ``shard`` and ``num_shards`` are added when absent. The
+            version and the config's ``text`` decide the file's schema (``shard_schema``).
+        row_group_rows: rows per row group; default ~100 MB in memory per group (v2; v1: from
+            the row shape, ≤ 32 MB).
 
     Returns:
         ShardInfo with the relative path, row count, size and sha256 of the committed file.
@@ -248,16 +268,20 @@ def write_shard(
         raise ShardError(f"row_group_rows must be ≥ 1, got {row_group_rows}")
     if not isinstance(metadata, dict):
         raise ShardError(f"shard metadata must be a dict, got {type(metadata).__name__}")
-    meta = {"schema_version": SCHEMA_VERSION, "shard": index, "num_shards": num_shards}
+    version = metadata.get("schema_version", SCHEMA_VERSION)
+    meta = {"schema_version": version, "shard": index, "num_shards": num_shards}
     for key, value in meta.items():
         if key in metadata and metadata[key] != value:
             raise ShardError(f"shard metadata says {key}={metadata[key]!r}, the shard is {value}")
     payload = canonical_json({**metadata, **meta})
     config = metadata.get("config")
     rules = RowRules.from_config(config if isinstance(config, dict) else {}, shard=index)
+    try:
+        schema = shard_schema({**metadata, **meta})
+    except DataError as e:
+        raise ShardError(f"shard {index}: {e}") from None
     fs, base = open_root(root)
     final = _join(base, name)
-    schema = trajectory_schema()
     rows = 0
 
     def write(f) -> None:
@@ -274,11 +298,13 @@ def write_shard(
             pending: list[pa.Table] = []
             buffered = 0
             for item in batches:
-                table, decoded = _as_table(item, index)
+                table, decoded = _as_table(item, index, schema, version)
                 if not table.num_rows:
                     continue
                 _check_rows(rules, decoded, index, rows + buffered)
-                group = group or default_row_group_rows(table)
+                group = group or (
+                    default_row_group_rows(table) if version == 1 else memory_row_group_rows(table)
+                )
                 pending.append(table)
                 buffered += table.num_rows
                 while buffered >= group:
@@ -324,6 +350,11 @@ def read_shard(root: str, name: str) -> tuple[pa.Table, dict[str, Any]]:
     try:
         meta = footer.tsdfm()
         check_schema_version(meta)
+        if footer.schema != shard_schema(meta):
+            raise DataError(
+                f"its columns {footer.schema.names} are not those of trajectory schema "
+                f"v{meta['schema_version']} (altered or mislabelled)"
+            )
     except DataError as e:
         raise ShardError(f"{path}: {e}; rebuild it") from None
     try:

@@ -41,11 +41,11 @@ import pyarrow.parquet as pq
 
 from tsdfm.models.data.integrity import RowRules
 from tsdfm.models.data.schema import (
-    SCHEMA_VERSION,
     RowError,
     ShardFooter,
     decode_rows,
     infer_mask_token,
+    stores_text,
     text_all_or_none,
     trajectory_schema,
 )
@@ -129,6 +129,19 @@ class _Plan:
     @property
     def nav(self) -> dict[str, Any]:
         return self.config.get("navigator", {})
+
+    @property
+    def schema_version(self) -> int:
+        """The dataset's schema version: recorded in its config from v2 on (absent: v1)."""
+        return self.config.get("schema_version", 1)
+
+    @property
+    def stores_text(self) -> bool:
+        return stores_text({"schema_version": self.schema_version, "config": self.config})
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema every shard must have (the version's, with or without text)."""
+        return trajectory_schema(self.schema_version, self.stores_text)
 
 
 @dataclass
@@ -541,7 +554,10 @@ def _check_card(
     if paths != [DATA_FILES]:
         bad(f"configs.data_files is {paths}, expected [{DATA_FILES!r}]")
     info = meta.get("dataset_info") or {}
-    if info.get("features") != features_yaml():
+    config = manifest.plan.get("config") or {}
+    version = config.get("schema_version", 1)
+    text = stores_text({"schema_version": version, "config": config})
+    if info.get("features") != features_yaml(version, text):
         bad("dataset_info.features do not match the trajectory schema")
     splits = info.get("splits") or []
     train = [s for s in splits if isinstance(s, dict) and s.get("name") == "train"]
@@ -553,8 +569,8 @@ def _check_card(
     t = meta.get("tsdfm") or {}
     if t.get("fingerprint") != manifest.fingerprint:
         bad(f"fingerprint {t.get('fingerprint')} ≠ the manifest's {manifest.fingerprint}")
-    if t.get("schema_version") != SCHEMA_VERSION:
-        bad(f"schema_version {t.get('schema_version')} ≠ {SCHEMA_VERSION}")
+    if t.get("schema_version") != version:
+        bad(f"schema_version {t.get('schema_version')} ≠ the manifest's {version}")
     for key, values in identities.items():
         if len(values) == 1 and t.get(key) != next(iter(values)):
             bad(f"{key} {t.get(key)} ≠ the shards' {next(iter(values))}")
@@ -622,8 +638,9 @@ def _check_shard(
         report.add(name, str(e).replace(f"{path} ", "", 1))
         return
     _check_metadata(i, name, footer, plan, report, identities)
-    if footer.schema != trajectory_schema():
-        report.add(name, "schema differs from the trajectory schema: " + _schema_diff(footer))
+    if footer.schema != plan.schema():
+        what = f"the trajectory schema v{plan.schema_version}"
+        report.add(name, f"schema differs from {what}: " + _schema_diff(footer, plan.schema()))
         return
     if entry is not None and footer.rows != entry["rows"]:
         report.add(name, f"{footer.rows} rows, the manifest records {entry['rows']}")
@@ -642,8 +659,7 @@ def _check_shard(
     report.rows_checked += table.num_rows
 
 
-def _schema_diff(footer) -> str:
-    want = trajectory_schema()
+def _schema_diff(footer, want: pa.Schema) -> str:
     got = footer.schema
     parts = []
     for f in want:
@@ -673,7 +689,7 @@ def _check_metadata(
     if meta is None:
         return
     expected: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": plan.schema_version,
         "shard": i,
         "num_shards": plan.num_shards,
         "config": plan.config,

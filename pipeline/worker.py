@@ -22,7 +22,7 @@ import torch
 
 from tsdfm.models import __version__
 from tsdfm.models.checkpoint import Checkpoint, load_checkpoint
-from tsdfm.models.data.schema import METADATA_KEYS, SCHEMA_VERSION, TrajectoryBatch
+from tsdfm.models.data.schema import METADATA_KEYS, TrajectoryBatch
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.eval.metrics import unigram_entropy
 from tsdfm.models.identity import CheckpointFiles
@@ -172,7 +172,7 @@ class ShardBuilder:
 
     def metadata(self, index: int) -> dict:
         meta = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.cfg.schema_version,
             "package_version": __version__,
             "config": self.cfg.to_dict(),
             **self.provenance.to_dict(),
@@ -234,7 +234,7 @@ class ShardBuilder:
 
     def _decode(self, final: torch.Tensor) -> list[str | None] | None:
         tok = self.teacher.tokenizer
-        if tok is None:
+        if tok is None or not self.cfg.stores_text:
             return None
         return tok.decode_batch(final.tolist(), skip_special_tokens=False)
 

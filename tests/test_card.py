@@ -27,12 +27,16 @@ from tsdfm.pipeline.manifest import Manifest
 
 
 def _contract_features() -> Features:
-    return Features.from_arrow_schema(trajectory_schema())
+    """The features of a default build: schema v2 without its optional text column."""
+    return Features.from_arrow_schema(trajectory_schema(2, text=False))
 
 
 def test_features_yaml_is_the_trajectory_schema():
-    assert Features._from_yaml_list(features_yaml()) == _contract_features()
-    assert [f["name"] for f in features_yaml()] == trajectory_schema().names
+    assert Features._from_yaml_list(features_yaml(2, False)) == _contract_features()
+    for version, text in ((1, True), (2, True), (2, False)):
+        names = [f["name"] for f in features_yaml(version, text)]
+        assert names == trajectory_schema(version, text).names
+    assert "text" not in trajectory_schema(2, text=False).names
 
 
 def test_build_writes_a_card_whose_yaml_matches_the_data(tiny_shaped_dataset):
@@ -134,9 +138,10 @@ def test_prose_has_provenance_statistics_schema_and_snippets(tiny_shaped_dataset
     assert f"| mean unigram entropy of final sequences (nats) | {ent:.4f} |" in body
     assert f"| bytes (Parquet, zstd) | {m['totals']['bytes']:,} |" in body
     assert statistics(m)["rows"] == 24 and statistics(m)["shaped_segments"] == segs == 96
-    for name in trajectory_schema().names:
+    for name in trajectory_schema(2, text=False).names:
         assert f"| `{name}` |" in body
-    assert "| `states` | `list<list<int32>>` |" in body
+    assert "| `tokens` | `list<int32>` |" in body and "| `text` |" not in body
+    assert "| `energies` | `list<list<float16>>` |" in body
 
 
 def test_distill_snippet_names_a_hub_teacher(tiny_blind_dataset):
@@ -168,7 +173,7 @@ def test_card_without_front_matter_is_refused():
 
 
 def test_features_come_from_the_datasets_serializer():
-    assert features_yaml() == _contract_features()._to_yaml_list()
+    assert features_yaml(2, text=False) == _contract_features()._to_yaml_list()
 
 
 def test_card_reads_back_through_huggingface_hub(tiny_shaped_dataset):

@@ -20,12 +20,14 @@ BUNDLED_COMPASS = "sha256:94714c42d0ce53c2953d9e7a4e6479586f3e2aa4e5fe91c29ecf64
 
 
 def _softmax_cfg(**nav) -> BuildConfig:
+    """A schema-v1 config as published datasets recorded it (v1: no schema_version key)."""
     navigator = NavigatorConfig(4, 32, 3, 0.25, "softmax", 0.5, **nav)
-    return BuildConfig("teacher", "compass", 3, 8, 8, navigator, 3, "fp32")
+    return BuildConfig("teacher", "compass", 3, 8, 8, navigator, 3, "fp32", schema_version=1)
 
 
 def _demo_cfg(k: int) -> BuildConfig:
-    return BuildConfig("t", "c" if k > 1 else None, 2, 32, 32, NavigatorConfig(8, 1024, k), 0)
+    compass = "c" if k > 1 else None
+    return BuildConfig("t", compass, 2, 32, 32, NavigatorConfig(8, 1024, k), 0, schema_version=1)
 
 
 def test_fingerprints_from_before_teacher_temperature_are_kept():
@@ -70,6 +72,24 @@ def test_default_config_records_exactly_the_old_fields():
         _softmax_cfg().fingerprint(TEACHER, COMPASS) == "sha256:" + hashlib.sha256(blob).hexdigest()
     )
     assert BuildConfig.from_dict(d) == _softmax_cfg()  # an old record loads at T = 1
+
+
+def test_schema_version_is_recorded_from_v2_on_and_changes_the_fingerprint():
+    v1 = _softmax_cfg()
+    v2 = BuildConfig(**{**v1.__dict__, "schema_version": 2})
+    assert BuildConfig("t", "c").schema_version == 2  # a build writes v2 by default
+    assert "schema_version" not in v1.to_dict() and v2.to_dict()["schema_version"] == 2
+    assert v2.fingerprint(TEACHER, COMPASS) != v1.fingerprint(TEACHER, COMPASS)
+    assert BuildConfig.from_dict(v1.to_dict()) == v1  # a record without it is v1's
+    assert BuildConfig.from_dict(v2.to_dict()) == v2
+    texted = BuildConfig(**{**v2.__dict__, "text": True})
+    assert texted.to_dict()["text"] is True and "text" not in v2.to_dict()
+    assert texted.fingerprint(TEACHER, COMPASS) != v2.fingerprint(TEACHER, COMPASS)
+    assert (v1.stores_text, v2.stores_text, texted.stores_text) == (True, False, True)
+    for bad, what in ((3, "schema_version=3"), (True, "schema_version=True"), ("x", "text=")):
+        field = "text" if what == "text=" else "schema_version"
+        with pytest.raises(ConfigError, match=what):
+            BuildConfig("t", "c", **{field: bad})
 
 
 def test_teacher_temperature_changes_the_fingerprint_and_round_trips():

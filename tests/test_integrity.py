@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tsdfm.models.checkpoint import load_checkpoint
-from tsdfm.models.data.schema import trajectory_schema
+from tsdfm.models.data.schema import decode_rows, encode_state_columns, layout_version
 from tsdfm.models.data.trajectories import LoaderConfig, TrajectoryLoader, open_trajectory_dataset
 from tsdfm.models.errors import DataError, ShardError
 from tsdfm.models.train.distill import DistillConfig, train_student
@@ -44,8 +44,15 @@ def _cfg(data, init, out, **kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
+def _column(path, part: str) -> str:
+    """The column that stores ``part`` in the shard's schema version (v2 states: tokens)."""
+    names = pq.ParquetFile(path).schema_arrow.names
+    return "tokens" if part == "states" and "tokens" in names else part
+
+
 def _flip_bit(path, part: str) -> None:
     """Flip one bit in the middle of ``part``: a column's chunk, or the footer's metadata."""
+    part = _column(path, part)
     data = bytearray(path.read_bytes())
     if part == "footer":
         at = data.rindex(b"teacher_identity") + 4
@@ -62,18 +69,19 @@ def _flip_bit(path, part: str) -> None:
 
 
 def _edit_rows(path, edit) -> None:
-    """Rewrite a shard with edit(ids, states) applied (metadata kept; the manifest goes stale)."""
+    """Rewrite a shard with edit(ids, states) applied (metadata kept; the manifest goes stale).
+    The edited states are stored as the shard's schema version stores them (v2: a row that
+    no longer follows the mask source is stored by its changes)."""
     pf = pq.ParquetFile(path)
     table = pf.read()
-    n = table.num_rows
     ids = table.column("trajectory_id").to_numpy().copy()
-    states = np.array(table.column("states").to_pylist(), dtype=np.int32)
+    states = decode_rows(table).states.copy()
     edit(ids, states)
-    schema = trajectory_schema()
+    schema = table.schema
     table = table.set_column(0, schema.field("trajectory_id"), pa.array(ids, pa.int64()))
-    j = table.column_names.index("states")
-    states_col = pa.array(states.reshape(n, -1, states.shape[2]).tolist(), schema.field(j).type)
-    table = table.set_column(j, schema.field(j), states_col)
+    for name, column in encode_state_columns(states, layout_version(schema.names)).items():
+        j = table.column_names.index(name)
+        table = table.set_column(j, schema.field(j), column)
     pq.write_table(table, path)
 
 
@@ -210,7 +218,7 @@ def test_without_a_manifest_a_shard_that_does_not_decode_is_one_line(tmp_path, t
     chunk = next(
         rg.column(j)
         for j in range(rg.num_columns)
-        if rg.column(j).path_in_schema.startswith("states")
+        if rg.column(j).path_in_schema.startswith(_column(path, "states"))
     )
     raw = bytearray(path.read_bytes())
     middle = chunk.data_page_offset + chunk.total_compressed_size // 2

@@ -127,7 +127,7 @@ def test_unrecorded_shard_file_is_todo(tmp_path):
             '{"schema_version": 1, "fingerprint": "x", "plan": {"num_shards": 2}, "shards": {}}',
             "plan.rows_per_shard must be a positive int",
         ),
-        ('{"schema_version": 2, "fingerprint": "x", "plan": {}}', "schema v2"),
+        ('{"schema_version": 3, "fingerprint": "x", "plan": {}}', "schema v3"),
     ],
 )
 def test_load_rejects_malformed_manifest(tmp_path, content, message):

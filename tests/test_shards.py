@@ -1,4 +1,5 @@
-"""The dataset contract (schema, TrajectoryBatch) and the shard writer/reader."""
+"""The dataset contract (schema, TrajectoryBatch) and the shard writer/reader, on schema v1
+(v2: tests/test_schema_v2.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from tsdfm.pipeline.shards import (
 )
 
 SHAPED = (False, True, True, False)  # S = 4: the first and last segments are blind
+V1 = {"schema_version": 1}  # these tests write schema v1 (the writer's default is v2)
 
 
 def make_batch(
@@ -68,7 +70,7 @@ def make_batch(
 
 
 def test_schema_is_the_contract():
-    schema = trajectory_schema()
+    schema = trajectory_schema(1)
     lst = lambda t: pa.list_(pa.field("element", t, nullable=False))  # noqa: E731
     expected = [
         ("trajectory_id", pa.int64(), False),
@@ -82,13 +84,13 @@ def test_schema_is_the_contract():
     ]
     assert [(f.name, f.type, f.nullable) for f in schema] == expected
     assert schema.metadata is None
-    assert SCHEMA_VERSION == 1 and METADATA_KEY == b"tsdfm"
+    assert SCHEMA_VERSION == 2 and METADATA_KEY == b"tsdfm"
 
 
 def test_round_trip_is_exact_and_unshaped_segments_are_empty_lists():
     batch = make_batch()
-    record = to_arrow(batch)
-    assert record.schema.equals(trajectory_schema())
+    record = to_arrow(batch, 1)
+    assert record.schema.equals(trajectory_schema(1))
     row = record.slice(1, 1).to_pylist()[0]
     assert [len(e) for e in row["energies"]] == [0, 3, 3, 0]
     assert row["chosen"][0] == 0 and row["chosen"][3] == 0
@@ -104,19 +106,19 @@ def test_round_trip_is_exact_and_unshaped_segments_are_empty_lists():
     assert back.chosen.dtype == np.int16 and back.shaped.tolist() == list(SHAPED)
     assert np.isnan(back.energies[:, ~back.shaped]).all()
     # a table of several chunks, sliced, gives the matching rows
-    table = pa.Table.from_batches([record, to_arrow(make_batch(start=6))]).slice(4, 5)
+    table = pa.Table.from_batches([record, to_arrow(make_batch(start=6), 1)]).slice(4, 5)
     assert from_arrow(table).trajectory_id.tolist() == [3004, 3005, 3006, 3007, 3008]
 
 
 def test_round_trip_of_blind_batch_without_text():
     batch = make_batch(shaped=(False, False), K=4, text=False)
-    record = to_arrow(batch)
+    record = to_arrow(batch, 1)
     assert record.column("text").null_count == batch.num_rows
     assert all(e == [[], []] for e in record.column("energies").to_pylist())
     assert from_arrow(record, num_candidates=4).equals(batch)
     assert from_arrow(record).num_candidates == 1  # K unknowable: the blind baseline
     with pytest.raises(DataError, match="K = 4 candidates, not 2"):
-        from_arrow(to_arrow(make_batch(K=4)), num_candidates=2)
+        from_arrow(to_arrow(make_batch(K=4), 1), num_candidates=2)
 
 
 @pytest.mark.parametrize(
@@ -140,8 +142,8 @@ def test_batch_validation_names_the_problem(change, message):
 
 def test_from_arrow_rejects_foreign_tables():
     with pytest.raises(DataError, match=r"lacks the column\(s\) \['energies'\]"):
-        from_arrow(pa.Table.from_batches([to_arrow(make_batch())]).drop_columns(["energies"]))
-    mixed = pa.Table.from_batches([to_arrow(make_batch()), to_arrow(make_batch(shard=4))])
+        from_arrow(pa.Table.from_batches([to_arrow(make_batch(), 1)]).drop_columns(["energies"]))
+    mixed = pa.Table.from_batches([to_arrow(make_batch(), 1), to_arrow(make_batch(shard=4), 1)])
     with pytest.raises(DataError, match="several shards"):
         from_arrow(mixed)
 
@@ -158,10 +160,10 @@ def test_shard_name():
 
 def test_same_rows_give_identical_bytes(tmp_path):
     rows = [make_batch(start=0), make_batch(start=6), make_batch(start=12)]
-    meta = {"fingerprint": "abc", "config": {"K": 3, "tau": 0.25}}
+    meta = {**V1, "fingerprint": "abc", "config": {"K": 3, "tau": 0.25}}
     a = write_shard(str(tmp_path / "a"), 3, 8, rows, meta, row_group_rows=5)
     # same rows, batched differently and given as Arrow, metadata keys in another order
-    table = pa.Table.from_batches([to_arrow(b) for b in rows])
+    table = pa.Table.from_batches([to_arrow(b, 1) for b in rows])
     split = [table.slice(0, 4), table.slice(4, 11), table.slice(15)]
     b = write_shard(
         str(tmp_path / "b"), 3, 8, split, dict(reversed(meta.items())), row_group_rows=5
@@ -179,7 +181,7 @@ def test_same_rows_give_identical_bytes(tmp_path):
 
 
 def test_file_metadata_and_parquet_options(tmp_path):
-    info = write_shard(str(tmp_path), 3, 8, [make_batch()], {"fingerprint": "abc", "seed": 7})
+    info = write_shard(str(tmp_path), 3, 8, [make_batch()], {**V1, "fingerprint": "abc", "seed": 7})
     md = pq.read_metadata(tmp_path / info.path)
     assert set(md.metadata) == {b"ARROW:schema", b"tsdfm"}  # never b"huggingface"
     assert md.metadata[b"tsdfm"] == (
@@ -197,7 +199,7 @@ def test_file_metadata_and_parquet_options(tmp_path):
         "seed": 7,
         "shard": 3,
     }
-    assert table.schema.equals(trajectory_schema(), check_metadata=True)
+    assert table.schema.equals(trajectory_schema(1), check_metadata=True)
     assert from_arrow(table).equals(make_batch())
 
 
@@ -207,16 +209,16 @@ def test_failed_write_leaves_no_file_under_any_name(tmp_path):
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError, match="worker died"):
-        write_shard(str(tmp_path), 3, 8, rows(), {}, row_group_rows=4)  # one group was written
+        write_shard(str(tmp_path), 3, 8, rows(), V1, row_group_rows=4)  # one group was written
     assert os.listdir(tmp_path / "data") == []
 
     with pytest.raises(ShardError, match="carry other shard indices"):
-        write_shard(str(tmp_path), 3, 8, [make_batch(shard=3), make_batch(shard=5)], {})
+        write_shard(str(tmp_path), 3, 8, [make_batch(shard=3), make_batch(shard=5)], V1)
     assert os.listdir(tmp_path / "data") == []
 
 
 def test_failed_rewrite_keeps_the_committed_shard(tmp_path, monkeypatch):
-    info = write_shard(str(tmp_path), 3, 8, [make_batch()], {})
+    info = write_shard(str(tmp_path), 3, 8, [make_batch()], V1)
     calls, seen = [], []
 
     def broken(self, table, row_group_size=None):
@@ -229,7 +231,7 @@ def test_failed_rewrite_keeps_the_committed_shard(tmp_path, monkeypatch):
     original = pq.ParquetWriter.write_table
     monkeypatch.setattr(pq.ParquetWriter, "write_table", broken)
     with pytest.raises(OSError, match="disk full"):
-        write_shard(str(tmp_path), 3, 8, [make_batch(B=10)], {}, row_group_rows=4)
+        write_shard(str(tmp_path), 3, 8, [make_batch(B=10)], V1, row_group_rows=4)
     assert calls == [4, 4]
     # midway, the new bytes lived under a hidden temp name beside the intact committed shard
     assert len(seen) == 2 and seen[1] == "train-00003-of-00008.parquet"
@@ -240,16 +242,16 @@ def test_failed_rewrite_keeps_the_committed_shard(tmp_path, monkeypatch):
 
 def test_row_groups_are_capped(tmp_path, monkeypatch):
     batches = [make_batch(start=s, B=10) for s in range(0, 50, 10)]
-    info = write_shard(str(tmp_path / "a"), 3, 8, batches, {}, row_group_rows=16)
+    info = write_shard(str(tmp_path / "a"), 3, 8, batches, V1, row_group_rows=16)
     md = pq.read_metadata(tmp_path / "a" / info.path)
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [16, 16, 16, 2]
 
     # default cap from the row shape: S=4, L=8, K=3 with 2 shaped segments is
     # 8+4+8 (ids) + 4*5 (times) + 2*4 (chosen) + 4*5*8 (states) + 4*2*3 (energies) = 232 bytes
-    table = pa.Table.from_batches([to_arrow(make_batch())])
+    table = pa.Table.from_batches([to_arrow(make_batch(), 1)])
     assert default_row_group_rows(table) == shards.MAX_ROW_GROUP_ROWS  # 32 MiB / 464 > 65536
     monkeypatch.setattr(shards, "ROW_GROUP_TARGET_BYTES", 8 * 1024)
-    info = write_shard(str(tmp_path / "b"), 3, 8, batches, {})
+    info = write_shard(str(tmp_path / "b"), 3, 8, batches, V1)
     md = pq.read_metadata(tmp_path / "b" / info.path)
     sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
     assert sizes == [17, 17, 16]  # 8192 // (2 * 232)
@@ -260,7 +262,7 @@ def test_memory_filesystem_and_cleanup():
     root = "memory://tsdfm-test-shards/ds"
     fs = fsspec.filesystem("memory")
     try:
-        info = write_shard(root, 3, 8, [make_batch()], {"fingerprint": "abc"})
+        info = write_shard(root, 3, 8, [make_batch()], {**V1, "fingerprint": "abc"})
         path = "/tsdfm-test-shards/ds/" + info.path
         assert fs.exists(path) and fs.size(path) == info.bytes
         assert file_sha256(path, fs) == info.sha256
@@ -280,7 +282,7 @@ def test_memory_filesystem_and_cleanup():
 
 def test_cleanup_temp_on_local_disk(tmp_path):
     assert cleanup_temp(str(tmp_path / "nothing-here")) == []
-    info = write_shard(str(tmp_path), 0, 2, [make_batch(shard=0)], {})
+    info = write_shard(str(tmp_path), 0, 2, [make_batch(shard=0)], V1)
     (tmp_path / "data" / ".train-00001-of-00002.parquet.tmp-deadbeef").write_bytes(b"partial")
     (tmp_path / "notes.tmp-1").write_text("not ours: no leading dot")
     assert len(cleanup_temp(str(tmp_path))) == 1
@@ -306,14 +308,14 @@ def test_write_shard_refuses_bad_metadata_and_rows(tmp_path):
     with pytest.raises(ShardError, match="not plain JSON"):
         write_shard(str(tmp_path), 3, 8, [make_batch()], {"gain": float("nan")})
     foreign = pa.table({"trajectory_id": pa.array([1], pa.int64())})
-    with pytest.raises(ShardError, match="do not have the trajectory schema"):
-        write_shard(str(tmp_path), 3, 8, [foreign], {})
+    with pytest.raises(ShardError, match="do not have the shard's trajectory schema v1"):
+        write_shard(str(tmp_path), 3, 8, [foreign], V1)
     assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []
 
 
 def test_datasets_reads_a_shard_with_the_contract_features(tmp_path):
     datasets = pytest.importorskip("datasets")
-    info = write_shard(str(tmp_path / "ds"), 3, 8, [make_batch()], {"fingerprint": "abc"})
+    info = write_shard(str(tmp_path / "ds"), 3, 8, [make_batch()], {**V1, "fingerprint": "abc"})
     ds = datasets.load_dataset(
         "parquet",
         data_files=str(tmp_path / "ds" / info.path),
@@ -367,7 +369,7 @@ def test_unusable_metadata_is_named_not_parsed_blindly(tmp_path, raw, problem):
     """Before: a RecursionError traceback, or "no tsdfm metadata" for metadata that was there."""
     meta, why = shards.parse_metadata(raw)
     assert meta is None and problem in why
-    table = pa.Table.from_batches([to_arrow(make_batch(shard=0))])
+    table = pa.Table.from_batches([to_arrow(make_batch(shard=0), 1)])
     (tmp_path / "data").mkdir()
     pq.write_table(table.replace_schema_metadata({"tsdfm": raw}), tmp_path / shard_name(0, 1))
     with pytest.raises(ShardError, match=re.escape(problem)):
@@ -386,19 +388,19 @@ def test_writer_refuses_rows_that_break_the_contract(tmp_path):
     seeds = ids  # dataset seed 0: seed = 0 · 2^32 + id
     fields = {f: getattr(good, f) for f in TrajectoryBatch.__dataclass_fields__}
     ok = TrajectoryBatch(**{**fields, "trajectory_id": ids, "seed": seeds})
-    info = write_shard(str(tmp_path / "ok"), 3, 8, [ok], {"config": config})
+    info = write_shard(str(tmp_path / "ok"), 3, 8, [ok], {**V1, "config": config})
     assert info.rows == 6
     shifted = TrajectoryBatch(**{**fields, "trajectory_id": ids + 1, "seed": seeds + 1})
     with pytest.raises(ShardError, match=r"shard 3, row 0 \(trajectory_id 19\), breaks the data"):
-        write_shard(str(tmp_path / "bad"), 3, 8, [shifted], {"config": config})
+        write_shard(str(tmp_path / "bad"), 3, 8, [shifted], {**V1, "config": config})
     blind = {**config, "navigator": {**config["navigator"], "candidates": 1}}
     with pytest.raises(ShardError, match=r"'0 ≤ chosen < K = 1'"):
-        write_shard(str(tmp_path / "bad"), 3, 8, [ok], {"config": blind})
+        write_shard(str(tmp_path / "bad"), 3, 8, [ok], {**V1, "config": blind})
     grid = TrajectoryBatch(
         **{**fields, "trajectory_id": ids, "seed": seeds, "times": [0, 1, 2, 3, 4]}
     )
     with pytest.raises(ShardError, match=r"'times increase strictly from 0 to 1'.*nothing was"):
-        write_shard(str(tmp_path / "bad"), 3, 8, [grid], {"config": config})
+        write_shard(str(tmp_path / "bad"), 3, 8, [grid], {**V1, "config": config})
     assert not (tmp_path / "bad" / "data").exists() or os.listdir(tmp_path / "bad" / "data") == []
 
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from tsdfm.models.data.schema import trajectory_schema
+from tsdfm.models.data.schema import layout_version, trajectory_schema, transcode
 from tsdfm.models.errors import DataError
 from tsdfm.models.hashing import canonical_json, file_sha256
 from tsdfm.pipeline.card import write_card
@@ -128,11 +128,13 @@ def _rewrite_shard(root, index: int, edit) -> None:
     """Rewrite shard ``index`` with edited rows and record it, so only the rows are wrong.
 
     The shard writer refuses rows that break the contract, so they are written by pyarrow
-    itself (the metadata as the writer writes it)."""
+    itself (the metadata as the writer writes it). ``edit`` sees the rows as schema v1 lists
+    (full states); they are stored back in the shard's own version (``transcode``)."""
     table, meta = read_shard(str(root), SHARD[index])
-    rows = table.to_pylist()
+    rows = transcode(table, 1).to_pylist()
     edit(rows)
-    bad = pa.Table.from_pylist(rows, schema=trajectory_schema())
+    bad = pa.Table.from_pylist(rows, schema=trajectory_schema(1))
+    bad = transcode(bad, layout_version(table.schema.names), "text" in table.schema.names)
     path = root / SHARD[index]
     pq.write_table(bad.replace_schema_metadata({"tsdfm": canonical_json(meta)}), path)
     info = ShardInfo(index, SHARD[index], bad.num_rows, path.stat().st_size, file_sha256(path))
@@ -228,10 +230,10 @@ def test_replay_rebuilds_the_same_bytes(tiny_shaped_dataset):
 
 def test_replay_catches_a_rewritten_shard(shaped):
     def edit(rows):
-        rows[0]["text"] = rows[0]["text"] + " "  # one character more in the decoded text
+        rows[0]["energies"][2][0] += 0.5  # one candidate energy off (K = 3, τ = 0.25)
 
     _rewrite_shard(shaped, 1, edit)  # recorded in the manifest and the card
-    assert verify(str(shaped)).ok  # the text is not checked against the tokens ...
+    assert verify(str(shaped)).ok  # energies are not checked against the compass ...
     report = verify(str(shaped), replay_shards=[1])  # ... but a replay compares bytes
     assert report.replayed == [1]
     assert _where(report) == [SHARD[1]]

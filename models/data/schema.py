@@ -46,7 +46,8 @@ import pyarrow.compute as pc
 
 from tsdfm.models.errors import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what a build writes by default
+SCHEMA_VERSIONS = (1, 2)  # what this package reads and writes
 METADATA_KEY = b"tsdfm"
 # the keys of a shard's tsdfm metadata (docs/schema.md); verify refuses any other
 METADATA_KEYS = frozenset(
@@ -72,20 +73,73 @@ def _list_of(value_type: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("element", value_type, nullable=False))
 
 
-def trajectory_schema() -> pa.Schema:
-    """The Arrow schema of a trajectory shard (without file metadata)."""
-    return pa.schema(
-        [
-            pa.field("trajectory_id", pa.int64(), nullable=False),
-            pa.field("shard", pa.int32(), nullable=False),
-            pa.field("seed", pa.int64(), nullable=False),
-            pa.field("times", _list_of(pa.float32()), nullable=False),
-            pa.field("states", _list_of(_list_of(pa.int32())), nullable=False),
-            pa.field("energies", _list_of(_list_of(pa.float32())), nullable=False),
-            pa.field("chosen", _list_of(pa.int16()), nullable=False),
-            pa.field("text", pa.string(), nullable=True),
-        ]
-    )
+def trajectory_schema(version: int = SCHEMA_VERSION, text: bool = True) -> pa.Schema:
+    """The Arrow schema of a trajectory shard (without file metadata).
+
+    Args:
+        version: the schema version (:data:`SCHEMA_VERSIONS`).
+        text: v2 only: whether the optional ``text`` column is present (v1 always has it).
+    """
+    _check_version(version)
+    head = [
+        pa.field("trajectory_id", pa.int64(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("times", _list_of(pa.float32()), nullable=False),
+    ]
+    if version == 1:
+        return pa.schema(
+            [
+                *head,
+                pa.field("states", _list_of(_list_of(pa.int32())), nullable=False),
+                pa.field("energies", _list_of(_list_of(pa.float32())), nullable=False),
+                pa.field("chosen", _list_of(pa.int16()), nullable=False),
+                pa.field("text", pa.string(), nullable=True),
+            ]
+        )
+    fields = [
+        *head,
+        pa.field("tokens", _list_of(pa.int32()), nullable=False),
+        pa.field("mask_token", pa.int32(), nullable=True),
+        pa.field("reveal", _list_of(pa.int16()), nullable=True),
+        pa.field("changed_positions", _list_of(_list_of(pa.int32())), nullable=True),
+        pa.field("previous_tokens", _list_of(_list_of(pa.int32())), nullable=True),
+        pa.field("energies", _list_of(_list_of(pa.float16())), nullable=False),
+        pa.field("chosen", _list_of(pa.int16()), nullable=False),
+    ]
+    if text:
+        fields.append(pa.field("text", pa.string(), nullable=True))
+    return pa.schema(fields)
+
+
+def _check_version(version: Any) -> None:
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
+        raise DataError(
+            f"trajectory schema v{version} is unknown; this tsdfm-pipeline reads and writes "
+            f"v{' and v'.join(map(str, SCHEMA_VERSIONS))}"
+        )
+
+
+def layout_version(names: list[str]) -> int:
+    """The schema version a table's columns follow: v1 stores ``states``, v2 ``tokens``."""
+    return 2 if "tokens" in names and "states" not in names else 1
+
+
+# the columns each field of TrajectoryRows is stored in, per schema version ("states" is the
+# only field v2 stores differently: the final tokens and what rebuilds the earlier states)
+_V2_STATES = ("tokens", "mask_token", "reveal", "changed_positions", "previous_tokens")
+
+
+def stored_columns(fields: tuple[str, ...], version: int) -> tuple[str, ...]:
+    """The Parquet columns that hold ``fields`` (TrajectoryRows / v1 column names) in a file of
+    schema ``version``; e.g. what a trainer reads: ``stored_columns(TRAIN_COLUMNS, 2)``."""
+    _check_version(version)
+    if version == 1:
+        return tuple(fields)
+    out: list[str] = []
+    for f in fields:
+        out += _V2_STATES if f == "states" else (f,)
+    return tuple(dict.fromkeys(out))
 
 
 def _numpy(value: Any, name: str) -> np.ndarray:
@@ -270,36 +324,204 @@ def _list_array(lengths: np.ndarray, values: pa.Array, type_: pa.DataType, what:
     return pa.ListArray.from_arrays(_offsets(lengths, what), values, type=type_)
 
 
-def to_arrow(batch: TrajectoryBatch) -> pa.RecordBatch:
-    """The batch as a RecordBatch of :func:`trajectory_schema`; B rows.
+def to_arrow(
+    batch: TrajectoryBatch, version: int = SCHEMA_VERSION, text: bool = True
+) -> pa.RecordBatch:
+    """The batch as a RecordBatch of :func:`trajectory_schema` (``version``, ``text``); B rows.
+
+    v2 stores each row's states in the smallest exact form (:func:`encode_states`) and the
+    energies as float16; ``text=False`` leaves v2's text column out (v1 always has it).
+    The one encoder is :func:`encode_rows`.
+    """
+    return encode_rows(batch_rows(batch), version, text)
+
+
+def encode_rows(
+    rows: TrajectoryRows, version: int = SCHEMA_VERSION, text: bool = True
+) -> pa.RecordBatch:
+    """Decoded rows (every field present) as a RecordBatch of :func:`trajectory_schema`
+    (``version``, ``text``): the inverse of :func:`decode_rows` (v2 energies rounded to
+    float16). Rows may differ in grid and shaping; values are not range-checked (that is
+    :class:`TrajectoryBatch`'s and the row invariants' job), so :func:`transcode` can carry
+    any decodable rows from one version to another.
 
     Vectorised: every list column is built from one flat numpy buffer and its offsets.
     """
-    schema = trajectory_schema()
-    B, S, L, K = batch.num_rows, batch.num_segments, batch.seq_len, batch.num_candidates
+    assert rows.shard is not None and rows.seed is not None and rows.chosen is not None
+    assert rows.energies is not None and rows.shaped is not None
+    schema = trajectory_schema(version, text)
+    n, S, K = rows.num_rows, rows.num_segments, rows.energies.shape[2]
     typ = {f.name: f.type for f in schema}
 
-    times = _list_array(np.full(B, S + 1), pa.array(np.tile(batch.times, B)), typ["times"], "times")
-    tokens = pa.array(batch.states.reshape(-1))
-    rows = _list_array(np.full(B * (S + 1), L), tokens, typ["states"].value_type, "states")
-    states = _list_array(np.full(B, S + 1), rows, typ["states"], "states")
-    seg_lengths = np.tile(np.where(batch.shaped, K, 0), B)  # (B*S,)
-    energy_values = pa.array(batch.energies[:, batch.shaped, :].reshape(-1))
-    segments = _list_array(seg_lengths, energy_values, typ["energies"].value_type, "energies")
-    energies = _list_array(np.full(B, S), segments, typ["energies"], "energies")
-    chosen = _list_array(np.full(B, S), pa.array(batch.chosen.reshape(-1)), typ["chosen"], "chosen")
-    text = pa.nulls(B, pa.string()) if batch.text is None else pa.array(batch.text, pa.string())
+    times = _list_array(np.full(n, S + 1), pa.array(rows.times.reshape(-1)), typ["times"], "times")
+    shaped = np.asarray(rows.shaped)
+    seg_lengths = np.where(shaped, K, 0).reshape(-1)  # (n*S,)
+    values = np.asarray(rows.energies, dtype=np.float32)[shaped].reshape(-1)
+    if version == 2:
+        values = _float16(values)
+    segments = _list_array(seg_lengths, pa.array(values), typ["energies"].value_type, "energies")
+    energies = _list_array(np.full(n, S), segments, typ["energies"], "energies")
+    chosen = np.ascontiguousarray(rows.chosen, dtype=np.int16).reshape(-1)
     columns = [
-        pa.array(batch.trajectory_id),
-        pa.array(np.full(B, batch.shard, dtype=np.int32)),
-        pa.array(batch.seed),
+        pa.array(np.asarray(rows.ids, dtype=np.int64)),
+        pa.array(np.asarray(rows.shard, dtype=np.int32)),
+        pa.array(np.asarray(rows.seed, dtype=np.int64)),
         times,
-        states,
+        *encode_state_columns(rows.states, version).values(),
         energies,
-        chosen,
-        text,
+        _list_array(np.full(n, S), pa.array(chosen), typ["chosen"], "chosen"),
     ]
+    if "text" in typ:
+        columns.append(pa.array(rows.text or [None] * n, pa.string()))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def transcode(table: pa.Table | pa.RecordBatch, version: int, text: bool = True) -> pa.Table:
+    """Rows of any schema version re-encoded in ``version`` (``decode_rows`` then
+    :func:`encode_rows`); the decoded states are the same bit for bit."""
+    return pa.Table.from_batches([encode_rows(decode_rows(table), version, text)])
+
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _float16(values: np.ndarray) -> np.ndarray:
+    """float32 energies as float16 (round to nearest), refusing any that would overflow."""
+    big = np.abs(values) > _FLOAT16_MAX
+    if big.any():
+        raise DataError(
+            f"an energy of {values[big][0]:.6g} exceeds the float16 range (±{_FLOAT16_MAX:.0f}) "
+            "of trajectory schema v2; build the dataset with schema_version 1 (float32)"
+        )
+    return values.astype(np.float16)
+
+
+def encode_state_columns(states: np.ndarray, version: int) -> dict[str, pa.Array]:
+    """The columns that store the states (n, S+1, L) in schema ``version``, by name, in schema
+    order: v1 ``states``; v2 ``tokens``, ``mask_token``, ``reveal``, ``changed_positions``,
+    ``previous_tokens`` (:func:`encode_states`). Values are not range-checked here."""
+    typ = {f.name: f.type for f in trajectory_schema(version)}
+    states = np.ascontiguousarray(states, dtype=np.int32)
+    arrays = _states_v1(states, typ) if version == 1 else _states_v2(states, typ)
+    return dict(zip(stored_columns(("states",), version), arrays, strict=True))
+
+
+def _states_v1(states: np.ndarray, typ: dict) -> list[pa.Array]:
+    B, S1, L = states.shape
+    rows = _list_array(
+        np.full(B * S1, L), pa.array(states.reshape(-1)), typ["states"].value_type, "states"
+    )
+    return [_list_array(np.full(B, S1), rows, typ["states"], "states")]
+
+
+@dataclass(frozen=True)
+class EncodedStates:
+    """The v2 form of n rows of states (n, S+1, L); each row in exactly one of two forms.
+
+    Attributes:
+        tokens: (n, L) the final state x_1 = states[S].
+        by_reveal: (n,) True where the row is stored by its reveal segments: x_0 = [MASK]^L and
+            every position turns from [MASK] to its final token once (the mask source).
+        mask_token: (n,) int32 [MASK] id of those rows (0 elsewhere, stored as null).
+        reveal: (n, L) int16 segment k in which position i was revealed: states[m][i] =
+            [MASK] for m ≤ k and tokens[i] for m > k (0 where not by_reveal, stored as null).
+        change_counts: (n, S) the number of positions that change in segment k (rows not
+            by_reveal; 0 elsewhere).
+        changed_positions: (c,) the positions i with states[k+1][i] ≠ states[k][i], ascending,
+            row-major over (row, segment).
+        previous_tokens: (c,) states[k][i] at those positions (the token before the change).
+    """
+
+    tokens: np.ndarray
+    by_reveal: np.ndarray
+    mask_token: np.ndarray
+    reveal: np.ndarray
+    change_counts: np.ndarray
+    changed_positions: np.ndarray
+    previous_tokens: np.ndarray
+
+
+def encode_states(states: np.ndarray) -> EncodedStates:
+    """The smallest exact v2 form of each row of ``states`` (n, S+1, L).
+
+    A row is stored by its reveal segments when that rebuilds it exactly (the mask source:
+    final tokens plus one segment index per position); otherwise (the uniform source) by the
+    positions that change in each segment and the tokens they held before. Either way
+    :func:`decode_states` gives back ``states`` bit for bit.
+    """
+    n, S1 = states.shape[:2]
+    S = S1 - 1
+    tokens = states[:, S]
+    M = states[:, 0, 0].astype(np.int32)
+    revealed = states != M[:, None, None]  # (n, S+1, L)
+    # the reveal segment: the last state index still at [MASK] (argmax finds the first revealed)
+    reveal = (revealed.argmax(1) - 1).astype(np.int16)
+    by_reveal = (_rebuild_by_reveal(tokens, M, np.clip(reveal, 0, None), S) == states).all((1, 2))
+    by_reveal &= (reveal >= 0).all(1) & revealed[:, S].all(1)
+    mask_token = np.where(by_reveal, M, 0).astype(np.int32)
+    reveal = np.where(by_reveal[:, None], reveal, 0).astype(np.int16)
+    other = states[~by_reveal]
+    changed = other[:, 1:] != other[:, :-1]  # (n', S, L)
+    j, k, i = np.nonzero(changed)
+    counts = np.zeros((n, S), dtype=np.int64)
+    counts[~by_reveal] = changed.sum(2)
+    return EncodedStates(
+        tokens=np.ascontiguousarray(tokens, dtype=np.int32),
+        by_reveal=by_reveal,
+        mask_token=mask_token,
+        reveal=reveal,
+        change_counts=counts,
+        changed_positions=i.astype(np.int32),
+        previous_tokens=other[j, k, i].astype(np.int32),
+    )
+
+
+def _rebuild_by_reveal(tokens: np.ndarray, M: np.ndarray, reveal: np.ndarray, S: int) -> np.ndarray:
+    """states[j, m, i] = tokens[j, i] if m > reveal[j, i] else M[j]; (n, S+1, L)."""
+    m = np.arange(S + 1)[None, :, None]
+    return np.where(m > reveal[:, None, :], tokens[:, None, :], M[:, None, None]).astype(np.int32)
+
+
+def decode_states(enc: EncodedStates) -> np.ndarray:
+    """The states (n, S+1, L) of :func:`encode_states`' form (its exact inverse)."""
+    n, S = enc.change_counts.shape
+    states = np.empty((n, S + 1, enc.tokens.shape[1]), dtype=np.int32)
+    r = enc.by_reveal
+    states[r] = _rebuild_by_reveal(enc.tokens[r], enc.mask_token[r], enc.reveal[r], S)
+    # the other rows backwards from x_1: states[k] = states[k+1] with the changed positions
+    # of segment k put back to their previous tokens
+    rows = np.flatnonzero(~r)
+    counts = enc.change_counts[rows]  # (n', S)
+    j = np.repeat(np.repeat(rows, S), counts.reshape(-1))
+    k = np.repeat(np.tile(np.arange(S), rows.size), counts.reshape(-1))
+    states[rows, S] = enc.tokens[rows]
+    for seg in range(S - 1, -1, -1):
+        states[rows, seg] = states[rows, seg + 1]
+        at = k == seg
+        states[j[at], seg, enc.changed_positions[at]] = enc.previous_tokens[at]
+    return states
+
+
+def _states_v2(states: np.ndarray, typ: dict) -> list[pa.Array]:
+    B, S1, L = states.shape
+    enc = encode_states(states)
+    r = enc.by_reveal
+    tokens = _list_array(np.full(B, L), pa.array(enc.tokens.reshape(-1)), typ["tokens"], "tokens")
+    mask = pa.array(enc.mask_token, mask=~r)
+    reveal_values = pa.array(enc.reveal[r].reshape(-1))
+    reveal = pa.ListArray.from_arrays(
+        _offsets(np.where(r, L, 0), "reveal"), reveal_values, typ["reveal"], mask=pa.array(~r)
+    )
+    counts = enc.change_counts[~r].reshape(-1)
+    seg_offsets = _offsets(np.where(~r, S1 - 1, 0), "changed_positions")
+    out = [tokens, mask, reveal]
+    for name, values in (
+        ("changed_positions", enc.changed_positions),
+        ("previous_tokens", enc.previous_tokens),
+    ):
+        inner = _list_array(counts, pa.array(values), typ[name].value_type, name)
+        out.append(pa.ListArray.from_arrays(seg_offsets, inner, typ[name], mask=pa.array(r)))
+    return out
 
 
 # --------------------------------------------------------------------------- the decoder
@@ -402,47 +624,59 @@ def decode_rows(
     seq_len: int | None = None,
     num_candidates: int | None = None,
 ) -> TrajectoryRows:
-    """Arrow rows of the trajectory schema → :class:`TrajectoryRows` (the one decoder).
+    """Arrow rows of the trajectory schema, v1 or v2 → :class:`TrajectoryRows` (the one decoder).
 
-    The shape is checked while decoding (every row has S+1 times and states, L tokens per
-    state, S energy lists of 0 or K values, S chosen indices, no nulls): a row that breaks it
-    raises :class:`RowError` naming all such rows.
+    The version is read from the columns (:func:`layout_version`); v2 states are rebuilt
+    exactly from their stored form (:func:`decode_states`) and float16 energies widened to
+    float32, so every reader sees the same arrays whichever version a file has. The shape is
+    checked while decoding (every row has S+1 times and states, L tokens per state, S energy
+    lists of 0 or K values, S chosen indices, no nulls; v2: one stored form of the states per
+    row, reveal segments in 0..S-1, changed positions ascending in 0..L-1): a row that breaks
+    it raises :class:`RowError` naming all such rows.
 
     Args:
         table: rows of one shard (a datasets-read table with nullable fields is fine).
-        columns: the columns to decode (default: all; ``TRAIN_COLUMNS`` for a trainer).
+        columns: the fields to decode, as TrajectoryRows / v1 names (default: all;
+            ``TRAIN_COLUMNS`` for a trainer); v2's optional text reads as None when absent.
         steps: S, when known (else read from the first row).
         seq_len: L, when known (else read from the first row).
         num_candidates: K, when known; else read from the data (1 when no segment is shaped).
     """
-    schema = trajectory_schema()
-    names = schema.names if columns is None else list(columns)
-    missing = [c for c in (*TRAIN_COLUMNS, *names) if c not in table.schema.names]
+    version = layout_version(table.schema.names)
+    schema = trajectory_schema(version)
+    fields = trajectory_schema(1).names if columns is None else list(columns)
+    want = list(stored_columns(tuple(dict.fromkeys((*TRAIN_COLUMNS, *fields))), version))
+    if version == 2 and "text" not in table.schema.names and "text" in want:
+        want.remove("text")  # optional in v2
+    missing = [c for c in want if c not in table.schema.names]
     if missing:
         raise DataError(
             f"table lacks the column(s) {sorted(set(missing), key=schema.names.index)} of the "
-            f"trajectory schema v{SCHEMA_VERSION}: it is not a tsdfm trajectory dataset, or one "
-            "written by another schema version"
+            f"trajectory schema v{version}: it is not a tsdfm trajectory dataset, or it was "
+            "altered"
         )
-    col = {c: _flat(table.column(c)) for c in dict.fromkeys((*TRAIN_COLUMNS, *names))}
+    col = {c: _flat(table.column(c)) for c in want}
     for c, arr in col.items():
-        want = schema.field(c).type
-        if _depth(arr.type) != _depth(want) or (c == "text") != pa.types.is_string(arr.type):
+        target = schema.field(c)
+        if _depth(arr.type) != _depth(target.type) or (c == "text") != pa.types.is_string(arr.type):
             raise DataError(
-                f"column {c} is {arr.type}, the trajectory schema v{SCHEMA_VERSION} says {want}: "
-                "it was written by another schema version"
+                f"column {c} is {arr.type}, the trajectory schema v{version} says "
+                f"{target.type}: it was written by another schema version, or altered"
             )
-        if c != "text" and arr.null_count:
+        if not target.nullable and arr.null_count:
             raise RowError(f"{c} is not null", arr.is_null().to_numpy(zero_copy_only=False))
     n = table.num_rows
     what = "times has S+1 = {n} values"
     S1 = _uniform(_lengths(col["times"]), None if steps is None else steps + 1, what)
     times = col["times"].flatten().to_numpy().astype(np.float32).reshape(n, S1)
-    outer = col["states"]
-    _uniform(_lengths(outer), S1, "states has S+1 = {n} rows")
-    inner = outer.flatten()
-    L = _uniform(_lengths(inner), seq_len, "every state has L = {n} tokens", S1)
-    states = inner.flatten().to_numpy().astype(np.int32).reshape(n, S1, L)
+    if version == 1:
+        outer = col["states"]
+        _uniform(_lengths(outer), S1, "states has S+1 = {n} rows")
+        inner = outer.flatten()
+        L = _uniform(_lengths(inner), seq_len, "every state has L = {n} tokens", S1)
+        states = inner.flatten().to_numpy().astype(np.int32).reshape(n, S1, L)
+    else:
+        states = decode_states(_stored_states(col, n, S1 - 1, seq_len))
     rows: dict[str, Any] = {"ids": col["trajectory_id"].to_numpy().astype(np.int64)}
     rows.update(times=times, states=states)
     if "shard" in col:
@@ -456,7 +690,70 @@ def decode_rows(
         rows["chosen"] = col["chosen"].flatten().to_numpy().astype(np.int16).reshape(n, S1 - 1)
     if "text" in col:
         rows["text"] = col["text"].to_pylist()
+    elif "text" in fields:
+        rows["text"] = [None] * n
     return TrajectoryRows(**rows)
+
+
+def _stored_states(col: dict[str, pa.Array], n: int, S: int, seq_len: int | None) -> EncodedStates:
+    """The v2 columns of n rows as an :class:`EncodedStates`, every row's form checked."""
+    L = _uniform(_lengths(col["tokens"]), seq_len, "tokens has L = {n} values")
+    tokens = col["tokens"].flatten().to_numpy().astype(np.int32).reshape(n, L)
+    r = col["mask_token"].is_valid().to_numpy(zero_copy_only=False)
+    lengths = {c: _lengths(col[c]) for c in ("reveal", "changed_positions", "previous_tokens")}
+    bad = np.where(
+        r,
+        (lengths["reveal"] != L)
+        | (lengths["changed_positions"] != -1)
+        | (lengths["previous_tokens"] != -1),
+        (lengths["reveal"] != -1)
+        | (lengths["changed_positions"] != S)
+        | (lengths["previous_tokens"] != S),
+    )
+    if bad.any():
+        raise RowError(
+            f"a row stores either mask_token and L = {L} reveal segments, or S = {S} "
+            "changed_positions and previous_tokens lists",
+            bad,
+        )
+    mask_token = col["mask_token"].fill_null(0).to_numpy().astype(np.int32)
+    reveal = np.zeros((n, L), dtype=np.int16)
+    reveal[r] = col["reveal"].flatten().to_numpy().astype(np.int16).reshape(-1, L)
+    bad = r & ((reveal < 0) | (reveal >= S)).any(1)
+    if bad.any():
+        raise RowError(f"reveal holds segments 0..S-1 = {S - 1}", bad)
+    rows = np.flatnonzero(~r)
+    segments = {c: col[c].flatten() for c in ("changed_positions", "previous_tokens")}
+    counts = _lengths(segments["changed_positions"])  # (n' S,)
+    bad = np.zeros(n, dtype=bool)
+    bad[rows] = (counts != _lengths(segments["previous_tokens"])).reshape(-1, S).any(1)
+    if bad.any():
+        raise RowError("previous_tokens has one token per changed position", bad)
+    positions = segments["changed_positions"].flatten().to_numpy().astype(np.int64)
+    previous = segments["previous_tokens"].flatten().to_numpy().astype(np.int32)
+    seg = np.repeat(np.arange(counts.shape[0]), counts)
+    out_of_order = (seg[1:] == seg[:-1]) & (positions[1:] <= positions[:-1])
+    bad_seg = np.zeros(counts.shape[0], dtype=bool)
+    bad_seg[seg[1:][out_of_order]] = True
+    bad_seg[seg[(positions < 0) | (positions >= L)]] = True
+    bad[rows] = bad_seg.reshape(-1, S).any(1)
+    if bad.any():
+        raise RowError(f"changed_positions rise strictly within 0..L-1 = {L - 1}", bad)
+    return EncodedStates(
+        tokens=tokens,
+        by_reveal=r,
+        mask_token=mask_token,
+        reveal=reveal,
+        change_counts=_scatter(counts, rows, n, S),
+        changed_positions=positions.astype(np.int32),
+        previous_tokens=previous,
+    )
+
+
+def _scatter(counts: np.ndarray, rows: np.ndarray, n: int, S: int) -> np.ndarray:
+    out = np.zeros((n, S), dtype=np.int64)
+    out[rows] = counts.reshape(-1, S)
+    return out
 
 
 def _decode_energies(arr: pa.Array, n: int, S: int, num_candidates: int | None) -> dict:
@@ -587,14 +884,29 @@ def decode_metadata(raw: bytes | None, *, strict: bool = True) -> dict[str, Any]
     return meta
 
 
-def check_schema_version(meta: dict[str, Any]) -> None:
-    """DataError unless the metadata's ``schema_version`` is the one this package reads."""
+def check_schema_version(meta: dict[str, Any]) -> int:
+    """The metadata's ``schema_version`` when this package reads it (:data:`SCHEMA_VERSIONS`),
+    else a DataError."""
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
+        known = " and v".join(map(str, SCHEMA_VERSIONS))
         raise DataError(
-            f"uses trajectory schema v{version}, but this tsdfm-pipeline reads "
-            f"v{SCHEMA_VERSION}: install the tsdfm-pipeline version that built the dataset"
+            f"uses trajectory schema v{version}, but this tsdfm-pipeline reads v{known}: "
+            "install the tsdfm-pipeline version that built the dataset"
         )
+    return int(version)
+
+
+def stores_text(meta: dict[str, Any]) -> bool:
+    """Whether a shard with this ``tsdfm`` metadata has a text column: always in v1; in v2
+    when its build config asked for it (``text: true``)."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return meta.get("schema_version") == 1 or config.get("text") is True
+
+
+def shard_schema(meta: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema of a shard with this ``tsdfm`` metadata (version and text column)."""
+    return trajectory_schema(check_schema_version(meta), stores_text(meta))
 
 
 @dataclass(frozen=True)

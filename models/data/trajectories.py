@@ -57,7 +57,6 @@ from tsdfm.models.data.integrity import (
     read_manifest_digests,
 )
 from tsdfm.models.data.schema import (
-    SCHEMA_VERSION,
     TRAIN_COLUMNS,
     MetadataError,
     RowError,
@@ -67,6 +66,7 @@ from tsdfm.models.data.schema import (
     grid_is,
     grid_rises_from_0_to_1,
     parquet_footer,
+    stored_columns,
     trajectory_schema,
 )
 from tsdfm.models.errors import ConfigError, DataError
@@ -170,18 +170,21 @@ def _read_footer(url: str) -> tuple[list[str], dict]:
         raise DataError(f"shard {url} {e}") from None
 
 
-def check_shard_footer(url: str, names: list[str], info: dict) -> None:
-    """Columns and schema version of one shard, or a DataError that says what to do."""
-    missing = [c for c in trajectory_schema().names if c not in names]
+def check_shard_footer(url: str, names: list[str], info: dict) -> int:
+    """Schema version and columns of one shard, or a DataError that says what to do; returns
+    the version (v1 and v2 are read alike: ``schema.decode_rows``)."""
+    try:
+        version = check_schema_version(info)
+    except DataError as e:
+        raise DataError(f"shard {url} {e}") from None
+    want = stored_columns(trajectory_schema(1).names, version)
+    missing = [c for c in want if c not in names and not (c == "text" and version == 2)]
     if missing:
         raise DataError(
             f"shard {url} lacks the column(s) {', '.join(missing)} of the trajectory schema "
-            f"v{SCHEMA_VERSION}; it is not a tsdfm trajectory dataset, or it was altered"
+            f"v{version}; it is not a tsdfm trajectory dataset, or it was altered"
         )
-    try:
-        check_schema_version(info)
-    except DataError as e:
-        raise DataError(f"shard {url} {e}") from None
+    return version
 
 
 @dataclass(frozen=True)
@@ -272,8 +275,9 @@ class TrajectorySource:
             return Path(url).relative_to(self.ref.id).as_posix()
         return url
 
-    def file_dataset(self, index: int, columns: tuple[str, ...] = TRAIN_COLUMNS):
-        """Shard file ``index`` as a streaming ``datasets.IterableDataset`` of ``columns``."""
+    def file_dataset(self, index: int, columns: tuple[str, ...] = TRAIN_COLUMNS, version: int = 1):
+        """Shard file ``index`` as a streaming ``datasets.IterableDataset`` of the columns that
+        store the fields ``columns`` in schema ``version`` (``schema.stored_columns``)."""
         from datasets import load_dataset
 
         # datasets logs a shard that fails to decode before raising; iter_tables reports it in
@@ -285,7 +289,7 @@ class TrajectorySource:
             data_files={SPLIT: [self.files[index]]},
             split=SPLIT,
             streaming=True,
-            columns=list(columns),
+            columns=list(stored_columns(columns, version)),
         )
 
     def check_digest(self, index: int) -> None:
@@ -314,7 +318,9 @@ class TrajectorySource:
         the shard is checked first (:meth:`check_shard`) and, when verifying, every row."""
         info = self.check_shard(index)
         first_id = _first_id(info)
-        tables = self.file_dataset(index).with_format("arrow").iter(batch_size=rows)
+        version = check_schema_version(info)
+        tables = self.file_dataset(index, TRAIN_COLUMNS, version)
+        tables = tables.with_format("arrow").iter(batch_size=rows)
         row = 0
         while True:
             try:
