@@ -594,19 +594,23 @@ class LoaderConfig:
 
 @dataclass
 class StreamPosition:
-    """Where a stream resumes: window ``window`` starts at row ``row`` of its ``file``-th file
-    (in the stream's file order) and its first ``offset`` examples are consumed."""
+    """Where a stream resumes: in its epoch ``epoch``, window ``window`` starts at row ``row``
+    of its ``file``-th file (in the stream's file order) and its first ``offset`` examples are
+    consumed; ``done``: the stream has no more batches in that epoch."""
 
     file: int = 0
     row: int = 0
     window: int = 0
     offset: int = 0
     done: bool = False
+    epoch: int = 0
 
 
 @dataclass
 class LoaderState:
-    """The data position: epoch, round-robin pointer, and every stream's position."""
+    """The data position of one lane (see :class:`TrajectoryLoader`): its epoch, its
+    round-robin pointer (an index into the lane's streams), the batches it gave, and the
+    position of every stream of the job (those of other lanes are carried, not advanced)."""
 
     epoch: int = 0
     pointer: int = 0
@@ -623,12 +627,34 @@ class LoaderState:
 
     @staticmethod
     def from_dict(d: dict) -> LoaderState:
+        epoch = int(d["epoch"])  # a stream without its own epoch is in the state's
         return LoaderState(
-            epoch=int(d["epoch"]),
+            epoch=epoch,
             pointer=int(d["pointer"]),
             batches=int(d.get("batches", 0)),
-            streams=[StreamPosition(**s) for s in d["streams"]],
+            streams=[StreamPosition(**{"epoch": epoch, **s}) for s in d["streams"]],
         )
+
+
+def merge_lane_states(states: list[dict]) -> dict:
+    """The job's data position from the states of its lanes (``states[r]`` of lane r): each
+    stream's position from the lane that owns it (stream s belongs to lane s mod lanes), each
+    lane's epoch, pointer and batch count.
+
+    The result is what :meth:`TrajectoryLoader.load_state_dict` takes, on any number of
+    lanes; with one lane it is that lane's state.
+    """
+    lanes = len(states)
+    if lanes == 1:
+        return states[0]
+    streams = [states[s % lanes]["streams"][s] for s in range(len(states[0]["streams"]))]
+    return {
+        "epoch": min(st["epoch"] for st in states),
+        "pointer": states[0]["pointer"],
+        "batches": sum(st["batches"] for st in states),
+        "streams": streams,
+        "lanes": [{k: st[k] for k in ("epoch", "pointer", "batches")} for st in states],
+    }
 
 
 def epoch_files(num_files: int, seed: int, epoch: int, stream: int, streams: int) -> list[int]:
@@ -727,13 +753,13 @@ def stream_batches(
 
 
 class _StreamWorkers(torch.utils.data.IterableDataset):
-    """The DataLoader side: worker w runs the streams s ≡ w (mod workers), round-robin, and
-    yields (stream, kind, payload) items: ("batch", (ExampleBatch, position)), ("end", None)
-    or ("error", message)."""
+    """The DataLoader side: worker w runs the i-th of the ``active`` streams for i ≡ w (mod
+    workers), round-robin, and yields (stream, kind, payload) items: ("batch", (ExampleBatch,
+    position)), ("end", None) or ("error", message)."""
 
-    def __init__(self, source, cfg, epoch, starts, workers, max_token_id):
+    def __init__(self, source, cfg, epoch, starts, active, workers, max_token_id):
         super().__init__()
-        self.source, self.cfg, self.epoch = source, cfg, epoch
+        self.source, self.cfg, self.epoch, self.active = source, cfg, epoch, active
         self.starts, self.workers, self.max_token_id = starts, workers, max_token_id
 
     def __iter__(self):
@@ -741,9 +767,7 @@ class _StreamWorkers(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         w = 0 if info is None else info.id
-        mine = [
-            s for s in range(self.cfg.streams) if s % self.workers == w and not self.starts[s].done
-        ]
+        mine = [s for i, s in enumerate(self.active) if i % self.workers == w]
         gens = {
             s: stream_batches(
                 self.source, self.cfg, self.epoch, s, self.starts[s], self.max_token_id
@@ -761,7 +785,7 @@ class _StreamWorkers(torch.utils.data.IterableDataset):
                 except TsdfmError as e:
                     yield s, "error", str(e)
                     return
-                yield s, "batch", (ex.tensors(), pos)
+                yield s, "batch", (ex.tensors(), replace(pos, epoch=self.epoch))
 
 
 def _identity(item):
@@ -771,6 +795,13 @@ def _identity(item):
 class TrajectoryLoader:
     """Infinite, resumable sequence of :class:`ExampleBatch` over epochs of a dataset.
 
+    **Lanes** (data-parallel training): a job of W processes reads the P streams in W lanes,
+    lane r owning the streams s ≡ r (mod W), so the processes read disjoint files. A lane
+    takes batches from its own streams round-robin and moves to its next epoch when they are
+    all done (its epoch is its own). With one lane this is the single-process order; while
+    no stream has ended, W lanes give, step for step, the same batches as one lane with W
+    times the accumulation (the same global batch).
+
     Args:
         source: the opened dataset.
         cfg: loader config.
@@ -778,6 +809,7 @@ class TrajectoryLoader:
             the batch sequence.
         max_token_id: largest token id the student accepts (a larger one is a DataError).
         pin_memory: pin batches (for CUDA).
+        lane, lanes: this loader is lane ``lane`` of ``lanes`` (``lanes`` must divide P).
     """
 
     def __init__(
@@ -787,33 +819,59 @@ class TrajectoryLoader:
         num_workers: int = 0,
         max_token_id: int | None = None,
         pin_memory: bool = False,
+        lane: int = 0,
+        lanes: int = 1,
     ):
         if num_workers < 0:
             raise ConfigError(f"num_workers={num_workers} must be ≥ 0")
-        self.source, self.cfg = source, cfg
-        self.num_workers = min(num_workers, cfg.streams)
+        if cfg.streams % lanes:
+            raise ConfigError(
+                f"--streams {cfg.streams} cannot be split over {lanes} processes; pass a "
+                f"multiple of {lanes} (each process reads streams of its own)"
+            )
+        assert 0 <= lane < lanes, (lane, lanes)
+        self.source, self.cfg, self.lane, self.lanes = source, cfg, lane, lanes
+        self.mine = list(range(lane, cfg.streams, lanes))  # this lane's streams
+        self.num_workers = min(num_workers, len(self.mine))
         self.max_token_id = max_token_id
         self.pin_memory = pin_memory
         self.state = LoaderState(streams=[StreamPosition() for _ in range(cfg.streams)])
+        self.resumed_lanes: int | None = None  # lanes of the state loaded, when it had others
 
     def state_dict(self) -> dict:
+        """This lane's position (with several lanes, merge them: :func:`merge_lane_states`)."""
         return self.state.to_dict()
 
     def load_state_dict(self, d: dict) -> None:
+        """Resume from a lane's or a job's (:func:`merge_lane_states`) position. A job
+        position saved with another number of lanes keeps every stream's position (no batch
+        of an epoch is read twice or skipped); the lanes' round-robin restarts."""
         state = LoaderState.from_dict(d)
         if len(state.streams) != self.cfg.streams:
             raise ConfigError(
                 f"the saved data position has {len(state.streams)} streams, this run "
                 f"{self.cfg.streams}; resume with the same --streams"
             )
+        lanes = d.get("lanes")
+        saved = 1 if lanes is None else len(lanes)
+        if saved == self.lanes:
+            if lanes is not None:
+                lane = lanes[self.lane]
+                state.epoch, state.pointer = int(lane["epoch"]), int(lane["pointer"])
+                state.batches = int(lane["batches"])
+        else:
+            self.resumed_lanes = saved
+            state.epoch = min(state.streams[s].epoch for s in self.mine)
+            state.pointer = 0
         self.state = state
 
-    def _epoch_items(self, starts: list[StreamPosition]):
+    def _epoch_items(self, starts: list[StreamPosition], active: list[int]):
         dataset = _StreamWorkers(
             self.source,
             self.cfg,
             self.state.epoch,
             starts,
+            active,
             max(1, self.num_workers),
             self.max_token_id,
         )
@@ -830,17 +888,25 @@ class TrajectoryLoader:
         return iter(loader)
 
     def __iter__(self) -> Iterator[ExampleBatch]:
-        P, workers = self.cfg.streams, self.num_workers
+        mine, workers = self.mine, self.num_workers
+        n = len(mine)
         while True:
             st = self.state
-            items = self._epoch_items([replace(s) for s in st.streams])
-            queues: dict[int, deque] = {s: deque() for s in range(P)}
+            e = st.epoch
+            # streams of this epoch; a stream ahead (a resume on other lanes) waits for it
+            live = {s for s in mine if st.streams[s].epoch == e and not st.streams[s].done}
+            fresh = bool(live) and all(
+                st.streams[s].file == 0 and st.streams[s].row == 0 for s in live
+            )
+            active = [s for s in mine if s in live]
+            items = self._epoch_items([replace(p) for p in st.streams], active)
+            queues: dict[int, deque] = {s: deque() for s in mine}
             produced = False
             try:
-                while not all(s.done for s in st.streams):
-                    s = st.pointer
-                    if st.streams[s].done:
-                        st.pointer = (s + 1) % P
+                while live:
+                    s = mine[st.pointer]
+                    if s not in live:
+                        st.pointer = (st.pointer + 1) % n
                         continue
                     while not queues[s]:
                         got = next(items, None)
@@ -849,9 +915,10 @@ class TrajectoryLoader:
                             raise DataError(got[2])
                         queues[got[0]].append(got)
                     _, kind, payload = queues[s].popleft()
-                    st.pointer = (s + 1) % P
+                    st.pointer = (st.pointer + 1) % n
                     if kind == "end":
                         st.streams[s].done = True
+                        live.discard(s)
                         continue
                     batch, pos = payload
                     st.streams[s] = pos
@@ -860,16 +927,20 @@ class TrajectoryLoader:
                     yield batch.pin_memory() if self.pin_memory and not workers else batch
             finally:
                 del items
-            if not produced and all(p.file == 0 and p.row == 0 for p in st.streams):
+            if not produced and fresh:
                 raise DataError(
                     f"an epoch of dataset {self.source.ref} gives no full batch of "
                     f"{self.cfg.batch_size} examples per stream: lower --batch-size or --streams"
                 )
+            streams = list(st.streams)
+            for s in mine:
+                if streams[s].epoch == e:
+                    streams[s] = StreamPosition(epoch=e + 1)
             self.state = LoaderState(
-                epoch=st.epoch + 1,
+                epoch=min(streams[s].epoch for s in mine),
                 pointer=0,
                 batches=st.batches,
-                streams=[StreamPosition() for _ in range(P)],
+                streams=streams,
             )
 
     def heldout(self, max_trajectories: int) -> Examples | None:

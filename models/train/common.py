@@ -8,6 +8,7 @@ file plus a JSON file, never with pickle, so a resumed run continues bit-for-bit
 A run folder holds::
 
     run_config.json              the record the run belongs to (see check_run_config)
+    run.lock                     the job writing the folder now (RunLock)
     metrics.jsonl                one JSON line per logged step (MetricsLog)
     checkpoints/step-0000250/    model files + trainer state; the newest KEEP_CHECKPOINTS kept
     final/                       the trained model
@@ -19,6 +20,8 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "run.lock"
 KEEP_CHECKPOINTS = 2
 
 
@@ -344,3 +348,94 @@ class MetricsLog:
         self.history.append(metrics)
         self._file.write(json.dumps(metrics) + "\n")
         self._file.flush()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """One job writes a run folder at a time: ``run.lock`` holds the identity of the job
+    that writes it (job id, host, process id, start time).
+
+    :meth:`acquire` creates the file atomically (O_EXCL). A lock held by the same job (a
+    torchrun restart of it) or by a process of this host that no longer runs (a killed run)
+    is taken over; any other holder is refused with a ConfigError naming it. Rank 0 of a job
+    takes the lock for all its ranks.
+
+    Args:
+        run_dir: the run folder.
+        job: this job's id (``tsdfm.models.train.distributed.World.job``).
+    """
+
+    def __init__(self, run_dir: Path, job: str):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.identity = {
+            "job": job,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a stale lock was taken over."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps(self.identity, indent=1)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:  # released meanwhile
+                    continue
+                note = self._stale(holder)
+                tmp = self.path.with_name(LOCK_FILE + f".{os.getpid()}.tmp")
+                tmp.write_text(body)
+                os.replace(tmp, self.path)
+                return note
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+            return None
+        raise ConfigError(f"cannot take {self.path}; retry")
+
+    def _stale(self, holder: dict) -> str | None:
+        """None when ``holder`` is this job; a note when it is gone; else a ConfigError."""
+        if holder.get("job") == self.identity["job"]:
+            return None
+        same_host = holder.get("host") == self.identity["host"]
+        pid = holder.get("pid")
+        if holder and same_host and isinstance(pid, int) and not _alive(pid):
+            return (
+                f"{self.path.parent}: took over the lock of job {holder.get('job')} (pid {pid}, "
+                "no longer running); resuming its run"
+            )
+        who = (
+            f"job {holder.get('job')} (pid {pid} on {holder.get('host')}, since "
+            f"{holder.get('started')})"
+            if holder
+            else "an unreadable lock"
+        )
+        raise ConfigError(
+            f"run folder {self.path.parent} is being written by {who}; wait for it to end or "
+            f"pass another --out (if that job is gone, delete {self.path})"
+        )
+
+    def release(self) -> None:
+        """Remove the lock if it is still this job's."""
+        holder = self._holder()
+        if holder and holder.get("job") == self.identity["job"]:
+            self.path.unlink(missing_ok=True)

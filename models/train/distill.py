@@ -60,6 +60,7 @@ from tsdfm.models.data.trajectories import (
     LoaderConfig,
     TrajectoryLoader,
     TrajectorySource,
+    merge_lane_states,
     open_trajectory_dataset,
     table_arrays,
 )
@@ -67,7 +68,19 @@ from tsdfm.models.devices import check_device, resolve_device
 from tsdfm.models.errors import CheckpointError, ConfigError
 from tsdfm.models.flow_model import FlowModel, student_from_teacher
 from tsdfm.models.losses import segment_loss
-from tsdfm.models.train.common import check_run_config, seeded
+from tsdfm.models.train.common import RunLock, check_run_config, seeded
+from tsdfm.models.train.distributed import (
+    World,
+    barrier,
+    broadcast_object,
+    destroy_process_group,
+    device_for,
+    gather_objects,
+    init_process_group,
+    reduce_max,
+    reduce_sum,
+    world_from_env,
+)
 from tsdfm.models.train.loop import (
     Task,
     TrainLoop,
@@ -302,15 +315,29 @@ class StudentStep:
             :meth:`take_counts`.
     """
 
-    def __init__(self, model: FlowModel, cfg: DistillConfig, device: torch.device):
+    def __init__(
+        self,
+        model: FlowModel,
+        cfg: DistillConfig,
+        device: torch.device,
+        world: World | None = None,
+    ):
         self.model, self.cfg, self.device = model, cfg, device
+        self.world = world if world is not None else World()
         self.path = model.config.path()
-        self.updater = Updater(model, optim_config(cfg), cfg.seed)
+        self.net: torch.nn.Module = model  # what the training forward runs (DDP: the replica)
+        replica = None
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device] if device.type == "cuda" else None
+            replica = self.net = DistributedDataParallel(model, device_ids=ids)
+        self.updater = Updater(model, optim_config(cfg), cfg.seed, self.world, replica)
         self.opt, self.ema = self.updater.opt, self.updater.ema
         self.examples, self.data_wait = 0, 0.0
 
-    def loss(self, batch: ExampleBatch) -> torch.Tensor:
-        logits = self.model(batch.x_t, batch.t, batch.h)
+    def loss(self, batch: ExampleBatch, net: torch.nn.Module | None = None) -> torch.Tensor:
+        logits = (net or self.model)(batch.x_t, batch.t, batch.h)
         return segment_loss(
             logits,
             batch.x_t,
@@ -328,7 +355,7 @@ class StudentStep:
         batch = next_batch().to(self.device, non_blocking=True)
         self.data_wait += time.perf_counter() - t0
         self.examples += len(batch)
-        return self.loss(batch)
+        return self.loss(batch, self.net)
 
     def take_counts(self) -> tuple[int, float]:
         """(examples, data_wait) since the last call; resets them."""
@@ -388,6 +415,7 @@ class DistillTask(Task):
         self.held_batches, self.init, self.extra_files = held_batches, init, extra_files
         self.tensorboard = tensorboard
         self.batches: Iterator[ExampleBatch] | None = None
+        self.notes: list[str] = []  # what a resume could not keep exact
         self.window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
 
     def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
@@ -398,6 +426,10 @@ class DistillTask(Task):
 
     def describe(self) -> dict:
         examples, wait = self.trainer.take_counts()
+        world, device = self.trainer.world, self.trainer.device
+        if world.distributed:  # the job's examples; the wait of the rank that waited most
+            examples = int(reduce_sum(world, [examples], device)[0])
+            wait = reduce_max(world, [wait], device)[0]
         self.window["examples"] += examples
         self.window["wait"] += wait
         elapsed = max(time.perf_counter() - self.window["t0"], 1e-9)
@@ -421,10 +453,22 @@ class DistillTask(Task):
         save_checkpoint(directory, self.model, self.init.tokenizer, self.extra_files)
 
     def state_dict(self) -> dict:
-        return {"data": self.loader.state_dict()}
+        """The job's data position (every rank's lane, gathered) and its number of processes."""
+        world = self.trainer.world
+        lanes = gather_objects(world, self.loader.state_dict())
+        return {"data": merge_lane_states(lanes), "world_size": world.size}
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state["data"])
+        saved, now = int(state.get("world_size", 1)), self.trainer.world.size
+        if saved != now:
+            self.notes.append(
+                f"resuming on {now} process(es) a run checkpointed by {saved}: the global batch "
+                "and every shard stream's position are kept (no trajectory of the epoch is "
+                "read twice or skipped), but from here on the streams' batches are dealt in "
+                f"{now} lane(s) instead of {saved} and gradients are summed in another order, "
+                f"so the weights are not those of an uninterrupted {saved}-process run"
+            )
 
     def close(self) -> None:
         if self.batches is not None:
@@ -482,23 +526,71 @@ def train_student(
 ) -> DistillResult:
     """Distil (or resume distilling) a student from a trajectory dataset.
 
+    Under ``torchrun`` every process calls this (``tsdfm.models.train.distributed``): rank r
+    reads lane r of the shard streams and computes A/W of each step's micro-batches; rank 0
+    alone writes the run folder, which it locks for the job (:class:`RunLock`).
+
     Args:
         cfg: the run, or a run already checked by :func:`prepare_run`.
         progress: called as progress(step, total, metrics) after every optimizer step.
         warn: called with each warning (default: ``warnings.warn`` with DistillWarning).
     """
+    world = world_from_env()
     run = cfg if isinstance(cfg, PreparedRun) else prepare_run(cfg, warn)
-    cfg, source, init, S, device = run.cfg, run.source, run.init, run.student_steps, run.device
+    cfg, source, init = run.cfg, run.source, run.init
+    device = device_for(world, run.device)
+    init_process_group(world, device)
+    say = warn or (lambda m: warnings.warn(m, DistillWarning, stacklevel=3))
     issued = list(run.warnings)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     data_info = source.provenance()
-    check_run_config(
-        out,
-        {"run": cfg.identity_dict(), "data": data_info, "init_identity": init.identity},
-        names={"data": "dataset", "init_identity": "init"},
-    )
+    lock = RunLock(out, world.job)
 
+    def claim() -> str | None:
+        note = lock.acquire()
+        check_run_config(
+            out,
+            {"run": cfg.identity_dict(), "data": data_info, "init_identity": init.identity},
+            names={"data": "dataset", "init_identity": "init"},
+        )
+        return note
+
+    note = on_main(world, claim)
+    try:
+        for msg in [note] if note else []:
+            issued.append(msg)
+            say(msg)
+        return _train(run, world, device, data_info, issued, say, progress)
+    finally:
+        if world.main:
+            lock.release()
+        destroy_process_group(world)
+
+
+def on_main(world: World, fn: Callable[[], object]) -> object:
+    """``fn()`` on rank 0, its result (or its user error, raised again) on every rank."""
+    from tsdfm.models.errors import TsdfmError
+
+    outcome: tuple[str, object] = ("ok", None)
+    if world.main:
+        try:
+            outcome = ("ok", fn())
+        except TsdfmError as e:
+            if not world.distributed:
+                raise
+            outcome = (type(e).__name__, str(e))
+    outcome = broadcast_object(world, outcome)
+    kind, payload = outcome
+    if kind != "ok":
+        from tsdfm.models import errors
+
+        raise getattr(errors, kind, ConfigError)(payload)
+    return payload
+
+
+def _train(run, world, device, data_info, issued, say, progress) -> DistillResult:
+    cfg, source, init, S = run.cfg, run.source, run.init, run.student_steps
+    out = Path(cfg.out)
     model = build_student(init, cfg.seed)
     model.config = model.config.replace(
         provenance={
@@ -516,13 +608,15 @@ def train_student(
         }
     )
     model.to(device).set_precision(cfg.precision)
-    trainer = StudentStep(model, cfg, device)
+    trainer = StudentStep(model, cfg, device, world)
     loader = TrajectoryLoader(
         source,
         cfg.loader_config(),
         cfg.num_workers,
         max_token_id=model.config.input_vocab - 1,
         pin_memory=device.type == "cuda",
+        lane=world.rank,
+        lanes=world.size,
     )
     held = loader.heldout(cfg.heldout_trajectories)
     held_batches = _batches(held, cfg.batch_size)
@@ -532,24 +626,45 @@ def train_student(
             f"heldout_fraction={cfg.heldout_fraction}; the held-out loss is not reported"
         )
         issued.append(msg)
-        (warn or (lambda m: warnings.warn(m, DistillWarning, stacklevel=3)))(msg)
-    task = DistillTask(trainer, loader, held_batches, init, run.extra_files, _tensorboard(out))
+        if world.main:
+            say(msg)
+    tb = _tensorboard(out) if world.main else None
+    task = DistillTask(trainer, loader, held_batches, init, run.extra_files, tb)
     loop = TrainLoop(loop_config(cfg), task, out, trainer.updater)
     try:
         # on resume, lines written after the checkpoint we resume from are dropped
-        result = loop.run(progress)
+        result = loop.run(_noting(task, issued, say if world.main else None, progress))
     finally:
         task.close()
     final = out / "final"
+    ident = ""
     with loop.averaged():
         model.config = model.config.replace(
             provenance={**model.config.provenance, "steps": cfg.steps}
         )
-        ident = save_checkpoint(final, model.eval(), init.tokenizer, run.extra_files)
+        if world.main:
+            ident = save_checkpoint(final, model.eval(), init.tokenizer, run.extra_files)
+    ident = broadcast_object(world, ident)
+    barrier(world)
     heldout = trainer.heldout_loss(held_batches)
     return DistillResult(
         final, ident, cfg.steps, S, result.last["loss"], heldout, result.history, issued
     )
+
+
+def _noting(task, issued, say, progress):
+    """The loop's progress callback, first passing on what a resume noted (once)."""
+
+    def report(step: int, total: int, metrics: dict) -> None:
+        while task.notes:
+            msg = task.notes.pop(0)
+            issued.append(msg)
+            if say is not None:
+                say(msg)
+        if progress is not None:
+            progress(step, total, metrics)
+
+    return report
 
 
 def _batches(examples: Examples | None, size: int) -> list[ExampleBatch]:

@@ -51,6 +51,7 @@ from tsdfm.models.train.common import (
     resume_latest,
     save_step_state,
 )
+from tsdfm.models.train.distributed import World, barrier, check_split, reduce_sum
 
 GENERATOR = "data"  # the name of the run's generator in the trainer state
 
@@ -163,10 +164,25 @@ class Updater:
         cfg: the optimisation.
         seed: run seed; micro-batch i of the run is computed under
             :func:`pinned_global_rng` with seed ``trajectory_seed(seed, i) mod 2^64``.
+        world: the job (``tsdfm.models.train.distributed``): of the A micro-batches of a
+            step, rank r computes those a ≡ r (mod W), A/W of them, and the gradients are
+            averaged over the ranks by ``replica``.
+        replica: the DDP wrapper of ``model`` when the job has several processes (its
+            ``no_sync`` skips the all-reduce of all but a rank's last micro-batch).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, seed: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: OptimConfig,
+        seed: int = 0,
+        world: World | None = None,
+        replica: torch.nn.Module | None = None,
+    ):
         self.model, self.cfg, self.seed = model, cfg, seed
+        self.world = world if world is not None else World()
+        self.local_accum = check_split(self.world, cfg.grad_accum)
+        self.replica = replica
         self.opt = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas
         )
@@ -188,7 +204,7 @@ class Updater:
             loss (the mean of the A micro-batch losses), lr (η_n) and grad_norm (‖g_n‖ before
             clipping).
         """
-        A = self.cfg.grad_accum
+        A, W, n = self.cfg.grad_accum, self.world.size, self.local_accum
         lr = self.lr(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -196,12 +212,17 @@ class Updater:
         self.opt.zero_grad(set_to_none=True)
         device = next(self.model.parameters()).device
         total = 0.0
-        for a in range(A):
-            seed = trajectory_seed(self.seed, step * A + a) % 2**64
-            with pinned_global_rng(seed, device):
+        for a in range(n):
+            i = self.world.rank + a * W  # the job's micro-batch index within the step
+            seed = trajectory_seed(self.seed, step * A + i) % 2**64
+            last = a == n - 1
+            sync = self.replica.no_sync() if self.replica is not None and not last else None
+            with pinned_global_rng(seed, device), sync or nullcontext():
                 loss = micro_loss()
-                (loss / A).backward()
+                (loss / n).backward()
             total += loss.item() / A
+        if W > 1:
+            total = reduce_sum(self.world, [total], device)[0]
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         if self.ema is not None:
@@ -326,11 +347,25 @@ class TrainLoop:
         task: the trainer's part.
         out: the run folder (checkpoints/, metrics.jsonl).
         updater: the update rule; default ``Updater(task.model, cfg.optim, cfg.seed)``.
+        tracker: where each metrics line also goes (``tsdfm.models.train.trackers``).
+
+    In a job of several processes (the updater's world) every rank runs the loop and only
+    rank 0 writes: metrics.jsonl, the tracker, checkpoints. The task's hooks run on every
+    rank (its :meth:`Task.state_dict` may gather from the others).
     """
 
-    def __init__(self, cfg: LoopConfig, task: Task, out: Path, updater: Updater | None = None):
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        task: Task,
+        out: Path,
+        updater: Updater | None = None,
+        tracker: Any = None,
+    ):
         self.cfg, self.task, self.out = cfg, task, Path(out)
         self.updater = updater if updater is not None else Updater(task.model, cfg.optim, cfg.seed)
+        self.world = self.updater.world
+        self.tracker = tracker
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     @property
@@ -361,13 +396,15 @@ class TrainLoop:
         Args:
             progress: called as progress(step, total, metrics) after every step.
         """
-        cfg, task = self.cfg, self.task
+        cfg, task, main = self.cfg, self.task, self.world.main
         total = cfg.steps
-        self.out.mkdir(parents=True, exist_ok=True)
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         result = LoopResult(self.resume())
         log_every = cfg.log_every if cfg.log_every is not None else cfg.eval_every
         t0 = time.perf_counter()
-        with MetricsLog(self.out, resume_step=result.start) as log:
+        metrics = MetricsLog(self.out, resume_step=result.start) if main else NullLog()
+        with metrics as log:
             for step in range(result.start, total):
                 m = self.updater(step, lambda step=step: task.loss(step, self.gen))
                 line = {"step": step + 1, **m, **task.describe()}
@@ -377,6 +414,8 @@ class TrainLoop:
                     line.update(self.evaluate())
                 if evaluated or (step + 1) % log_every == 0:
                     log.write(line)
+                    if main and self.tracker is not None:
+                        self.tracker.log(line)
                     task.logged(line)
                 result.last = line
                 if progress is not None:
@@ -388,15 +427,35 @@ class TrainLoop:
 
     def save(self, step: int) -> None:
         """The checkpoint after ``step`` steps: the task's model files, then the trainer state
-        (written last, so a checkpoint counts only once it is complete), then rotation."""
-        self.task.save(checkpoint_dir(self.out, step))
-        save_step_state(
-            self.out,
-            step,
-            self.task.model,
-            self.updater.opt,
-            self.ema,
-            {GENERATOR: self.gen.get_state()},
-            self.task.state_dict(),
-            keep=self.cfg.keep,
-        )
+        (written last, so a checkpoint counts only once it is complete), then rotation; by
+        rank 0, the other ranks waiting for it."""
+        extra = self.task.state_dict()  # on every rank: it may gather the ranks' positions
+        if self.world.main:
+            self.task.save(checkpoint_dir(self.out, step))
+            save_step_state(
+                self.out,
+                step,
+                self.task.model,
+                self.updater.opt,
+                self.ema,
+                {GENERATOR: self.gen.get_state()},
+                extra,
+                keep=self.cfg.keep,
+            )
+        barrier(self.world)
+
+
+class NullLog:
+    """The metrics log of a rank that does not write (ranks other than 0)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def __enter__(self) -> NullLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def write(self, metrics: dict) -> None:
+        self.history.append(metrics)
