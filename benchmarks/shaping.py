@@ -823,9 +823,7 @@ class Run:
             source = open_trajectory_dataset(record["root"])
             ids, finals = [], []
             for f in source.files:
-                rows = table_arrays(
-                    pq.read_table(f, columns=["trajectory_id", "times", "states"]), None
-                )
+                rows = table_arrays(pq.read_table(f), None)  # v1 or v2: decoded in one place
                 ids.append(rows.ids)
                 finals.append(rows.states[:, -1])
             ids = np.concatenate(ids)
