@@ -63,6 +63,9 @@ def build_one_row(teacher: str, compass: str, row: int, trajectories: int) -> di
         table = pq.read_table(shard)
         meta = json.loads(pq.ParquetFile(shard).metadata.metadata[b"tsdfm"])  # file-level
     record = table.slice(row, 1).to_pylist()[0]
+    from tsdfm.models.data.schema import decode_rows
+
+    record["states"] = decode_rows(table.slice(row, 1)).states[0].tolist()  # v1 or v2
     return {"row": record, "meta": meta, "fingerprint": summary.fingerprint}
 
 
