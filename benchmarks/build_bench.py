@@ -30,28 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
-from results_io import write_results
+from results_io import column_bytes, write_results
 
 from tsdfm.models.checkpoint import bundled_path, load_checkpoint
 from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.pipeline.build import run_build
 from tsdfm.pipeline.config import BuildConfig
-
-
-def _column_bytes(root: Path) -> dict[str, int]:
-    """Compressed bytes per top-level column, summed over all shards' row groups."""
-    sizes: dict[str, int] = {}
-    for shard in sorted((root / "data").glob("*.parquet")):
-        meta = pq.ParquetFile(shard).metadata
-        for g in range(meta.num_row_groups):
-            rg = meta.row_group(g)
-            for c in range(rg.num_columns):
-                col = rg.column(c)
-                name = col.path_in_schema.split(".", 1)[0]
-                sizes[name] = sizes.get(name, 0) + col.total_compressed_size
-    return sizes
 
 
 def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str, device: str) -> dict:
@@ -62,7 +47,7 @@ def _build(cfg: BuildConfig, workers: int, tmp: Path, name: str, device: str) ->
     wall = time.perf_counter() - t0
     c = summary.totals["counters"]
     rows = summary.totals["rows"]
-    columns = _column_bytes(root)
+    columns = column_bytes(sorted((root / "data").glob("*.parquet")))
     return {
         "name": name,
         "workers": workers,

@@ -102,3 +102,19 @@ def write_jsonl_gz(path: str | Path, records: list[dict], max_bytes: int) -> dic
         "bytes": len(data),
         "sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
     }
+
+
+def column_bytes(files) -> dict[str, int]:
+    """Compressed bytes per top-level column, summed over the row groups of Parquet ``files``."""
+    import pyarrow.parquet as pq
+
+    sizes: dict[str, int] = {}
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                name = col.path_in_schema.split(".", 1)[0]
+                sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return sizes

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from results_io import cpu_model, write_results
+from results_io import column_bytes, cpu_model, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -400,7 +400,7 @@ def run(shape: Shape, threads: int, tmp: Path) -> dict:
         arm["teacher_row_forwards_per_trajectory"] = c["teacher_row_forwards"] / B
         arm["bytes_per_trajectory"] = arm["shard"]["bytes"] / B
         arm["column_bytes_per_trajectory"] = {
-            k: v / B for k, v in _column_bytes(root / arm["shard"]["path"]).items()
+            k: v / B for k, v in column_bytes([root / arm["shard"]["path"]]).items()
         }
         arms.append(arm)
         if K == 8:
@@ -446,20 +446,6 @@ def run(shape: Shape, threads: int, tmp: Path) -> dict:
         "production_forward_counts": production,
         "figures": figures,
     }
-
-
-def _column_bytes(path: Path) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
-    sizes: dict[str, int] = {}
-    meta = pq.ParquetFile(path).metadata
-    for g in range(meta.num_row_groups):
-        rg = meta.row_group(g)
-        for c in range(rg.num_columns):
-            col = rg.column(c)
-            name = col.path_in_schema.split(".", 1)[0]
-            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
-    return sizes
 
 
 def main(argv: list[str] | None = None) -> dict:

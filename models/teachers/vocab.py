@@ -17,6 +17,7 @@ their logit is :data:`NEVER`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -74,8 +75,12 @@ class VocabMap:
 
     def never_internal(self) -> list[int]:
         """The never-drawn tokens as solver ids."""
+        return list(self._never_ids)
+
+    @cached_property
+    def _never_ids(self) -> tuple[int, ...]:  # computed once, not on every forward
         never = [j for j in self.never if j != self.mask_id]
-        return self.to_internal(torch.tensor(never, dtype=torch.long)).tolist() if never else []
+        return tuple(self.to_internal(torch.tensor(never, dtype=torch.long)).tolist())
 
     def logits(self, model_logits: torch.Tensor) -> torch.Tensor:
         """(..., M) model logits → (..., V) solver logits: the mask column removed, the
@@ -84,7 +89,7 @@ class VocabMap:
         if self.mask_id is not None:
             m = self.mask_id
             out = torch.cat([out[..., :m], out[..., m + 1 :]], dim=-1)
-        never = self.never_internal()
+        never = list(self._never_ids)
         if never:
             out = out.clone()
             out[..., never] = NEVER
