@@ -112,18 +112,19 @@ def broadcast_object(world: World, obj: Any) -> Any:
 
 def reduce_sum(world: World, values: list[float], device: torch.device) -> list[float]:
     """The sums over ranks of ``values`` (float64), on every rank."""
-    if not world.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(world, values, device, torch.distributed.ReduceOp.SUM)
 
 
 def reduce_max(world: World, values: list[float], device: torch.device) -> list[float]:
+    """The maxima over ranks of ``values`` (float64), on every rank."""
+    return _all_reduce(world, values, device, torch.distributed.ReduceOp.MAX)
+
+
+def _all_reduce(world: World, values: list[float], device: torch.device, op) -> list[float]:
     if not world.distributed:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(t, op=op)
     return t.tolist()
 
 
