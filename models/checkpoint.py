@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tsdfm.models.errors import CheckpointError, TsdfmError
 from tsdfm.models.flow_model import ModelConfig
 from tsdfm.models.hashing import canonical_json
-from tsdfm.models.paths import confined
+from tsdfm.models.paths import confined, staged_dir
 from tsdfm.models.refs import parse_hub_ref
 from tsdfm.models.roles import role_class
 
@@ -101,9 +99,7 @@ def save_checkpoint(
     config = model.config.to_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     ident = identity(config, state)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with staged_dir(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "identity": ident})
         if tokenizer is not None:
@@ -120,16 +116,6 @@ def save_checkpoint(
         tmp.chmod(0o755)
         for f in tmp.rglob("*"):
             f.chmod(0o644 if f.is_file() else 0o755)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ident
 
 

