@@ -54,6 +54,17 @@ def _torchrun(fields: dict, *kill: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+def _torchrun_cli(fields: dict, *flags: str) -> subprocess.CompletedProcess:
+    """``tsdfm-pipeline distill`` with the DistillConfig ``fields`` as flags, under torchrun."""
+    names = {"init": "teacher", "steps": "train-steps"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "tsdfm.pipeline.cli", "distill", *flags]
+    for key, value in fields.items():
+        cmd += [f"--{names.get(key, key.replace('_', '-'))}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
 def _state(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / f"checkpoints/step-{step:07d}/trainer_state.safetensors"))
 
@@ -89,8 +100,12 @@ def test_two_ranks_equal_one_process_and_resume_after_a_killed_rank(
     assert (tmp_path / "crashed/checkpoints/step-0000002").is_dir()
     assert not (tmp_path / "crashed/checkpoints/step-0000004").exists()
     shutil.copytree(tmp_path / "crashed", tmp_path / "shrink")  # the same crash, twice
-    resumed = _torchrun(crashed)
+    resumed = _torchrun_cli(crashed, "--eval-samples", "8")  # the CLI, as users launch it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # rank 0 alone reports and runs the final evaluation
+    assert resumed.stdout.count("final checkpoint:") == 1, resumed.stdout
+    assert resumed.stdout.count("final eval (8 samples") == 1, resumed.stdout
+    assert json.loads((tmp_path / "crashed/eval.json").read_text())["config"]["samples"] == 8
     a, b = _state(tmp_path / "ddp", 4), _state(tmp_path / "crashed", 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -116,6 +116,7 @@ def distill(
     """
     from tsdfm.models.errors import ConfigError
     from tsdfm.models.train.distill import DistillConfig, prepare_run, train_student
+    from tsdfm.models.train.distributed import world_from_env
 
     teacher = pick(teacher, teacher_alias, "--teacher", "--init")
     if teacher is None:
@@ -150,11 +151,19 @@ def distill(
         verify=verify,
     )
 
+    # under torchrun every process runs this command; rank 0 alone prints, evaluates and
+    # writes --json (the others train, then exit once rank 0 has the final checkpoint)
+    main = world_from_env().main
+
+    def echo(msg: str, err: bool = False) -> None:
+        if main:
+            typer.echo(msg, err=err)
+
     def warn(msg: str) -> None:
-        typer.echo(f"warning: {msg}", err=True)
+        echo(f"warning: {msg}", err=True)
 
     run = prepare_run(cfg, warn)
-    typer.echo(
+    echo(
         f"dataset {run.source.ref}: {len(run.source.files)} shard(s), S={run.source.num_steps}"
         f", L={run.source.seq_len}, fingerprint {str(run.source.fingerprint)[:23]}…; "
         f"sha256 {run.source.verification()['sha256']}"
@@ -164,6 +173,9 @@ def distill(
         ("examples_per_second", "{:.0f} ex/s"),
         ("heldout_loss", "held-out {:.4f}"),
     )
+    if not main:
+        train_student(run, None, warn)
+        return
     with training_bar("distilling", steps, *fields) as bar:
         result = train_student(run, bar.report, bar.warn)
     typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
