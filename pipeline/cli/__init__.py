@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from tsdfm.pipeline.cli import build, demo, hub, lm, models, teacher, train  # noqa: F401
+from tsdfm.pipeline.cli import build, convert, demo, hub, lm, models, teacher, train  # noqa: F401
 from tsdfm.pipeline.cli.common import app, user_errors
 
 __all__ = ["app", "main", "user_errors"]
