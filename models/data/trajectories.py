@@ -1,8 +1,9 @@
 """Reading a trajectory dataset (docs/schema.md) as training examples for a few-step student.
 
-A dataset is a local folder or a Hub dataset ``org/name[@revision]`` of Parquet shards, one row
-per trajectory on the student grid t_0 = 0 < t_1 < … < t_S = 1. Segment k of a trajectory is
-one training example:
+A dataset is a local folder, a Hub dataset ``org/name[@revision]`` (also written
+``hf://datasets/org/name@revision``) or a folder at any fsspec URL (``file://``, ``s3://``,
+``gs://``, ``memory://``, …) of Parquet shards, one row per trajectory on the student grid
+t_0 = 0 < t_1 < … < t_S = 1. Segment k of a trajectory is one training example:
 
     x_t = states[k],  t = t_k,  h = t_{k+1} − t_k,
     x_{t+h} = states[k+1]   (the next midpoint: what the trajectory's own jump landed on)
@@ -29,6 +30,13 @@ Reading (``datasets`` streaming, one file = one ``datasets`` shard):
   decoded, its size and sha256 are checked against ``manifest.json`` when the folder has one;
   every row read is checked against the dataset contract (ids, grid, shapes, token ranges,
   reveal-once). Paths the card lists must lie inside the dataset folder.
+* **Object stores** (:func:`stage_dataset`). A folder at an fsspec URL is copied once into a
+  local cache (``$TSDFM_CACHE/datasets``, else ``~/.cache/tsdfm-pipeline/datasets``): its
+  manifest.json and card first, then every Parquet file under data/, each written to a
+  temporary name, checked against the manifest's size and sha256 and only then renamed into
+  place (a cached copy that still matches is kept; files gone from the store are removed).
+  The local reader then runs on the copy with all the checks above, so a dataset on S3 is
+  checked exactly like a folder, and the bytes trained on are the bytes that were checked.
 * **Held-out split.** A trajectory is held out iff u(trajectory_id) < ``heldout_fraction``, u a
   splitmix64 hash mapped to [0, 1): the same trajectories for every run and student on a
   dataset, whatever the seed; training never sees them.
@@ -36,9 +44,11 @@ Reading (``datasets`` streaming, one file = one ``datasets`` shard):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -49,6 +59,7 @@ import numpy as np
 import torch
 
 from tsdfm.models.data.integrity import (
+    MANIFEST_FILE,
     RowRules,
     ShardDigest,
     check_digest,
@@ -69,30 +80,75 @@ from tsdfm.models.data.schema import (
     stored_columns,
     trajectory_schema,
 )
-from tsdfm.models.errors import ConfigError, DataError
+from tsdfm.models.errors import ConfigError, DataError, ShardError
 from tsdfm.models.paths import confined
 from tsdfm.models.refs import parse_hub_ref
 
 SPLIT = "train"
+CARD_FILE = "README.md"
 _HF_REVISION = re.compile(r"^hf://datasets/[^@]+@([^/]+)/")
+_HF_DATASET = re.compile(
+    r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?P<rest>/.*)?$"
+)
+_URL = re.compile(r"^(?P<protocol>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
 # --------------------------------------------------------------------------- dataset identity
 @dataclass(frozen=True)
 class DatasetRef:
-    """What the user passed: a local folder, or a Hub id with an optional revision."""
+    """What the user passed: a local folder, a Hub id with an optional revision, or a folder
+    at an fsspec URL (then ``id`` is its local copy, :func:`stage_dataset`).
+
+    Attributes:
+        id: the local folder, or the Hub repo id.
+        revision: the Hub revision (None: the default branch; always None for a folder).
+        local: whether ``id`` is a local folder.
+        url: the fsspec URL the folder was copied from (None: the user passed a folder or id).
+    """
 
     id: str
     revision: str | None
     local: bool
+    url: str | None = None
 
     def __str__(self) -> str:
+        if self.url is not None:
+            return self.url
         return self.id + (f"@{self.revision}" if self.revision else "")
 
 
-def parse_dataset_spec(spec: str | Path) -> DatasetRef:
-    """``/path/to/folder`` or ``org/name[@revision]``."""
+def dataset_cache_root() -> Path:
+    """Where copies of datasets read from object stores live: ``$TSDFM_CACHE/datasets``, else
+    ``$XDG_CACHE_HOME/tsdfm-pipeline/datasets`` (``~/.cache`` without XDG_CACHE_HOME)."""
+    if os.environ.get("TSDFM_CACHE"):
+        return Path(os.environ["TSDFM_CACHE"]).expanduser() / "datasets"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tsdfm-pipeline" / "datasets"
+
+
+def parse_dataset_spec(spec: str | Path, verify: bool = True) -> DatasetRef:
+    """``/path/to/folder``, ``org/name[@revision]``, ``hf://datasets/org/name[@revision]``,
+    ``file:///path/to/folder`` or a folder at any other fsspec URL (copied into the local
+    cache first, its shards checked against its manifest as they land; :func:`stage_dataset`).
+    """
     text = str(spec)
+    url = _URL.match(text)
+    if url is not None:
+        hub = _HF_DATASET.match(text)
+        if hub is not None:
+            if (hub.group("rest") or "/").strip("/"):
+                raise DataError(
+                    f"dataset {text}: a Hub dataset is read whole; pass "
+                    f"hf://datasets/{hub.group('repo')}[@revision] without a path inside it"
+                )
+            return DatasetRef(hub.group("repo"), hub.group("rev"), False)
+        if text.startswith("hf://"):
+            raise DataError(
+                f"dataset {text}: a Hub dataset URL is hf://datasets/org/name[@revision]"
+            )
+        if url.group("protocol") == "file":
+            return parse_dataset_spec(_local_path(text), verify)
+        return stage_dataset(text, verify=verify)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -111,6 +167,104 @@ def parse_dataset_spec(spec: str | Path) -> DatasetRef:
     raise DataError(
         f"dataset {text} not found: give an existing folder or a Hub id like org/name[@revision]"
     )
+
+
+def _local_path(url: str) -> str:
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url)[1]
+
+
+def _filesystem(url: str):
+    """(fsspec filesystem, path) of a URL, or a DataError naming the missing package."""
+    from fsspec.core import url_to_fs
+
+    try:
+        return url_to_fs(url)
+    except ImportError as e:
+        raise DataError(
+            f"reading {url} needs an fsspec driver that is not installed ({e}); install it "
+            "(s3fs for s3://, gcsfs for gs://, adlfs for az://) or copy the dataset to a folder"
+        ) from None
+    except ValueError as e:
+        raise DataError(f"{url} is not a storage URL fsspec knows ({e})") from None
+
+
+def stage_dataset(url: str, cache: Path | None = None, verify: bool = True) -> DatasetRef:
+    """Copy the dataset folder at the fsspec ``url`` into the local cache; its local ref.
+
+    The manifest and the card are copied first; then every Parquet file under data/ is
+    copied to a temporary name, checked against the manifest's size and sha256 (when
+    ``verify`` and the folder has a manifest) and renamed into place; a copy that already
+    matches its digest is kept. Files no longer in the store are removed from the copy. The
+    local reader then applies every check of a local folder to the copy.
+
+    Args:
+        url: the dataset folder (``s3://bucket/ds``, ``memory://ds``, …).
+        cache: the cache root (default :func:`dataset_cache_root`).
+        verify: check the shards while copying (``--no-verify``: copied as they are).
+    """
+    fs, root = _filesystem(url)
+    root = root.rstrip("/")
+    key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    local = (cache or dataset_cache_root()) / f"{Path(root).name or 'dataset'}-{key}"
+    try:
+        if not fs.isdir(root):
+            raise DataError(f"dataset {url} not found: no folder at that URL")
+        shards = sorted(
+            p for p in fs.find(f"{root}/data") if p.endswith(".parquet")
+        )  # fsspec paths without the protocol
+        local.mkdir(parents=True, exist_ok=True)
+        for name in (MANIFEST_FILE, CARD_FILE):
+            target = local / name
+            if fs.isfile(f"{root}/{name}"):
+                _copy_in(fs, f"{root}/{name}", target)
+            else:
+                target.unlink(missing_ok=True)
+        digests = read_manifest_digests(local) if verify else None
+        wanted = set()
+        for remote in shards:
+            rel = remote[len(root) + 1 :]
+            target = confined(local, rel, f"shard {rel} of {url}")
+            wanted.add(target)
+            digest = None if digests is None else digests.get(target)
+            if digest is not None and target.exists():
+                try:
+                    check_digest(target, digest, local)
+                    continue  # the cached copy is the recorded shard
+                except ShardError:
+                    pass
+            _copy_in(fs, remote, target)
+            if digest is not None:
+                try:
+                    check_digest(target, digest, local)
+                except ShardError as e:
+                    target.unlink(missing_ok=True)
+                    raise ShardError(
+                        f"dataset {url}: {e}".replace(fix_hint(str(local)), fix_hint(url))
+                    ) from None
+        for old in (local / "data").rglob("*.parquet") if (local / "data").exists() else ():
+            if old.resolve() not in wanted:
+                old.unlink()
+    except OSError as e:
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise DataError(
+            f"dataset {url} cannot be read ({type(e).__name__}: {first}); check the URL and "
+            "your credentials for that store"
+        ) from None
+    return DatasetRef(str(local.resolve()), None, True, url)
+
+
+def _copy_in(fs, remote: str, target: Path) -> None:
+    """``remote`` copied to ``target`` through a temporary name (never half-written)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        with fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _resolve_files(ref: DatasetRef) -> list[str]:
@@ -226,7 +380,7 @@ class TrajectorySource:
         """What a student records about the data it was trained on."""
         m = self.metadata
         return {
-            "id": self.ref.id,
+            "id": self.ref.url or self.ref.id,
             "revision": self.ref.revision,
             "resolved_revision": self.resolved_revision,
             "local": self.ref.local,
@@ -248,7 +402,7 @@ class TrajectorySource:
         if not self.verify:
             sha = "off (--no-verify)"
         elif self.digests is not None:
-            sha = f"every shard against {self.ref.id}/manifest.json"
+            sha = f"every shard against {self.ref.url or self.ref.id}/manifest.json"
         elif self.ref.local:
             sha = "not checked: the folder has no manifest.json"
         else:
@@ -378,13 +532,14 @@ def open_trajectory_dataset(spec: str | Path, verify: bool = True) -> Trajectory
     """Resolve a dataset, check its first shard's columns and schema version, read its grid.
 
     Args:
-        spec: a dataset folder or Hub id ``org/name[@revision]``.
+        spec: a dataset folder, Hub id ``org/name[@revision]`` or fsspec URL
+            (:func:`parse_dataset_spec`).
         verify: check what is read (``tsdfm.models.data.integrity``): for a local folder with a
             manifest.json, the split against it and the sha256 of every shard (here, and again
             before a shard is decoded if its file changed since), and every row read against
             the dataset contract.
     """
-    ref = parse_dataset_spec(spec)
+    ref = parse_dataset_spec(spec, verify)
     files = _resolve_files(ref)
     digests = None
     if verify and ref.local:

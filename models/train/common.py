@@ -12,6 +12,9 @@ A run folder holds::
     metrics.jsonl                one JSON line per logged step (MetricsLog)
     checkpoints/step-0000250/    model files + trainer state; the newest KEEP_CHECKPOINTS kept
     final/                       the trained model
+
+The folder may be in an object store (:class:`RunStore`): the trainer writes a local staging
+copy and uploads each checkpoint as it completes.
 """
 
 from __future__ import annotations
@@ -439,3 +442,146 @@ class RunLock:
         holder = self._holder()
         if holder and holder.get("job") == self.identity["job"]:
             self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------- run folders in object stores
+class RunStore:
+    """Where a run folder lives: a local folder, or a folder at an fsspec URL (``s3://``,
+    ``gs://``, ``memory://``, …) mirrored by a local staging folder.
+
+    The trainer always writes the staging folder (:attr:`local`); for a URL, :meth:`pull`
+    first restores the run's state from the store (run_config.json, metrics.jsonl, run.lock
+    and its newest complete checkpoint), and every checkpoint is then uploaded with its
+    trainer_state.json last (:meth:`push_checkpoint`), so a checkpoint in the store counts
+    only once it is complete, exactly as in a local folder; checkpoints rotated away locally
+    are removed from the store. The lock is mirrored as well, so a second job on another
+    machine that pulls the folder sees the first one's lock and is refused.
+
+    Args:
+        out: a folder, ``file://`` URL or other fsspec URL.
+        staging: the staging folder for a URL (default: under ``$TSDFM_CACHE/runs``, else
+            ``~/.cache/tsdfm-pipeline/runs``, named after the URL).
+    """
+
+    def __init__(self, out: str | Path, staging: Path | None = None):
+        text = str(out)
+        self.url: str | None = None
+        self.fs, self.root = None, ""
+        if "://" not in text:
+            self.local = Path(text).expanduser()
+            return
+        from fsspec.core import url_to_fs
+
+        try:
+            fs, root = url_to_fs(text)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(
+                f"--out {text}: no fsspec driver for it ({e}); install it (s3fs for s3://, "
+                "gcsfs for gs://) or pass a local folder"
+            ) from None
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if "file" in protocols:  # file://: a local folder
+            self.local = Path(root)
+            return
+        self.url, self.fs, self.root = text.rstrip("/"), fs, root.rstrip("/")
+        if staging is None:
+            import hashlib
+
+            key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            base = os.environ.get("TSDFM_CACHE") or os.path.join(
+                os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "tsdfm-pipeline"
+            )
+            staging = Path(base).expanduser() / "runs" / f"{Path(self.root).name or 'run'}-{key}"
+        self.local = staging
+
+    @property
+    def remote(self) -> bool:
+        return self.url is not None
+
+    def where(self, rel: str = "") -> str:
+        """What messages name: the URL (or local path) of ``rel`` inside the run folder."""
+        if self.url is None:
+            return str(self.local / rel) if rel else str(self.local)
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def _io(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            first = (str(e).splitlines() or [""])[0][:160]
+            raise CheckpointError(
+                f"cannot {what} {self.url} ({type(e).__name__}: {first}); check the URL and "
+                "your credentials for that store"
+            ) from None
+
+    def pull(self) -> None:
+        """Make the staging folder the store's run: its records and newest checkpoint."""
+        if self.url is None:
+            return
+        fs, root = self.fs, self.root
+        if self.local.exists():
+            shutil.rmtree(self.local)
+        self.local.mkdir(parents=True)
+
+        def pull() -> None:
+            for name in (RUN_CONFIG_FILE, METRICS_FILE, LOCK_FILE):
+                if fs.isfile(f"{root}/{name}"):
+                    fs.get_file(f"{root}/{name}", str(self.local / name))
+            steps = (
+                sorted(
+                    p.rstrip("/").rsplit("/", 1)[1]
+                    for p in fs.ls(f"{root}/checkpoints", detail=False)
+                    if fs.isfile(f"{p.rstrip('/')}/{STATE_JSON}")
+                )
+                if fs.isdir(f"{root}/checkpoints")
+                else []
+            )
+            if steps:
+                rel = f"checkpoints/{steps[-1]}"
+                fs.get(f"{root}/{rel}/", str(self.local / rel) + "/", recursive=True)
+
+        self._io("read the run folder", pull)
+
+    def push(self, rel: str) -> None:
+        """Upload the file or folder ``rel`` of the staging folder (replacing what is there)."""
+        if self.url is None:
+            return
+        src, dst = self.local / rel, f"{self.root}/{rel}"
+
+        def push() -> None:
+            if src.is_dir():
+                for f in sorted(p for p in src.rglob("*") if p.is_file()):
+                    target = f"{dst}/{f.relative_to(src).as_posix()}"
+                    self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                    self.fs.put_file(str(f), target)
+            elif src.exists():
+                self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(src), dst)
+
+        self._io("write to", push)
+
+    def push_checkpoint(self, step: int) -> None:
+        """Upload the checkpoint after ``step`` steps (trainer_state.json last), drop the
+        store's checkpoints that rotated away locally, then the metrics and run records."""
+        if self.url is None:
+            return
+        directory = checkpoint_dir(self.local, step)
+        rel = directory.relative_to(self.local).as_posix()
+        for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != STATE_JSON):
+            self.push(f"{rel}/{f.relative_to(directory).as_posix()}")
+        self.push(f"{rel}/{STATE_JSON}")
+
+        def rotate() -> None:
+            kept = {p.name for p in self.local.glob("checkpoints/step-*")}
+            for p in self.fs.ls(f"{self.root}/checkpoints", detail=False):
+                if p.rstrip("/").rsplit("/", 1)[1] not in kept:
+                    self.fs.rm(p, recursive=True)
+
+        self._io("rotate the checkpoints of", rotate)
+        for name in (METRICS_FILE, RUN_CONFIG_FILE):
+            self.push(name)
+
+    def remove(self, rel: str) -> None:
+        """Delete ``rel`` from the store (the lock at the end of a run)."""
+        if self.url is not None and self.fs.exists(f"{self.root}/{rel}"):
+            self._io("write to", self.fs.rm, f"{self.root}/{rel}")

@@ -68,7 +68,15 @@ from tsdfm.models.devices import check_device, resolve_device
 from tsdfm.models.errors import CheckpointError, ConfigError
 from tsdfm.models.flow_model import FlowModel, student_from_teacher
 from tsdfm.models.losses import segment_loss
-from tsdfm.models.train.common import RunLock, check_run_config, seeded
+from tsdfm.models.train.common import (
+    LOCK_FILE,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    RunLock,
+    RunStore,
+    check_run_config,
+    seeded,
+)
 from tsdfm.models.train.distributed import (
     World,
     barrier,
@@ -100,9 +108,11 @@ class DistillConfig:
     """A distillation run.
 
     Args:
-        data: dataset folder or Hub id ``org/name[@revision]``.
+        data: dataset folder, Hub id ``org/name[@revision]``, ``hf://datasets/…`` or any
+            fsspec URL (``tsdfm.models.data.trajectories.parse_dataset_spec``).
         init: teacher (or student, to continue) checkpoint: folder or ``org/name[@rev]``.
-        out: run directory (checkpoints/, final/, metrics.jsonl, run_config.json).
+        out: run folder (checkpoints/, final/, metrics.jsonl, run_config.json), local or an
+            fsspec URL (``tsdfm.models.train.common.RunStore``).
         steps: optimizer steps.
         batch_size: examples (segments) per micro-batch.
         grad_accum: micro-batches per optimizer step.
@@ -197,6 +207,7 @@ class DistillResult:
     heldout_loss: float | None
     history: list[dict]
     warnings: list[str]
+    location: str = ""  # where the final model is: final_dir, or its URL in an object store
 
 
 # --------------------------------------------------------------------------- compatibility
@@ -542,9 +553,13 @@ def train_student(
     init_process_group(world, device)
     say = warn or (lambda m: warnings.warn(m, DistillWarning, stacklevel=3))
     issued = list(run.warnings)
-    out = Path(cfg.out)
+    store = RunStore(cfg.out)  # --out in an object store: a staging folder, uploaded
+    out = store.local
     data_info = source.provenance()
     lock = RunLock(out, world.job)
+    if world.local_rank == 0:  # one copy of the store's run per machine
+        store.pull()
+    barrier(world)
 
     def claim() -> str | None:
         note = lock.acquire()
@@ -553,6 +568,8 @@ def train_student(
             {"run": cfg.identity_dict(), "data": data_info, "init_identity": init.identity},
             names={"data": "dataset", "init_identity": "init"},
         )
+        store.push(LOCK_FILE)
+        store.push(RUN_CONFIG_FILE)
         return note
 
     note = on_main(world, claim)
@@ -560,10 +577,11 @@ def train_student(
         for msg in [note] if note else []:
             issued.append(msg)
             say(msg)
-        return _train(run, world, device, data_info, issued, say, progress)
+        return _train(run, world, device, data_info, issued, say, progress, store)
     finally:
         if world.main:
             lock.release()
+            store.remove(LOCK_FILE)
         destroy_process_group(world)
 
 
@@ -588,9 +606,9 @@ def on_main(world: World, fn: Callable[[], object]) -> object:
     return payload
 
 
-def _train(run, world, device, data_info, issued, say, progress) -> DistillResult:
+def _train(run, world, device, data_info, issued, say, progress, store) -> DistillResult:
     cfg, source, init, S = run.cfg, run.source, run.init, run.student_steps
-    out = Path(cfg.out)
+    out = store.local
     model = build_student(init, cfg.seed)
     model.config = model.config.replace(
         provenance={
@@ -630,7 +648,7 @@ def _train(run, world, device, data_info, issued, say, progress) -> DistillResul
             say(msg)
     tb = _tensorboard(out) if world.main else None
     task = DistillTask(trainer, loader, held_batches, init, run.extra_files, tb)
-    loop = TrainLoop(loop_config(cfg), task, out, trainer.updater)
+    loop = TrainLoop(loop_config(cfg), task, out, trainer.updater, store=store)
     try:
         # on resume, lines written after the checkpoint we resume from are dropped
         result = loop.run(_noting(task, issued, say if world.main else None, progress))
@@ -644,11 +662,21 @@ def _train(run, world, device, data_info, issued, say, progress) -> DistillResul
         )
         if world.main:
             ident = save_checkpoint(final, model.eval(), init.tokenizer, run.extra_files)
+            for rel in ("final", METRICS_FILE, "tensorboard"):
+                store.push(rel)
     ident = broadcast_object(world, ident)
     barrier(world)
     heldout = trainer.heldout_loss(held_batches)
     return DistillResult(
-        final, ident, cfg.steps, S, result.last["loss"], heldout, result.history, issued
+        final,
+        ident,
+        cfg.steps,
+        S,
+        result.last["loss"],
+        heldout,
+        result.history,
+        issued,
+        store.where("final"),
     )
 
 

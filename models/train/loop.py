@@ -348,6 +348,8 @@ class TrainLoop:
         out: the run folder (checkpoints/, metrics.jsonl).
         updater: the update rule; default ``Updater(task.model, cfg.optim, cfg.seed)``.
         tracker: where each metrics line also goes (``tsdfm.models.train.trackers``).
+        store: the :class:`tsdfm.models.train.common.RunStore` whose staging folder ``out``
+            is: every checkpoint is uploaded to it once written (None: ``out`` is the run).
 
     In a job of several processes (the updater's world) every rank runs the loop and only
     rank 0 writes: metrics.jsonl, the tracker, checkpoints. The task's hooks run on every
@@ -361,8 +363,10 @@ class TrainLoop:
         out: Path,
         updater: Updater | None = None,
         tracker: Any = None,
+        store: Any = None,
     ):
         self.cfg, self.task, self.out = cfg, task, Path(out)
+        self.store = store
         self.updater = updater if updater is not None else Updater(task.model, cfg.optim, cfg.seed)
         self.world = self.updater.world
         self.tracker = tracker
@@ -442,6 +446,8 @@ class TrainLoop:
                 extra,
                 keep=self.cfg.keep,
             )
+            if self.store is not None:
+                self.store.push_checkpoint(step)
         barrier(self.world)
 
 

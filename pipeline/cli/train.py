@@ -39,9 +39,21 @@ ORDER_HELP = (
 @user_errors
 def distill(
     data: Annotated[
-        str, typer.Option(help="Trajectory dataset: folder or Hub id org/name[@revision].")
+        str,
+        typer.Option(
+            help="Trajectory dataset: a folder, a Hub id org/name[@revision] (or "
+            "hf://datasets/org/name@revision), or a folder at any fsspec URL (file://, s3://, "
+            "gs://, ...: copied into the local cache, every shard checked against the manifest)."
+        ),
     ],
-    out: Annotated[Path, typer.Option(help="Run directory; rerun the command to resume.")],
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Run folder, local or an fsspec URL (s3://..., gs://...: written through a "
+            "local staging copy, each checkpoint uploaded when complete); rerun the command "
+            "to resume."
+        ),
+    ],
     teacher: Annotated[
         str | None,
         typer.Option(
@@ -125,7 +137,7 @@ def distill(
     cfg = DistillConfig(
         data=data,
         init=teacher,
-        out=str(out),
+        out=out,
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -178,7 +190,7 @@ def distill(
         return
     with training_bar("distilling", steps, *fields) as bar:
         result = train_student(run, bar.report, bar.warn)
-    typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
+    typer.echo(f"final checkpoint: {result.location or result.final_dir}  ({result.identity})")
     held = "n/a" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
     typer.echo(
         f"student steps S={result.student_steps}; held-out segment NLL {held} nats/revealed token"
@@ -186,10 +198,14 @@ def distill(
     final = None
     if eval_samples > 0:
         from tsdfm.models.eval.final import final_eval, format_final_eval
+        from tsdfm.models.train.common import RunStore
 
-        final = final_eval(result.final_dir, result.student_steps, eval_samples, out / "eval.json")
+        store = RunStore(out)
+        report = store.local / "eval.json"
+        final = final_eval(result.final_dir, result.student_steps, eval_samples, report)
         if final is not None:
-            typer.echo(format_final_eval(final, out / "eval.json"))
+            store.push("eval.json")
+            typer.echo(format_final_eval(final, store.where("eval.json")))
     write_json(json_out, {"result": result, "final_eval": final})
 
 
