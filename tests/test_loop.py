@@ -272,3 +272,88 @@ def test_a_checkpoint_with_other_parameter_groups_is_refused_in_one_line(tmp_pat
         match=r"parameter groups of \[6\] tensors, this trainer has groups of \[1, 5\]",
     ):
         _loop(tmp_path, NetTask(_net())).run()
+
+
+# --------------------------------------------------------------------------- trackers
+def test_report_to_names_and_refusals():
+    from tsdfm.models.train.trackers import parse_report_to
+
+    assert parse_report_to("none") == parse_report_to("") == parse_report_to(None) == ()
+    assert parse_report_to("TensorBoard, wandb,tensorboard") == ("tensorboard", "wandb")
+    assert parse_report_to(("trackio",)) == ("trackio",)
+    with pytest.raises(ConfigError, match="unknown tracker 'mlflow'; use none or a comma list"):
+        parse_report_to("tensorboard,mlflow")
+    with pytest.raises(ConfigError, match="unknown tracker 'none'"):
+        parse_report_to("none,wandb")
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "trackio"])
+def test_a_missing_tracker_is_one_line_naming_the_install(tmp_path, tracker):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from tsdfm.models.train.teacher import TeacherTrainConfig
+    from tsdfm.pipeline.cli import app
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    want = f"--report-to {tracker} needs the {tracker} package, which is not installed: pip"
+    with pytest.raises(ConfigError, match=want):
+        TeacherTrainConfig(out=str(tmp_path), report_to=tracker)
+    res = CliRunner().invoke(
+        app, ["teacher", "train", "--out", str(tmp_path / "t"), "--report-to", f"none,{tracker}"]
+    )
+    assert res.exit_code == 2 and "unknown tracker 'none'" in res.output
+    res = CliRunner().invoke(
+        app, ["teacher", "train", "--out", str(tmp_path / "t"), "--report-to", tracker]
+    )
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and want in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()  # refused before anything is written
+
+
+class Recorder:
+    """A tracker that keeps what it is sent (the loop's ``tracker`` interface)."""
+
+    def __init__(self):
+        self.lines, self.closed = [], False
+
+    def log(self, line):
+        self.lines.append(dict(line))
+
+    def close(self):
+        self.closed = True
+
+
+def test_metrics_jsonl_is_written_with_or_without_trackers(tmp_path):
+    plain = _loop(tmp_path / "none", NetTask(_net()), log_every=2).run()
+    lines = (tmp_path / "none/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2, 4, 6, 8]
+    assert sorted(p.name for p in (tmp_path / "none").iterdir()) == [
+        "checkpoints",
+        "metrics.jsonl",
+    ]
+    recorder = Recorder()
+    loop = TrainLoop(
+        LoopConfig(OPTIM, 5, 3, 4, 2), NetTask(_net()), tmp_path / "rec", tracker=recorder
+    )
+    res = loop.run()
+    assert [m["step"] for m in recorder.lines] == [2, 4, 6, 8]
+    assert [m["loss"] for m in recorder.lines] == [m["loss"] for m in plain.history]
+    assert res.history == recorder.lines and not recorder.closed  # the caller's to close
+
+
+def test_tensorboard_gets_every_logged_line(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = LoopConfig(OPTIM, 0, 4, 4, 2, report_to=("tensorboard",))
+    res = TrainLoop(cfg, NetTask(_net()), tmp_path).run()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [2, 4, 6, 8]
+    assert [e.value for e in loss] == pytest.approx([m["loss"] for m in res.history], rel=1e-6)
+    assert (tmp_path / "metrics.jsonl").exists()

@@ -34,17 +34,16 @@ no decay on biases, norm gains and embeddings) with linear warmup and cosine dec
 clipping, gradient accumulation, an EMA of the weights, resumable checkpoints (model, optimizer,
 EMA, step, data position, the run's generator; pickle-free), metrics.jsonl. This module adds
 bf16 autocast on CUDA, a held-out loss on a deterministic split of trajectory ids, throughput
-metrics and TensorBoard (when installed). No draw uses torch's global RNG: the loader's order is
-a function of (seed, epoch, stream, window), and dropout, if the backbone has any, runs under
-the loop's per-micro-batch seed. A resumed run continues bit-for-bit: the data position seeks
-straight to the next batch, and the batch sequence does not depend on the number of loader
-workers.
+metrics and the trackers of ``report_to`` (TensorBoard, W&B, Trackio). No draw uses torch's
+global RNG: the loader's order is a function of (seed, epoch, stream, window), and dropout, if
+the backbone has any, runs under the loop's per-micro-batch seed. A resumed run continues
+bit-for-bit: the data position seeks straight to the next batch, and the batch sequence does
+not depend on the number of loader workers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -97,6 +96,7 @@ from tsdfm.models.train.loop import (
     loop_config,
     optim_config,
 )
+from tsdfm.models.train.trackers import check_available, parse_report_to
 
 
 class DistillWarning(UserWarning):
@@ -133,6 +133,8 @@ class DistillConfig:
         verify: check every shard's sha256 against the dataset's manifest.json before
             reading it and every row against the dataset contract (on by default; recorded
             in the student's provenance; not part of the run's identity).
+        report_to: trackers that also get the metrics (``tsdfm.models.train.trackers``;
+            a comma string or names; empty: metrics.jsonl only; not part of the identity).
     """
 
     data: str
@@ -161,8 +163,11 @@ class DistillConfig:
     device: str = "auto"
     num_workers: int = 2
     verify: bool = True
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        check_available(self.report_to)
         for name in ("steps", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -192,7 +197,7 @@ class DistillConfig:
     def identity_dict(self) -> dict:
         """The fields that decide the run's result (what a resumed run must share)."""
         d = asdict(self)
-        for key in ("out", "device", "num_workers", "verify"):
+        for key in ("out", "device", "num_workers", "verify", "report_to"):
             d.pop(key)
         return d
 
@@ -410,8 +415,9 @@ class DistillTask(Task):
         held_batches: the held-out batches (empty: no held-out loss).
         init: the --init checkpoint (its tokenizer travels with every checkpoint).
         extra_files: data files copied into every checkpoint.
-        tensorboard: a SummaryWriter, or None.
     """
+
+    name = "distill"
 
     def __init__(
         self,
@@ -420,11 +426,9 @@ class DistillTask(Task):
         held_batches: list[ExampleBatch],
         init: Checkpoint,
         extra_files: dict[str, Path],
-        tensorboard=None,
     ):
         self.trainer, self.model, self.loader = trainer, trainer.model, loader
         self.held_batches, self.init, self.extra_files = held_batches, init, extra_files
-        self.tensorboard = tensorboard
         self.batches: Iterator[ExampleBatch] | None = None
         self.notes: list[str] = []  # what a resume could not keep exact
         self.window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
@@ -454,10 +458,6 @@ class DistillTask(Task):
         return {"heldout_loss": self.trainer.mean_loss(self.held_batches)}
 
     def logged(self, line: dict) -> None:
-        if self.tensorboard is not None:
-            for k, v in line.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self.tensorboard.add_scalar(f"distill/{k}", v, line["step"])
         self.window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
 
     def save(self, directory: Path) -> None:
@@ -484,8 +484,6 @@ class DistillTask(Task):
     def close(self) -> None:
         if self.batches is not None:
             self.batches.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 # --------------------------------------------------------------------------- the run
@@ -646,8 +644,7 @@ def _train(run, world, device, data_info, issued, say, progress, store) -> Disti
         issued.append(msg)
         if world.main:
             say(msg)
-    tb = _tensorboard(out) if world.main else None
-    task = DistillTask(trainer, loader, held_batches, init, run.extra_files, tb)
+    task = DistillTask(trainer, loader, held_batches, init, run.extra_files)
     loop = TrainLoop(loop_config(cfg), task, out, trainer.updater, store=store)
     try:
         # on resume, lines written after the checkpoint we resume from are dropped
@@ -699,11 +696,3 @@ def _batches(examples: Examples | None, size: int) -> list[ExampleBatch]:
     if examples is None:
         return []
     return [examples.take(slice(i, i + size)).tensors() for i in range(0, len(examples), size)]
-
-
-def _tensorboard(out: Path):
-    if importlib.util.find_spec("tensorboard") is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out / "tensorboard"))

@@ -51,6 +51,7 @@ from tsdfm.models.errors import ConfigError, DataError
 from tsdfm.models.extras import require
 from tsdfm.models.train.common import check_run_config, seeded
 from tsdfm.models.train.loop import Task, TrainLoop, loop_config
+from tsdfm.models.train.trackers import check_available, parse_report_to
 
 LM_FORMAT = "tsdfm-causal-lm"
 LM_FORMAT_VERSION = 1
@@ -75,6 +76,8 @@ class LMTrainConfig:
         checkpoint_every: steps between resumable checkpoints (the last 2 are kept).
         eval_every: steps between held-out evaluations.
         seed: seed of the initialisation, the split and the batch order.
+        report_to: trackers that also get the metrics (``tsdfm.models.train.trackers``; not
+            part of the run's identity).
     """
 
     out: str
@@ -95,8 +98,11 @@ class LMTrainConfig:
     checkpoint_every: int = 250
     eval_every: int = 250
     seed: int = 0
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        check_available(self.report_to)
         for name in (
             "steps",
             "batch_size",
@@ -123,6 +129,7 @@ class LMTrainConfig:
     def run_dict(self) -> dict:
         d = asdict(self)
         d.pop("out")
+        d.pop("report_to")
         return d
 
 
@@ -281,6 +288,8 @@ class LMTask(Task):
         batch_size: B (also the evaluation's batch).
         device: where the LM runs.
     """
+
+    name = "lm"
 
     def __init__(
         self,

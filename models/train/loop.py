@@ -29,6 +29,7 @@ state (a data position). The loop owns everything else:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -235,6 +236,7 @@ class Task:
     and :meth:`save`; the other hooks default to doing nothing."""
 
     model: torch.nn.Module
+    name: str = "train"  # the trainer, as trackers prefix its metrics
 
     def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
         """The scalar loss of the next micro-batch of optimizer step ``step``, every random
@@ -277,6 +279,8 @@ class LoopConfig:
         eval_every: steps between held-out evaluations (and after the last step).
         log_every: steps between metrics lines; None = one line per evaluation only.
         keep: checkpoints kept (the newest).
+        report_to: trackers that also get every metrics line
+            (``tsdfm.models.train.trackers``; empty: metrics.jsonl only).
     """
 
     optim: OptimConfig
@@ -285,6 +289,7 @@ class LoopConfig:
     eval_every: int
     log_every: int | None = None
     keep: int = KEEP_CHECKPOINTS
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "eval_every", "log_every", "keep"):
@@ -313,13 +318,15 @@ def optim_config(run: Any) -> OptimConfig:
 
 def loop_config(run: Any) -> LoopConfig:
     """The loop of a trainer's run config: :func:`optim_config`, its seed, checkpoint_every,
-    eval_every and, where it has one, log_every (else a line per evaluation)."""
+    eval_every and, where it has them, log_every (else a line per evaluation) and report_to
+    (else no tracker)."""
     return LoopConfig(
         optim_config(run),
         run.seed,
         run.checkpoint_every,
         run.eval_every,
         getattr(run, "log_every", None),
+        report_to=tuple(getattr(run, "report_to", ()) or ()),
     )
 
 
@@ -347,7 +354,10 @@ class TrainLoop:
         task: the trainer's part.
         out: the run folder (checkpoints/, metrics.jsonl).
         updater: the update rule; default ``Updater(task.model, cfg.optim, cfg.seed)``.
-        tracker: where each metrics line also goes (``tsdfm.models.train.trackers``).
+        tracker: where each metrics line also goes (an object with ``log(line)`` and
+            ``close()``); default: the trackers of ``cfg.report_to``
+            (``tsdfm.models.train.trackers.Trackers``, opened by :meth:`run` on rank 0,
+            metrics named ``{task.name}/{field}``).
         store: the :class:`tsdfm.models.train.common.RunStore` whose staging folder ``out``
             is: every checkpoint is uploaded to it once written (None: ``out`` is the run).
 
@@ -400,34 +410,54 @@ class TrainLoop:
         Args:
             progress: called as progress(step, total, metrics) after every step.
         """
-        cfg, task, main = self.cfg, self.task, self.world.main
-        total = cfg.steps
+        cfg, main = self.cfg, self.world.main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
         result = LoopResult(self.resume())
-        log_every = cfg.log_every if cfg.log_every is not None else cfg.eval_every
         t0 = time.perf_counter()
         metrics = MetricsLog(self.out, resume_step=result.start) if main else NullLog()
-        with metrics as log:
-            for step in range(result.start, total):
-                m = self.updater(step, lambda step=step: task.loss(step, self.gen))
-                line = {"step": step + 1, **m, **task.describe()}
-                line["seconds"] = time.perf_counter() - t0
-                evaluated = due(step + 1, cfg.eval_every, total)
-                if evaluated:
-                    line.update(self.evaluate())
-                if evaluated or (step + 1) % log_every == 0:
-                    log.write(line)
-                    if main and self.tracker is not None:
-                        self.tracker.log(line)
-                    task.logged(line)
-                result.last = line
-                if progress is not None:
-                    progress(step + 1, total, line)
-                if due(step + 1, cfg.checkpoint_every, total):
-                    self.save(step + 1)
+        opened = self.tracker is None and main and bool(cfg.report_to)
+        if opened:
+            self.tracker = self._open_trackers()
+        try:
+            with metrics as log:
+                self._steps(result, log, t0, progress)
+        finally:
+            if opened:
+                self.tracker.close()
+                self.tracker = None
         result.history = log.history
         return result
+
+    def _open_trackers(self):
+        from tsdfm.models.train.common import RUN_CONFIG_FILE
+        from tsdfm.models.train.trackers import Trackers
+
+        record = self.out / RUN_CONFIG_FILE
+        config = json.loads(record.read_text()) if record.exists() else {}
+        return Trackers(self.cfg.report_to, self.out, getattr(self.task, "name", "train"), config)
+
+    def _steps(self, result: LoopResult, log, t0: float, progress) -> None:
+        cfg, task, main = self.cfg, self.task, self.world.main
+        total = cfg.steps
+        log_every = cfg.log_every if cfg.log_every is not None else cfg.eval_every
+        for step in range(result.start, total):
+            m = self.updater(step, lambda step=step: task.loss(step, self.gen))
+            line = {"step": step + 1, **m, **task.describe()}
+            line["seconds"] = time.perf_counter() - t0
+            evaluated = due(step + 1, cfg.eval_every, total)
+            if evaluated:
+                line.update(self.evaluate())
+            if evaluated or (step + 1) % log_every == 0:
+                log.write(line)
+                if main and self.tracker is not None:
+                    self.tracker.log(line)
+                task.logged(line)
+            result.last = line
+            if progress is not None:
+                progress(step + 1, total, line)
+            if due(step + 1, cfg.checkpoint_every, total):
+                self.save(step + 1)
 
     def save(self, step: int) -> None:
         """The checkpoint after ``step`` steps: the task's model files, then the trainer state

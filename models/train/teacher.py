@@ -23,6 +23,7 @@ from tsdfm.models.losses import cross_entropy_loss, generalized_kl_loss
 from tsdfm.models.path import MixturePath
 from tsdfm.models.train.common import check_run_config, seeded
 from tsdfm.models.train.loop import Task, TrainLoop, loop_config
+from tsdfm.models.train.trackers import check_available, parse_report_to
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class TeacherTrainConfig:
         checkpoint_every: steps between resumable checkpoints (the last 2 are kept).
         eval_every: steps between held-out loss evaluations.
         seed: seed of the run's generator.
+        report_to: trackers that also get the metrics (``tsdfm.models.train.trackers``; not
+            part of the run's identity).
     """
 
     out: str
@@ -59,8 +62,11 @@ class TeacherTrainConfig:
     checkpoint_every: int = 250
     eval_every: int = 250
     seed: int = 0
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        check_available(self.report_to)
         for name in ("steps", "batch_size", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -97,6 +103,8 @@ class TeacherTask(Task):
         batch_size: B.
         seed: the run seed (fixes the held-out batches and their noise).
     """
+
+    name = "teacher"
 
     def __init__(self, model: FlowModel, data: DataSource, loss: str, batch_size: int, seed: int):
         self.model, self.data, self.batch_size, self.seed = model, data, batch_size, seed
@@ -176,4 +184,5 @@ def _special_tokens(data: DataSource) -> dict:
 def _jsonable(cfg: TeacherTrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("out")
+    d.pop("report_to")
     return d

@@ -19,6 +19,7 @@ from tsdfm.pipeline.cli.common import (
     user_errors,
     write_json,
 )
+from tsdfm.pipeline.cli.train import ReportToOption
 
 
 @lm_app.command("train")
@@ -47,6 +48,7 @@ def lm_train(
     eval_every: int = 250,
     seed: int = 0,
     device: DeviceOption = "auto",
+    report_to: ReportToOption = "none",
     json_out: JsonOption = None,
 ) -> None:
     """Train a small causal LM (Llama architecture) on real text (resumable: rerun).
@@ -77,6 +79,7 @@ def lm_train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
         seed=seed,
+        report_to=report_to,
     )
     device = resolve_device(device)
     fields = ("loss", "loss {:.4f}"), ("heldout_nll", "held-out {:.4f}")

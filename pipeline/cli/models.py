@@ -25,6 +25,7 @@ from tsdfm.pipeline.cli.common import (
     value,
     write_json,
 )
+from tsdfm.pipeline.cli.train import ReportToOption
 
 
 @teacher_app.command("train")
@@ -57,6 +58,7 @@ def teacher_train(
     seed: int = 0,
     eval_steps: Annotated[int, typer.Option(help="Steps of the final sampling evaluation.")] = 256,
     eval_samples: Annotated[int, typer.Option(help="Samples of the final evaluation.")] = 256,
+    report_to: ReportToOption = "none",
     json_out: JsonOption = None,
 ) -> None:
     """Pretrain a discrete-flow teacher (resumable: rerun the same command)."""
@@ -88,6 +90,7 @@ def teacher_train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
         seed=seed,
+        report_to=report_to,
     )
     fields = ("loss", "loss {:.4f}"), ("heldout_loss", "held-out {:.4f}")
     with training_bar("training teacher", steps, *fields) as bar:

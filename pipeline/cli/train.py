@@ -29,6 +29,15 @@ from tsdfm.pipeline.cli.common import (
     write_json,
 )
 
+ReportToOption = Annotated[
+    str,
+    typer.Option(
+        "--report-to",
+        help="Trackers that also get the metrics: none, or a comma list of tensorboard, wandb, "
+        "trackio (each an optional install); metrics.jsonl is always written.",
+    ),
+]
+
 ORDER_HELP = (
     "Reveal order: random or dilated (default: the checkpoint's own; a student samples in its "
     "dataset's order)."
@@ -118,6 +127,7 @@ def distill(
             "student's provenance records which.",
         ),
     ] = True,
+    report_to: ReportToOption = "none",
     json_out: JsonOption = None,
 ) -> None:
     """Distil a few-step student from a trajectory dataset (resumable; no Ray, no GPU needed).
@@ -161,6 +171,7 @@ def distill(
         device=device,
         num_workers=num_workers,
         verify=verify,
+        report_to=report_to,
     )
 
     # under torchrun every process runs this command; rank 0 alone prints, evaluates and
