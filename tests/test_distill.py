@@ -271,6 +271,56 @@ def test_resume_gives_the_same_next_loss(tmp_path, tiny_blind_dataset, saved_tin
         )
 
 
+def test_resume_from_continues_a_run_in_a_new_folder(
+    tmp_path, tiny_blind_dataset, saved_tiny_teacher
+):
+    data, init = tiny_blind_dataset, saved_tiny_teacher
+    full = train_student(_cfg(data, init, tmp_path / "full"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_6(step, total, metrics):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):  # a run stopped after step 6; its newest checkpoint is step 4
+        train_student(_cfg(data, init, tmp_path / "stopped"), progress=stop_at_6)
+    # continued in a new folder: weights, optimizer moments, EMA, generator, data position
+    cont = train_student(_cfg(data, init, tmp_path / "cont", resume_from=str(tmp_path / "stopped")))
+    assert [h["step"] for h in cont.history] == [5, 6, 7, 8]
+    assert [h["loss"] for h in cont.history] == [h["loss"] for h in full.history[4:]]
+    assert cont.identity != full.identity  # the same weights; the provenance names the origin
+    a = load_file(str(tmp_path / "full/checkpoints/step-0000008/trainer_state.safetensors"))
+    b = load_file(str(tmp_path / "cont/checkpoints/step-0000008/trainer_state.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = json.loads((tmp_path / "cont/final/config.json").read_text())
+    assert final["provenance"]["continues"] == str(tmp_path / "stopped")
+
+    # a finished run, extended by 4 steps: AdamW's moments go on from step 8
+    more = _cfg(data, init, tmp_path / "more", steps=12, resume_from=str(tmp_path / "full"))
+    res = train_student(more)
+    assert [h["step"] for h in res.history] == [9, 10, 11, 12]
+    meta = json.loads((tmp_path / "more/checkpoints/step-0000012/trainer_state.json").read_text())
+    adam_steps = {slot["step"] for slot in meta["optimizer"]["state"].values()}
+    assert adam_steps == {"__tensor__"}
+    c = load_file(str(tmp_path / "more/checkpoints/step-0000012/trainer_state.safetensors"))
+    assert {float(v) for k, v in c.items() if k.endswith("/step")} == {12.0}
+    assert train_student(more).history == []  # rerunning resumes the new folder itself
+
+    with pytest.raises(ConfigError, match=r"is at step 8; continuing it needs more steps"):
+        train_student(_cfg(data, init, tmp_path / "x", resume_from=str(tmp_path / "full")))
+    assert not (tmp_path / "x/run_config.json").exists()  # refused before it is recorded
+    with pytest.raises(ConfigError, match=r"that run differs in lr; a run continues"):
+        train_student(
+            _cfg(data, init, tmp_path / "y", steps=12, lr=0.01, resume_from=str(tmp_path / "full"))
+        )
+    with pytest.raises(ConfigError, match=r"is --out itself"):
+        _cfg(data, init, tmp_path / "full", resume_from=str(tmp_path / "full"))
+    with pytest.raises(CheckpointError, match=r"not a distill run folder"):
+        train_student(_cfg(data, init, tmp_path / "z", resume_from=str(tmp_path)))
+
+
 def test_no_draw_uses_or_moves_the_global_rng(tmp_path, tiny_blind_dataset, saved_tiny_teacher):
     """Training is a function of the run alone: another global torch seed before it gives the
     same trainer state bit for bit, and the caller's global RNG state is left as it was."""

@@ -44,6 +44,7 @@ not depend on the number of loader workers.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -71,9 +72,11 @@ from tsdfm.models.train.common import (
     LOCK_FILE,
     METRICS_FILE,
     RUN_CONFIG_FILE,
+    STATE_JSON,
     RunLock,
     RunStore,
     check_run_config,
+    latest_checkpoint,
     seeded,
 )
 from tsdfm.models.train.distributed import (
@@ -97,6 +100,8 @@ from tsdfm.models.train.loop import (
     optim_config,
 )
 from tsdfm.models.train.trackers import check_available, parse_report_to
+
+CONTINUABLE = ("steps", "checkpoint_every", "eval_every", "log_every")  # --resume-from may change
 
 
 class DistillWarning(UserWarning):
@@ -135,6 +140,10 @@ class DistillConfig:
             in the student's provenance; not part of the run's identity).
         report_to: trackers that also get the metrics (``tsdfm.models.train.trackers``;
             a comma string or names; empty: metrics.jsonl only; not part of the identity).
+        resume_from: a distill run folder (or its URL) to continue in ``out``: its newest
+            checkpoint (weights, optimizer moments, EMA, data position) is this run's start
+            while ``out`` has no checkpoint of its own; its config must be this one except
+            the run length and the logging intervals (:data:`CONTINUABLE`).
     """
 
     data: str
@@ -164,6 +173,7 @@ class DistillConfig:
     num_workers: int = 2
     verify: bool = True
     report_to: tuple[str, ...] = ()
+    resume_from: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
@@ -183,6 +193,11 @@ class DistillConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision {self.precision!r}; use 'fp32' or 'bf16'")
         check_device(self.device)
+        if self.resume_from is not None and _same_place(self.resume_from, self.out):
+            raise ConfigError(
+                f"--resume-from {self.resume_from} is --out itself; a run continues in a new "
+                "--out (rerunning the same command resumes a stopped run in place)"
+            )
         self.loader_config()  # validates the loader's fields
 
     def loader_config(self) -> LoaderConfig:
@@ -197,9 +212,15 @@ class DistillConfig:
     def identity_dict(self) -> dict:
         """The fields that decide the run's result (what a resumed run must share)."""
         d = asdict(self)
-        for key in ("out", "device", "num_workers", "verify", "report_to"):
+        for key in ("out", "device", "num_workers", "verify", "report_to", "resume_from"):
             d.pop(key)
         return d
+
+
+def _same_place(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 @dataclass
@@ -555,16 +576,24 @@ def train_student(
     out = store.local
     data_info = source.provenance()
     lock = RunLock(out, world.job)
+    origin = None if cfg.resume_from is None else RunStore(cfg.resume_from)
     if world.local_rank == 0:  # one copy of the store's run per machine
         store.pull()
+        if origin is not None:
+            origin.pull()
     barrier(world)
+    record = {"run": cfg.identity_dict(), "data": data_info, "init_identity": init.identity}
+    if origin is not None:
+        record["resume_from"] = origin.where()
 
     def claim() -> str | None:
         note = lock.acquire()
+        if origin is not None and latest_checkpoint(out) is None:
+            check_continuable(origin, record)
         check_run_config(
             out,
-            {"run": cfg.identity_dict(), "data": data_info, "init_identity": init.identity},
-            names={"data": "dataset", "init_identity": "init"},
+            record,
+            names={"data": "dataset", "init_identity": "init", "resume_from": "--resume-from"},
         )
         store.push(LOCK_FILE)
         store.push(RUN_CONFIG_FILE)
@@ -575,7 +604,7 @@ def train_student(
         for msg in [note] if note else []:
             issued.append(msg)
             say(msg)
-        return _train(run, world, device, data_info, issued, say, progress, store)
+        return _train(run, world, device, data_info, issued, say, progress, store, origin)
     finally:
         if world.main:
             lock.release()
@@ -604,7 +633,44 @@ def on_main(world: World, fn: Callable[[], object]) -> object:
     return payload
 
 
-def _train(run, world, device, data_info, issued, say, progress, store) -> DistillResult:
+def check_continuable(origin: RunStore, record: dict) -> None:
+    """The run at ``origin`` can be continued by a run of ``record``: the same dataset, init
+    and config, except the fields of :data:`CONTINUABLE`; else a ConfigError naming them."""
+    path = origin.local / RUN_CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"--resume-from {origin.where()} is not a distill run folder (no {RUN_CONFIG_FILE})"
+        )
+    old = json.loads(path.read_text())
+    run, old_run = record["run"], old.get("run", {})
+    changed = sorted(
+        k for k in set(run) | set(old_run) if k not in CONTINUABLE and run.get(k) != old_run.get(k)
+    )
+    changed += [
+        name
+        for key, name in (("data", "dataset"), ("init_identity", "init"))
+        if old.get(key) != record.get(key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume-from {origin.where()}: that run differs in {', '.join(changed)}; a run "
+            f"continues with the same dataset, init and config (only {', '.join(CONTINUABLE)} "
+            "may change)"
+        )
+    last = latest_checkpoint(origin.local)
+    if last is None:
+        raise CheckpointError(
+            f"--resume-from {origin.where()} holds no complete checkpoint to continue from"
+        )
+    step = int(json.loads((last / STATE_JSON).read_text())["step"])
+    if step >= run["steps"]:
+        raise ConfigError(
+            f"--resume-from {origin.where()} is at step {step}; continuing it needs more steps "
+            f"than that (--train-steps > {step}, the new total)"
+        )
+
+
+def _train(run, world, device, data_info, issued, say, progress, store, origin) -> DistillResult:
     cfg, source, init, S = run.cfg, run.source, run.init, run.student_steps
     out = store.local
     model = build_student(init, cfg.seed)
@@ -621,6 +687,7 @@ def _train(run, world, device, data_info, issued, say, progress, store) -> Disti
             "init": {"spec": cfg.init, "identity": init.identity, "role": init.config.role},
             "loss": "segment_nll" + (f"+{cfg.final_weight}*ce_x1" if cfg.final_weight else ""),
             "run_config": cfg.identity_dict(),
+            **({} if origin is None else {"continues": origin.where()}),
         }
     )
     model.to(device).set_precision(cfg.precision)
@@ -645,7 +712,14 @@ def _train(run, world, device, data_info, issued, say, progress, store) -> Disti
         if world.main:
             say(msg)
     task = DistillTask(trainer, loader, held_batches, init, run.extra_files)
-    loop = TrainLoop(loop_config(cfg), task, out, trainer.updater, store=store)
+    loop = TrainLoop(
+        loop_config(cfg),
+        task,
+        out,
+        trainer.updater,
+        store=store,
+        resume_from=None if origin is None else origin.local,
+    )
     try:
         # on resume, lines written after the checkpoint we resume from are dropped
         result = loop.run(_noting(task, issued, say if world.main else None, progress))

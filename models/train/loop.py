@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from tsdfm.models.errors import ConfigError
+from tsdfm.models.errors import CheckpointError, ConfigError
 from tsdfm.models.rng import trajectory_seed
 from tsdfm.models.train.common import (
     EMA,
@@ -360,6 +360,9 @@ class TrainLoop:
             metrics named ``{task.name}/{field}``).
         store: the :class:`tsdfm.models.train.common.RunStore` whose staging folder ``out``
             is: every checkpoint is uploaded to it once written (None: ``out`` is the run).
+        resume_from: another run folder whose newest checkpoint starts this run when ``out``
+            has none yet (weights, optimizer moments, EMA, generator, task state): a finished
+            run continued for more steps in a new folder.
 
     In a job of several processes (the updater's world) every rank runs the loop and only
     rank 0 writes: metrics.jsonl, the tracker, checkpoints. The task's hooks run on every
@@ -374,9 +377,11 @@ class TrainLoop:
         updater: Updater | None = None,
         tracker: Any = None,
         store: Any = None,
+        resume_from: Path | None = None,
     ):
         self.cfg, self.task, self.out = cfg, task, Path(out)
         self.store = store
+        self.resume_from = resume_from
         self.updater = updater if updater is not None else Updater(task.model, cfg.optim, cfg.seed)
         self.world = self.updater.world
         self.tracker = tracker
@@ -396,8 +401,22 @@ class TrainLoop:
             return self.task.evaluate()
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint of the run (if any); returns its step."""
-        state = resume_latest(self.out, self.task.model, self.updater.opt, self.ema)
+        """Load the newest complete checkpoint of the run (if any; else that of
+        ``resume_from``); returns its step."""
+        model, opt = self.task.model, self.updater.opt
+        state = resume_latest(self.out, model, opt, self.ema)
+        if state is None and self.resume_from is not None:
+            state = resume_latest(self.resume_from, model, opt, self.ema)
+            if state is None:
+                raise CheckpointError(
+                    f"{self.resume_from} holds no complete checkpoint to continue from; pass "
+                    "the run folder of a distill run (it has checkpoints/step-*)"
+                )
+            if state.step >= self.cfg.steps:
+                raise ConfigError(
+                    f"{self.resume_from} is at step {state.step}; continuing it needs more "
+                    f"steps than that (--train-steps > {state.step}, the new total)"
+                )
         if state is None:
             return 0
         self.gen.set_state(state.generators[GENERATOR])

@@ -127,6 +127,15 @@ def distill(
             "student's provenance records which.",
         ),
     ] = True,
+    resume_from: Annotated[
+        str | None,
+        typer.Option(
+            help="A distill run folder (or URL) to continue in --out with more --train-steps "
+            "(the new total): its newest checkpoint's weights, optimizer moments, EMA and data "
+            "position are the start; the learning-rate schedule is recomputed over the new "
+            "total. Same dataset, teacher and flags otherwise."
+        ),
+    ] = None,
     report_to: ReportToOption = "none",
     json_out: JsonOption = None,
 ) -> None:
@@ -172,6 +181,7 @@ def distill(
         num_workers=num_workers,
         verify=verify,
         report_to=report_to,
+        resume_from=resume_from,
     )
 
     # under torchrun every process runs this command; rank 0 alone prints, evaluates and
