@@ -254,7 +254,9 @@ def run_build(
             say(f"{MANIFEST_FILE} is missing: rebuilding every shard in place from this config")
         prepare_output(root, state)
         if manifest is None:
-            manifest = Manifest.create(root, plan, prov.fingerprint, prov.tokenizer_identity)
+            manifest = Manifest.create(
+                root, plan, prov.fingerprint, prov.tokenizer_identity, prov.teacher
+            )
         cleanup_temp(root)  # this build holds the lock: every temp file is a dead writer's
         todo, done, corrupt = manifest.status()
         if on_plan:

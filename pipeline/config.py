@@ -138,8 +138,14 @@ class BuildConfig:
     def content(self, teacher_identity: str, compass_identity: str | None) -> dict:
         """The values that decide a shard's bytes (checkpoint specs replaced by identities)."""
         d = self.to_dict()
-        for key in ("teacher", "compass", "allow_teacher_mismatch", "trust_remote_code"):
-            d.pop(key, None)  # the teacher identity covers its format and its code
+        for key in (
+            "teacher",
+            "compass",
+            "allow_teacher_mismatch",
+            "teacher_format",
+            "trust_remote_code",
+        ):
+            d.pop(key, None)  # the teacher identity covers its family and its code
         d["teacher_identity"] = teacher_identity
         d["compass_identity"] = compass_identity
         return d

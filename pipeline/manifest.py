@@ -12,8 +12,13 @@ Layout (keys sorted, rewritten atomically by temp file + rename after every comm
         "00003": {"path": "data/train-00003-of-00008.parquet", "rows": R, "bytes": ...,
                   "sha256": "<hex>", "counters": {"trajectories": ...}, "stats": {...}}
       },
-      "totals": {"shards": ..., "rows": ..., "bytes": ..., "counters": {...}}
+      "totals": {"shards": ..., "rows": ..., "bytes": ..., "counters": {...}},
+      "teacher": {"family": "mdlm", "trust_remote_code": true, "code": {"modeling_mdlm.py":
+                  "<sha256>"}, ...}
     }
+
+``teacher`` is present only for a teacher of another family: what its adapter decided
+(``tsdfm.models.teachers``), including whether its own model code ran and that code's hash.
 
 A shard is recorded only after its file was committed (renamed to its final name), so the
 manifest never lists bytes that are not safe. A shard file without a manifest entry (the
@@ -120,8 +125,11 @@ class Manifest:
         plan: dict[str, Any],
         fingerprint: str,
         tokenizer_identity: str | Any | None = MISSING,
+        teacher: dict[str, Any] | None = None,
     ) -> Manifest:
         """Write a fresh manifest with no shards (replacing any manifest at ``root``).
+
+        ``teacher``: an adapter teacher's record (module docstring), left out when None.
 
         ``tokenizer_identity`` (sha256 of the teacher's tokenizer.json, or None without one)
         is recorded so a resume can refuse a changed tokenizer; the fingerprint leaves it out
@@ -141,6 +149,8 @@ class Manifest:
         }
         if tokenizer_identity is not MISSING:
             data["tokenizer_identity"] = tokenizer_identity
+        if teacher is not None:
+            data["teacher"] = json.loads(canonical_json(teacher, "the teacher record"))
         manifest = cls(root, data)
         manifest._write()
         return manifest
@@ -188,6 +198,8 @@ class Manifest:
         tok = data.get("tokenizer_identity")
         if tok is not None and not isinstance(tok, str):
             raise bad("'tokenizer_identity' is not a string or null")
+        if not isinstance(data.get("teacher", {}), dict):
+            raise bad("'teacher' is not an object")
         shards = data.get("shards")
         if not isinstance(shards, dict):
             raise bad("'shards' is missing or not an object")
@@ -219,6 +231,12 @@ class Manifest:
     def tokenizer_identity(self) -> str | Any | None:
         """The recorded tokenizer identity; MISSING in manifests written before it was kept."""
         return self._data.get("tokenizer_identity", MISSING)
+
+    @property
+    def teacher(self) -> dict[str, Any] | None:
+        """An adapter teacher's record (family, remote code and its hash, ...); None for
+        this project's own teachers."""
+        return self._data.get("teacher")
 
     @property
     def plan(self) -> dict[str, Any]:

@@ -5,6 +5,11 @@ build (``tsdfm.pipeline.build``) makes one per Ray actor of the generic executor
 ``verify --replay`` makes one from a dataset's recorded config. The driver itself builds no
 model: :func:`identify` gets the identities, and so the fingerprint, from the files.
 
+The teacher may be of any family an adapter exists for (``tsdfm.models.teachers``): the
+driver reads it with ``teacher_files`` and each builder loads it with ``open_teacher`` (the
+build config's ``teacher_format`` and ``trust_remote_code``), then runs one denoising step
+through it (``tsdfm.models.teachers.check.step_check``) before its first shard.
+
 A shard is a pure function of (config, shard index): trajectory i has seed ``seed · 2^32 + i``
 and all randomness is counter-based, so a retried shard has the same bytes on the same hardware
 and software.
@@ -15,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,21 +33,36 @@ from tsdfm.models.eval.metrics import unigram_entropy
 from tsdfm.models.identity import CheckpointFiles
 from tsdfm.models.navigator import navigate
 from tsdfm.models.rng import trajectory_seed
+from tsdfm.models.teachers.check import step_check
 from tsdfm.pipeline.config import BuildConfig
 from tsdfm.pipeline.shards import ShardInfo, write_shard
 
 
 @dataclass(frozen=True)
 class Provenance:
-    """Identities of what made a dataset."""
+    """Identities of what made a dataset.
+
+    ``teacher`` is what an adapter decided about a teacher of another family (its
+    ``provenance.adapter``: family, vocabulary map, time input, whether its remote code was
+    trusted and the sha256 of each of its ``.py`` files), None for this project's format; the
+    manifest records it. Its identity already covers it, so it is not compared and not part
+    of the shards' metadata.
+    """
 
     teacher_identity: str
     compass_identity: str | None
     tokenizer_identity: str | None
     fingerprint: str
+    teacher: dict | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The identities and the fingerprint, as every shard's metadata holds them."""
+        return {
+            "teacher_identity": self.teacher_identity,
+            "compass_identity": self.compass_identity,
+            "tokenizer_identity": self.tokenizer_identity,
+            "fingerprint": self.fingerprint,
+        }
 
 
 @dataclass(frozen=True)
@@ -60,8 +80,13 @@ def tokenizer_identity(ckpt: Checkpoint | CheckpointFiles) -> str | None:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-def open_models(cfg: BuildConfig, open_checkpoint: Callable[[str, str], Any]) -> tuple[Any, Any]:
-    """Teacher and compass of ``cfg`` as ``open_checkpoint(spec, role)`` gives them, checked.
+def open_models(
+    cfg: BuildConfig,
+    open_teacher: Callable[[str], Any],
+    open_compass: Callable[[str], Any],
+) -> tuple[Any, Any]:
+    """Teacher and compass of ``cfg`` as ``open_teacher(spec)`` / ``open_compass(spec)`` give
+    them, checked.
 
     The compass is a checkpoint, or for ``exact`` / ``exact-ratio`` the synthetic language's
     own likelihood (:class:`tsdfm.models.compass.ExactScorer`, the oracle of research
@@ -70,29 +95,68 @@ def open_models(cfg: BuildConfig, open_checkpoint: Callable[[str, str], Any]) ->
 
     Args:
         cfg: the build config.
-        open_checkpoint: e.g. :func:`tsdfm.models.checkpoint.load_checkpoint` on a device (the
-            actors), or :func:`tsdfm.models.identity.checkpoint_files` (the driver: files
-            and identities only, no module).
+        open_teacher: e.g. :func:`tsdfm.models.teachers.open_teacher` on a device (the
+            actors), or :func:`tsdfm.models.teachers.teacher_files` (the driver: files and
+            identities only, no module), with cfg's teacher format and remote-code consent.
+        open_compass: likewise :func:`tsdfm.models.checkpoint.load_checkpoint` or
+            :func:`tsdfm.models.identity.checkpoint_files` for the compass role.
     """
     from tsdfm.models.compass import EXACT_SCORERS, ExactScorer, check_compass_for_teacher
 
-    teacher = open_checkpoint(cfg.teacher, "teacher")
+    teacher = open_teacher(cfg.teacher)
     compass = None
     if cfg.compass in EXACT_SCORERS:
         compass = ExactScorer.for_teacher(cfg.compass, teacher)
     elif cfg.compass is not None:
-        compass = open_checkpoint(cfg.compass, "compass")
+        compass = open_compass(cfg.compass)
         check_compass_for_teacher(compass, teacher, cfg.allow_teacher_mismatch)
     return teacher, compass
 
 
-def load_models(cfg: BuildConfig, device: str) -> tuple[Checkpoint, Any]:
-    """Load teacher and compass onto ``device`` (see :func:`open_models`), at cfg's precision."""
-    teacher, compass = open_models(cfg, lambda spec, role: load_checkpoint(spec, device, role=role))
+def load_models(
+    cfg: BuildConfig, device: str, teacher_identity: str | None = None
+) -> tuple[Checkpoint, Any]:
+    """Load teacher and compass onto ``device`` (see :func:`open_models`), at cfg's precision.
+
+    ``teacher_identity``: the identity the teacher's files must have; checked before its
+    network is built, so remote code that differs from what the driver hashed never runs.
+    """
+    from tsdfm.models.teachers import open_teacher
+
+    def teacher(spec: str) -> Checkpoint:
+        return open_teacher(
+            spec,
+            device,
+            "teacher",
+            cfg.teacher_format,
+            cfg.trust_remote_code,
+            identity=teacher_identity,
+        )
+
+    teacher, compass = open_models(
+        cfg, teacher, lambda spec: load_checkpoint(spec, device, role="compass")
+    )
     for ck in (teacher, compass):
         if hasattr(getattr(ck, "model", None), "set_precision"):
             ck.model.set_precision(cfg.precision)
     return teacher, compass
+
+
+def adapter_record(teacher: Any) -> dict | None:
+    """What the adapter decided about ``teacher`` (its config's ``provenance.adapter``) and
+    the solver vocabulary it gives (``solver``: vocab_size V, mask_token_id, seq_len, source),
+    or None for this project's own format."""
+    adapter = teacher.config.provenance.get("adapter")
+    if not isinstance(adapter, dict):
+        return None
+    cfg = teacher.config
+    solver = {
+        "vocab_size": cfg.vocab_size,
+        "mask_token_id": cfg.mask_token_id,
+        "seq_len": cfg.seq_len,
+        "source": cfg.source,
+    }
+    return {**adapter, "solver": solver}
 
 
 def provenance(cfg: BuildConfig, teacher: Any, compass: Any) -> Provenance:
@@ -103,18 +167,26 @@ def provenance(cfg: BuildConfig, teacher: Any, compass: Any) -> Provenance:
         compass_identity=compass_id,
         tokenizer_identity=tokenizer_identity(teacher),
         fingerprint=cfg.fingerprint(teacher.identity, compass_id),
+        teacher=adapter_record(teacher),
     )
 
 
 def identify(cfg: BuildConfig) -> Provenance:
     """The provenance of a build of ``cfg``, from the checkpoint files: no model is built.
 
-    Every check that does not need the module runs (roles, pickles, tokenizer, compass fits
-    and learned from the teacher), so a mismatch fails before a worker starts.
+    Every check that does not need the module runs (roles, pickles, tokenizer, the teacher's
+    family, remote code only with ``trust_remote_code``, compass fits and learned from the
+    teacher), so a mismatch fails before a worker starts.
     """
     from tsdfm.models.identity import checkpoint_files
+    from tsdfm.models.teachers import teacher_files
 
-    return provenance(cfg, *open_models(cfg, lambda spec, role: checkpoint_files(spec, role)))
+    def teacher(spec: str):
+        return teacher_files(spec, "teacher", cfg.teacher_format, cfg.trust_remote_code)
+
+    return provenance(
+        cfg, *open_models(cfg, teacher, lambda spec: checkpoint_files(spec, "compass"))
+    )
 
 
 class ShardBuilder:
@@ -150,7 +222,8 @@ class ShardBuilder:
             teacher=teacher or cfg.teacher,
             compass=compass if compass is not None else cfg.compass,
         )
-        self.teacher, self.compass = load_models(where, device)
+        expected = planned.teacher_identity if planned is not None else None
+        self.teacher, self.compass = load_models(where, device, expected)
         self.provenance = provenance(cfg, self.teacher, self.compass)
         if planned is not None and self.provenance != planned:
             here, there = self.provenance.to_dict(), planned.to_dict()
@@ -162,6 +235,9 @@ class ShardBuilder:
                 "must see the same teacher and compass files (a shared path, or a Hub id "
                 "pinned @revision)"
             )
+        # one denoising step through the teacher before any shard: normalised p over data
+        # tokens, never the mask or a special token (a CheckpointError names what fails)
+        self.preflight = step_check(self.teacher)
         self.scorer = None
         if isinstance(self.compass, Checkpoint):
             from tsdfm.models.compass import CompassScorer

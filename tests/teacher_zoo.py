@@ -184,3 +184,42 @@ def duo_like(directory: Path, seed: int = 0) -> Path:
     _remote(directory, "duo_like", "duo", "DUO", seed, vocab_size=len(vocab), model_length=SEQ_LEN)
     tok.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def solver_tokenizer(vocab_size: int, mask: bool):
+    """A word-level tokenizer over solver ids: ``s0`` … ``s{V-1}``, then ``[MASK]`` = V under
+    the mask source (what a compass of an adapter teacher reads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"s{i}": i for i in range(vocab_size)}
+    if mask:
+        vocab["[MASK]"] = vocab_size
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="s0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def compass_for(teacher: Path, directory: Path, trust_remote_code: bool = False, seed: int = 1):
+    """A random tiny compass that reads ``teacher``'s solver states and records it as the
+    teacher it learned from (its identity from the files, as the build driver sees it)."""
+    from tsdfm.models.checkpoint import save_checkpoint
+    from tsdfm.models.compass import compass_config
+    from tsdfm.models.flow_model import CompassModel
+    from tsdfm.models.teachers import teacher_files
+
+    files = teacher_files(teacher, "teacher", trust_remote_code=trust_remote_code)
+    cfg = compass_config(
+        files.config,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        provenance={"teacher_identity": files.identity},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CompassModel(cfg).eval()
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    tok = solver_tokenizer(files.config.vocab_size, files.config.source == "mask")
+    save_checkpoint(directory, model, tok)
+    return directory

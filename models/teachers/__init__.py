@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from tsdfm.models.checkpoint import CONFIG_FILE
+from tsdfm.models.errors import CheckpointError
 
 TSDFM_FORMAT = "tsdfm"
 
@@ -45,6 +46,7 @@ def open_teacher(
     role: str | tuple[str, ...] | None = "teacher",
     teacher_format: str | None = None,
     trust_remote_code: bool = False,
+    identity: str | None = None,
 ):
     """Load the teacher at ``spec`` (a directory or ``org/name[@rev]``) as a Checkpoint.
 
@@ -59,6 +61,8 @@ def open_teacher(
         teacher_format: the family (:data:`tsdfm.models.teachers.families.FAMILIES`); None
             detects it from config.json.
         trust_remote_code: allow the checkpoint's own model code to run (MDLM, Duo).
+        identity: the identity the files must have (what the build driver hashed); an adapter
+            teacher whose files differ is refused before its network (or its code) is built.
     """
     from tsdfm.models.checkpoint import check_role, load_checkpoint, resolve
 
@@ -69,6 +73,12 @@ def open_teacher(
 
     p = plan(directory, str(spec), teacher_format, trust_remote_code)
     check_role(spec, p.config, role)
+    if identity is not None and p.identity != identity:
+        raise CheckpointError(
+            f"teacher {spec} has identity {p.identity} here, {identity} where the build "
+            "started: every node must see the same teacher files (a shared path, or a Hub id "
+            "pinned @revision)"
+        )
     return load(p, str(spec), device)
 
 

@@ -6,7 +6,9 @@ Checks, each a number in the report and a CheckpointError when it fails:
   position (|Σ p − 1| < 10⁻⁵), never-drawn tokens have p = 0 exactly, and the output has no
   column for [MASK] (shape (B, L, V), mask = V); at a masked position p_1t equals the
   network's own softmax restricted to the drawable tokens and renormalised (the vocabulary
-  map is right), and a revealed position carries its token (p = 1);
+  map is right), and (an adapter under the mask source, SUBS) a revealed position carries
+  its token (p = 1); this project's own teachers are free there (the solver never moves a
+  revealed token);
 * float64 preflight: the network in float64 gives the same p_1t (max |Δp| reported; < 10⁻³
   required), and a few samples drawn in float64 hold data tokens only (no [MASK], no
   never-drawn token); with an evaluator, their gen-PPL = exp(mean token NLL);
@@ -86,7 +88,8 @@ def step_check(ckpt: Checkpoint) -> dict[str, Any]:
         problems.append(f"probabilities sum to 1 ± {sum_err:.2e}")
     if never_mass != 0.0:
         problems.append(f"a never-drawn token has probability {never_mass:.2e}")
-    if cfg.source == "mask":
+    network = getattr(model, "network_logits", None)  # an adapter's network (SUBS)
+    if cfg.source == "mask" and network is not None:
         revealed = x != V
         carried = p.gather(-1, x.clamp_max(V - 1).unsqueeze(-1)).squeeze(-1)[revealed]
         report["revealed_carried_min_probability"] = (
@@ -94,9 +97,8 @@ def step_check(ckpt: Checkpoint) -> dict[str, Any]:
         )
         if carried.numel() and float(carried.min()) < 1 - SUM_TOL:
             problems.append("a revealed position does not keep its token")
-    network = getattr(model, "network_logits", None)
     if network is not None:
-        with torch.no_grad():
+        with torch.no_grad(), model._autocast(x.device):  # as the forward ran (bf16 on CUDA)
             raw = network(model.vocab.to_model(x), t).double()
         allowed = torch.ones(raw.shape[-1], dtype=torch.bool, device=raw.device)
         allowed[list(model.vocab.never)] = False

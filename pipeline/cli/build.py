@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +22,14 @@ from tsdfm.pipeline.cli.common import (
     value,
     write_json,
 )
+from tsdfm.pipeline.cli.teacher import TeacherFormatOption, TrustOption
 
 DEFAULT_OUT = "tsdfm-out/dataset"
+
+
+class SchemaVersion(str, enum.Enum):
+    v1 = "1"
+    v2 = "2"
 
 
 @app.command("build")
@@ -30,8 +37,13 @@ DEFAULT_OUT = "tsdfm-out/dataset"
 def build(
     teacher: Annotated[
         str | None,
-        typer.Option(help="Teacher checkpoint (dir or org/name[@rev]); default: bundled."),
+        typer.Option(
+            help="Teacher checkpoint (dir or org/name[@rev]) of any supported family "
+            "(docs/teachers.md); default: bundled."
+        ),
     ] = None,
+    teacher_format: TeacherFormatOption = None,
+    trust_remote_code: TrustOption = False,
     compass: Annotated[
         str | None,
         typer.Option(
@@ -79,6 +91,22 @@ def build(
         str | None, typer.Option("--temperature", hidden=True, show_default=False)
     ] = None,
     seed: int = 0,
+    schema_version: Annotated[
+        SchemaVersion,
+        typer.Option(
+            help="Dataset schema (docs/schema.md): 2 stores information-minimal states, "
+            "1 full states (for readers of older releases)."
+        ),
+    ] = SchemaVersion.v2,
+    text: Annotated[
+        bool | None,
+        typer.Option(
+            "--text/--no-text",
+            help="Store the decoded final text; default: with schema 1 when the teacher "
+            "has a tokenizer, not with schema 2.",
+            show_default=False,
+        ),
+    ] = None,
     precision: PrecisionOption = Precision.fp32,
     device: Annotated[str, typer.Option(help=DEVICE_HELP + "; one worker per GPU")] = "auto",
     num_workers: Annotated[
@@ -159,13 +187,18 @@ def build(
         seed,
         value(precision),
         allow_teacher_mismatch,
+        teacher_format=value(teacher_format),
+        trust_remote_code=trust_remote_code,
+        schema_version=int(value(schema_version)),
+        text=text,
     )
     with progress() as bar:
-        task = bar.add_task("building", total=cfg.total_trajectories, info="")
-
-        state = {"before": 0}
+        # the bar appears once the checkpoints and the output passed their checks, so a
+        # refused build prints its one line alone
+        state = {"before": 0, "task": None}
 
         def on_plan(todo, done, corrupt):
+            task = state["task"] = bar.add_task("building", total=cfg.total_trajectories, info="")
             if done:
                 bar.console.print(f"resuming: {len(done)} shard(s) already committed")
             if corrupt:
@@ -181,7 +214,7 @@ def build(
             if p.retries:
                 info += f"  retries {p.retries}"
             done = state["before"] + p.trajectories + p.in_flight
-            bar.update(task, completed=done, info=info)
+            bar.update(state["task"], completed=done, info=info)
 
         summary = run_build(
             cfg,
