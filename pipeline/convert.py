@@ -116,7 +116,13 @@ def _source(src: Path) -> Manifest:
 def _keeps_text(src: Path, manifest: Manifest, text: bool | None) -> bool:
     """Whether v2 keeps the text column: as asked, else when the v1 shards hold text."""
     name = shard_name(0, manifest.num_shards)
-    column = pq.read_table(src / name, columns=["text"]).column("text")
+    try:
+        column = pq.read_table(src / name, columns=["text"]).column("text")
+    except (OSError, KeyError, pa.ArrowException) as e:
+        raise DataError(
+            f"{src / name} does not read as a v1 shard ({str(e).splitlines()[0]}); "
+            "`tsdfm-pipeline verify` the source and rebuild that shard"
+        ) from None
     has_text = column.null_count < len(column)
     if text is True and not has_text:
         raise DataError(

@@ -13,7 +13,10 @@ The same rows and metadata give a byte-identical file: row groups have a fixed n
 version (``created_by``) is embedded, so the bytes depend on the pyarrow version.
 
 Parquet options (docs/schema.md): zstd, content-defined chunking, a page index, row groups of
-about 100 MB in memory (the Hub's guidance; v1 files keep their ≤ 32 MB groups), file-level
+about 100 MB in memory (the Hub's guidance; v1 files keep their ≤ 32 MB groups), dictionary
+encoding for every column but v2's float16 energies (their values are nearly all distinct, so
+a dictionary page plus 16-bit indices cost more than the values: plain + zstd keeps them at
+their 16 bits; v1 files keep the dictionary, so their bytes do not change), file-level
 key-value metadata ``tsdfm`` = canonical JSON of the shard's metadata (never the key
 ``huggingface``). The shard's schema version and text column follow its metadata
 (``tsdfm.models.data.schema.shard_schema``).
@@ -167,6 +170,26 @@ def atomic_write(fs: fsspec.AbstractFileSystem, final: str, write) -> None:
         raise
 
 
+# v2 columns stored without a dictionary (plain encoding + zstd), see the module docstring
+PLAIN_COLUMNS_V2 = ("energies",)
+
+
+def leaf_path(field: pa.Field) -> str:
+    """The Parquet path of a field's leaf column (``energies.list.element.list.element``)."""
+    path, typ = field.name, field.type
+    while pa.types.is_list(typ):
+        path, typ = f"{path}.list.{typ.value_field.name}", typ.value_type
+    return path
+
+
+def dictionary_columns(schema: pa.Schema, version: int) -> bool | list[str]:
+    """pyarrow's ``use_dictionary`` for a shard: all columns in v1, all but
+    :data:`PLAIN_COLUMNS_V2` in v2 (leaf paths, as Parquet names them)."""
+    if version == 1:
+        return True
+    return [leaf_path(f) for f in schema if f.name not in PLAIN_COLUMNS_V2]
+
+
 def default_row_group_rows(first: pa.Table) -> int:
     """Rows per row group from the row shape of the shard (S, L, K), not from its content.
 
@@ -293,6 +316,7 @@ def write_shard(
             compression_level=COMPRESSION_LEVEL,
             use_content_defined_chunking=True,
             write_page_index=True,
+            use_dictionary=dictionary_columns(schema, version),
         ) as writer:
             group = row_group_rows
             pending: list[pa.Table] = []

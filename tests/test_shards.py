@@ -203,6 +203,34 @@ def test_file_metadata_and_parquet_options(tmp_path):
     assert from_arrow(table).equals(make_batch())
 
 
+def _encodings(path) -> dict[str, tuple[str, ...]]:
+    md = pq.read_metadata(path)
+    group = md.row_group(0)
+    return {
+        group.column(i).path_in_schema: group.column(i).encodings for i in range(md.num_columns)
+    }
+
+
+def test_v2_energies_are_stored_plain_the_rest_dictionary_encoded(tmp_path):
+    v2 = {"schema_version": 2, "config": {"schema_version": 2}}
+    info = write_shard(str(tmp_path / "v2"), 3, 8, [make_batch(text=False)], v2)
+    enc = _encodings(tmp_path / "v2" / info.path)
+    # the writer names the leaves as Parquet does
+    assert set(enc) == {shards.leaf_path(f) for f in trajectory_schema(2, text=False)}
+    energies = "energies.list.element.list.element"
+    assert "RLE_DICTIONARY" not in enc[energies] and "PLAIN" in enc[energies]
+    assert all("RLE_DICTIONARY" in e for c, e in enc.items() if c != energies)
+    # v1 keeps its dictionary everywhere (its bytes do not change)
+    info = write_shard(str(tmp_path / "v1"), 3, 8, [make_batch()], V1)
+    assert all("RLE_DICTIONARY" in e for e in _encodings(tmp_path / "v1" / info.path).values())
+    table, _ = read_shard(str(tmp_path / "v2"), info.path)
+    assert np.array_equal(
+        from_arrow(table).energies,
+        make_batch().energies.astype(np.float16).astype(np.float32),
+        equal_nan=True,
+    )
+
+
 def test_failed_write_leaves_no_file_under_any_name(tmp_path):
     def rows():
         yield make_batch(start=0)
