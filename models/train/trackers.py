@@ -7,11 +7,13 @@ asked for; a missing one is refused with one line naming the package to install,
 first step. Only rank 0 of a job reports (``tsdfm.models.train.loop.TrainLoop``).
 
 A tracker gets every numeric field of a metrics line under ``{trainer}/{field}`` (e.g.
-``distill/loss``) at the line's step.
+``distill/loss``) at the line's step. W&B and Trackio runs are named after the run folder and
+resumed with it (one tracker run per folder).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 from collections.abc import Iterable
@@ -74,6 +76,8 @@ class Trackers:
         self.trainer = trainer
         self.sinks: list[tuple[str, Any]] = []
         run_name = Path(run_dir).name
+        # one tracker run per run folder: a resumed run continues the same W&B / Trackio run
+        run_id = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
         for name in self.names:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
@@ -81,11 +85,20 @@ class Trackers:
                 self.sinks.append((name, SummaryWriter(str(Path(run_dir) / "tensorboard"))))
             elif name == "wandb":
                 wandb = importlib.import_module("wandb")
-                run = wandb.init(project=PROJECT, name=run_name, dir=str(run_dir), config=config)
+                run = wandb.init(
+                    project=PROJECT,
+                    name=run_name,
+                    id=run_id,
+                    resume="allow",
+                    dir=str(run_dir),
+                    config=config,
+                )
                 self.sinks.append((name, run))
             else:
                 trackio = importlib.import_module("trackio")
-                run = trackio.init(project=PROJECT, name=run_name, config=config)
+                run = trackio.init(
+                    project=PROJECT, name=f"{run_name}-{run_id[:8]}", config=config, resume="allow"
+                )
                 self.sinks.append((name, (trackio, run)))
 
     def log(self, line: dict[str, Any]) -> None:
