@@ -13,7 +13,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from safetensors.torch import load, load_file
 
 from tsdfm.models.data.trajectories import open_trajectory_dataset, parse_dataset_spec
-from tsdfm.models.errors import DataError, ShardError
+from tsdfm.models.errors import ConfigError, DataError, ShardError
 from tsdfm.models.train.distill import DistillConfig, train_student
 
 
@@ -139,3 +139,32 @@ def test_a_run_in_an_object_store_resumes_from_the_store(
     lines = [json.loads(x) for x in memory.cat_file("/runs/cut/metrics.jsonl").splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert [m["loss"] for m in lines] == [h["loss"] for h in whole.history]
+
+
+def test_a_run_in_a_store_is_written_by_one_job(
+    tmp_path, memory, tiny_blind_dataset, saved_tiny_teacher
+):
+    lock = {"job": "other-job", "host": "another-machine", "pid": 1, "started": "then"}
+    memory.pipe_file("/runs/held/run.lock", json.dumps(lock).encode())
+    with pytest.raises(ConfigError, match=r"is being written by job other-job \(pid 1 on another"):
+        train_student(_run(tiny_blind_dataset, saved_tiny_teacher, "memory://runs/held"))
+    assert memory.find("/runs/held") == ["/runs/held/run.lock"]  # nothing else was written
+
+
+def test_cli_trains_from_and_to_a_store(tmp_path, memory, tiny_blind_dataset, saved_tiny_teacher):
+    from typer.testing import CliRunner
+
+    from tsdfm.pipeline.cli import app
+
+    memory.put(str(tiny_blind_dataset), "/bucket/blind", recursive=True)
+    args = ["distill", "--data", "memory://bucket/blind", "--out", "memory://runs/cli"]
+    args += ["--teacher", str(saved_tiny_teacher), "--train-steps", "2", "--batch-size", "4"]
+    args += ["--num-workers", "0", "--device", "cpu", "--eval-samples", "4", "--report-to", "none"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "dataset memory://bucket/blind: 3 shard(s)" in res.output
+    assert "final checkpoint: memory://runs/cli/final" in res.output
+    assert "-> memory://runs/cli/eval.json" in res.output
+    report = json.loads(memory.cat_file("/runs/cli/eval.json"))
+    assert report["config"]["samples"] == 4
+    assert memory.isfile("/runs/cli/final/model.safetensors")
