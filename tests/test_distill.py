@@ -311,6 +311,7 @@ def test_resume_from_continues_a_run_in_a_new_folder(
     with pytest.raises(ConfigError, match=r"is at step 8; continuing it needs more steps"):
         train_student(_cfg(data, init, tmp_path / "x", resume_from=str(tmp_path / "full")))
     assert not (tmp_path / "x/run_config.json").exists()  # refused before it is recorded
+    assert not (tmp_path / "x/run.lock").exists()  # and the folder is not left locked
     with pytest.raises(ConfigError, match=r"that run differs in lr; a run continues"):
         train_student(
             _cfg(data, init, tmp_path / "y", steps=12, lr=0.01, resume_from=str(tmp_path / "full"))

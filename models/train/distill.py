@@ -588,15 +588,19 @@ def train_student(
 
     def claim() -> str | None:
         note = lock.acquire()
-        if origin is not None and latest_checkpoint(out) is None:
-            check_continuable(origin, record)
-        check_run_config(
-            out,
-            record,
-            names={"data": "dataset", "init_identity": "init", "resume_from": "--resume-from"},
-        )
-        store.push(LOCK_FILE)
-        store.push(RUN_CONFIG_FILE)
+        try:
+            if origin is not None and latest_checkpoint(out) is None:
+                check_continuable(origin, record)
+            check_run_config(
+                out,
+                record,
+                names={"data": "dataset", "init_identity": "init", "resume_from": "--resume-from"},
+            )
+            store.push(LOCK_FILE)
+            store.push(RUN_CONFIG_FILE)
+        except BaseException:
+            lock.release()  # a refused run leaves no lock behind
+            raise
         return note
 
     note = on_main(world, claim)
