@@ -157,6 +157,21 @@ def teacher_facts(teacher: str) -> ModelFacts | None:
     return ModelFacts(cfg.vocab_size, cfg.seq_len, cfg.source, cfg.mask_token_id)
 
 
+def _solver_facts(record: Any) -> ModelFacts | None:
+    """The vocabulary an adapter teacher gives the solver, as ``manifest.json`` records it
+    (``teacher.solver``); None for this project's own teachers (no record)."""
+    solver = record.get("solver") if isinstance(record, dict) else None
+    try:
+        return ModelFacts(
+            int(solver["vocab_size"]),
+            int(solver["seq_len"]),
+            str(solver["source"]),
+            solver.get("mask_token_id"),
+        )
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def teacher_license(teacher: str) -> str | None:
     """The license the teacher checkpoint records, if it is reachable and records one: the
     ``license`` of its model card (README.md metadata, read by ``huggingface_hub.ModelCard``),
@@ -282,7 +297,7 @@ def card_facts(
         manifest=data,
         identities=identities,
         uncompressed_bytes=sum(f.uncompressed_bytes for f in footers),
-        model=teacher_facts(teacher) if teacher else None,
+        model=_solver_facts(data.get("teacher")) or (teacher_facts(teacher) if teacher else None),
         build_date=str(date),
         teacher_license=teacher_license(teacher) if teacher else None,
     )

@@ -125,6 +125,7 @@ class _Plan:
     config: dict[str, Any]
     fingerprint: str | None
     package_version: str | None
+    solver: dict[str, Any] | None = None  # an adapter teacher's vocabulary (manifest teacher)
 
     @property
     def nav(self) -> dict[str, Any]:
@@ -368,6 +369,7 @@ def _plan(
             manifest.plan.get("config") or {},
             manifest.fingerprint,
             d.get("package_version"),
+            (manifest.teacher or {}).get("solver"),
         )
     # no usable manifest: take the plan from the first shard that carries metadata
     for name in names:
@@ -585,6 +587,8 @@ def _vocab(
     """Token-id ranges from the card, else the teacher's config, else the data itself."""
     model = ((card[0].get("tsdfm") or {}).get("model") if card else None) or None
     origin = f"{CARD_FILE} (tsdfm.model)"
+    if model is None and isinstance(plan.solver, dict):
+        model, origin = plan.solver, f"{MANIFEST_FILE} (teacher.solver)"
     if model is None and plan.config.get("teacher"):
         from tsdfm.pipeline.card import teacher_facts
 
@@ -788,6 +792,16 @@ def choose_replay(
     return sorted(rng.sample(committed, min(replay, len(committed))))
 
 
+def _recorded_teacher(root: str, manifest: Manifest) -> str | None:
+    """The teacher identity the committed shards record (None if they record none)."""
+    committed = manifest.committed()
+    if not committed:
+        return None
+    meta = read_footer(root, shard_name(committed[0], manifest.num_shards)).metadata or {}
+    found = meta.get("teacher_identity")
+    return found if isinstance(found, str) else None
+
+
 def _replay(
     root: str,
     manifest: Manifest,
@@ -818,6 +832,8 @@ def _replay(
                 device,
                 teacher=teacher or recorded.teacher,
                 compass=compass if compass is not None else recorded.compass,
+                # checked against the files before the teacher (or its remote code) loads
+                teacher_identity=_recorded_teacher(root, manifest),
             )
         except TsdfmError as e:
             report.add(

@@ -202,6 +202,9 @@ class ShardBuilder:
         planned: what the driver computed from the files (:func:`identify`); a builder
             whose checkpoints give another fingerprint refuses to start (a node that sees
             other files than the driver did would write another dataset's shards).
+        teacher_identity: without ``planned``, the identity the teacher's files must have
+            before its network (and any remote code) is loaded: ``verify --replay`` passes
+            the one the shards record.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class ShardBuilder:
         teacher: str | None = None,
         compass: str | None = None,
         planned: Provenance | None = None,
+        teacher_identity: str | None = None,
     ):
         self.cfg = cfg
         self.root = root
@@ -222,7 +226,7 @@ class ShardBuilder:
             teacher=teacher or cfg.teacher,
             compass=compass if compass is not None else cfg.compass,
         )
-        expected = planned.teacher_identity if planned is not None else None
+        expected = planned.teacher_identity if planned is not None else teacher_identity
         self.teacher, self.compass = load_models(where, device, expected)
         self.provenance = provenance(cfg, self.teacher, self.compass)
         if planned is not None and self.provenance != planned:

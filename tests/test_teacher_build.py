@@ -162,6 +162,23 @@ def test_check_build_verify_each_family(zoo_teachers, tmp_path, family):
     res = runner.invoke(app, ["verify", str(out), "--replay", "1"])
     assert res.exit_code == 0, res.output
     assert "1 replayed" in res.output and "OK" in res.output
+    assert "vocabulary unknown" not in res.output  # the card / manifest name the vocabulary
+    card = (out / "README.md").read_text()
+    assert f"vocab_size: {V}" in card
+
+
+def test_replay_checks_the_recorded_teacher_before_its_code_runs(zoo_teachers, tmp_path):
+    d = tmp_path / "mdlm"
+    shutil.copytree(zoo_teachers["mdlm"][0], d)
+    out = tmp_path / "ds"
+    res = _build(d, out, "--trust-remote-code", "-K", 1)
+    assert res.exit_code == 0, res.output
+    with (d / "modeling_mdlm.py").open("a") as f:
+        f.write('\nraise RuntimeError("this code must not run")\n')
+    res = runner.invoke(app, ["verify", str(out), "--replay", "1"])
+    assert res.exit_code != 0
+    assert "cannot load the recorded checkpoints" in res.output, res.output
+    assert "this code must not run" not in res.output
 
 
 def _one_line_refusal(res, *needles):
