@@ -16,7 +16,13 @@ resampling toward the language, the ceiling of any compass); ``joint`` (argmin o
 marginal likelihood, ``exact``: mode-seeking); ``compass`` (argmin of ``--compass``, default the
 bundled one); ``compass-ratio`` (softmax at temperature 1 over ``--compass``'s energies: the
 learned counterpart of ``ratio``, for a compass trained on untempered negatives in the same
-reveal order, ``compass train --reveal-order dilated --negative-temperature 1``).
+reveal order, ``compass train --reveal-order dilated --negative-temperature 1``);
+``token-ratio`` (softmax at temperature 1 with the token-ratio compass, ``head="tokens"``:
+per-token log-ratios of the shared predecessor, trained in the lab for ``--token-steps`` steps
+with the library's ``train_compass``, or ``--token-compass`` if given); ``token-oracle`` (the
+same energy with the exact per-token ratio log p(v | X, i) − log q(v | X, i): the ceiling of any
+token-ratio compass, i.e. what the product over a segment's positions loses against
+``ratio``).
 
     python benchmarks/shaping_lab.py                                  # bundled teacher, dilated
     python benchmarks/shaping_lab.py --teacher runs/weak/final --out docs/results/shaping-lab-weak
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,11 +55,65 @@ from tsdfm.models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
 from tsdfm.models.eval.metrics import unigram_entropy
 from tsdfm.models.navigator import NavigatorConfig, navigate
 from tsdfm.models.rng import trajectory_seed
-from tsdfm.models.solver import sample
+from tsdfm.models.solver import RevealPlan, sample
+from tsdfm.models.train.compass import CompassTrainConfig, train_compass
 from tsdfm.models.train.distill import DistillConfig, StudentStep, build_student
 
 EVAL_SEED_BASE = 1000
-ARMS = ("blind", "ratio", "joint", "compass", "compass-ratio")
+ARMS = ("blind", "ratio", "joint", "compass", "compass-ratio", "token-ratio", "token-oracle")
+
+
+class TokenOracle:
+    """The token-ratio energy with the exact per-token ratio (a lab diagnostic):
+    E(x_{t_{k+1}}) = −Σ_{i in segment k} [log p(x^i | X, i) − log q(x^i | X, i)], X the
+    predecessor (segment k masked again), p the language's exact posterior, q the teacher's."""
+
+    name = "token-oracle"
+
+    def __init__(self, teacher, language, plan):
+        mc = teacher.config
+        self.model, self.language, self.plan = teacher.model, language, plan
+        self.path, self.mask, self.V = mc.path(), mc.mask_token_id, mc.vocab_size
+        self.identity = "token-oracle:" + teacher.identity
+
+    @torch.no_grad()
+    def energy(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        S = self.plan.segments
+        k = round(float(t) * S) - 1
+        last = (self.plan.segment_of(self.path, x_t.shape[1]) == k).unsqueeze(0)
+        x_prev = torch.where(last, torch.full_like(x_t, self.mask), x_t)
+        uniq, inverse = torch.unique(x_prev, dim=0, return_inverse=True)
+        log_q = torch.log_softmax(self.model(uniq, torch.full((len(uniq),), k / S)), -1)
+        log_p = torch.log_softmax(self.language.posterior_logits(uniq, self.mask), -1)
+        r = (log_p - log_q.double())[inverse]
+        picked = r.gather(-1, x_t.clamp(max=self.V - 1).unsqueeze(-1)).squeeze(-1)
+        return -(picked * last).sum(1).float()
+
+
+def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
+    """The token-ratio compass of the ``token-ratio`` arm: ``--token-compass``, or one trained
+    here with the library's ``train_compass`` (head tokens) in a temporary directory."""
+    if a.token_compass:
+        ckpt = load_checkpoint(a.token_compass, role="compass")
+        return CompassScorer.from_checkpoint(ckpt), {"spec": a.token_compass}
+    tb = teacher.config.backbone  # it starts from the teacher's weights: the teacher's size
+    cfg = CompassTrainConfig(
+        out=tempfile.mkdtemp(prefix="token-compass-"), head="tokens", reveal_order="dilated",
+        student_steps=a.student_steps, negative_temperature=1.0, steps=a.token_steps,
+        batch_size=a.token_batch, warmup=min(100, a.token_steps // 10), eval_every=a.token_steps,
+        checkpoint_every=a.token_steps, d_model=tb.d_model, n_layers=tb.n_layers,
+        n_heads=tb.n_heads,
+    )  # fmt: skip
+    print(f"training the token-ratio compass ({a.token_steps} steps)", flush=True)
+    t0 = time.perf_counter()
+    res = train_compass(cfg, teacher)
+    info = {"trained_steps": res.steps, "heldout_auc": res.heldout_auc,
+            "heldout_loss": res.heldout_loss, "seconds": time.perf_counter() - t0,
+            "d_model": tb.d_model, "n_layers": tb.n_layers,
+            "batch_size": a.token_batch}  # fmt: skip
+    print(f"  held-out token AUC {res.heldout_auc:.3f}, loss {res.heldout_loss:.4f}", flush=True)
+    ckpt = load_checkpoint(res.final_dir, role="compass")
+    return CompassScorer.from_checkpoint(ckpt), info
 
 
 def score(language, x: torch.Tensor) -> tuple[float, float]:
@@ -130,7 +191,16 @@ def run(a) -> dict:
     compass = None
     if {"compass", "compass-ratio"} & set(a.arms):
         compass = CompassScorer.from_checkpoint(load_checkpoint(a.compass, role="compass"))
+    token, token_info = (None, None)
+    if "token-ratio" in a.arms:
+        token, token_info = token_compass(a, teacher)
+    oracle = None
+    if "token-oracle" in a.arms:
+        oracle = TokenOracle(teacher, language, RevealPlan("dilated", S))
+    softmax = dict(shaped, selection="softmax", temperature=1.0)
     arms = {
+        "token-ratio": (token, NavigatorConfig(**softmax)),
+        "token-oracle": (oracle, NavigatorConfig(**softmax)),
         "blind": (None, NavigatorConfig(**base, candidates=1)),
         "ratio": (
             ExactScorer.for_teacher("exact-ratio", teacher),
@@ -191,6 +261,7 @@ def run(a) -> dict:
         "eval_seed_base": EVAL_SEED_BASE,
         "frontiers": fronts,
         "arms": rows,
+        "token_compass": token_info,
         "seconds": time.perf_counter() - t0,
         "device": cpu_device(),
         "versions": package_versions(("torch",)),
@@ -271,6 +342,9 @@ def main() -> None:
     ap.add_argument("--dataset-seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.1, 1.0, 0.9, 0.8])
+    ap.add_argument("--token-compass", help="token-ratio compass (default: train one here)")
+    ap.add_argument("--token-steps", type=int, default=600, help="its training steps")
+    ap.add_argument("--token-batch", type=int, default=64, help="its real contexts per step")
     ap.add_argument("--out", default="docs/results/shaping-lab")
     a = ap.parse_args()
     if 1.0 not in a.temperatures:

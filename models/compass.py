@@ -5,12 +5,21 @@ lower = more coherent:
 
     E: (x_t ∈ V^{B×L}, t ∈ [0, 1]^B) ↦ e ∈ ℝ^B
 
-The compass is a small time-conditioned bidirectional transformer with a scalar head,
+The pooled compass is a small time-conditioned bidirectional transformer with a scalar head,
 E_θ(x_t, t) = w · mean_i z_i(x_t, t) + b, trained by generation-aware noise-contrastive
 estimation (``tsdfm.models.train.compass``): real sequences noised to t along the path get low
 energy, the teacher's own trajectory states at the same t get high energy. Its logistic
 classifier is σ(−E_θ), so with positives and negatives in equal numbers E_θ estimates
 log p_teacher,t(x_t) − log p_data,t(x_t).
+
+The token-ratio compass (``head="tokens"``, dilated order only) ranks the K siblings of a
+midpoint instead: they share one predecessor X (the state at t_k) and differ only in the tokens
+of segment k, so a network that reads X once and outputs per-position, per-token log-ratios
+r_θ(X)[i, v] ≈ log p_data(v | X, i) − log q_teacher(v | X, i) gives every sibling
+E = −Σ_{i in segment k} r_θ(X)[i, x^i]. It is trained densely at every masked position of real
+contexts X (``tsdfm.models.train.compass.token_ratio_loss``: the cross-entropy of the real token
+under log q + r, whose optimum is the log-ratio up to a per-position constant that siblings
+share).
 
 The network E_θ is ``tsdfm.models.flow_model.CompassModel`` (defined beside the other roles'
 networks, so a compass checkpoint loads without this module); the protocol it stands behind is
@@ -56,11 +65,14 @@ def compass_config(
     mlp_ratio: int = 4,
     dropout: float = 0.0,
     provenance: dict | None = None,
+    head: str = "scalar",
 ) -> ModelConfig:
     """The config of a compass for ``teacher``'s states.
 
     Vocabulary, special tokens, source, scheduler, sequence length and data are the teacher's,
-    so the compass reads exactly the states the teacher produces.
+    so the compass reads exactly the states the teacher produces. ``head``: "scalar" (the
+    pooled compass) or "tokens" (the token-ratio compass; its provenance must name the
+    dilated plan, ``reveal_order`` and ``student_steps``).
     """
     backbone = BackboneConfig(
         vocab_in=teacher.input_vocab,
@@ -74,7 +86,7 @@ def compass_config(
         time_conditioning=True,
         step_conditioning=False,
         dropout=dropout,
-        head="scalar",
+        head=head,
     )
     return replace(
         teacher,

@@ -6,7 +6,8 @@ p(x_1 | x_t) of the mask path does not depend on t, which lets the sampler cache
 a student is additionally conditioned on the step size h (FS-DFM).
 
 Compass (:class:`CompassModel`): the energy network E_θ(x_t, t), the same backbone with a
-scalar head; what it estimates and how it is trained is in ``tsdfm.models.compass``.
+scalar head (or a per-token log-ratio head, the token-ratio compass); what it estimates and
+how it is trained is in ``tsdfm.models.compass``.
 
 The three built-in roles are registered here, in ``tsdfm.models.roles``, beside their classes,
 so a config of any built-in role validates (and a checkpoint of it loads) in a process that
@@ -25,6 +26,7 @@ from tsdfm.models.backbone import Backbone, BackboneConfig
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.path import MixturePath, check_source, parse_scheduler
 from tsdfm.models.roles import check_role, register_role
+from tsdfm.models.solver import RevealPlan
 
 FORMAT = "tsdfm-checkpoint"
 FORMAT_VERSION = 1
@@ -206,25 +208,69 @@ def batch_times(t: float | torch.Tensor, batch: int, device: torch.device) -> to
 
 
 class CompassModel(PrecisionMixin, nn.Module):
-    """E_θ(x_t, t): a time-conditioned transformer with a scalar head (the compass role).
+    """E_θ(x_t, t): a time-conditioned transformer (the compass role).
 
     ``forward`` returns (B,) float32 energies. Under CUDA and ``precision="bf16"`` the
     backbone runs in bf16 autocast, like :class:`FlowModel`. Build its config with
     ``tsdfm.models.compass.compass_config``.
+
+    Two heads. ``scalar`` (the pooled compass): E_θ(x_t, t) = w · mean_i z_i + b.
+    ``tokens`` (the token-ratio compass, dilated order only): the backbone reads the
+    *predecessor* X of x_t, i.e. x_t with the positions of its last segment k masked again
+    (t = t_{k+1} = (k+1)/S of the plan in ``provenance``: ``reveal_order`` "dilated",
+    ``student_steps`` S), and outputs per-position, per-token log-ratios
+    r_θ(X)[i, v] ≈ log p_data(v | X, i) − log q_teacher(v | X, i) (:meth:`log_ratios`); then
+
+        E_θ(x_t, t) = − Σ_{i in segment k} r_θ(X)[i, x_t^i].
+
+    Candidates of one midpoint share X, so their energies differ only through the tokens they
+    revealed: softmax(−E) at temperature 1 is sequential importance resampling with a learned
+    per-token ratio (``tsdfm.models.compass``).
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.role != "compass":
             raise ConfigError(f"a compass needs role='compass', got {config.role!r}")
-        if config.backbone.head != "scalar" or not config.backbone.time_conditioning:
+        head = config.backbone.head
+        if head not in ("scalar", "tokens") or not config.backbone.time_conditioning:
             raise ConfigError(
-                "a compass backbone needs head='scalar' and time_conditioning=True; "
+                "a compass backbone needs head='scalar' or 'tokens' and time_conditioning=True; "
                 "build its config with tsdfm.models.compass.compass_config"
             )
+        if head == "tokens":
+            self.plan = _token_compass_plan(config)
         self.config = config
         self.backbone = Backbone(config.backbone)
         self.precision = "fp32"
+
+    def log_ratios(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Token head: (B, L) predecessor states at t_k → (B, L, V) float32 log-ratios r_θ."""
+        tt = batch_times(t, x.shape[0], x.device)
+        with self._autocast(x.device):
+            r = self.backbone(x, tt)
+        return r.float()
+
+    def _token_energy(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        S, L = self.plan.segments, x_t.shape[1]
+        tt = batch_times(t, x_t.shape[0], x_t.device).double()
+        k = (tt * S).round().long() - 1
+        if bool(((tt * S - (k + 1)).abs() > 1e-4).any()) or bool((k < 0).any()):
+            raise ConfigError(
+                f"the token-ratio compass scores states at the segment ends t = 1/{S} … 1 of its "
+                f"dilated plan, got t = {tt.unique().tolist()[:4]}; use it with "
+                f"--reveal-order dilated --student-steps {S}"
+            )
+        seg = self.plan.segment_of(self.path, L, x_t.device)
+        last = seg.unsqueeze(0) == k.unsqueeze(1)  # (B, L): segment k of each row
+        x_prev = torch.where(last, torch.full_like(x_t, self.config.mask_token_id), x_t)
+        # siblings share their predecessor: one forward per distinct (X, t_k)
+        key = torch.cat([x_prev, k.unsqueeze(1)], dim=1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        r = self.log_ratios(uniq[:, :L], uniq[:, L].double() / S)[inverse]
+        tokens = x_t.clamp(0, self.config.vocab_size - 1).unsqueeze(-1)
+        picked = r.gather(-1, tokens).squeeze(-1)
+        return -(picked * last).sum(dim=1)
 
     @property
     def path(self) -> MixturePath:
@@ -234,10 +280,26 @@ class CompassModel(PrecisionMixin, nn.Module):
         self, x_t: torch.Tensor, t: float | torch.Tensor, h: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x_t: (B, L) int64; t: float or (B,) → (B,) float32 energies (h is ignored)."""
+        if self.config.backbone.head == "tokens":
+            return self._token_energy(x_t, t)
         tt = batch_times(t, x_t.shape[0], x_t.device)
         with self._autocast(x_t.device):
             e = self.backbone(x_t, tt)
         return e.float()
+
+
+def _token_compass_plan(config: ModelConfig) -> RevealPlan:
+    """The dilated plan a token-ratio compass scores in (from its provenance)."""
+    prov = config.provenance
+    if config.source != "mask" or prov.get("reveal_order") != "dilated":
+        raise ConfigError(
+            "a token-ratio compass (head='tokens') needs the mask source and provenance "
+            "reveal_order='dilated' with student_steps; train it with reveal_order dilated"
+        )
+    S = prov.get("student_steps")
+    if not isinstance(S, int) or isinstance(S, bool) or S < 1:
+        raise ConfigError(f"token-ratio compass provenance student_steps={S!r} is not an integer")
+    return RevealPlan("dilated", S)
 
 
 register_role("teacher", FlowModel)

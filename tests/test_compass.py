@@ -140,7 +140,9 @@ def test_compass_config_follows_the_teacher_and_bad_configs_are_refused(tiny_lan
         CompassModel(tcfg)
     from dataclasses import replace
 
-    with pytest.raises(ConfigError, match="head='scalar' and time_conditioning=True"):
+    with pytest.raises(ConfigError, match="head='scalar' or 'tokens' and time_conditioning"):
+        CompassModel(replace(cfg, backbone=replace(cfg.backbone, time_conditioning=False)))
+    with pytest.raises(ConfigError, match="needs the mask source and provenance reveal_order"):
         CompassModel(replace(cfg, backbone=replace(cfg.backbone, head="tokens")))
 
 
@@ -354,3 +356,50 @@ def test_the_compass_metrics_score_the_samples_eval_draws(tiny_language, saved_t
     drawn = draw(saved_teacher, trajectory_seed(2, torch.arange(10)), 16, batch_size=3)
     assert torch.equal(final.cpu(), drawn.tokens)  # the N-step samples `eval` scores
     torch.testing.assert_close(e_final, scorer.energy(drawn.tokens, 1.0))
+
+
+def _token_compass(tiny_language, S=4):
+    tcfg = _teacher(tiny_language).config
+    prov = {"reveal_order": "dilated", "student_steps": S}
+    with seeded(3):
+        return CompassModel(
+            compass_config(tcfg, d_model=16, n_layers=1, n_heads=2, provenance=prov, head="tokens")
+        ).eval()
+
+
+def test_token_compass_energy_is_minus_the_log_ratios_of_the_last_segment(tiny_language):
+    """E(x_{t_{k+1}}) = −Σ_{i in segment k} r(X)[i, x^i], X = x with segment k masked again;
+    siblings (same X) differ only through their segment-k tokens."""
+    from tsdfm.models.solver import RevealPlan
+
+    S = 4
+    compass = _token_compass(tiny_language, S)
+    torch.nn.init.normal_(compass.backbone.out.weight, std=0.5)  # r ≠ 0 everywhere
+    cfg = compass.config
+    path, mask, V = cfg.path(), cfg.mask_token_id, cfg.vocab_size
+    seg = RevealPlan("dilated", S).segment_of(path, cfg.seq_len)
+    gen = torch.Generator().manual_seed(0)
+    x_1 = tiny_language.sample(6, gen)
+    for k in range(S):
+        x = torch.where(seg <= k, x_1, torch.full_like(x_1, mask))  # states at t_{k+1}
+        prev = torch.where(seg == k, torch.full_like(x, mask), x)
+        with torch.no_grad():
+            r = compass.log_ratios(prev, k / S)
+            e = compass(x, (k + 1) / S)
+        want = -(r.gather(-1, x.clamp(max=V - 1).unsqueeze(-1)).squeeze(-1) * (seg == k)).sum(1)
+        torch.testing.assert_close(e, want, rtol=1e-5, atol=1e-5)
+    # two siblings: same tokens outside segment 1, different tokens in it
+    sib = x.clone()
+    sib[:, seg == 1] = (sib[:, seg == 1] + 1) % V
+    sib[:, seg == 3] = x[:, seg == 3]
+    x2, s2 = torch.where(seg <= 1, x, mask), torch.where(seg <= 1, sib, mask)
+    with torch.no_grad():
+        e2 = compass(torch.cat([x2, s2]), 2 / S)
+        r = compass.log_ratios(torch.where(seg == 1, mask, x2), 1 / S)
+    gap = (r.gather(-1, s2.clamp(max=V - 1).unsqueeze(-1)) - r.gather(-1, x2.clamp(
+        max=V - 1).unsqueeze(-1))).squeeze(-1)[:, seg == 1].sum(1)  # fmt: skip
+    torch.testing.assert_close(e2[:6] - e2[6:], gap, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="scores states at the segment ends t = 1/4"):
+        compass(x, 0.3)
+    with pytest.raises(ConfigError, match="scores states at the segment ends"):
+        compass(x, 0.0)

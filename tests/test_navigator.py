@@ -117,3 +117,34 @@ def test_bad_navigator_configs(tiny_teacher):
         NavigatorConfig(tau=1.5)
     with pytest.raises(ConfigError, match="needs a compass"):
         _nav(tiny_teacher, None, torch.arange(2))
+
+
+def test_token_ratio_compass_selects_through_the_navigator(tiny_teacher):
+    """A token-ratio compass behind ``CompassScorer``: every candidate of a midpoint shares the
+    kept predecessor, the recorded energies are the compass's energies of the candidates, and
+    argmin keeps the lowest."""
+    from tsdfm.models.compass import CompassScorer, compass_config
+    from tsdfm.models.flow_model import CompassModel
+    from tsdfm.models.solver import RevealPlan
+
+    S = 4
+    prov = {"reveal_order": "dilated", "student_steps": S}
+    torch.manual_seed(2)
+    model = CompassModel(
+        compass_config(tiny_teacher.config, 16, 1, 2, provenance=prov, head="tokens")
+    )
+    torch.nn.init.normal_(model.backbone.out.weight, std=0.5)
+    scorer = CompassScorer(model, "sha256:test")
+    seeds = torch.arange(16) + 3
+    res, _ = _nav(tiny_teacher, scorer, seeds, candidates=4, teacher_steps=8,
+                  reveal_order="dilated", shared_reveals=True)  # fmt: skip
+    path, mask = tiny_teacher.path, tiny_teacher.config.mask_token_id
+    seg = RevealPlan("dilated", S).segment_of(path, tiny_teacher.config.seq_len)
+    for k in range(S):
+        before, after = res.states[:, k], res.states[:, k + 1]
+        # the kept state's predecessor is the state kept at t_k
+        assert torch.equal(torch.where(seg == k, mask, after), before)
+        kept = res.energies[torch.arange(16), k, res.chosen[:, k]]
+        torch.testing.assert_close(scorer.energy(after, (k + 1) / S), kept, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept, res.energies[:, k].min(1).values)
+        assert (res.energies[:, k].std(1) > 0).any()  # siblings are told apart

@@ -86,6 +86,32 @@ def nce_loss(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(e_pos).mean() + F.softplus(-e_neg).mean())
 
 
+def token_ratio_loss(
+    r: torch.Tensor, x_1: torch.Tensor, log_q: torch.Tensor, where: torch.Tensor
+) -> torch.Tensor:
+    """Loss of the token-ratio compass: the cross-entropy of the real tokens under the
+    teacher's posterior *corrected* by the compass, averaged over the positions ``where``:
+
+        ℓ_i = −log softmax_v(log q(v | X, i) + r[i, v]) at v = x_1^i
+
+    Its minimiser is log q + r* = log p_data(· | X, i) + c(X, i), i.e.
+    r*[i, v] = log p_data(v | X, i) − log q(v | X, i) + c(X, i): the per-token density ratio up
+    to a constant per (X, i), which every sibling of a midpoint shares (they share X and the
+    positions of the segment) and so cancels in their softmax. A full-softmax proper score, it
+    learns the ratio far faster than per-token logistic classification against q (which has
+    the same optimum with c = 0; docs/compass.md). At r = 0 the loss is the teacher's own.
+
+    Args:
+        r: (B, L, V) log-ratios of the compass at the contexts X.
+        x_1: (B, L) real tokens.
+        log_q: (B, L, V) the teacher's log posterior at X.
+        where: (B, L) bool, the positions that count (masked in X).
+    """
+    lp = torch.log_softmax(log_q + r, dim=-1).gather(-1, x_1.unsqueeze(-1)).squeeze(-1)
+    w = where.to(lp.dtype)
+    return -(lp * w).sum() / w.sum().clamp_min(1.0)
+
+
 class NegativeSource(Protocol):
     """Where the compass's negatives come from: (state, t) pairs of one teacher.
 
@@ -228,6 +254,12 @@ class CompassTrainConfig:
             within bins of t of width 1/8, averaged over bins (``heldout_auc``; the pooled AUC
             is ``heldout_auc_pooled``), NCE loss and mean energy gap.
         seed: seed of the run (initialisation, data generator, negative seeds).
+        head: "scalar" (the pooled compass, sequence-level NCE) or "tokens" (the token-ratio
+            compass: per-token log-ratios against the teacher's posterior at real contexts of
+            the dilated order, :func:`token_ratio_loss`; needs reveal_order dilated and
+            negative_temperature 1; no negative bank). It starts from the teacher's weights
+            with a zero output layer (r = 0: selection starts blind), so d_model, n_layers and
+            n_heads must be the teacher's. Recorded only when not "scalar".
     """
 
     out: str
@@ -252,6 +284,7 @@ class CompassTrainConfig:
     seed: int = 0
     reveal_order: str = "random"
     student_steps: int = 8
+    head: str = "scalar"
 
     def __post_init__(self) -> None:
         for name in (
@@ -287,6 +320,17 @@ class CompassTrainConfig:
                 f"teacher_steps={N} is not divisible by student_steps={S}: under the dilated "
                 f"order every segment needs the same number of teacher steps; pick N as a "
                 f"multiple of S (e.g. {S * max(1, round(N / S))})"
+            )
+
+        if self.head not in ("scalar", "tokens"):
+            raise ConfigError(f"head={self.head!r} is unknown; use scalar or tokens")
+        if self.head == "tokens" and (
+            self.reveal_order != "dilated" or self.negative_temperature != 1.0
+        ):
+            raise ConfigError(
+                "the token-ratio compass (head tokens) estimates log p_data − log q of the "
+                "teacher itself in the dilated order; use reveal_order dilated and "
+                "negative_temperature 1"
             )
 
     def plan(self) -> RevealPlan:
@@ -375,6 +419,13 @@ def train_compass(
         )
     data = data_source if data_source is not None else default_data_source(teacher)
     _check_data(data, tcfg, teacher.spec)
+    if cfg.head == "tokens":
+        if negatives is not None:
+            raise ConfigError(
+                "the token-ratio compass takes its negatives from the teacher's posterior at "
+                "real contexts; it uses no negative source"
+            )
+        negatives = TeacherPosterior(teacher.model, teacher.identity, plan)
     if negatives is None:
         negatives = TeacherNegatives(
             teacher.model,
@@ -406,9 +457,14 @@ def train_compass(
         "data": data.describe(),
     }
     check_run_config(out, record, holds="a compass run")
+    objective = (
+        "per-token density ratio (cross-entropy of real tokens under log q + r)"
+        if cfg.head == "tokens"
+        else "generation-aware NCE (logistic, logit -E)"
+    )
     provenance = {
         "trainer": "compass",
-        "objective": "generation-aware NCE (logistic, logit -E)",
+        "objective": objective,
         "teacher": teacher.spec,
         "teacher_identity": teacher.identity,
         "negatives": neg_info,
@@ -418,10 +474,17 @@ def train_compass(
         provenance.update(reveal_order=plan.order, student_steps=plan.segments)
     with seeded(cfg.seed):
         model = CompassModel(
-            compass_config(tcfg, cfg.d_model, cfg.n_layers, cfg.n_heads, provenance=provenance)
+            compass_config(
+                tcfg, cfg.d_model, cfg.n_layers, cfg.n_heads, provenance=provenance, head=cfg.head
+            )
         )
+    if cfg.head == "tokens":
+        _start_from_teacher(model, teacher)
     model.to(device)
-    task = CompassTask(model, cfg, negatives, data, teacher, device)
+    if cfg.head == "tokens":
+        task = TokenRatioTask(model, cfg, data, teacher, device)
+    else:
+        task = CompassTask(model, cfg, negatives, data, teacher, device)
     loop = TrainLoop(loop_config(cfg), task, out)
     run = loop.run(progress)
     final_metrics = loop.evaluate()
@@ -506,6 +569,129 @@ class CompassTask(Task):
 
     def save(self, directory: Path) -> None:
         save_checkpoint(directory, self.model, self.teacher.tokenizer, self.files)
+
+
+class TeacherPosterior:
+    """The token-ratio compass's negatives: the teacher's posterior q(· | X, i) at real
+    contexts X, computed exactly (no rollouts, no bank). Only describes itself."""
+
+    def __init__(self, teacher: FlowModel, teacher_identity: str, plan: RevealPlan):
+        self.teacher, self.teacher_identity, self.plan = teacher.eval(), teacher_identity, plan
+
+    def describe(self) -> dict:
+        return {
+            "kind": "teacher-posterior",
+            "teacher_identity": self.teacher_identity,
+            "temperature": 1.0,
+            "reveal_order": self.plan.order,
+            "student_steps": self.plan.segments,
+        }
+
+
+class TokenRatioTask(Task):
+    """One step of the token-ratio compass: B real sequences masked as the dilated plan masks
+    them at a random segment end t_k = k/S, k ~ U{0..S−1} (the contexts X a midpoint's
+    siblings share), the teacher's log posterior at X, and :func:`token_ratio_loss` over every
+    masked position of X. The held-out set is fixed (seed + 7919): its metrics are the loss
+    and ``heldout_auc``, the ROC AUC of r at the real token against r at a token drawn from q
+    (r centred by its q-mean per position, which removes the constant siblings share), over
+    the positions of segment k (the ones a midpoint scores).
+
+    Args:
+        model: the compass being trained (head tokens).
+        cfg: the run.
+        data: real sequences of the teacher's data.
+        teacher: the teacher (q, and its tokenizer and data files travel with checkpoints).
+        device: where compass and teacher run.
+    """
+
+    def __init__(
+        self,
+        model: CompassModel,
+        cfg: CompassTrainConfig,
+        data: DataSource,
+        teacher: Checkpoint,
+        device: str | torch.device,
+    ):
+        self.model, self.cfg, self.data, self.teacher = model, cfg, data, teacher
+        self.device = torch.device(device)
+        self.tcfg, self.plan = teacher.config, cfg.plan()
+        self.path = self.tcfg.path()
+        self.files = _checkpoint_files(teacher)
+        self.step_metrics: dict = {}
+        gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        n = cfg.heldout_trajectories
+        x_1 = _check_batch(self.data.heldout(n, gen), n, self.tcfg, "held-out data")
+        self.heldout = self._contexts(x_1, gen)
+        self.heldout["u"] = torch.rand(x_1.shape, generator=gen, dtype=torch.float64)
+
+    def _contexts(self, x_1: torch.Tensor, gen: torch.Generator) -> dict:
+        S = self.plan.segments
+        k = torch.randint(0, S, (x_1.shape[0],), generator=gen)
+        t = k.double() / S
+        x = noise_like(self.path, self.plan, x_1, t, gen).to(self.device)
+        with torch.no_grad():
+            log_q = torch.log_softmax(self.teacher.model(x, t.float().to(self.device)), -1)
+        return {"x": x, "x_1": x_1.to(self.device), "t": t.to(self.device), "k": k, "log_q": log_q}
+
+    def _loss(self, c: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.model.log_ratios(c["x"], c["t"])
+        masked = c["x"] == self.tcfg.mask_token_id
+        return token_ratio_loss(r, c["x_1"], c["log_q"], masked), r
+
+    def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        n = self.cfg.batch_size
+        x_1 = _check_batch(self.data.batch(n, gen), n, self.tcfg, "data")
+        loss, _ = self._loss(self._contexts(x_1, gen))
+        return loss
+
+    def describe(self) -> dict:
+        return self.step_metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from tsdfm.models.eval.compass_metrics import energy_auc
+
+        h = self.heldout
+        loss, r = self._loss(h)
+        r = r - (h["log_q"].exp() * r).sum(-1, keepdim=True)  # the per-position constant out
+        seg = self.plan.segment_of(self.path, self.tcfg.seq_len, self.device)
+        scored = seg.unsqueeze(0) == h["k"].to(self.device).unsqueeze(1)
+        cdf = h["log_q"].double().exp().cumsum(-1)
+        u = h["u"].to(self.device).unsqueeze(-1) * cdf[..., -1:]
+        drawn = torch.searchsorted(cdf, u).squeeze(-1).clamp_max(self.tcfg.vocab_size - 1)
+        r_real = r.gather(-1, h["x_1"].unsqueeze(-1)).squeeze(-1)[scored]
+        r_teacher = r.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)[scored]
+        # energy_auc takes energies (low = real): the negated log-ratios
+        return {
+            "heldout_auc": energy_auc(-r_real, -r_teacher),
+            "heldout_loss": loss.item(),
+            "heldout_ratio_gap": (r_real.mean() - r_teacher.mean()).item(),
+        }
+
+    def save(self, directory: Path) -> None:
+        save_checkpoint(directory, self.model, self.teacher.tokenizer, self.files)
+
+
+def _start_from_teacher(model: CompassModel, teacher: Checkpoint) -> None:
+    """A token-ratio compass starts as the teacher's features with r ≡ 0: the teacher's
+    backbone weights, a zero time branch (the teacher may be unconditioned) and a zero output
+    layer. Refuses a compass whose size differs from the teacher's."""
+    tb, cb = teacher.config.backbone, model.config.backbone
+    size = ("d_model", "n_layers", "n_heads", "mlp_ratio")
+    if any(getattr(tb, k) != getattr(cb, k) for k in size):
+        raise ConfigError(
+            "the token-ratio compass starts from the teacher's weights, so it needs the "
+            "teacher's size: " + ", ".join(f"{k}={getattr(tb, k)}" for k in size)
+        )
+    missing, unexpected = model.backbone.load_state_dict(
+        teacher.model.backbone.state_dict(), strict=False
+    )
+    assert not unexpected and all(k.startswith("time_emb.") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in (model.backbone.time_emb.mlp[-1], model.backbone.out):
+            layer.weight.zero_()
+            layer.bias.zero_()
 
 
 def _shuffled(bank, seed: int, refresh: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -597,4 +783,10 @@ def _jsonable(cfg: CompassTrainConfig) -> dict:
     d.pop("out")
     if cfg.reveal_order == "random":
         del d["reveal_order"], d["student_steps"]
+    if cfg.head == "scalar":
+        del d["head"]
+    else:  # the token-ratio compass rolls no negatives: its bank fields mean nothing
+        for key in ("teacher_steps", "bank_trajectories", "records_per_trajectory",
+                    "refresh_every"):  # fmt: skip
+            del d[key]
     return d
