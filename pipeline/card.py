@@ -21,6 +21,12 @@ is read back through ``huggingface_hub.DatasetCard``.
 The license is a parameter: by default the teacher's (its model card or config.json records
 one), else ``unknown``; never assumed. The card names checkpoints by Hub id, or a local
 checkpoint by its folder name only: no path of the builder's machine is published.
+
+The model card (``README.md`` of a model repo, :func:`render_model_card`) is the same kind of
+pure function, of a checkpoint (role, architecture, identity, the provenance its config.json
+records: dataset id, revision and fingerprint, teacher and compass identities) and of its run's
+``eval.json``; its metadata is ``huggingface_hub.ModelCardData`` (the evaluation as
+``model-index``, plus a ``tsdfm`` block) and it reads back through ``ModelCard``.
 """
 
 from __future__ import annotations
@@ -661,3 +667,349 @@ def write_card(
     fs, base = open_root(root)
     atomic_write(fs, f"{base.rstrip('/')}/{CARD_FILE}", lambda f: f.write(text.encode()))
     return text
+
+
+# the model card ------------------------------------------------------------------------------
+
+MODEL_TAGS = ("tsdfm", "discrete-flow-matching", "text-generation")
+EVAL_FILE = "eval.json"
+_ROLE_PROSE = {
+    "teacher": "the teacher: a discrete flow matching denoiser p_θ(x_1 | x_t, t) that samples "
+    "in many small steps and generates the trajectory datasets",
+    "student": "a few-step student: a denoiser p_θ(x_1 | x_t, t, h) that also sees the step "
+    "size h, distilled from frozen teacher trajectories so that it samples in S steps",
+    "compass": "an energy compass E_θ(x_t, t) that scores intermediate states (lower is more "
+    "coherent) for the energy-guided midpoint search that shapes teacher trajectories",
+}
+
+
+@dataclass(frozen=True)
+class ModelCardFacts:
+    """Everything the model card says, gathered from a loaded checkpoint and its run folder.
+
+    Attributes:
+        role: teacher | student | compass | a registered role.
+        identity: sha256 of config and weights.
+        parameters: number of weights.
+        architecture: V, L, source, scheduler and the backbone's size.
+        provenance: what the checkpoint records about how it was made, with checkpoints and
+            datasets named by :func:`public_name` (no local path).
+        evaluation: the run's final evaluation (:func:`eval_summary`), or None.
+        teacher_license: the license the teacher (or the checkpoint itself) records, or None.
+    """
+
+    role: str
+    identity: str
+    parameters: int
+    architecture: dict[str, Any]
+    provenance: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+    teacher_license: str | None = None
+
+    @property
+    def license(self) -> str:
+        return self.teacher_license or UNKNOWN_LICENSE
+
+
+def _public_dataset(record: Any) -> dict[str, Any] | None:
+    """The dataset a student was distilled from, as the card names it."""
+    if not isinstance(record, dict):
+        return None
+    out = {
+        k: record.get(k)
+        for k in ("revision", "resolved_revision", "fingerprint", "schema_version", "num_shards")
+    }
+    return {"id": public_name(record.get("id")), "local": bool(record.get("local")), **out}
+
+
+def eval_summary(report: Any, identity: str, where: str) -> dict[str, Any]:
+    """The numbers of a final evaluation (``eval.json`` of ``distill`` / ``teacher train``):
+    per arm its steps, gen-PPL and entropy, with the true values; a DataError when the report
+    is malformed or evaluates another checkpoint than ``identity``."""
+    try:
+        evaluated = report["model"]["identity"]
+        arms = [
+            {
+                "name": str(a["name"]),
+                "steps": a.get("steps"),
+                "samples": int(a["samples"]),
+                "gen_ppl": float(a["gen_ppl"]),
+                "entropy_mean": float(a["entropy_mean"]),
+            }
+            for a in report["arms"]
+        ]
+        real = report.get("real_data") or {}
+        out = {
+            "evaluator": str(report.get("evaluator")),
+            "true_perplexity": report.get("true_perplexity"),
+            "real_entropy_mean": real.get("entropy_mean"),
+            "arms": arms,
+        }
+    except (KeyError, TypeError, ValueError):
+        raise DataError(
+            f"{where} is not an evaluation report (tsdfm-pipeline eval / distill's eval.json); "
+            "rerun the evaluation or remove the file"
+        ) from None
+    if evaluated != identity:
+        raise DataError(
+            f"{where} evaluates another checkpoint ({str(evaluated)[:23]}…, this one is "
+            f"{identity[:23]}…); rerun the evaluation or remove the file"
+        )
+    return out
+
+
+def model_card_facts(ckpt: Any, eval_file: str | Path | None = None) -> ModelCardFacts:
+    """Gather the model card's inputs from a loaded checkpoint (``models.checkpoint``) and the
+    run's ``eval.json`` (None: no evaluation)."""
+    cfg = ckpt.config
+    b = cfg.backbone
+    architecture = {
+        "vocab_size": cfg.vocab_size,
+        "seq_len": cfg.seq_len,
+        "source": cfg.source,
+        "mask_token_id": cfg.mask_token_id,
+        "scheduler": cfg.scheduler,
+        "d_model": b.d_model,
+        "n_layers": b.n_layers,
+        "n_heads": b.n_heads,
+        "mlp_ratio": b.mlp_ratio,
+        "head": b.head,
+        "step_conditioning": b.step_conditioning,
+    }
+    prov = cfg.provenance or {}
+    init = prov.get("init") if isinstance(prov.get("init"), dict) else {}
+    provenance = {
+        "trainer": prov.get("trainer"),
+        "steps": prov.get("steps"),
+        "student_steps": prov.get("student_steps"),
+        "dataset": _public_dataset(prov.get("dataset")),
+        "teacher_identity": prov.get("teacher_identity"),
+        "compass_identity": prov.get("compass_identity"),
+        "init": {
+            "name": public_name(init.get("spec")),
+            "identity": init.get("identity"),
+            "role": init.get("role"),
+        }
+        if init
+        else None,
+        "loss": prov.get("loss"),
+        "heldout_auc": prov.get("heldout_auc"),
+        "data": cfg.data.get("kind"),
+    }
+    evaluation = None
+    if eval_file is not None:
+        where = Path(eval_file).name
+        try:
+            report = json.loads(Path(eval_file).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{where} beside the checkpoint does not read ({e})") from None
+        evaluation = eval_summary(report, ckpt.identity, where)
+    license = teacher_license(init["spec"]) if init.get("spec") else None
+    return ModelCardFacts(
+        role=cfg.role,
+        identity=ckpt.identity,
+        parameters=sum(p.numel() for p in ckpt.model.parameters()),
+        architecture=architecture,
+        provenance={k: v for k, v in provenance.items() if v is not None},
+        evaluation=evaluation,
+        teacher_license=license or teacher_license(str(ckpt.directory)),
+    )
+
+
+def _repo_of(name: Any) -> str | None:
+    """``org/name`` of a Hub id ``org/name[@rev]`` (None for anything else)."""
+    ref = parse_hub_ref(name) if isinstance(name, str) else None
+    return ref.repo_id if ref is not None else None
+
+
+def model_front_matter(
+    facts: ModelCardFacts, repo_id: str | None = None, license: str | None = LICENSE
+):
+    """The card's metadata as ``huggingface_hub.ModelCardData``: license, library, tags, the
+    dataset and base model when they are Hub ids, the evaluation as ``model-index``, and a
+    ``tsdfm`` block (role, identity, architecture, provenance)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    prov = facts.provenance
+    dataset = prov.get("dataset") or {}
+    init = prov.get("init") or {}
+    results = []
+    for arm in (facts.evaluation or {}).get("arms", []):
+        common = {
+            "task_type": "text-generation",
+            "dataset_type": "tsdfm-synthetic-language",
+            "dataset_name": "synthetic language (exact likelihood)",
+        }
+        results += [
+            EvalResult(
+                **common,
+                metric_type="perplexity",
+                metric_value=round(arm["gen_ppl"], 6),
+                metric_name=f"gen-PPL, {arm['name']}",
+            ),
+            EvalResult(
+                **common,
+                metric_type="entropy",
+                metric_value=round(arm["entropy_mean"], 6),
+                metric_name=f"mean unigram entropy (nats), {arm['name']}",
+            ),
+        ]
+    tsdfm = {
+        "role": facts.role,
+        "identity": facts.identity,
+        "parameters": facts.parameters,
+        "architecture": facts.architecture,
+        **prov,
+    }
+    if facts.evaluation is not None:
+        tsdfm["evaluation"] = facts.evaluation
+    return ModelCardData(
+        license=license or facts.license,
+        library_name="tsdfm",
+        pipeline_tag="text-generation",
+        tags=[*MODEL_TAGS, facts.role],
+        datasets=[_repo_of(dataset.get("id"))] if _repo_of(dataset.get("id")) else None,
+        base_model=_repo_of(init.get("name")),
+        model_name=(repo_id or REPO_PLACEHOLDER) if results else None,
+        eval_results=results or None,
+        tsdfm=tsdfm,
+    )
+
+
+def render_model_card(
+    facts: ModelCardFacts,
+    repo_id: str | None = None,
+    version: str | None = None,
+    license: str | None = LICENSE,
+) -> str:
+    """The model card (README.md of the model repo); the same inputs give the same bytes.
+
+    Args:
+        facts: from :func:`model_card_facts`.
+        repo_id: the Hub model repo for the snippets (a placeholder when None).
+        version: the tag consumers pin (``vN`` placeholder when None).
+        license: the Hub license id; None: the teacher's when it records one, else unknown.
+    """
+    repo = repo_id or REPO_PLACEHOLDER
+    tag = version or VERSION_PLACEHOLDER
+    meta = model_front_matter(facts, repo_id, license)
+    a, prov = facts.architecture, facts.provenance
+    dataset = prov.get("dataset")
+    init = prov.get("init") or {}
+    what = _ROLE_PROSE.get(facts.role, f"a {facts.role} checkpoint")
+    lines = ["---", meta.to_yaml(), "---", "", f"# {repo.split('/')[-1]}", ""]
+    intro = f"A tsdfm-pipeline checkpoint: {what}. {facts.parameters:,} parameters."
+    if facts.role == "student" and prov.get("student_steps"):
+        intro += f" It samples in S = {prov['student_steps']} steps."
+    lines += [intro, "", "## Use it", "", "```bash"]
+    steps = f" --steps {prov['student_steps']}" if prov.get("student_steps") else ""
+    if facts.role == "compass":
+        lines += [
+            f"tsdfm-pipeline build --teacher TEACHER --compass {repo}@{tag} --out DIR",
+        ]
+    else:
+        lines += [f"tsdfm-pipeline sample --model {repo}@{tag}{steps} -n 8"]
+    lines += [
+        "```",
+        "",
+        "```python",
+        "from tsdfm.models.checkpoint import load_checkpoint",
+        "",
+        f'ckpt = load_checkpoint("{repo}@{tag}")  # pin the tag; tags are never moved',
+        "```",
+        "",
+        "## Architecture",
+        "",
+        "| item | value |",
+        "|---|---|",
+        f"| role | {facts.role} |",
+        f"| vocabulary V (data tokens) | {a['vocab_size']} |",
+        f"| sequence length L | {a['seq_len']} |",
+        f"| source | {a['source']}"
+        + (f" ([MASK] = {a['mask_token_id']})" if a["mask_token_id"] is not None else "")
+        + " |",
+        f"| scheduler | `{json.dumps(a['scheduler'], sort_keys=True)}` |",
+        f"| transformer | d_model {a['d_model']}, {a['n_layers']} layers, {a['n_heads']} heads, "
+        f"MLP ratio {a['mlp_ratio']} |",
+        f"| head | {a['head']}{', step-size conditioned' if a['step_conditioning'] else ''} |",
+        f"| parameters | {facts.parameters:,} |",
+        "",
+        "## Provenance",
+        "",
+        "| item | value |",
+        "|---|---|",
+        f"| identity | `{facts.identity}` |",
+    ]
+    if prov.get("trainer"):
+        lines.append(f"| trainer | {prov['trainer']}, {prov.get('steps', '–')} steps |")
+    if dataset:
+        where = " (a local folder)" if dataset.get("local") else ""
+        lines += [
+            f"| dataset | `{dataset['id']}`{where} |",
+            f"| dataset revision | {dataset.get('revision') or '–'}"
+            + (
+                f" (commit `{dataset['resolved_revision']}`)"
+                if dataset.get("resolved_revision")
+                else ""
+            )
+            + " |",
+            f"| dataset fingerprint | `{dataset.get('fingerprint')}` |",
+        ]
+    for key, label in (("teacher_identity", "teacher"), ("compass_identity", "compass")):
+        if key in prov:
+            lines.append(f"| {label} identity | `{prov[key]}` |")
+    if init:
+        lines.append(f"| initialised from | `{init.get('name')}` ({init.get('role')}) |")
+    for key, label in (("loss", "loss"), ("heldout_auc", "held-out AUC")):
+        if key in prov:
+            lines.append(f"| {label} | {prov[key]} |")
+    lines.append(f"| license | {meta.license} |")
+    ev = facts.evaluation
+    if ev is not None:
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            f"Generative perplexity under the synthetic language's exact likelihood "
+            f"(evaluator {ev['evaluator']}; true perplexity {_num(ev['true_perplexity'])}, "
+            f"real-data entropy {_num(ev['real_entropy_mean'])} nats).",
+            "",
+            "| arm | steps | samples | gen-PPL | entropy (nats) |",
+            "|---|---|---|---|---|",
+        ]
+        for arm in ev["arms"]:
+            lines.append(
+                f"| {arm['name']} | {arm['steps']} | {arm['samples']} | {arm['gen_ppl']:.4f} | "
+                f"{arm['entropy_mean']:.4f} |"
+            )
+    lines += [
+        "",
+        "## Files",
+        "",
+        "- `config.json`: role, vocabulary, source, scheduler, backbone, and the provenance "
+        "above (part of the identity).",
+        "- `model.safetensors`: the weights (no pickle).",
+        "- `tokenizer.json`: the tokenizer it was trained with.",
+        "",
+        "The identity is the sha256 of the config and every tensor; datasets record the "
+        "identities of the teacher and compass that made them.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_model_card(text: str, where: str = CARD_FILE) -> tuple[dict[str, Any], str]:
+    """(metadata, body) of a model card, parsed by ``huggingface_hub.ModelCard``; DataError if
+    it has no front matter or it is not a YAML mapping."""
+    from huggingface_hub import ModelCard
+
+    if not text.lstrip().startswith("---"):
+        raise DataError(f"{where} has no YAML front matter (--- … ---); regenerate the card")
+    try:
+        card = ModelCard(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise DataError(f"{where}: the YAML front matter does not parse ({first})") from None
+    except ValueError:
+        raise DataError(f"{where}: the YAML front matter is not a mapping") from None
+    return card.data.to_dict(), card.text

@@ -1,21 +1,27 @@
-"""Publish a verified dataset folder to the Hugging Face Hub: pull request → merge → tag ``vN``.
+"""Publish a dataset or a checkpoint folder to the Hugging Face Hub: pull request → merge → tag
+``vN``.
 
 Consumers pin ``revision="vN"``, so a published version must be immutable and ``main`` must
-never show a half-uploaded dataset. :func:`publish` therefore
+never show a half-uploaded dataset or model. :func:`publish` therefore
 
-1. refuses a malformed repo id, a missing token, and a folder that fails ``verify``;
-2. creates the dataset repo if needed (``private`` on creation);
+1. refuses a malformed repo id, a missing token, and a folder that fails ``verify`` (a
+   dataset) or does not load with ``load_checkpoint`` (a checkpoint);
+2. creates the dataset or model repo if needed (``private`` on creation);
 3. stops early if a ``vN`` tag already holds exactly this content ("already published");
 4. opens a pull request (or reuses the open one of an interrupted run of the same content,
    recognised by the content id in its title) and uploads to its ref ``refs/pr/N`` only the
-   files that are not there yet with the same sha256 — in several commits, shards first and
-   ``manifest.json`` + ``README.md`` last, so a rerun resumes where the last run stopped;
+   files that are not there yet with the same sha256 — in several commits, the bulk first
+   (shards, ``*.safetensors``) and the rest (``manifest.json`` or ``config.json``, the
+   tokenizer, ``README.md``) last, so a rerun resumes where the last run stopped;
 5. checks that the PR now holds exactly the folder, then merges it;
 6. tags the merged commit ``vN`` (the next free integer, or the one asked for; a tag that
    exists with other content is refused, tags are never moved or deleted).
 
-Content = ``manifest.json`` and the shards: the card (``README.md``) is regenerated for the
-upload with the repo id and version in its snippets, so it is not part of the identity.
+A dataset's content is ``manifest.json`` and the shards; a checkpoint's is every file of its
+folder (config.json, model.safetensors, tokenizer.json, data files). The card (``README.md``:
+the dataset card, or the model card of :func:`tsdfm.pipeline.card.render_model_card`) is
+regenerated for the upload with the repo id and version in its snippets, so it is not part of
+the identity. Both kinds go through one flow (:func:`publish_content`) fed a :class:`Content`.
 
 Every Hub call goes through one retry helper (:meth:`Hub.call`): 429 and 5xx back off
 exponentially (honouring ``Retry-After``) up to a cap, 412 (a concurrent commit moved the
@@ -183,7 +189,7 @@ def _server_message(exc: BaseException, response) -> str:
 
 
 class Hub:
-    """One dataset repo on the Hub, every call through :meth:`call`.
+    """One repo on the Hub (a dataset or a model repo), every call through :meth:`call`.
 
     Args:
         repo_id: org/name.
@@ -191,6 +197,7 @@ class Hub:
         policy: retry waits.
         sleep: the wait function (tests pass a recorder).
         log: progress lines (never contain the token).
+        repo_type: "dataset" or "model".
     """
 
     def __init__(
@@ -200,10 +207,12 @@ class Hub:
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], None] | None = None,
         log: Callable[[str], None] | None = None,
+        repo_type: str = REPO_TYPE,
     ):
         from huggingface_hub import HfApi
 
         self.repo_id = repo_id
+        self.repo_type = repo_type
         self.api = HfApi(token=token)
         self._token = token
         self.policy = policy if policy is not None else RetryPolicy()
@@ -221,8 +230,8 @@ class Hub:
             403: f"the token may not do this on {self.repo_id}: use a token with write access "
             f"to '{org}' (a fine-grained token needs write permission on that namespace or repo)",
             404: f"{self.repo_id} (or the revision) was not found: check the repo id, that it is "
-            "a dataset repo, and that the token can see it (private repos need a token of a "
-            "member)",
+            f"a {self.repo_type} repo, and that the token can see it (private repos need a token "
+            "of a member)",
         }[status]
         extra = f" [{detail}]" if detail else ""
         return HubError(self.scrub(f"{what}: HTTP {status}: {hint}{extra}"), status)
@@ -296,7 +305,7 @@ class Hub:
             f"listing files at {revision}",
             lambda: list(
                 self.api.list_repo_tree(
-                    self.repo_id, recursive=True, revision=revision, repo_type=REPO_TYPE
+                    self.repo_id, recursive=True, revision=revision, repo_type=self.repo_type
                 )
             ),
         )
@@ -309,7 +318,7 @@ class Hub:
         def fetch() -> bytes:
             with tempfile.TemporaryDirectory(prefix="tsdfm-hub-") as tmp:
                 local = self.api.hf_hub_download(
-                    self.repo_id, path, revision=revision, repo_type=REPO_TYPE, cache_dir=tmp
+                    self.repo_id, path, revision=revision, repo_type=self.repo_type, cache_dir=tmp
                 )
                 return Path(local).read_bytes()
 
@@ -324,7 +333,7 @@ class Hub:
             "listing branches, tags and pull requests",
             self.api.list_repo_refs,
             self.repo_id,
-            repo_type=REPO_TYPE,
+            repo_type=self.repo_type,
             include_pull_requests=True,
         )
 
@@ -419,10 +428,18 @@ def content_id(files: list[LocalFile]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def in_data_dir(path: str) -> bool:
+    """A dataset owns the remote files under data/ (a shard not in it is stale)."""
+    return path.startswith(f"{DATA_DIR}/")
+
+
 def same_content(
-    files: list[LocalFile], remote: dict[str, Any], fetch: Callable[[str], bytes] | None = None
+    files: list[LocalFile],
+    remote: dict[str, Any],
+    fetch: Callable[[str], bytes] | None = None,
+    owned: Callable[[str], bool] = in_data_dir,
 ) -> bool:
-    """The remote tree holds exactly these content files (other paths outside data/ ignored).
+    """The remote tree holds exactly these content files (other paths not ``owned`` ignored).
 
     A remote ``manifest.json`` with other bytes still counts as the same when it differs only
     in timing counters; ``fetch(path)`` reads it (without ``fetch`` bytes must match).
@@ -435,7 +452,182 @@ def same_content(
         if manifest_content_digest(fetch(f.path)) != _digest(f):
             return False
     wanted = {f.path for f in files}
-    return not [p for p in remote if p.startswith(f"{DATA_DIR}/") and p not in wanted]
+    return not [p for p in remote if owned(p) and p not in wanted]
+
+
+# what one publication uploads ----------------------------------------------------------------
+
+KINDS = ("dataset", "model")
+#: files of a model repo that are not the checkpoint's (the Hub's, the generated card)
+MODEL_REPO_FILES = (".gitattributes", CARD_FILE)
+
+
+@dataclass(frozen=True)
+class Content:
+    """One folder to publish, as the shared PR → merge → tag flow sees it.
+
+    Attributes:
+        repo_type: "dataset" or "model".
+        files: the content (its identity; the card is not part of it).
+        fingerprint: the dataset's fingerprint, or the checkpoint's identity.
+        what: how PR titles and tag messages name it ("dataset", "student", …).
+        summary: the PR's description.
+        card: (repo id, tag) → the README.md uploaded with it.
+        owned: the remote paths this content owns: one that is not in ``files`` is stale
+            (a same-content check fails on it, the upload deletes it).
+        bulk: the paths uploaded first, in batches; the others go in the last commit.
+        tolerant: compare ``manifest.json`` without its timing counters (datasets).
+    """
+
+    repo_type: str
+    files: list[LocalFile]
+    fingerprint: str
+    what: str
+    summary: str
+    card: Callable[[str, str], str]
+    owned: Callable[[str], bool]
+    bulk: Callable[[str], bool]
+    tolerant: bool = False
+
+
+def dataset_content(root: Path, license: str | None) -> Content:
+    """A dataset folder that passes ``verify``: manifest.json and shards; a HubError if not."""
+    from tsdfm.pipeline.card import card_facts, render_card
+    from tsdfm.pipeline.verify import verify_folder
+
+    report = verify_folder(str(root))
+    if not report.ok:
+        first = report.problems[0]
+        raise HubError(
+            f"refusing to publish {root}: verify found {len(report.problems)} problem(s), e.g. "
+            f"{first}; run `tsdfm-pipeline verify {root}` for all of them and fix or rebuild"
+        )
+    manifest = Manifest.load(str(root))
+    facts = card_facts(str(root))
+    totals = manifest.totals()
+    return Content(
+        repo_type="dataset",
+        files=content_files(root, manifest),
+        fingerprint=manifest.fingerprint,
+        what="dataset",
+        summary=f"Trajectory dataset {manifest.fingerprint}: {totals['shards']} shards, "
+        f"{totals['rows']} rows, {totals['bytes']} bytes.",
+        card=lambda repo_id, tag: render_card(facts, repo_id, tag, license),
+        owned=in_data_dir,
+        bulk=in_data_dir,
+        tolerant=True,
+    )
+
+
+def canonical_safetensors(source: Path, dest: Path) -> Path:
+    """``source`` rewritten with its JSON header in sorted key order, the tensor bytes as they
+    are: the same tensors and metadata give the same file bytes.
+
+    ``safetensors`` writes the ``__metadata__`` entries in a random order, so saving the same
+    model twice gives two files with different sha256; the Hub compares files by sha256.
+    Layout (the safetensors format): an 8-byte little-endian header length n, n bytes of
+    JSON (padded with spaces to a multiple of 8), then the tensor data, whose offsets are
+    relative to its start and so do not move.
+    """
+    import struct
+
+    with open(source, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        try:
+            if n < 2 or n > 100 * 2**20:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise HubError(
+                f"{source} is not a safetensors file (its header does not read); save the "
+                "checkpoint again"
+            ) from None
+        blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            while chunk := f.read(_CHUNK * 16):
+                out.write(chunk)
+    return dest
+
+
+def checkpoint_files(folder: Path, staging: Path) -> list[LocalFile]:
+    """Every file of a checkpoint folder except its card and hidden entries (e.g. the
+    ``.cache`` of a download), in path order; a HubError on a pickle. ``*.safetensors`` are
+    uploaded from canonical copies in ``staging`` (:func:`canonical_safetensors`)."""
+    from tsdfm.models.checkpoint import PICKLE_SUFFIXES
+
+    out = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if not f.is_file() or rel == CARD_FILE or any(p.startswith(".") for p in rel.split("/")):
+            continue
+        if rel.endswith(PICKLE_SUFFIXES):
+            raise HubError(
+                f"{folder} holds the pickle {rel}; pickles are never published (loading them "
+                "can run code): remove it, the weights are model.safetensors"
+            )
+        if rel.endswith(".safetensors"):
+            f = canonical_safetensors(f, staging / rel)
+        out.append(LocalFile.from_path(rel, f))
+    return out
+
+
+def model_content(
+    folder: Path, eval_file: Path | None, license: str | None, staging: Path
+) -> Content:
+    """A checkpoint folder (it must load with ``load_checkpoint``) for a model repo;
+    ``staging``: a scratch folder for the canonical weights (as large as they are)."""
+    from tsdfm.models.checkpoint import load_checkpoint
+    from tsdfm.pipeline.card import model_card_facts, render_model_card
+
+    ckpt = load_checkpoint(folder)  # one line (CheckpointError) when it is not a checkpoint
+    facts = model_card_facts(ckpt, eval_file)
+    role = ckpt.config.role
+    return Content(
+        repo_type="model",
+        files=checkpoint_files(folder, staging),
+        fingerprint=ckpt.identity,
+        what=role,
+        summary=f"tsdfm {role} checkpoint {ckpt.identity} ({facts.parameters:,} parameters).",
+        card=lambda repo_id, tag: render_model_card(facts, repo_id, tag, license),
+        owned=lambda p: p not in MODEL_REPO_FILES,
+        bulk=lambda p: p.endswith(".safetensors"),
+    )
+
+
+def locate(root: Path, kind: str | None) -> tuple[str, Path, Path | None]:
+    """(kind, folder to publish, eval.json beside it or None) of what ``root`` is.
+
+    A dataset folder has manifest.json; a checkpoint folder config.json (+ model.safetensors);
+    a run folder (``distill`` / ``teacher train`` / ``compass train`` ``--out``) its final
+    checkpoint in ``final/`` and the run's ``eval.json``. A checkpoint named ``final`` takes
+    the ``eval.json`` of its run folder.
+    """
+    from tsdfm.models.checkpoint import CONFIG_FILE
+
+    if kind is not None and kind not in KINDS:
+        raise HubError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+    found: tuple[str, Path, Path | None] | None = None
+    if (root / MANIFEST_FILE).is_file():
+        found = ("dataset", root, None)
+    elif (root / CONFIG_FILE).is_file():
+        beside = root.parent / "eval.json" if root.name == "final" else root / "eval.json"
+        found = ("model", root, beside if beside.is_file() else None)
+    elif (root / "final" / CONFIG_FILE).is_file():
+        beside = root / "eval.json"
+        found = ("model", root / "final", beside if beside.is_file() else None)
+    if found is None:
+        raise HubError(
+            f"{root} is neither a dataset folder (manifest.json) nor a checkpoint folder "
+            f"(config.json + model.safetensors) nor a run folder with final/: pass one of those"
+        )
+    if kind is not None and found[0] != kind:
+        what = "a dataset folder" if found[0] == "dataset" else "a checkpoint folder"
+        raise HubError(f"{root} is {what}, not a {kind}: drop --kind {kind} or pass the other")
+    return found
 
 
 # publish -------------------------------------------------------------------------------------
@@ -446,12 +638,13 @@ class PublishResult:
     """What :func:`publish` did.
 
     Attributes:
-        repo_id: the dataset repo.
+        repo_id: the repo.
         version: the tag, ``vN``.
         commit: the tagged commit.
         pull_request: the PR number (None when nothing had to be uploaded).
         uploaded: paths uploaded by this run.
         already_published: the content was already tagged; nothing was changed.
+        repo_type: "dataset" or "model".
     """
 
     repo_id: str
@@ -460,10 +653,24 @@ class PublishResult:
     pull_request: int | None = None
     uploaded: list[str] = field(default_factory=list)
     already_published: bool = False
+    repo_type: str = REPO_TYPE
 
     @property
     def load_line(self) -> str:
+        if self.repo_type == "model":
+            return f'load_checkpoint("{self.repo_id}@{self.version}")'
         return f'load_dataset("{self.repo_id}", revision="{self.version}", split="train")'
+
+    @property
+    def usage(self) -> list[str]:
+        """The lines a consumer copies."""
+        if self.repo_type == "model":
+            return [
+                "from tsdfm.models.checkpoint import load_checkpoint",
+                f"ckpt = {self.load_line}",
+                f"# or: tsdfm-pipeline sample --model {self.repo_id}@{self.version}",
+            ]
+        return ["from datasets import load_dataset", f"ds = {self.load_line}"]
 
 
 def _batches(files: list[LocalFile], max_files: int, max_bytes: int) -> list[list[LocalFile]]:
@@ -485,6 +692,7 @@ def publish(
     path: str | Path,
     repo_id: str,
     *,
+    kind: str | None = None,
     private: bool = False,
     token: str | None = None,
     version: int | None = None,
@@ -495,11 +703,13 @@ def publish(
     sleep: Callable[[float], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PublishResult:
-    """Publish the dataset folder ``path`` to the Hub dataset ``repo_id`` as version ``vN``.
+    """Publish the dataset or checkpoint folder ``path`` to ``repo_id`` as version ``vN``.
 
     Args:
-        path: a local dataset folder (it must pass ``verify``).
-        repo_id: org/name.
+        path: a local dataset folder (it must pass ``verify``), a checkpoint folder (it must
+            load with ``load_checkpoint``) or a run folder (its ``final/`` checkpoint).
+        repo_id: org/name (a dataset repo for a dataset, a model repo for a checkpoint).
+        kind: "dataset" or "model"; None: detected from the folder (:func:`locate`).
         private: create the repo private (an existing repo keeps its visibility).
         token: write token; default HF_TOKEN or the HF login.
         version: publish as ``v{version}``; default the next free integer.
@@ -510,11 +720,8 @@ def publish(
         log: progress lines.
 
     Returns:
-        what was done; ``result.load_line`` is the line consumers copy.
+        what was done; ``result.usage`` are the lines consumers copy.
     """
-    from tsdfm.pipeline.card import card_facts, render_card
-    from tsdfm.pipeline.verify import verify_folder
-
     say = log if log is not None else (lambda line: None)
     check_repo_id(repo_id)
     if files_per_commit < 1 or bytes_per_commit < 1:
@@ -524,32 +731,48 @@ def publish(
     root = Path(str(path)).expanduser()
     if "://" in str(path) or not root.is_dir():
         raise HubError(
-            f"{path} is not a local folder: publish reads a local dataset folder (copy a remote "
-            "one locally first)"
+            f"{path} is not a local folder: publish reads a local dataset or checkpoint folder "
+            "(copy a remote one locally first)"
         )
+    kind, folder, eval_file = locate(root, kind)
     secret = resolve_token(token, repo_id)
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:  # its ConnectionError would be retried as an outage
         raise HubError(f"cannot publish to {repo_id}: {OFFLINE}")
+    import tempfile
 
-    report = verify_folder(str(root))
-    if not report.ok:
-        first = report.problems[0]
-        raise HubError(
-            f"refusing to publish {path}: verify found {len(report.problems)} problem(s), e.g. "
-            f"{first}; run `tsdfm-pipeline verify {path}` for all of them and fix or rebuild"
-        )
-    manifest = Manifest.load(str(root))
-    files = content_files(root, manifest)
-    cid = content_id(files)
-    hub = Hub(repo_id, secret, policy, sleep, say)
+    with tempfile.TemporaryDirectory(prefix="tsdfm-publish-") as staging:
+        if kind == "dataset":
+            content = dataset_content(folder, license)
+        else:
+            content = model_content(folder, eval_file, license, Path(staging))
+        hub = Hub(repo_id, secret, policy, sleep, say, content.repo_type)
+        return publish_content(hub, content, private, version, files_per_commit, bytes_per_commit)
+
+
+def publish_content(
+    hub: Hub,
+    content: Content,
+    private: bool,
+    version: int | None,
+    files_per_commit: int,
+    bytes_per_commit: int,
+) -> PublishResult:
+    """The flow every publication takes: create the repo, stop if a tag holds this content,
+    else upload to a PR (or resume it), check, merge, and tag the merged commit."""
+    repo_id, say, kind = hub.repo_id, hub.log, content.repo_type
+    files = content.files
+
+    def holds(revision: str) -> bool:
+        fetch = (lambda p: hub.read(p, revision)) if content.tolerant else None
+        return same_content(files, hub.tree(revision), fetch, content.owned)
 
     hub.call(
-        f"creating dataset repo {repo_id}",
+        f"creating {kind} repo {repo_id}",
         hub.api.create_repo,
         repo_id,
-        repo_type=REPO_TYPE,
+        repo_type=kind,
         private=private,
         exist_ok=True,
     )
@@ -557,11 +780,11 @@ def publish(
     tags = {t.name: t.target_commit for t in refs.tags}
     versions = sorted((parse_version(n), n) for n in tags if parse_version(n) is not None)
     for _, name in reversed(versions):
-        if hub.holds(files, tags[name]):
+        if holds(tags[name]):
             if version is not None and name != f"v{version}":
                 say(f"note: this content is already published as {name}; not tagging v{version}")
             say(f"{repo_id}: this content is already published as {name}; nothing to do")
-            return PublishResult(repo_id, name, tags[name], already_published=True)
+            return PublishResult(repo_id, name, tags[name], already_published=True, repo_type=kind)
     if version is not None:
         tag = f"v{version}"
         if tag in tags:
@@ -571,23 +794,19 @@ def publish(
             )
     else:
         tag = f"v{(versions[-1][0] if versions else 0) + 1}"
-    facts = card_facts(str(root))
-    card = render_card(facts, repo_id, tag, license).encode()
-    upload = [*files, LocalFile.from_bytes(CARD_FILE, card)]
+    upload = [*files, LocalFile.from_bytes(CARD_FILE, content.card(repo_id, tag).encode())]
 
     main_head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
     uploaded: list[str] = []
     pr_num: int | None = None
-    if main_head is not None and hub.holds(files, main_head):
+    if main_head is not None and holds(main_head):
         say(f"main already holds this content (an earlier run merged it); tagging it {tag}")
         commit = main_head
     else:
-        pr_num, uploaded = _upload_via_pr(
-            hub, upload, cid, manifest, files_per_commit, bytes_per_commit, say
-        )
+        pr_num, uploaded = _upload_via_pr(hub, upload, content, files_per_commit, bytes_per_commit)
 
         def merged() -> bool | None:
-            details = hub.api.get_discussion_details(repo_id, pr_num, repo_type=REPO_TYPE)
+            details = hub.api.get_discussion_details(repo_id, pr_num, repo_type=kind)
             return True if details.status == "merged" else None
 
         hub.call(
@@ -595,54 +814,50 @@ def publish(
             hub.api.merge_pull_request,
             repo_id,
             pr_num,
-            repo_type=REPO_TYPE,
+            repo_type=kind,
             comment=f"Upload complete and checked ({len(upload)} files); merged by tsdfm-pipeline.",
             settled=merged,
         )
         say(f"merged pull request #{pr_num}")
         refs = hub.refs()
         commit = next(b.target_commit for b in refs.branches if b.name == "main")
-        if not hub.holds(files, commit):
+        if not holds(commit):
             raise HubError(
                 f"main of {repo_id} does not hold the merged content (someone committed at the "
                 "same time?); rerun the same command"
             )
-    tag = _create_tag(hub, tag, commit, version is not None, manifest.fingerprint, say)
+    tag = _create_tag(hub, tag, commit, version is not None, content, say)
     say(f"tagged {commit[:12]} as {tag}")
-    return PublishResult(repo_id, tag, commit, pr_num, uploaded)
+    return PublishResult(repo_id, tag, commit, pr_num, uploaded, repo_type=kind)
 
 
 def _upload_via_pr(
     hub: Hub,
     upload: list[LocalFile],
-    cid: str,
-    manifest: Manifest,
+    content: Content,
     files_per_commit: int,
     bytes_per_commit: int,
-    say: Callable[[str], None],
 ) -> tuple[int, list[str]]:
     """Open (or resume) the PR of this content and upload what it lacks; (PR number, paths)."""
     from huggingface_hub import CommitOperationDelete
 
-    repo_id = hub.repo_id
-    marker = f"[tsdfm {cid[:16]}]"
+    repo_id, say, kind = hub.repo_id, hub.log, content.repo_type
+    marker = f"[tsdfm {content_id(content.files)[:16]}]"
 
     def find_open() -> Any:
         """The open PR of this content, if there is one."""
         prs = hub.api.get_repo_discussions(
-            repo_id, discussion_type="pull_request", discussion_status="open", repo_type=REPO_TYPE
+            repo_id, discussion_type="pull_request", discussion_status="open", repo_type=kind
         )
         return next((d for d in prs if marker in d.title), None)
 
     pr = hub.call("listing open pull requests", find_open)
     if pr is None:
-        short = manifest.fingerprint.removeprefix("sha256:")[:12]
-        title = f"Publish tsdfm dataset {short} {marker}"
-        totals = manifest.totals()
+        short = content.fingerprint.removeprefix("sha256:")[:12]
+        title = f"Publish tsdfm {content.what} {short} {marker}"
         description = (
-            f"Trajectory dataset {manifest.fingerprint}: {totals['shards']} shards, "
-            f"{totals['rows']} rows, {totals['bytes']} bytes. Opened by `tsdfm-pipeline "
-            "publish`; merged once every file is uploaded."
+            f"{content.summary} Opened by `tsdfm-pipeline publish`; merged once every file is "
+            "uploaded."
         )
         pr = hub.call(
             "opening a pull request",
@@ -650,7 +865,7 @@ def _upload_via_pr(
             repo_id,
             title,
             description=description,
-            repo_type=REPO_TYPE,
+            repo_type=kind,
             settled=find_open,  # a lost answer must not open a second PR
         )
         say(f"opened pull request #{pr.num}")
@@ -660,12 +875,12 @@ def _upload_via_pr(
     remote = hub.tree(ref)
     todo = [f for f in upload if not f.matches(remote.get(f.path))]
     wanted = {f.path for f in upload}
-    stale = sorted(p for p in remote if p.startswith(f"{DATA_DIR}/") and p not in wanted)
+    stale = sorted(p for p in remote if content.owned(p) and p not in wanted)
     if len(todo) < len(upload):
         say(f"{len(upload) - len(todo)} file(s) already on {ref}; uploading {len(todo)}")
-    shards = [f for f in todo if f.path.startswith(f"{DATA_DIR}/")]
-    last = [f for f in todo if not f.path.startswith(f"{DATA_DIR}/")]
-    batches = _batches(shards, files_per_commit, bytes_per_commit)
+    first = [f for f in todo if content.bulk(f.path)]
+    last = [f for f in todo if not content.bulk(f.path)]
+    batches = _batches(first, files_per_commit, bytes_per_commit)
     if last or stale:
         batches.append(last)
     uploaded: list[str] = []
@@ -682,7 +897,7 @@ def _upload_via_pr(
                 commit_message=f"Add {len(batch)} file(s)"
                 + (f", remove {len(deletes)} stale" if deletes else ""),
                 revision=ref,
-                repo_type=REPO_TYPE,
+                repo_type=kind,
             )
 
         hub.call(f"uploading commit {n}/{len(batches)} to {ref}", commit)
@@ -690,7 +905,7 @@ def _upload_via_pr(
         say(f"uploaded {len(names)} file(s) to {ref} ({n}/{len(batches)})")
     final = hub.tree(ref)
     wrong = [f.path for f in upload if not f.matches(final.get(f.path))]
-    extra = [p for p in final if p.startswith(f"{DATA_DIR}/") and p not in wanted]
+    extra = [p for p in final if content.owned(p) and p not in wanted]
     if wrong or extra:
         raise HubError(
             f"pull request #{pr.num} does not hold the folder after the upload (differs: "
@@ -700,7 +915,7 @@ def _upload_via_pr(
 
 
 def _create_tag(
-    hub: Hub, tag: str, commit: str, explicit: bool, fingerprint: str, say: Callable[[str], None]
+    hub: Hub, tag: str, commit: str, explicit: bool, content: Content, say: Callable[[str], None]
 ) -> str:
     """Tag ``commit``; on a race for the tag name, take the next free one (unless explicit)."""
     for _ in range(20):
@@ -711,8 +926,8 @@ def _create_tag(
                 hub.repo_id,
                 tag=tag,
                 revision=commit,
-                tag_message=f"tsdfm dataset {fingerprint}",
-                repo_type=REPO_TYPE,
+                tag_message=f"tsdfm {content.what} {content.fingerprint}",
+                repo_type=content.repo_type,
             )
             return tag
         except HubError as e:
@@ -730,3 +945,29 @@ def _create_tag(
         say(f"tag {tag} was taken meanwhile; trying the next version")
         tag = f"v{max(taken, default=0) + 1}"
     raise HubError(f"could not find a free version tag on {hub.repo_id}; retry later")
+
+
+# checkpoints as huggingface_hub names the calls ------------------------------------------------
+
+
+def push_to_hub(ckpt_dir: str | Path, repo_id: str, **kwargs: Any) -> PublishResult:
+    """Publish a checkpoint (or run) folder to the model repo ``repo_id``: :func:`publish`
+    with ``kind="model"`` (PR → merge → tag ``vN``, generated model card); ``kwargs`` are
+    :func:`publish`'s (``private``, ``token``, ``version``, ``license``, …)."""
+    return publish(ckpt_dir, repo_id, kind="model", **kwargs)
+
+
+def from_pretrained(repo_or_path: str | Path, revision: str | None = None, **kwargs: Any):
+    """The checkpoint at a local folder or ``org/name`` (at ``revision``, e.g. a ``vN``
+    tag): ``tsdfm.models.checkpoint.load_checkpoint`` (``kwargs``: its ``device``, ``role``)."""
+    from tsdfm.models.checkpoint import load_checkpoint
+
+    spec = str(repo_or_path)
+    if revision is not None:
+        if Path(spec).expanduser().exists() or "@" in spec:
+            raise HubError(
+                f"revision={revision!r} applies to a Hub repo id, not to {spec}: pass "
+                "org/name with revision, or a local folder without it"
+            )
+        spec = f"{spec}@{revision}"
+    return load_checkpoint(spec, **kwargs)

@@ -2,7 +2,8 @@
 
 Install it with :meth:`FakeHub.install` (``huggingface_hub.set_client_factory`` with an
 ``httpx2.MockTransport``; Xet disabled, so uploads take the LFS "basic" path). It keeps dataset
-repos as commits of files, with branches, pull-request refs, tags and an LFS object store, and
+and model repos (two namespaces, as on the Hub: ``/datasets/org/name`` and ``/org/name``) as
+commits of files, with branches, pull-request refs, tags and an LFS object store, and
 answers the endpoints the client uses to create a repo, open/list/merge pull requests, preupload,
 upload LFS objects, commit, list trees and refs, tag, validate a card's YAML, and serve files
 (``resolve``, ``paths-info``, repo info) so that ``snapshot_download`` and ``datasets`` can read a
@@ -27,6 +28,8 @@ import httpx2
 import yaml
 
 GITATTRIBUTES = b"*.parquet filter=lfs diff=lfs merge=lfs -text\n"
+MODEL_GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+LFS_SUFFIXES = (".parquet", ".safetensors")
 
 
 def git_sha1(data: bytes) -> str:
@@ -61,6 +64,11 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     prs: dict[int, dict] = field(default_factory=dict)
+    repo_type: str = "dataset"
+
+    @property
+    def url_prefix(self) -> str:
+        return "datasets/" if self.repo_type == "dataset" else ""
 
 
 @dataclass
@@ -80,7 +88,8 @@ class FakeHub:
     def __init__(self, endpoint: str, tokens: set[str]):
         self.endpoint = endpoint.rstrip("/")
         self.tokens = set(tokens)
-        self.repos: dict[str, Repo] = {}
+        self.repos: dict[str, Repo] = {}  # dataset repos
+        self.models: dict[str, Repo] = {}  # model repos
         self.lfs: dict[str, bytes] = {}
         self.log: list[tuple[str, str, int]] = []
         self.failures: list[Failure] = []
@@ -110,9 +119,13 @@ class FakeHub:
         rx = re.compile(pattern)
         return [c for c in self.log if c[0] == method and rx.search(c[1])]
 
-    def files(self, repo_id: str, revision: str) -> dict[str, bytes]:
+    def store(self, repo_type: str) -> dict[str, Repo]:
+        """The repos of one type ("dataset" or "model")."""
+        return self.repos if repo_type == "dataset" else self.models
+
+    def files(self, repo_id: str, revision: str, repo_type: str = "dataset") -> dict[str, bytes]:
         """path → bytes of every file at ``revision``."""
-        repo = self.repos[repo_id]
+        repo = self.store(repo_type)[repo_id]
         sha = self._resolve(repo, revision)
         return {p: self._bytes(e) for p, e in repo.commits[sha].items()}
 
@@ -233,21 +246,33 @@ class FakeHub:
                 return self._validate_yaml(json.loads(request.content))
             if seg[0] == "lfs-upload" and method == "PUT":
                 return self._lfs_put(seg[1], request.read())
-            if seg[0] == "datasets" and len(seg) >= 3 and seg[2].endswith(".git"):
-                repo_id = f"{seg[1]}/{seg[2][:-4]}"
-                return self._lfs_batch(repo_id, json.loads(request.content))
-            if seg[0] == "datasets" and len(seg) >= 5 and seg[3] == "resolve":
-                return self._resolve_file(request, f"{seg[1]}/{seg[2]}", seg[4], seg[5:])
-            if seg[:2] == ["api", "datasets"] and len(seg) >= 4:
-                return self._api(request, f"{seg[2]}/{seg[3]}", seg[4:])
+            kind = "model"  # /api/models/org/name/…, /org/name/resolve/…, /org/name.git/…
+            if seg[:2] == ["api", "datasets"]:
+                kind, seg = "dataset", ["api", *seg[2:]]
+            elif seg[:2] == ["api", "models"]:
+                seg = ["api", *seg[2:]]
+            elif seg[:1] == ["api"]:
+                seg = []  # no other /api route
+            elif seg[:1] == ["datasets"]:
+                kind, seg = "dataset", seg[1:]
+            if len(seg) >= 2 and seg[0] != "api" and seg[1].endswith(".git"):
+                repo_id = f"{seg[0]}/{seg[1][:-4]}"
+                return self._lfs_batch(kind, repo_id, json.loads(request.content))
+            if len(seg) >= 4 and seg[0] != "api" and seg[2] == "resolve":
+                return self._resolve_file(request, kind, f"{seg[0]}/{seg[1]}", seg[3], seg[4:])
+            if len(seg) >= 3 and seg[0] == "api":
+                return self._api(request, kind, f"{seg[1]}/{seg[2]}", seg[3:])
         except KeyError as e:
             return self._error(404, f"not found: {e}", "EntryNotFound")
         return self._error(404, f"fake hub has no route for {method} {path}")
 
-    def _api(self, request: httpx2.Request, repo_id: str, rest: list[str]) -> httpx2.Response:
-        if repo_id not in self.repos:
+    def _api(
+        self, request: httpx2.Request, kind: str, repo_id: str, rest: list[str]
+    ) -> httpx2.Response:
+        repos = self.store(kind)
+        if repo_id not in repos:
             return self._error(404, "Repository not found", "RepoNotFound")
-        repo = self.repos[repo_id]
+        repo = repos[repo_id]
         method = request.method
         query = parse_qs(request.url.query.decode())
         what = rest[0] if rest else ""
@@ -270,22 +295,26 @@ class FakeHub:
             return self._tag(repo, rest[1], body)
         if what == "discussions":
             return self._discussions(repo, method, rest[1:], body, query)
-        route = f"/api/datasets/{repo_id}/{what}"
+        route = f"/api/{kind}s/{repo_id}/{what}"
         return self._error(404, f"fake hub has no route for {method} {route}")
 
     # endpoints ------------------------------------------------------------------------------
 
     def _create_repo(self, body: dict) -> httpx2.Response:
         repo_id = f"{body['organization']}/{body['name']}"
-        if body.get("type") != "dataset":
-            return self._error(400, "this fake hub only hosts dataset repos")
-        url = f"{self.endpoint}/datasets/{repo_id}"
-        if repo_id in self.repos:  # the real Hub's 409 carries the url too
-            return self._json(409, {"error": "You already created this dataset repo", "url": url})
-        repo = Repo(repo_id, body.get("visibility") == "private" or bool(body.get("private")))
-        files = {".gitattributes": Entry(len(GITATTRIBUTES), GITATTRIBUTES)}
+        kind = body.get("type") or "model"  # the client sends no type for a model repo
+        if kind not in ("dataset", "model"):
+            return self._error(400, f"this fake hub hosts dataset and model repos, not {kind}")
+        repos = self.store(kind)
+        private = body.get("visibility") == "private" or bool(body.get("private"))
+        repo = Repo(repo_id, private, repo_type=kind)
+        url = f"{self.endpoint}/{repo.url_prefix}{repo_id}"
+        if repo_id in repos:  # the real Hub's 409 carries the url too
+            return self._json(409, {"error": f"You already created this {kind} repo", "url": url})
+        attributes = GITATTRIBUTES if kind == "dataset" else MODEL_GITATTRIBUTES
+        files = {".gitattributes": Entry(len(attributes), attributes)}
         repo.branches["main"] = self._commit(repo, files, "initial commit")
-        self.repos[repo_id] = repo
+        repos[repo_id] = repo
         return self._json(200, {"url": url, "name": repo_id})
 
     def _validate_yaml(self, body: dict) -> httpx2.Response:
@@ -391,7 +420,7 @@ class FakeHub:
         files = repo.commits[sha]
         out = []
         for f in body["files"]:
-            lfs = f["path"].endswith(".parquet") or f["size"] > 10 * 2**20
+            lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] > 10 * 2**20
             existing = files.get(f["path"])
             oid = None
             if existing is not None:
@@ -406,8 +435,8 @@ class FakeHub:
             )
         return self._json(200, {"files": out, "commitOid": sha})
 
-    def _lfs_batch(self, repo_id: str, body: dict) -> httpx2.Response:
-        if repo_id not in self.repos:
+    def _lfs_batch(self, kind: str, repo_id: str, body: dict) -> httpx2.Response:
+        if repo_id not in self.store(kind):
             return self._error(404, "Repository not found", "RepoNotFound")
         objects = []
         for obj in body["objects"]:
@@ -456,7 +485,7 @@ class FakeHub:
         return self._json(
             200,
             {
-                "commitUrl": f"{self.endpoint}/datasets/{repo.repo_id}/commit/{sha}",
+                "commitUrl": f"{self.endpoint}/{repo.url_prefix}{repo.repo_id}/commit/{sha}",
                 "commitOid": sha,
                 "pullRequestUrl": None,
             },
@@ -479,7 +508,7 @@ class FakeHub:
             "author": {"name": "tester"},
             "createdAt": "2026-01-01T00:00:00.000Z",
             "status": pr["status"],
-            "repo": {"name": repo.repo_id, "type": "dataset"},
+            "repo": {"name": repo.repo_id, "type": repo.repo_type},
             "isPullRequest": True,
         }
 
@@ -531,11 +560,12 @@ class FakeHub:
         return self._error(404, "no such discussion route")
 
     def _resolve_file(
-        self, request: httpx2.Request, repo_id: str, revision: str, parts: list[str]
+        self, request: httpx2.Request, kind: str, repo_id: str, revision: str, parts: list[str]
     ) -> httpx2.Response:
-        if repo_id not in self.repos:
+        repos = self.store(kind)
+        if repo_id not in repos:
             return self._error(404, "Repository not found", "RepoNotFound")
-        repo = self.repos[repo_id]
+        repo = repos[repo_id]
         sha = self._resolve(repo, revision)
         if sha is None:
             return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")

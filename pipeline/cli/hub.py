@@ -1,7 +1,8 @@
-"""``tsdfm-pipeline publish`` and ``verify``: release a dataset, check one."""
+"""``tsdfm-pipeline publish`` and ``verify``: release a dataset or a checkpoint, check a dataset."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,11 @@ from tsdfm.pipeline.cli.common import DEVICE_HELP, JsonOption, app, user_errors,
 EXIT_VERIFY_FAILED = 1
 
 
+class Kind(str, Enum):
+    dataset = "dataset"
+    model = "model"
+
+
 def _stderr(line: str) -> None:
     typer.echo(line, err=True)
 
@@ -19,8 +25,18 @@ def _stderr(line: str) -> None:
 @app.command("publish")
 @user_errors
 def publish_cmd(
-    path: Annotated[Path, typer.Argument(help="Dataset folder (it must pass verify).")],
-    repo: Annotated[str, typer.Option(help="Hub dataset repo, org/name.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="Dataset folder (it must pass verify), checkpoint folder (config.json + "
+            "model.safetensors) or run folder (its final/ checkpoint)."
+        ),
+    ],
+    repo: Annotated[str, typer.Option(help="Hub repo, org/name (dataset or model repo).")],
+    kind: Annotated[
+        Kind | None,
+        typer.Option(help="What PATH is; default: detected (manifest.json or config.json)."),
+    ] = None,
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
     version: Annotated[
         int | None,
@@ -31,20 +47,25 @@ def publish_cmd(
         typer.Option(help="Hub license id for the card; default: the teacher's, else unknown."),
     ] = None,
     files_per_commit: Annotated[
-        int, typer.Option(help="Shards per commit (a rerun resumes after the last one).")
+        int,
+        typer.Option(help="Shards (or weight files) per commit; a rerun resumes after the last."),
     ] = 50,
     json_out: JsonOption = None,
 ) -> None:
-    """Upload a verified dataset to a Hub pull request, merge it, and tag it vN.
+    """Upload a verified dataset or a checkpoint to a Hub pull request, merge it, tag it vN.
 
-    The token comes from HF_TOKEN or `hf auth login`. Rerun the same command to finish an
-    interrupted upload; publishing content that is already tagged changes nothing.
+    A dataset goes to a dataset repo with its dataset card; a teacher, student or compass
+    checkpoint to a model repo with a generated model card (dataset, teacher and compass
+    identities, the run's eval.json). The token comes from HF_TOKEN or `hf auth login`.
+    Rerun the same command to finish an interrupted upload; publishing content that is
+    already tagged changes nothing.
     """
     from tsdfm.pipeline.hub import publish
 
     result = publish(
         str(path),
         repo,
+        kind=None if kind is None else kind.value,
         private=private,
         version=version,
         license=license,
@@ -121,8 +142,8 @@ def _report_published(result) -> None:
             if result.pull_request is not None
             else f"published {result.repo_id} {result.version} (commit {result.commit[:12]})"
         )
-    typer.echo("from datasets import load_dataset")
-    typer.echo(f"ds = {result.load_line}")
+    for line in result.usage:
+        typer.echo(line)
 
 
 def push_after_build(out: str, repo_id: str, private: bool) -> None:
