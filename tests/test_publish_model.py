@@ -159,6 +159,38 @@ def test_other_weights_are_the_next_version_and_v1_still_loads(hub, run_folder, 
     assert load_checkpoint(f"{REPO}@v1").identity == load_checkpoint(run_folder / "final").identity
 
 
+class Sleeps(list):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def test_an_interrupted_checkpoint_upload_resumes_and_lost_answers_are_not_repeated(
+    hub, run_folder
+):
+    sleeps = Sleeps()
+    # the weights commit goes through; the last one (config, tokenizer, card) fails 6 times
+    hub.fail("POST", r"^/api/models/.*/commit/refs/pr/1$", 500, times=6, after=1)
+    with pytest.raises(HubError, match=r"still fails after 6 attempts .* rerun the same command"):
+        publish(run_folder, REPO, sleep=sleeps)
+    repo = hub.models[REPO]
+    assert set(hub.files(REPO, "main", "model")) == {".gitattributes"}  # main never half
+    assert repo.tags == {} and repo.prs[1]["status"] == "open"
+    assert set(hub.files(REPO, "refs/pr/1", "model")) == {".gitattributes", "model.safetensors"}
+    puts = len(hub.calls("PUT", r"^/lfs-upload/"))
+    # the rerun: same PR, the weights are not sent again; a merge whose answer is lost after
+    # it took effect is seen as done (checked before retrying), not repeated
+    hub.fail("POST", r"/discussions/1/merge$", 502, performed=True)
+    lines = []
+    result = publish(run_folder, REPO, sleep=sleeps, log=lines.append)
+    assert (result.version, result.pull_request) == ("v1", 1)
+    rest = ["README.md", "config.json", "language.json", "tokenizer.json"]
+    assert sorted(result.uploaded) == rest
+    assert "resuming pull request #1" in lines and len(hub.calls("POST", r"/merge$")) == 1
+    assert any("took effect before the error; not repeating it" in line for line in lines)
+    assert len(hub.calls("PUT", r"^/lfs-upload/")) == puts == 1
+    assert load_checkpoint(f"{REPO}@v1").identity == load_checkpoint(run_folder / "final").identity
+
+
 def test_a_published_student_loads_at_its_tag(hub, run_folder):
     publish(run_folder, REPO)
     local = load_checkpoint(run_folder / "final")
