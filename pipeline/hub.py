@@ -575,8 +575,23 @@ def checkpoint_files(folder: Path, staging: Path) -> list[LocalFile]:
     return out
 
 
+def local_paths(value: Any, where: str = "") -> list[str]:
+    """The places in a JSON value that hold an absolute local path ("/…", "~…", "C:\\…")."""
+    if isinstance(value, dict):
+        return [p for k in sorted(value) for p in local_paths(value[k], f"{where}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in local_paths(v, f"{where}[{i}]")]
+    if isinstance(value, str) and re.match(r"^(/|~|[A-Za-z]:[\\/])", value):
+        return [where.lstrip(".")]
+    return []
+
+
 def model_content(
-    folder: Path, eval_file: Path | None, license: str | None, staging: Path
+    folder: Path,
+    eval_file: Path | None,
+    license: str | None,
+    staging: Path,
+    say: Callable[[str], None] = lambda line: None,
 ) -> Content:
     """A checkpoint folder (it must load with ``load_checkpoint``) for a model repo;
     ``staging``: a scratch folder for the canonical weights (as large as they are)."""
@@ -585,10 +600,18 @@ def model_content(
 
     ckpt = load_checkpoint(folder)  # one line (CheckpointError) when it is not a checkpoint
     facts = model_card_facts(ckpt, eval_file)
+    files = checkpoint_files(folder, staging)
+    found = local_paths(ckpt.config.to_dict())
+    if found:
+        say(
+            f"note: config.json records local paths ({', '.join(found[:4])}"
+            f"{', …' if len(found) > 4 else ''}); they are part of the checkpoint's identity, "
+            "so they are published as they are (the model card names folders only)"
+        )
     role = ckpt.config.role
     return Content(
         repo_type="model",
-        files=checkpoint_files(folder, staging),
+        files=files,
         fingerprint=ckpt.identity,
         what=role,
         summary=f"tsdfm {role} checkpoint {ckpt.identity} ({facts.parameters:,} parameters).",
@@ -746,7 +769,7 @@ def publish(
         if kind == "dataset":
             content = dataset_content(folder, license)
         else:
-            content = model_content(folder, eval_file, license, Path(staging))
+            content = model_content(folder, eval_file, license, Path(staging), say)
         hub = Hub(repo_id, secret, policy, sleep, say, content.repo_type)
         return publish_content(hub, content, private, version, files_per_commit, bytes_per_commit)
 

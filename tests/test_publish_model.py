@@ -66,6 +66,9 @@ def test_a_distill_run_publishes_to_a_model_repo_with_its_card(
     lines = []
     result = publish(run_folder, REPO, log=lines.append)
     assert (result.version, result.pull_request, result.repo_type) == ("v1", 1, "model")
+    # distill records its local dataset and teacher paths in config.json (identity): said
+    note = [line for line in lines if line.startswith("note: config.json records local paths")]
+    assert len(note) == 1 and "provenance.dataset.id, provenance.init.spec" in note[0]
     assert REPO in hub.models and REPO not in hub.repos  # a model repo, not a dataset repo
     final = run_folder / "final"
     local = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
