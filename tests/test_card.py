@@ -210,3 +210,53 @@ def test_checkpoints_are_named_by_hub_id_or_folder_name(tmp_path):
     assert public_name(None) is None
     cfg = {"teacher": str(tmp_path / "t"), "compass": None, "seed": 3}
     assert public_config(cfg) == {"teacher": "t", "compass": None, "seed": 3}
+
+
+# the model card ------------------------------------------------------------------------------
+
+
+def test_model_card_is_a_pure_function_with_placeholders_and_a_license(saved_tiny_compass):
+    from huggingface_hub import ModelCard
+
+    from tsdfm.models.checkpoint import load_checkpoint
+    from tsdfm.pipeline.card import model_card_facts, parse_model_card, render_model_card
+
+    ckpt = load_checkpoint(saved_tiny_compass)
+    facts = model_card_facts(ckpt)
+    text = render_model_card(facts)
+    assert text == render_model_card(model_card_facts(load_checkpoint(saved_tiny_compass)))
+    assert "--compass ORG/NAME@vN" in text and 'load_checkpoint("ORG/NAME@vN")' in text
+    meta, body = parse_model_card(text)
+    assert meta["license"] == "unknown" and meta["tsdfm"]["role"] == "compass"
+    assert meta["tsdfm"]["architecture"]["head"] == ckpt.config.backbone.head
+    assert meta["tsdfm"]["teacher_identity"] == ckpt.config.provenance["teacher_identity"]
+    assert ModelCard(render_model_card(facts, "o/c", "v3", "apache-2.0")).data.license == (
+        "apache-2.0"
+    )
+    assert str(saved_tiny_compass) not in text and f"{facts.parameters:,} parameters" in body
+    with pytest.raises(DataError, match="has no YAML front matter"):
+        parse_model_card("# just a heading\n")
+
+
+def test_eval_summary_refuses_a_report_of_another_model_or_no_report():
+    from tsdfm.pipeline.card import eval_summary
+
+    report = {
+        "model": {"identity": "sha256:aa"},
+        "evaluator": "synthetic",
+        "true_perplexity": 3.5,
+        "real_data": {"entropy_mean": 2.0},
+        "arms": [
+            {"name": "student 4 steps", "steps": 4, "samples": 16, "gen_ppl": 4.25},
+        ],
+    }
+    with pytest.raises(DataError, match="is not an evaluation report"):
+        eval_summary(report, "sha256:aa", "eval.json")  # entropy_mean missing
+    report["arms"][0]["entropy_mean"] = 2.5
+    got = eval_summary(report, "sha256:aa", "eval.json")
+    assert got["arms"] == [
+        {"name": "student 4 steps", "steps": 4, "samples": 16, "gen_ppl": 4.25, "entropy_mean": 2.5}
+    ]
+    assert (got["true_perplexity"], got["real_entropy_mean"]) == (3.5, 2.0)
+    with pytest.raises(DataError, match="evaluates another checkpoint"):
+        eval_summary(report, "sha256:bb", "eval.json")
