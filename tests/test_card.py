@@ -260,3 +260,37 @@ def test_eval_summary_refuses_a_report_of_another_model_or_no_report():
     assert (got["true_perplexity"], got["real_entropy_mean"]) == (3.5, 2.0)
     with pytest.raises(DataError, match="evaluates another checkpoint"):
         eval_summary(report, "sha256:bb", "eval.json")
+
+
+def test_model_card_names_hub_dataset_and_teacher_in_its_metadata():
+    from tsdfm.pipeline.card import ModelCardFacts, parse_model_card, render_model_card
+
+    facts = ModelCardFacts(
+        role="student",
+        identity="sha256:" + "1" * 64,
+        parameters=1234,
+        architecture={
+            "vocab_size": 8,
+            "seq_len": 6,
+            "source": "mask",
+            "mask_token_id": 8,
+            "scheduler": {"name": "polynomial", "n": 1.0},
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "mlp_ratio": 4,
+            "head": "tokens",
+            "step_conditioning": True,
+        },
+        provenance={
+            "trainer": "distill",
+            "steps": 100,
+            "student_steps": 4,
+            "dataset": {"id": "my-org/traj-k8", "revision": "v2", "fingerprint": "sha256:ff"},
+            "init": {"name": "my-org/teacher@v1", "identity": "sha256:ee", "role": "teacher"},
+        },
+    )
+    meta, body = parse_model_card(render_model_card(facts, "my-org/student", "v1"))
+    assert meta["datasets"] == ["my-org/traj-k8"] and meta["base_model"] == "my-org/teacher"
+    assert "| dataset revision | v2 |" in body and "`my-org/teacher@v1` (teacher)" in body
+    assert "sample --model my-org/student@v1 --steps 4 -n 8" in body
