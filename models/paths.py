@@ -5,7 +5,9 @@ its Parquet files (``configs[].data_files``), a manifest names its shards. Such 
 relative to the folder that holds the file and must stay inside it: joined to that root and
 resolved (``..`` collapsed, symlinks followed), it has to lie under the resolved root. An
 absolute path, a ``..`` that climbs out, or a symlink that points out is refused with one line,
-because following it would read (or copy, or train on) a file the folder does not own.
+because following it would read (or copy, or train on) a file the folder does not own. One
+exception: in a snapshot of the Hub's local cache (``<repo>/snapshots/<commit>/``) every file is
+a link into the same repo's ``blobs/``, and those links are followed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def confined(root: str | Path, relative: str | Path, what: str) -> Path:
         )
     base = Path(root).resolve()
     target = (base / rel).resolve()
+    if ".." not in rel.parts and _in_own_blob_store(base, target):
+        return target
     if target != base and base not in target.parents:
         how = "through a symlink" if ".." not in rel.parts else "with '..'"
         raise PathError(
@@ -49,6 +53,16 @@ def confined(root: str | Path, relative: str | Path, what: str) -> Path:
             "from a file must stay inside its own folder: fix the file or rebuild it"
         )
     return target
+
+
+def _in_own_blob_store(base: Path, target: Path) -> bool:
+    """Whether ``base`` is a snapshot of the Hub's local cache (``<repo>/snapshots/<commit>``)
+    and ``target`` lies in that same repo's blob store (``<repo>/blobs``): every file of a
+    downloaded snapshot is a link there, and such a link stays inside what was downloaded."""
+    if base.parent.name != "snapshots":
+        return False
+    blobs = base.parent.parent / "blobs"
+    return blobs.is_dir() and blobs in target.parents
 
 
 @contextmanager

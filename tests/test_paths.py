@@ -121,3 +121,20 @@ def test_staged_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path):
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or old folder left
+
+
+def test_a_hub_snapshot_follows_links_into_its_own_blob_store_only(tmp_path):
+    repo = tmp_path / "models--org--name"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "f00d").write_text("{}")
+    (snap / "language.json").symlink_to("../../blobs/f00d")
+    assert confined(snap, "language.json", "data.language") == (blobs / "f00d").resolve()
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    (snap / "leak.json").symlink_to(outside)
+    with pytest.raises(PathError, match="through a symlink"):
+        confined(snap, "leak.json", "data.language")
+    with pytest.raises(PathError, match=r"with '\.\.'"):
+        confined(snap, "../../blobs/f00d", "data.language")

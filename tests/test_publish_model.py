@@ -207,11 +207,6 @@ def test_a_published_student_loads_at_its_tag(hub, run_folder):
         from_pretrained(run_folder / "final", revision="v1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models.paths.confined refuses the checkpoint's data.language in a Hub cache "
-    "snapshot (a symlink into blobs/): reported to the lead; remove this mark with the fix",
-)
 def test_a_published_student_samples_at_its_tag(hub, run_folder, tmp_path):
     publish(run_folder, REPO)
     res = runner.invoke(

@@ -49,7 +49,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -332,7 +332,8 @@ def _extra_files(init: Checkpoint) -> dict[str, Path]:
     path = init.data_file()
     if path is None or not path.is_file():
         return {}
-    return {path.relative_to(init.directory.resolve()).as_posix(): path}
+    name = PurePosixPath(str(init.config.data["language"]).replace("\\", "/"))
+    return {name.as_posix(): path}  # the name config.json gives it (in a Hub snapshot a link)
 
 
 def _device(device: str) -> torch.device:
