@@ -23,7 +23,14 @@ from tsdfm.models.rng import trajectory_seed
 
 PRECISIONS = ("fp32", "bf16")
 # teacher fields newer than the first published datasets → their defaults (left out at these)
-LATER_FIELDS = {"teacher_format": None, "trust_remote_code": False}
+LATER_FIELDS = {
+    "teacher_format": None,
+    "trust_remote_code": False,
+    "compile": False,
+    "max_memory": None,
+}
+# recorded, but not content: the trajectories do not depend on them (the build is batch-invariant)
+EXECUTION_FIELDS = ("max_memory",)
 # navigator fields newer than the first published datasets → their defaults (left out at these)
 LATER_NAVIGATOR_FIELDS = {
     f.name: f.default
@@ -54,6 +61,15 @@ class BuildConfig:
             information-minimal layout (default), or 1, full states (what older releases read).
         text: store the decoded final text; None: the version's default (v1 stores it when the
             teacher has a tokenizer, v2 has no text column). False under v1 writes null text.
+        compile: run the teacher and compass forwards through ``torch.compile``. Compiled
+            kernels round differently (logits differ by ~1e-5 on CPU), so the shards are not
+            bit-identical to an uncompiled build's: it is part of the fingerprint, recorded
+            only when on.
+        max_memory: GiB of activation memory per worker; each worker then navigates the
+            largest batch (at most ``batch_size``) whose peak activations fit, measured on
+            CUDA by a probe forward, estimated from the model's shape on CPU
+            (:func:`tsdfm.pipeline.worker.fit_batch`). A shard's bytes do not depend on the
+            batch, so it is recorded only when set and is not part of the fingerprint.
     """
 
     teacher: str
@@ -69,6 +85,8 @@ class BuildConfig:
     trust_remote_code: bool = False
     schema_version: int = SCHEMA_VERSION
     text: bool | None = None
+    compile: bool = False
+    max_memory: float | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_format is not None:
@@ -94,6 +112,17 @@ class BuildConfig:
             raise ConfigError(
                 f"schema_version={self.schema_version!r}; use "
                 f"{' or '.join(map(str, SCHEMA_VERSIONS))} (docs/schema.md)"
+            )
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile={self.compile!r} must be true or false")
+        if self.max_memory is not None and (
+            isinstance(self.max_memory, bool)
+            or not isinstance(self.max_memory, int | float)
+            or not self.max_memory > 0
+        ):
+            raise ConfigError(
+                f"max_memory={self.max_memory!r} must be a positive number of GiB (or omitted "
+                "for a fixed --batch-size)"
             )
         if self.text is not None and not isinstance(self.text, bool):
             raise ConfigError(f"text={self.text!r} must be true, false or null (the default)")
@@ -144,6 +173,7 @@ class BuildConfig:
             "allow_teacher_mismatch",
             "teacher_format",
             "trust_remote_code",
+            *EXECUTION_FIELDS,
         ):
             d.pop(key, None)  # the teacher identity covers its family and its code
         d["teacher_identity"] = teacher_identity

@@ -139,7 +139,88 @@ def load_models(
     for ck in (teacher, compass):
         if hasattr(getattr(ck, "model", None), "set_precision"):
             ck.model.set_precision(cfg.precision)
+    if cfg.compile:
+        compile_models(teacher, compass)
     return teacher, compass
+
+
+def compile_models(*checkpoints: Any) -> None:
+    """``torch.compile`` the forward of every loaded model among ``checkpoints`` in place
+    (parameter names and identities unchanged; shapes are marked dynamic, so batches of
+    other sizes do not recompile). The first forward of each shape compiles: minutes on a
+    CPU, and a C compiler is needed there; a missing one fails here, in one line."""
+    import shutil
+
+    if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        raise ConfigError(
+            "--compile on CPU needs a C compiler (cc, gcc or clang) for torch.compile's "
+            "kernels; install one or build without --compile"
+        )
+    for ck in checkpoints:
+        model = getattr(ck, "model", None)
+        if isinstance(model, torch.nn.Module):
+            model.compile(dynamic=True)
+
+
+# CPU estimate of one row's peak activation bytes (float32): one layer's working set (q, k,
+# v, attention output and the MLP: (4 + mlp_ratio)·d per position, and the attention scores,
+# H heads × L keys per position) and the output head (logits, their softmax and one
+# temporary: 3·V per position, which also covers the navigator's cached logits). Layers run
+# one after another under no_grad, so one layer is live at a time; weights are not counted.
+def estimate_row_bytes(model: Any) -> int:
+    """Peak activation bytes of one row of ``model``'s forward, from its backbone shape."""
+    b = getattr(getattr(model, "config", None), "backbone", None)
+    if b is None or not hasattr(b, "d_model"):
+        raise ConfigError(
+            f"--max-memory on CPU estimates memory from the model's shape, which "
+            f"{type(model).__name__} does not expose; pass a fixed --batch-size instead"
+        )
+    L = b.max_len
+    per_position = (4 + b.mlp_ratio) * b.d_model + b.n_heads * L + 3 * b.vocab_out
+    return 4 * L * per_position
+
+
+def measure_row_bytes(model: Any, seq_len: int, vocab: int, device: str) -> int:
+    """Peak activation bytes of one row of ``model``'s forward on CUDA: a probe forward of
+    8 rows, peak allocated minus what was allocated before, per row."""
+    rows = 8
+    x = torch.randint(0, vocab, (rows, seq_len), device=device)
+    t = torch.full((rows,), 0.5, device=device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    forward = getattr(model, "backbone", model)  # fp32, any head: an upper bound for bf16
+    with torch.no_grad():
+        forward(x, t)
+    torch.cuda.synchronize(device)
+    return max(1, -(-(torch.cuda.max_memory_allocated(device) - before) // rows))
+
+
+def fit_batch(cfg: BuildConfig, teacher: Any, compass: Any, device: str) -> tuple[int, int]:
+    """(batch size, activation bytes per trajectory) for ``cfg.max_memory`` GiB.
+
+    A trajectory takes K rows of every teacher and compass forward, so it needs K times the
+    larger of their per-row peaks; the batch is the most trajectories that fit, at most
+    ``cfg.batch_size``. ConfigError when not even one fits.
+    """
+    K = cfg.navigator.candidates
+    models = [teacher.model]
+    if isinstance(getattr(compass, "model", None), torch.nn.Module):
+        models.append(compass.model)
+    tcfg = teacher.config
+    if str(device).startswith("cuda"):
+        vocab = tcfg.vocab_size  # data tokens: valid input ids of every source
+        per_row = max(measure_row_bytes(m, tcfg.seq_len, vocab, device) for m in models)
+    else:
+        per_row = max(estimate_row_bytes(m) for m in models)
+    per_trajectory = K * per_row
+    budget = int(cfg.max_memory * 2**30)
+    if per_trajectory > budget:
+        raise ConfigError(
+            f"--max-memory {cfg.max_memory:g} GiB fits no trajectory: one needs "
+            f"{per_trajectory / 2**30:.3g} GiB of activations (K={K} rows); raise --max-memory"
+        )
+    return min(cfg.batch_size, budget // per_trajectory), per_trajectory
 
 
 def adapter_record(teacher: Any) -> dict | None:
@@ -249,6 +330,11 @@ class ShardBuilder:
             self.scorer = CompassScorer.from_checkpoint(self.compass)
         elif self.compass is not None:
             self.scorer = self.compass  # the exact scorer
+        self.batch_size, self.trajectory_bytes = cfg.batch_size, None
+        if cfg.max_memory is not None:
+            self.batch_size, self.trajectory_bytes = fit_batch(
+                cfg, self.teacher, self.compass, device
+            )
 
     def metadata(self, index: int) -> dict:
         meta = {
@@ -278,8 +364,8 @@ class ShardBuilder:
         tcfg = teacher.config
         first = index * cfg.trajectories_per_shard
         batches, totals = [], _Totals()
-        for lo in range(0, cfg.trajectories_per_shard, cfg.batch_size):
-            n = min(cfg.batch_size, cfg.trajectories_per_shard - lo)
+        for lo in range(0, cfg.trajectories_per_shard, self.batch_size):
+            n = min(self.batch_size, cfg.trajectories_per_shard - lo)
             ids = torch.arange(first + lo, first + lo + n, dtype=torch.long)
             seeds = trajectory_seed(cfg.seed, ids)
             res = navigate(
@@ -310,7 +396,11 @@ class ShardBuilder:
         info = write_shard(self.root, index, cfg.shards, batches, self.metadata(index))
         counters = totals.counters()
         counters["build_seconds"] = time.perf_counter() - start_time
-        return ShardResult(info, counters, totals.stats())
+        stats = totals.stats()
+        if cfg.max_memory is not None:  # what the memory budget chose, in the manifest
+            stats["batch_size"] = self.batch_size
+            stats["activation_bytes_per_trajectory"] = self.trajectory_bytes
+        return ShardResult(info, counters, stats)
 
     def _decode(self, final: torch.Tensor) -> list[str | None] | None:
         tok = self.teacher.tokenizer

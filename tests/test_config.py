@@ -100,6 +100,29 @@ def test_teacher_temperature_changes_the_fingerprint_and_round_trips():
     assert BuildConfig.from_dict(json.loads(json.dumps(tempered.to_dict()))) == tempered
 
 
+def test_compile_is_recorded_when_on_and_changes_the_fingerprint():
+    """Compiled kernels round differently, so a compiled build is another dataset."""
+    plain = _softmax_cfg()
+    compiled = BuildConfig(**{**plain.__dict__, "compile": True})
+    assert "compile" not in plain.to_dict() and compiled.to_dict()["compile"] is True
+    assert compiled.fingerprint(TEACHER, COMPASS) != plain.fingerprint(TEACHER, COMPASS)
+    assert BuildConfig.from_dict(compiled.to_dict()) == compiled
+    with pytest.raises(ConfigError, match="compile='yes' must be true or false"):
+        BuildConfig("t", "c", compile="yes")
+
+
+def test_max_memory_is_recorded_but_keeps_the_fingerprint():
+    """The batch it picks does not change a shard's trajectories (tests/test_build_gpu_paths)."""
+    plain = _softmax_cfg()
+    budgeted = BuildConfig(**{**plain.__dict__, "max_memory": 1.5})
+    assert "max_memory" not in plain.to_dict() and budgeted.to_dict()["max_memory"] == 1.5
+    assert budgeted.fingerprint(TEACHER, COMPASS) == plain.fingerprint(TEACHER, COMPASS)
+    assert BuildConfig.from_dict(budgeted.to_dict()) == budgeted
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(ConfigError, match=r"max_memory=.* must be a positive number of GiB"):
+            BuildConfig("t", "c", max_memory=bad)
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan")])
 def test_bad_teacher_temperature(bad):
     with pytest.raises(ConfigError, match=r"teacher_temperature=.* must be a finite number > 0"):

@@ -55,7 +55,19 @@ def build(
     out: Annotated[str, typer.Option(help="Output folder or fsspec URL.")] = DEFAULT_OUT,
     shards: Annotated[int, typer.Option(help="Number of Parquet shards.")] = 4,
     trajectories_per_shard: Annotated[int, typer.Option(help="Rows per shard.")] = 16,
-    batch_size: Annotated[int, typer.Option(help="Trajectories navigated together.")] = 16,
+    batch_size: Annotated[
+        int,
+        typer.Option(help="Trajectories navigated together (with --max-memory: at most this)."),
+    ] = 16,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(
+            help="GiB of activations per worker: navigate the largest batch (≤ --batch-size) "
+            "that fits, measured by a probe forward on CUDA, estimated from the model's shape "
+            "on CPU; the shards' bytes do not depend on it.",
+            show_default=False,
+        ),
+    ] = None,
     student_steps: Annotated[int, typer.Option("--student-steps", "-S")] = 8,
     teacher_steps: Annotated[int, typer.Option("--teacher-steps", "-N")] = 1024,
     k: Annotated[int, typer.Option("--k", "-K", help="Candidates per midpoint; 1 = blind.")] = 8,
@@ -108,6 +120,14 @@ def build(
         ),
     ] = None,
     precision: PrecisionOption = Precision.fp32,
+    compile_models: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the teacher and compass forwards (minutes of compiling per "
+            "worker; not bit-identical to an uncompiled build, so part of the fingerprint).",
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP + "; one worker per GPU")] = "auto",
     num_workers: Annotated[
         int | None, typer.Option(help="Actors; default: one per GPU, else one per CPU.")
@@ -191,6 +211,8 @@ def build(
         trust_remote_code=trust_remote_code,
         schema_version=int(value(schema_version)),
         text=text,
+        compile=compile_models,
+        max_memory=max_memory,
     )
     with progress() as bar:
         # the bar appears once the checkpoints and the output passed their checks, so a
