@@ -92,7 +92,8 @@ class TokenOracle:
 
 def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
     """The token-ratio compass of the ``token-ratio`` arm: ``--token-compass``, or one trained
-    here with the library's ``train_compass`` (head tokens) in a temporary directory."""
+    here with the library's ``train_compass`` (head tokens) in a temporary directory, at the
+    teacher's size (it starts from the teacher's weights)."""
     if a.token_compass:
         ckpt = load_checkpoint(a.token_compass, role="compass")
         return CompassScorer.from_checkpoint(ckpt), {"spec": a.token_compass}
@@ -102,7 +103,7 @@ def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
         student_steps=a.student_steps, negative_temperature=1.0, steps=a.token_steps,
         batch_size=a.token_batch, warmup=min(100, a.token_steps // 10), eval_every=a.token_steps,
         checkpoint_every=a.token_steps, d_model=tb.d_model, n_layers=tb.n_layers,
-        n_heads=tb.n_heads,
+        n_heads=tb.n_heads, ema=0.99,
     )  # fmt: skip
     print(f"training the token-ratio compass ({a.token_steps} steps)", flush=True)
     t0 = time.perf_counter()
