@@ -18,6 +18,12 @@ shard against manifest.json when the dataset is opened, the dataset contract on 
 read). Its cost is measured apart, with and without verification: seconds to open the dataset,
 and seconds to read one epoch of batches in the trainer's process (no training step).
 
+``--processes 1 2`` also runs the real trainer (``tsdfm-pipeline distill``) under ``torchrun``
+with each number of processes (DDP; gloo on the CPU, nccl on CUDA) on the same dataset and
+global batch (``--batch-size`` × ``--grad-accum``, the accumulation split over the ranks), and
+reads its own metrics.jsonl: the job's examples/s, and the data-wait share (the wait of the
+rank that waited most in each step, over the step's wall time), after the warm-up steps.
+
 Without ``--data`` the script writes a dataset of random mask-path trajectories with the
 bundled teacher's shape (V=128, L=64, S=8) through ``tsdfm.pipeline.shards.write_shard``: the real
 file layout, compression, metadata and manifest.json (the loader's cost does not depend on
@@ -30,8 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,6 +142,8 @@ def _device_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):  # other jobs on the machine slow every arm alike
+        info["load_average_1min"] = os.getloadavg()[0]
     return info
 
 
@@ -166,6 +177,59 @@ def run_arm(cfg, init, device, batches, warmup: int, steps: int) -> dict:
     }
 
 
+def ddp_arm(data: str, args, processes: int, accum: int, run_dir: Path) -> dict:
+    """The real trainer under torchrun with ``processes`` ranks and ``accum`` micro-batches
+    per step (the job's, split over the ranks): the job's step time, examples/s and data-wait
+    share from its metrics.jsonl, after ``args.warmup`` steps."""
+    workers = args.ddp_workers
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={processes}", "-m", "tsdfm.pipeline.cli", "distill"]
+    flags = {
+        "data": data,
+        "teacher": args.init,
+        "out": str(run_dir),
+        "train-steps": args.warmup + args.steps,
+        "batch-size": args.batch_size,
+        "grad-accum": accum,
+        "streams": args.streams,
+        "shuffle-buffer": args.shuffle_buffer,
+        "num-workers": workers,
+        "precision": args.precision,
+        "device": args.device,
+        "log-every": 1,
+        "eval-every": 10**6,
+        "checkpoint-every": 10**6,
+        "eval-samples": 0,
+        "heldout-trajectories": 0,
+    }
+    for k, v in flags.items():
+        cmd += [f"--{k}", str(v)]
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"torchrun with {processes} processes failed:\n{done.stderr[-2000:]}")
+    wall = time.perf_counter() - t0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    prev = {m["step"]: m["seconds"] for m in lines}
+    timed = [m for m in lines if m["step"] > args.warmup]
+    dts = [m["seconds"] - prev.get(m["step"] - 1, 0.0) for m in timed]
+    total = sum(dts)
+    return {
+        "arm": f"torchrun, {processes} process(es), {workers} worker(s) each",
+        "processes": processes,
+        "workers": workers,
+        "grad_accum": accum,
+        "step_ms_mean": 1000 * total / len(timed),
+        "examples_per_second": args.batch_size * accum * len(timed) / total,
+        "data_wait_share": sum(m["data_wait_share"] * dt for m, dt in zip(timed, dts, strict=True))
+        / total,
+        "threads_per_process": threads,
+        "job_seconds": wall,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", help="Dataset folder or org/name[@rev]; default: synthetic")
@@ -182,6 +246,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="Also run the trainer under torchrun with these numbers of processes",
+    )
+    ap.add_argument(
+        "--ddp-workers", type=int, default=2, help="Loader workers per process (--processes)"
+    )
     ap.add_argument("--out", default="docs/results/distill_loader")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -263,6 +337,17 @@ def main() -> None:
                 file=sys.stderr,
             )
 
+        ddp = []
+        accum = math.lcm(args.grad_accum, *args.processes) if args.processes else 1
+        for processes in args.processes:  # one global batch for all: accum splits over each
+            arm = ddp_arm(data, args, processes, accum, Path(tmp) / f"ddp{processes}")
+            ddp.append(arm)
+            print(
+                f"{processes} process(es): {arm['step_ms_mean']:.2f} ms/step, "
+                f"wait {100 * arm['data_wait_share']:.1f}%",
+                file=sys.stderr,
+            )
+
     result = {
         "benchmark": "distill_loader",
         "command": "python " + " ".join(sys.argv),
@@ -287,6 +372,7 @@ def main() -> None:
         "device": _device_info(device),
         "target": "data wait < 5% of step time",
         "arms": arms,
+        "processes": ddp,
         "verification": verification,
     }
     out = Path(args.out)
@@ -321,6 +407,23 @@ def _markdown(r: dict) -> str:
             f"{'-' if overhead is None else f'{100 * overhead:+.1f}%'} | "
             f"{'-' if startup is None else f'{startup:.2f}'} |"
         )
+    if r.get("processes"):
+        lines += [
+            "",
+            "The real trainer (`tsdfm-pipeline distill`) under `torchrun`, the same dataset and "
+            "global batch, the accumulation split over the processes; data wait = the wait of "
+            "the rank that waited most in each step, over the step's wall time (from the run's "
+            "metrics.jsonl, after the warm-up steps):",
+            "",
+            "| job | grad accum | threads/process | ms/step | examples/s (job) | data wait share |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in r["processes"]:
+            lines.append(
+                f"| {a['arm']} | {a['grad_accum']} | {a['threads_per_process']} | "
+                f"{a['step_ms_mean']:.2f} | {a['examples_per_second']:,.0f} | "
+                f"{100 * a['data_wait_share']:.1f}% |"
+            )
     ver = r.get("verification")
     if ver is not None:
         v, u = ver["verified"], ver["unverified"]
@@ -347,7 +450,12 @@ def _markdown(r: dict) -> str:
         f"Target: {r['target']}.",
         "",
         f"Device: {dev['device']}{gpu} ({dev['cpu']}, {dev['threads']} threads), torch "
-        f"{dev['torch']}, Python {dev['python']}.",
+        f"{dev['torch']}, Python {dev['python']}"
+        + (
+            f"; load average {dev['load_average_1min']:.1f} when the run ended."
+            if "load_average_1min" in dev
+            else "."
+        ),
         "",
         f"Command: `{r['command']}`",
         "",
