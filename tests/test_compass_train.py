@@ -740,3 +740,56 @@ def test_softmax_selection_with_the_token_compass_moves_the_data_toward_the_lang
         out = navigate(teacher.model, scorer, teacher.config.path(), seeds, 8, cfg)
         nll[K] = -tiny_language.log_likelihood(out.states[:, -1]).mean().item()
     assert nll[8] < nll[1] - 5.0, nll  # 35.9 → 25.4 nats per sequence
+
+
+def test_cli_trains_a_token_compass_of_the_teachers_size(tmp_path, tiny_language, teacher_dir):
+    out = tmp_path / "run"
+    args = ["compass", "train", "--teacher", str(teacher_dir), "--out", str(out), "--head"]
+    args += ["tokens", "--reveal-order", "dilated", "--student-steps", "4", "--steps", "4"]
+    args += ["--batch-size", "8", "--heldout-trajectories", "8", "--eval-every", "4"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "held-out ROC AUC (real vs teacher tokens): " in res.output
+    ck = load_checkpoint(out / "final", role="compass")
+    run = ck.config.provenance["run_config"]
+    size = load_checkpoint(teacher_dir).config.backbone  # defaults: the teacher's size, T = 1
+    assert (run["head"], run["negative_temperature"]) == ("tokens", 1.0)
+    assert (run["d_model"], run["n_layers"], run["n_heads"]) == (
+        size.d_model,
+        size.n_layers,
+        size.n_heads,
+    )
+    # the random order cannot give a token compass: one line, nothing trained
+    bad = runner.invoke(app, [*args[:-12], "--out", str(tmp_path / "bad"), "--steps", "4"])
+    assert bad.exit_code == 2 and "use reveal_order dilated" in bad.output
+
+
+def test_a_shard_built_with_the_token_compass_records_its_energies(
+    tmp_path, teacher_dir, token_trained
+):
+    """The build's own shard writer (what each Ray actor runs) with a token-ratio compass:
+    dilated, shared reveals, softmax at T = 1; the recorded energy of each kept state is the
+    compass's energy of it."""
+    from tsdfm.models.data.schema import decode_rows
+    from tsdfm.models.navigator import NavigatorConfig
+    from tsdfm.pipeline.config import BuildConfig
+    from tsdfm.pipeline.shards import read_shard
+    from tsdfm.pipeline.worker import ShardBuilder
+
+    res, _ = token_trained
+    nav = NavigatorConfig(student_steps=4, teacher_steps=4, candidates=4, reveal_order="dilated",
+                          shared_reveals=True, selection="softmax", temperature=1.0)  # fmt: skip
+    cfg = BuildConfig(str(teacher_dir), compass=str(res.final_dir), shards=1,
+                      trajectories_per_shard=6, batch_size=6, navigator=nav)  # fmt: skip
+    root = tmp_path / "ds"
+    builder = ShardBuilder(cfg, str(root))
+    result = builder.build(0)
+    assert result.info.rows == 6
+    rows = decode_rows(read_shard(str(root), result.info.path)[0])
+    energies = torch.as_tensor(rows.energies, dtype=torch.float32)  # (6, S, K)
+    assert energies.shape == (6, 4, 4) and bool(torch.isfinite(energies).all())
+    states = torch.as_tensor(rows.states)
+    kept = builder.scorer.energy(states[:, 2], float(rows.times[0][2]))
+    chosen = torch.as_tensor(rows.chosen)[:, 1].long()
+    recorded = energies[torch.arange(6), 1, chosen]
+    torch.testing.assert_close(kept.float(), recorded, atol=1e-2, rtol=1e-3)  # float16 column

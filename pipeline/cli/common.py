@@ -114,6 +114,13 @@ class Order(str, enum.Enum):
     dilated = "dilated"
 
 
+class Head(str, enum.Enum):
+    """What a compass outputs (``tsdfm.models.train.compass.CompassTrainConfig.head``)."""
+
+    scalar = "scalar"
+    tokens = "tokens"
+
+
 class Selection(str, enum.Enum):
     """How the navigator keeps one of K candidates."""
 

@@ -11,6 +11,7 @@ import typer
 from tsdfm.models.devices import resolve_device
 from tsdfm.pipeline.cli.common import (
     DeviceOption,
+    Head,
     JsonOption,
     Loss,
     Order,
@@ -115,9 +116,23 @@ def compass_train(
         Path | None,
         typer.Option(help="A text teacher's training text (.txt file or folder)."),
     ] = None,
-    d_model: int = 64,
-    n_layers: int = 2,
-    n_heads: int = 2,
+    head: Annotated[
+        Head,
+        typer.Option(
+            help="scalar: one pooled energy per state (sequence-level NCE); tokens: per-token "
+            "log-ratios of the shared predecessor (the token-ratio compass: the teacher's size, "
+            "started from its weights; needs --reveal-order dilated)."
+        ),
+    ] = Head.scalar,
+    d_model: Annotated[
+        int | None, typer.Option(help="Default: 64; the teacher's for tokens.")
+    ] = None,
+    n_layers: Annotated[
+        int | None, typer.Option(help="Default: 2; the teacher's for tokens.")
+    ] = None,
+    n_heads: Annotated[
+        int | None, typer.Option(help="Default: 2; the teacher's for tokens.")
+    ] = None,
     steps: Annotated[int, typer.Option("--train-steps", help="Optimizer steps.")] = 2000,
     steps_alias: Annotated[int | None, typer.Option("--steps", hidden=True)] = None,
     batch_size: Annotated[int, typer.Option(help="Positives (= negatives) per step.")] = 64,
@@ -126,8 +141,12 @@ def compass_train(
     ema: Annotated[float, typer.Option(help="EMA decay; 0 switches EMA off.")] = 0.999,
     teacher_steps: Annotated[int, typer.Option(help="N of the teacher sampler.")] = 1024,
     negative_temperature: Annotated[
-        float, typer.Option(help="Temperature T >= 1 of the teacher's draws for negatives.")
-    ] = 2.0,
+        float | None,
+        typer.Option(
+            help="Temperature T >= 1 of the teacher's draws for negatives; default 2 (scalar), "
+            "1 (tokens: the ratio to the teacher itself)."
+        ),
+    ] = None,
     reveal_order: Annotated[
         Order,
         typer.Option(
@@ -164,18 +183,25 @@ def compass_train(
     from tsdfm.models.train.compass import CompassTrainConfig, train_compass
 
     steps = steps if steps_alias is None else steps_alias  # --steps: the older name
+    device = resolve_device(device)
+    ckpt = load_checkpoint(teacher or default_teacher(), device, role="teacher")
+    tokens = value(head) == "tokens"
+    size = ckpt.config.backbone if tokens else None
     cfg = CompassTrainConfig(
         out=str(out),
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
+        head=value(head),
+        d_model=d_model if d_model is not None else (size.d_model if tokens else 64),
+        n_layers=n_layers if n_layers is not None else (size.n_layers if tokens else 2),
+        n_heads=n_heads if n_heads is not None else (size.n_heads if tokens else 2),
         steps=steps,
         batch_size=batch_size,
         lr=lr,
         warmup=warmup,
         ema=ema,
         teacher_steps=teacher_steps,
-        negative_temperature=negative_temperature,
+        negative_temperature=(
+            negative_temperature if negative_temperature is not None else (1.0 if tokens else 2.0)
+        ),
         reveal_order=value(reveal_order),
         student_steps=student_steps,
         bank_trajectories=bank_trajectories,
@@ -186,21 +212,25 @@ def compass_train(
         eval_every=eval_every,
         seed=seed,
     )
-    device = resolve_device(device)
     fields = (
         ("loss", "loss {:.4f}"),
         ("accuracy", "acc {:.3f}"),
         ("heldout_auc", "held-out AUC {:.3f}"),
     )
     with training_bar("training compass", steps, *fields) as bar:
-        ckpt = load_checkpoint(teacher or default_teacher(), device, role="teacher")
         data = default_data_source(ckpt, corpus)
         result = train_compass(cfg, ckpt, data, bar.report, device=device)
     typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
-    typer.echo(
-        f"held-out ROC AUC (real vs teacher states): {result.heldout_auc:.4f}  "
-        f"(NCE loss {result.heldout_loss:.4f}; chance: AUC 0.5, loss ln 2 = 0.6931)"
-    )
+    if tokens:
+        typer.echo(
+            f"held-out ROC AUC (real vs teacher tokens): {result.heldout_auc:.4f}  "
+            f"(loss {result.heldout_loss:.4f}; chance: AUC 0.5)"
+        )
+    else:
+        typer.echo(
+            f"held-out ROC AUC (real vs teacher states): {result.heldout_auc:.4f}  "
+            f"(NCE loss {result.heldout_loss:.4f}; chance: AUC 0.5, loss ln 2 = 0.6931)"
+        )
     write_json(json_out, result)
 
 
