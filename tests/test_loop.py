@@ -312,6 +312,14 @@ def test_a_missing_tracker_is_one_line_naming_the_install(tmp_path, tracker):
     assert res.output.startswith("error: ") and want in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists()  # refused before anything is written
+    from tsdfm.models.train.compass import CompassTrainConfig
+
+    with pytest.raises(ConfigError, match=want):
+        CompassTrainConfig(out=str(tmp_path), report_to=tracker)
+    res = CliRunner().invoke(
+        app, ["compass", "train", "--out", str(tmp_path / "c"), "--report-to", tracker]
+    )
+    assert res.exit_code == 2 and want in res.output and not (tmp_path / "c").exists()
 
 
 class Recorder:

@@ -361,3 +361,33 @@ def test_offline_mode_is_refused_at_once_not_retried_as_an_outage(hub, shaped, m
     with pytest.raises(HubError, match="listing: HF_HUB_OFFLINE is set"):
         Hub(REPO, TOKEN, sleep=sleeps).call("listing", offline)
     assert sleeps == []  # before: retried for a minute as a network outage
+
+
+def test_distill_reads_a_published_version_only_if_its_shards_are_the_manifests(
+    hub, shaped, saved_tiny_teacher, tmp_path
+):
+    """The trainer's reader checks a Hub dataset's shards by their content hash on the Hub
+    (LFS sha256 at the resolved commit) against its manifest.json, without downloading the
+    shards; a shard replaced on the Hub after the build is refused in one line."""
+    from tsdfm.models.data.trajectories import open_trajectory_dataset
+    from tsdfm.models.errors import ShardError
+    from tsdfm.pipeline.manifest import MANIFEST_FILE
+
+    publish(shaped, REPO)
+    source = open_trajectory_dataset(f"{REPO}@v1")
+    assert source.hub_checked and source.resolved_revision == hub.repos[REPO].tags["v1"]
+    assert "Hub content hash" in source.verification()["sha256"]
+    assert hub.calls("POST", rf"/api/datasets/{REPO}/paths-info/")  # hashes asked, not read
+    # someone swaps two shards' bytes on main after the build; the manifest still says v1's
+    repo = hub.repos[REPO]
+    files = dict(repo.commits[repo.branches["main"]])
+    a, b = sorted(p for p in files if p.endswith(".parquet"))[:2]
+    files[a], files[b] = files[b], files[a]
+    repo.branches["main"] = hub._commit(repo, files, "swap two shards")
+    with pytest.raises(ShardError, match=rf"shard {a} has sha256 .* on the Hub, {MANIFEST_FILE}"):
+        open_trajectory_dataset(REPO)
+    assert open_trajectory_dataset(REPO, verify=False).hub_checked is False
+    args = ["distill", "--data", REPO, "--init", str(saved_tiny_teacher), "--steps", "1"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "student")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"shard {a} has sha256" in res.output and "use the revision" in res.output

@@ -355,6 +355,8 @@ class TrajectorySource:
         verify: whether reads are checked (``tsdfm.models.data.integrity``).
         digests: manifest.json's record of each shard by file path (None: not checked).
         rules: the row invariants checked on every row read (None: not checked).
+        hub_checked: a Hub dataset whose shards' content hashes (the Hub's LFS sha256 at the
+            resolved commit) were checked against its manifest.json (:func:`check_hub_shards`).
     """
 
     ref: DatasetRef
@@ -366,6 +368,7 @@ class TrajectorySource:
     verify: bool = True
     digests: dict[Path, ShardDigest] | None = None
     rules: RowRules | None = None
+    hub_checked: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -405,8 +408,13 @@ class TrajectorySource:
             sha = f"every shard against {self.ref.url or self.ref.id}/manifest.json"
         elif self.ref.local:
             sha = "not checked: the folder has no manifest.json"
+        elif self.hub_checked:
+            sha = (
+                f"every shard's Hub content hash (LFS sha256 at {self.resolved_revision}) "
+                f"against {self.ref.id}/manifest.json"
+            )
         else:
-            sha = "not checked: a Hub dataset (files are addressed by content at the revision)"
+            sha = "not checked: the Hub dataset has no manifest.json"
         return {
             "verified": self.verify,
             "sha256": sha,
@@ -548,6 +556,9 @@ def open_trajectory_dataset(spec: str | Path, verify: bool = True) -> Trajectory
         if digests is not None:
             check_split_files(root, [Path(f) for f in files], digests)
     match = _HF_REVISION.match(files[0])
+    hub_checked = False
+    if verify and not ref.local and match is not None:
+        hub_checked = check_hub_shards(ref, match.group(1), files)
     source = TrajectorySource(
         ref=ref,
         files=tuple(files),
@@ -558,6 +569,7 @@ def open_trajectory_dataset(spec: str | Path, verify: bool = True) -> Trajectory
         verify=verify,
         digests=digests,
         rules=RowRules() if verify else None,
+        hub_checked=hub_checked,
     )
     for index in range(len(files)):  # every shard before the first step; reads re-check
         source.check_digest(index)  # (a stat, unless the file changed since)
@@ -579,6 +591,60 @@ def open_trajectory_dataset(spec: str | Path, verify: bool = True) -> Trajectory
 
 
 # --------------------------------------------------------------------------- rows → examples
+def check_hub_shards(ref: DatasetRef, commit: str, files: list[str]) -> bool:
+    """The train files of a Hub dataset at ``commit`` are the shards its manifest.json records:
+    the same set, and each file's content hash on the Hub (the sha256 of its LFS object, which
+    the Hub computes from the bytes it serves) equals the recorded sha256 and size. Nothing is
+    downloaded but the manifest. False when the dataset has no manifest.json (the rows are
+    still checked as they are read); a ShardError naming the shard otherwise.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    where = f"dataset {ref.id}@{ref.revision or 'main'} (commit {commit[:12]})"
+    fix = (
+        "its files were changed after the build wrote its manifest: use the revision the "
+        "dataset was published at, or rebuild and republish it"
+    )
+    try:
+        path = Path(hf_hub_download(ref.id, MANIFEST_FILE, repo_type="dataset", revision=commit))
+    except EntryNotFoundError:
+        return False
+    except Exception as e:  # huggingface_hub raises many unrelated types
+        raise DataError(_unreadable(ref, e)) from None
+    digests = read_manifest_digests(path.parent)
+    if digests is None:
+        return False
+    recorded = {d.name: d for d in digests.values()}
+    prefix = f"hf://datasets/{ref.id}@{commit}/"
+    names = [f[len(prefix) :] if f.startswith(prefix) else f for f in files]
+    extra = sorted(set(names) - set(recorded))
+    missing = sorted(set(recorded) - set(names))
+    if extra or missing:
+        what = f"{extra[0]} is not in" if extra else f"{missing[0]} is in"
+        raise ShardError(f"{where}: {what} its {MANIFEST_FILE} but not in its train split; {fix}")
+    try:
+        infos = HfApi().get_paths_info(ref.id, names, repo_type="dataset", revision=commit)
+    except Exception as e:
+        raise DataError(_unreadable(ref, e)) from None
+    found = {info.path: info for info in infos}
+    for name in names:
+        info, want = found.get(name), recorded[name]
+        lfs = getattr(info, "lfs", None)
+        if lfs is None:
+            raise ShardError(
+                f"{where}: shard {name} is not stored as an LFS object on the Hub, so its content "
+                f"hash cannot be checked against {MANIFEST_FILE}; republish it with tsdfm-pipeline "
+                "publish (or pass --no-verify)"
+            )
+        if lfs.sha256 != want.sha256 or lfs.size != want.bytes:
+            raise ShardError(
+                f"{where}: shard {name} has sha256 {lfs.sha256[:16]}… ({lfs.size} bytes) on the "
+                f"Hub, {MANIFEST_FILE} records {want.sha256[:16]}… ({want.bytes} bytes); {fix}"
+            )
+    return True
+
+
 def table_arrays(table, times_ref: np.ndarray | None) -> TrajectoryRows:
     """An Arrow table of (trajectory_id, times, states) decoded (``schema.decode_rows``).
 

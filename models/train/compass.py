@@ -68,6 +68,7 @@ from tsdfm.models.solver import (
 )
 from tsdfm.models.train.common import check_run_config, seeded
 from tsdfm.models.train.loop import Task, TrainLoop, loop_config
+from tsdfm.models.train.trackers import check_available, parse_report_to
 
 # Lanes of the counter RNG reserved for the compass's teacher trajectories. Samplers and the
 # navigator use lanes 0..K−1, so these trajectories are independent of every other trajectory
@@ -260,6 +261,8 @@ class CompassTrainConfig:
             negative_temperature 1; no negative bank). It starts from the teacher's weights
             with a zero output layer (r = 0: selection starts blind), so d_model, n_layers and
             n_heads must be the teacher's. Recorded only when not "scalar".
+        report_to: trackers that also get the metrics (``tsdfm.models.train.trackers``; not
+            recorded: where metrics go is not part of the compass).
     """
 
     out: str
@@ -285,8 +288,11 @@ class CompassTrainConfig:
     reveal_order: str = "random"
     student_steps: int = 8
     head: str = "scalar"
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
+        check_available(self.report_to)
         for name in (
             "steps",
             "batch_size",
@@ -781,6 +787,7 @@ def _jsonable(cfg: CompassTrainConfig) -> dict:
     identity) it had before the fields existed."""
     d = asdict(cfg)
     d.pop("out")
+    d.pop("report_to")  # where metrics also go is not part of what was trained
     if cfg.reveal_order == "random":
         del d["reveal_order"], d["student_steps"]
     if cfg.head == "scalar":

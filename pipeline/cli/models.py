@@ -175,6 +175,7 @@ def compass_train(
     eval_every: int = 250,
     seed: int = 0,
     device: DeviceOption = "auto",
+    report_to: ReportToOption = "none",
     json_out: JsonOption = None,
 ) -> None:
     """Train an energy compass on the teacher's own states (resumable: rerun the command)."""
@@ -211,6 +212,7 @@ def compass_train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
         seed=seed,
+        report_to=report_to,
     )
     fields = (
         ("loss", "loss {:.4f}"),
