@@ -26,9 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ from tsdfm.models.data.corpus import (
 from tsdfm.models.data.synthetic import MASK_TOKEN
 from tsdfm.models.errors import ConfigError, DataError
 from tsdfm.models.extras import require
+from tsdfm.models.paths import staged_dir
 from tsdfm.models.train.common import check_run_config, seeded
 from tsdfm.models.train.loop import Task, TrainLoop, loop_config
 from tsdfm.models.train.trackers import check_available, parse_report_to
@@ -323,9 +321,7 @@ def save_lm(directory: str | Path, model: Any, tokenizer: Any, meta: dict) -> Pa
     from transformers import PreTrainedTokenizerFast
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with staged_dir(directory) as tmp:
         model.save_pretrained(tmp)
         fast = PreTrainedTokenizerFast(
             tokenizer_object=Tokenizer.from_str(tokenizer.to_str()),
@@ -336,14 +332,4 @@ def save_lm(directory: str | Path, model: Any, tokenizer: Any, meta: dict) -> Pa
         )
         fast.save_pretrained(tmp)
         (tmp / PROJECT_LM_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
