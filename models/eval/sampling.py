@@ -201,3 +201,16 @@ def sample_checkpoint(
         d.temperature,
         d.order,
     )
+
+
+def open_model(spec, device: str | torch.device = "cpu") -> Checkpoint:
+    """A generator to sample or evaluate: this project's teacher or student, an adapter
+    teacher of a native family (``tsdfm.models.teachers.open_teacher``) or an adapter
+    student saved by ``distill`` (``tsdfm.models.teachers.student``)."""
+    from tsdfm.models.checkpoint import resolve
+    from tsdfm.models.teachers import open_teacher
+    from tsdfm.models.teachers.student import is_adapter_student, load_adapter_student
+
+    if is_adapter_student(resolve(spec)):
+        return load_adapter_student(spec, device)
+    return open_teacher(spec, device, role=("teacher", "student"))

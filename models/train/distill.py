@@ -43,6 +43,7 @@ not depend on the number of loader workers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -53,7 +54,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from tsdfm.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tsdfm.models.checkpoint import Checkpoint, save_checkpoint
 from tsdfm.models.data.trajectories import (
     ExampleBatch,
     Examples,
@@ -319,12 +320,55 @@ def build_student(init: Checkpoint, seed: int = 0) -> FlowModel:
     The new branches' inner layers are initialised under ``seed`` (their output layers start
     at zero), so the same run config gives the same student.
     """
+    from tsdfm.models.teachers.adapter import AdaptedDenoiser
+    from tsdfm.models.teachers.student import AdapterStudent, student_from_adapter
+
     with seeded(seed):
+        if isinstance(init.model, AdaptedDenoiser):
+            return student_from_adapter(init)
+        if isinstance(init.model, AdapterStudent):
+            return copy.deepcopy(init.model)
         if init.config.role == "teacher":
             return student_from_teacher(init.model)
         student = FlowModel(init.config)
     student.load_state_dict(init.model.state_dict())
     return student
+
+
+def _saved_tokenizer(init: Checkpoint):
+    """The tokenizer file a student of ``init`` carries: an adapter teacher's own (model ids)."""
+    from tsdfm.models.teachers.adapter import SolverTokenizer
+
+    tok = init.tokenizer
+    return tok.tokenizer if isinstance(tok, SolverTokenizer) else tok
+
+
+def open_init(spec: str) -> Checkpoint:
+    """The --init checkpoint: this project's teacher or student, an adapter teacher
+    (``tsdfm.models.teachers.open_teacher``; native families only, remote code is not run) or
+    an adapter student (``tsdfm.models.teachers.student``)."""
+    from tsdfm.models.checkpoint import resolve
+    from tsdfm.models.teachers import is_adapter_checkpoint, open_teacher
+    from tsdfm.models.teachers.adapter import read_raw_config
+    from tsdfm.models.teachers.families import detect
+    from tsdfm.models.teachers.student import (
+        NATIVE_FAMILIES,
+        is_adapter_student,
+        load_adapter_student,
+    )
+
+    directory = resolve(spec)
+    if is_adapter_student(directory):
+        return load_adapter_student(spec, "cpu")
+    if is_adapter_checkpoint(directory):
+        fam = detect(read_raw_config(directory), str(spec))
+        if fam.name not in NATIVE_FAMILIES:
+            raise CheckpointError(
+                f"--init {spec} is a {fam.name} teacher: distill makes students of "
+                f"{', '.join(NATIVE_FAMILIES)} teachers and this project's only (a {fam.name} "
+                "student runs that model's own code, which distill does not run yet)"
+            )
+    return open_teacher(spec, "cpu", role=("teacher", "student"))
 
 
 def _extra_files(init: Checkpoint) -> dict[str, Path]:
@@ -483,7 +527,7 @@ class DistillTask(Task):
         self.window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
 
     def save(self, directory: Path) -> None:
-        save_checkpoint(directory, self.model, self.init.tokenizer, self.extra_files)
+        save_checkpoint(directory, self.model, _saved_tokenizer(self.init), self.extra_files)
 
     def state_dict(self) -> dict:
         """The job's data position (every rank's lane, gathered) and its number of processes."""
@@ -533,7 +577,7 @@ def prepare_run(cfg: DistillConfig, warn: Callable[[str], None] | None = None) -
     issued: list[str] = []
     device = _device(cfg.device)
     source = open_trajectory_dataset(cfg.data, verify=cfg.verify)
-    init = load_checkpoint(cfg.init, "cpu", role=("teacher", "student"))
+    init = open_init(cfg.init)
     check_vocabulary(source, init)
     mc = init.config
     source = source.with_vocabulary(
@@ -737,7 +781,7 @@ def _train(run, world, device, data_info, issued, say, progress, store, origin) 
             provenance={**model.config.provenance, "steps": cfg.steps}
         )
         if world.main:
-            ident = save_checkpoint(final, model.eval(), init.tokenizer, run.extra_files)
+            ident = save_checkpoint(final, model.eval(), _saved_tokenizer(init), run.extra_files)
             for rel in ("final", METRICS_FILE, "tensorboard"):
                 store.push(rel)
     ident = broadcast_object(world, ident)
