@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tsdfm.models.checkpoint import load_checkpoint
+from tsdfm.models.checkpoint import CONFIG_FILE, load_checkpoint
 from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
 
 
@@ -19,9 +19,10 @@ def final_eval(
 ) -> dict | None:
     """Evaluate ``final_dir`` with ``samples`` samples of ``steps`` steps (seed 0) and write the
     report to ``json_path``; None (nothing written) for a checkpoint of a text corpus."""
-    ckpt = load_checkpoint(final_dir)
-    if ckpt.config.data.get("kind") != "synthetic":
+    config = json.loads((Path(final_dir) / CONFIG_FILE).read_text())
+    if (config.get("data") or {}).get("kind") != "synthetic":  # read before building a network
         return None
+    ckpt = load_checkpoint(final_dir)
     report = evaluate_checkpoint(ckpt, EvalConfig((steps,), samples, min(samples, 256), 0))
     Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report

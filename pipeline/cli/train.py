@@ -257,13 +257,13 @@ def sample(
     json_out: JsonOption = None,
 ) -> None:
     """Unconditional samples with the step-size-aware sampler, decoded to text."""
-    from tsdfm.models.checkpoint import load_checkpoint
     from tsdfm.models.devices import resolve_device
-    from tsdfm.models.eval.sampling import default_steps, sample_checkpoint
+    from tsdfm.models.eval.sampling import default_steps, open_model, sample_checkpoint
 
     device = resolve_device(device)
-    ckpt = load_checkpoint(model or default_teacher(), device, role=("teacher", "student"))
-    ckpt.model.set_precision(value(precision))
+    ckpt = open_model(model or default_teacher(), device)
+    if hasattr(ckpt.model, "set_precision"):  # an adapter's network keeps its own precision
+        ckpt.model.set_precision(value(precision))
     own = default_steps(ckpt)
     if ckpt.config.role == "student" and steps is not None and steps != own:
         typer.echo(
@@ -370,7 +370,6 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from tsdfm.models.checkpoint import load_checkpoint
     from tsdfm.models.eval.evaluate import (
         EvalConfig,
         evaluate_checkpoint,
@@ -380,6 +379,7 @@ def eval_cmd(
         table_header,
     )
     from tsdfm.models.eval.evaluators import evaluator_for
+    from tsdfm.models.eval.sampling import open_model
 
     cfg = EvalConfig(
         tuple(steps or (1024, 8)),
@@ -392,8 +392,9 @@ def eval_cmd(
     )
     model = pick(model, model_alias, "--model", "--teacher")
     device = resolve_device(device)
-    ckpt = load_checkpoint(model or default_teacher(), device, role=("teacher", "student"))
-    ckpt.model.set_precision(value(precision))
+    ckpt = open_model(model or default_teacher(), device)
+    if hasattr(ckpt.model, "set_precision"):  # an adapter's network keeps its own precision
+        ckpt.model.set_precision(value(precision))
     scorer = evaluator_for(evaluator, ckpt, device, score_batch_size)
     real = None if reference is None else reference_windows(reference, ckpt, samples, seed)
     with progress() as bar:
