@@ -26,6 +26,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,6 +173,10 @@ class TokenizedCorpus:
         source: where the text came from (for messages and provenance).
         num_documents: documents in the source stream, if known.
         num_stream_tokens: tokens in the source stream before cutting, if known.
+        eos_token_id: the id that ends each document (EOS, id 0), or None for the windows of
+            a teacher of another family cut with its own tokenizer
+            (:meth:`from_teacher_texts`: no document separator, and no check of the
+            tokenizer's EOS and [MASK] ids).
     """
 
     def __init__(
@@ -182,8 +187,11 @@ class TokenizedCorpus:
         source: str = "<memory>",
         num_documents: int | None = None,
         num_stream_tokens: int | None = None,
+        eos_token_id: int | None = EOS_TOKEN_ID,
     ):
-        _check_tokenizer(tokenizer)
+        if eos_token_id is not None:
+            _check_tokenizer(tokenizer)
+        self._eos_token_id = eos_token_id
         windows = torch.as_tensor(windows)
         if windows.dtype != torch.int64 or windows.dim() != 2:
             raise DataError(
@@ -242,6 +250,40 @@ class TokenizedCorpus:
         return TokenizedCorpus(windows, tokenizer, config, source, len(docs), len(stream))
 
     @staticmethod
+    def from_teacher_texts(
+        texts: Iterable[str], tokenizer: Any, config: CorpusConfig, source: str = "<texts>"
+    ) -> TokenizedCorpus:
+        """Windows of documents in an adapter teacher's own tokenizer, in solver ids.
+
+        ``tokenizer`` is the teacher's tokenizer seen in solver ids
+        (:class:`tsdfm.models.teachers.adapter.SolverTokenizer`): each document is encoded
+        without special tokens and mapped to solver ids; tokens the teacher never draws
+        (its special tokens, e.g. ``[UNK]`` of an unknown word) and [MASK] are dropped, so a
+        window holds only tokens the teacher can generate. Documents are concatenated without
+        a separator (a masked LM's [SEP] is never drawn) and cut into windows.
+        """
+        docs = [t for t in texts if t.strip()]
+        if not docs:
+            raise DataError(f"corpus {source} has no text; add non-empty documents")
+        V = tokenizer.vocab.vocab_size
+        never = set(tokenizer.vocab.never_internal())
+        stream = [i for doc in docs for i in tokenizer.encode_ids(doc) if i < V and i not in never]
+        L = config.seq_len
+        if len(stream) < L:
+            raise DataError(
+                f"corpus {source} has {len(stream)} tokens the teacher can draw (in its own "
+                f"tokenizer, {len(docs)} document(s)) but needs at least seq_len={L} for one "
+                "window; add text in the teacher's language"
+            )
+        n = len(stream) // L
+        if config.max_windows is not None:
+            n = min(n, config.max_windows)
+        windows = torch.tensor(stream[: n * L], dtype=torch.int64).reshape(n, L)
+        return TokenizedCorpus(
+            windows, tokenizer, config, source, len(docs), len(stream), eos_token_id=None
+        )
+
+    @staticmethod
     def from_path(path: str | Path, tokenizer: Tokenizer, config: CorpusConfig) -> TokenizedCorpus:
         """:meth:`from_texts` on :func:`load_texts` of ``path``."""
         return TokenizedCorpus.from_texts(load_texts(path), tokenizer, config, source=str(path))
@@ -264,8 +306,8 @@ class TokenizedCorpus:
         return self.vocab_size
 
     @property
-    def eos_token_id(self) -> int:
-        return EOS_TOKEN_ID
+    def eos_token_id(self) -> int | None:
+        return self._eos_token_id
 
     def __repr__(self) -> str:
         return (
@@ -302,7 +344,11 @@ class TokenizedCorpus:
 
     def _subset(self, index: torch.Tensor, part: str) -> TokenizedCorpus:
         return TokenizedCorpus(
-            self.windows[index], self.tokenizer, self.config, f"{self.source}[{part}]"
+            self.windows[index],
+            self.tokenizer,
+            self.config,
+            f"{self.source}[{part}]",
+            eos_token_id=self.eos_token_id,
         )
 
     def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -371,6 +417,7 @@ class TokenizedCorpus:
                 meta["source"],
                 meta["num_documents"],
                 meta["num_stream_tokens"],
+                eos_token_id=meta.get("eos_token_id", EOS_TOKEN_ID),
             )
             expected = (meta["num_windows"], meta["seq_len"], meta["vocab_size"])
             expected_digest = meta["windows_sha256"]

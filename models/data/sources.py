@@ -122,8 +122,30 @@ def load_language(directory: Path, data_info: dict) -> SyntheticLanguage:
 def default_data_source(teacher: Checkpoint, corpus: str | Path | None = None) -> DataSource:
     """The teacher's own data: the synthetic language stored beside it, or, for a text teacher,
     the windows of ``corpus`` (a .txt file or folder) cut with the teacher's own tokenizer and
-    split as its training run split them."""
+    split as its training run split them. For a teacher of another family (an adapter,
+    ``data.kind: external``) the corpus is needed and is cut with that teacher's tokenizer
+    into solver ids (:meth:`TokenizedCorpus.from_teacher_texts`)."""
     kind = teacher.config.data.get("kind")
+    if kind == "external":  # an adapter teacher: its own tokenizer, in solver ids
+        family = teacher.config.data.get("family", "external")
+        if corpus is None:
+            raise DataError(
+                f"teacher {teacher.spec} is a {family} model; pass a text corpus in its "
+                "language (--corpus PATH, a .txt file or folder): it is cut with the teacher's "
+                "own tokenizer"
+            )
+        if teacher.tokenizer is None:
+            raise DataError(
+                f"teacher {teacher.spec} has no tokenizer.json to cut the corpus with; save "
+                "the tokenizer with the model (save_pretrained)"
+            )
+        windows = TokenizedCorpus.from_teacher_texts(
+            load_texts(corpus),
+            teacher.tokenizer,
+            CorpusConfig(seq_len=teacher.config.seq_len),
+            str(corpus),
+        )
+        return CorpusSource(windows)
     if corpus is not None:
         if kind == "synthetic":
             raise DataError(

@@ -366,6 +366,33 @@ class SolverTokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.tokenizer.id_to_token(self._model_ids([i])[0])
 
+    def solver_tokenizer(self):
+        """A ``tokenizers.Tokenizer`` whose ids are the solver's: solver id i is named by the
+        teacher's token of model id ``to_model(i)`` (``<unused{i}>`` for an output row the
+        tokenizer has no token for, or a repeated name), and ``[MASK]`` is V under the mask
+        source. It is what a checkpoint that reads solver ids stores (a compass of this
+        teacher): it has the vocabulary size and [MASK] id ``load_checkpoint`` checks and
+        decodes solver ids to the teacher's token strings; text is encoded with the
+        teacher's own tokenizer (:meth:`encode_ids`), not with it."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        V, mask = self.vocab.vocab_size, self.vocab.mask_id is not None
+        vocab: dict[str, int] = {"[MASK]": V} if mask else {}
+        names = []
+        for i in range(V):
+            name = self.id_to_token(i)
+            name = f"<unused{i}>" if name is None or name in vocab else name
+            vocab[name] = i
+            names.append(name)
+        unk_name = next((n for n in ("[UNK]", "<unk>") if n in vocab), names[0])
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=unk_name))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return tok
+
+    def save(self, path: str) -> None:
+        """Write :meth:`solver_tokenizer` (solver ids) as a tokenizer.json at ``path``."""
+        self.solver_tokenizer().save(path)
+
 
 class AdaptedDenoiser(PrecisionMixin, nn.Module):
     """p(x_1 | x_t) of a teacher of another family, in solver ids (module docstring).

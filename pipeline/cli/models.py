@@ -26,6 +26,7 @@ from tsdfm.pipeline.cli.common import (
     value,
     write_json,
 )
+from tsdfm.pipeline.cli.teacher import TeacherFormatOption, TrustOption
 from tsdfm.pipeline.cli.train import ReportToOption
 
 
@@ -114,8 +115,13 @@ def compass_train(
     ] = None,
     corpus: Annotated[
         Path | None,
-        typer.Option(help="A text teacher's training text (.txt file or folder)."),
+        typer.Option(
+            help="A text teacher's training text (.txt file or folder); for a teacher of "
+            "another family, text in its language, cut with its own tokenizer."
+        ),
     ] = None,
+    teacher_format: TeacherFormatOption = None,
+    trust_remote_code: TrustOption = False,
     head: Annotated[
         Head,
         typer.Option(
@@ -179,14 +185,27 @@ def compass_train(
     json_out: JsonOption = None,
 ) -> None:
     """Train an energy compass on the teacher's own states (resumable: rerun the command)."""
-    from tsdfm.models.checkpoint import load_checkpoint
     from tsdfm.models.data.sources import default_data_source
+    from tsdfm.models.errors import ConfigError
+    from tsdfm.models.teachers import open_teacher
     from tsdfm.models.train.compass import CompassTrainConfig, train_compass
 
     steps = steps if steps_alias is None else steps_alias  # --steps: the older name
     device = resolve_device(device)
-    ckpt = load_checkpoint(teacher or default_teacher(), device, role="teacher")
+    ckpt = open_teacher(
+        teacher or default_teacher(),
+        device,
+        role="teacher",
+        teacher_format=value(teacher_format),
+        trust_remote_code=trust_remote_code,
+    )
     tokens = value(head) == "tokens"
+    if tokens and ckpt.config.data.get("kind") == "external":
+        raise ConfigError(
+            f"the token-ratio compass starts from the teacher's own network, which teacher "
+            f"{ckpt.spec} ({ckpt.config.data.get('family')}) is not in this project's format; "
+            "use --head scalar"
+        )
     size = ckpt.config.backbone if tokens else None
     cfg = CompassTrainConfig(
         out=str(out),
@@ -219,8 +238,8 @@ def compass_train(
         ("accuracy", "acc {:.3f}"),
         ("heldout_auc", "held-out AUC {:.3f}"),
     )
+    data = default_data_source(ckpt, corpus)  # a missing corpus fails before the bar starts
     with training_bar("training compass", steps, *fields) as bar:
-        data = default_data_source(ckpt, corpus)
         result = train_compass(cfg, ckpt, data, bar.report, device=device)
     typer.echo(f"final checkpoint: {result.final_dir}  ({result.identity})")
     if tokens:
