@@ -1,9 +1,9 @@
 """`compass train` against a teacher of another family (issue 16).
 
-The pooled (scalar) compass of a tiny random BERT masked LM and of an MDLM-like remote-code
-teacher: trained by NCE on the teacher's own states and a corpus cut with the teacher's own
-tokenizer into solver ids; it records the adapter teacher's identity, so the build accepts
-it (K = 2, in process), and remote code runs only with --trust-remote-code.
+The pooled (scalar) compass of a tiny random BERT masked LM, an MDLM-like and a Duo-like
+remote-code teacher: trained by NCE on the teacher's own states and a corpus cut with the
+teacher's own tokenizer into solver ids; it records the adapter teacher's identity, so the
+build accepts it (K = 2, in process), and remote code runs only with --trust-remote-code.
 """
 
 from __future__ import annotations
@@ -132,8 +132,9 @@ def _one_line_refusal(res, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_remote_code_only_with_the_flag_and_a_corpus_is_needed(tmp_path):
-    teacher = zoo.mdlm_like(tmp_path / "mdlm")
+@pytest.mark.parametrize("maker", ["mdlm_like", "duo_like"])
+def test_remote_code_only_with_the_flag_and_a_corpus_is_needed(tmp_path, maker):
+    teacher = getattr(zoo, maker)(tmp_path / maker)
     corpus = _corpus(tmp_path / "corpus.txt")
     _one_line_refusal(_train(teacher, corpus, tmp_path / "no"), "--trust-remote-code")
     assert not (tmp_path / "no" / "final").exists()
@@ -147,6 +148,11 @@ def test_remote_code_only_with_the_flag_and_a_corpus_is_needed(tmp_path):
     compass = load_checkpoint(tmp_path / "run" / "final", role="compass")
     ckpt = open_teacher(teacher, trust_remote_code=True)
     assert compass.config.provenance["teacher_identity"] == ckpt.identity
+    assert (
+        compass.config.source
+        == ckpt.config.source
+        == ("mask" if maker == "mdlm_like" else "uniform")
+    )
     check_compass_for_teacher(compass, ckpt)
 
 

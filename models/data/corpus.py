@@ -298,7 +298,10 @@ class TokenizedCorpus:
 
     @property
     def vocab_size(self) -> int:
-        """V, the number of data tokens (EOS included, [MASK] excluded)."""
+        """V, the number of data tokens (EOS included, [MASK] excluded); for the windows of an
+        adapter teacher, the V data tokens of its solver vocabulary (with or without a mask)."""
+        if self._eos_token_id is None:
+            return self.tokenizer.vocab.vocab_size
         return self.tokenizer.get_vocab_size() - 1
 
     @property
