@@ -71,7 +71,19 @@ def _shell_commands(markdown: str) -> list[list[str]]:
     return commands
 
 
-@pytest.mark.parametrize("page", ["index.md", "operations.md", "schema.md"])
+@pytest.mark.parametrize(
+    "page",
+    [
+        "index.md",
+        "operations.md",
+        "schema.md",
+        "teachers.md",
+        "distill.md",
+        "compass.md",
+        "build.md",
+        "publish.md",
+    ],
+)
 def test_command_lines_in_the_pages_parse_with_the_cli(page):
     commands = _shell_commands((DOCS / page).read_text())
     assert commands
