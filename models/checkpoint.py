@@ -276,14 +276,24 @@ def load_checkpoint(
     config = read_config(directory)
     check_role(spec, config, role)
     cls = role_class(config.role)  # registered: read_config refuses an unknown role
+    with torch.random.fork_rng(devices=[]):  # the weights are loaded next: the caller's
+        model = cls(config)  # global RNG must not move for an initialisation thrown away
+    state = load_weights(model, directory)
+    tokenizer = load_tokenizer(directory, config)
+    ident = identity(config.to_dict(), state)
+    model.to(device).eval()
+    return Checkpoint(model, config, tokenizer, directory, ident, str(spec))
+
+
+def load_weights(model: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]:
+    """Load ``directory/model.safetensors`` into ``model`` (strictly); returns the state dict.
+    A file that does not read, or weights that do not fit the config, is a CheckpointError."""
     try:
         state = load_file(str(directory / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(
             f"{directory / WEIGHTS_FILE} is not a readable safetensors file ({e})"
         ) from None
-    with torch.random.fork_rng(devices=[]):  # the weights are loaded next: the caller's
-        model = cls(config)  # global RNG must not move for an initialisation thrown away
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -291,10 +301,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"weights in {directory} do not fit its config.json ({first})"
         ) from None
-    tokenizer = load_tokenizer(directory, config)
-    ident = identity(config.to_dict(), state)
-    model.to(device).eval()
-    return Checkpoint(model, config, tokenizer, directory, ident, str(spec))
+    return state
 
 
 def bundled_path(name: str) -> Path:

@@ -22,16 +22,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from tsdfm.models.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
-    WEIGHTS_FILE,
     Checkpoint,
     check_role,
     identity,
+    load_weights,
     resolve,
 )
 from tsdfm.models.errors import CheckpointError
@@ -177,17 +176,7 @@ def load_adapter_student(spec, device="cpu", role=("student",)) -> Checkpoint:
     net = _network(data["hf_config"], data["family"], str(spec))
     teacher = AdaptedDenoiser(net, config, _plan_view(data["family"], vocab, facts["time_input"]))
     model = AdapterStudent(teacher, config)
-    try:
-        state = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} is not readable ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(
-            f"weights in {directory} do not fit its config.json ({first})"
-        ) from None
+    state = load_weights(model, directory)
     tok_path = directory / TOKENIZER_FILE
     tokenizer = SolverTokenizer(read_tokenizer(tok_path), vocab) if tok_path.exists() else None
     ident = identity(config.to_dict(), state)
