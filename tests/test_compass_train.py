@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
-from tsdfm.models.compass import TeacherMismatchWarning, load_compass
+from tsdfm.models.compass import TeacherMismatchWarning, compass_config, load_compass
 from tsdfm.models.data.sources import SyntheticSource
 from tsdfm.models.errors import CheckpointError, ConfigError, DataError
 from tsdfm.models.eval.compass_metrics import energy_auc
-from tsdfm.models.flow_model import FlowModel, teacher_config
+from tsdfm.models.flow_model import CompassModel, FlowModel, teacher_config
 from tsdfm.models.path import MixturePath, PolynomialScheduler
 from tsdfm.models.rng import CounterRNG
 from tsdfm.models.solver import RevealPlan, noise_like, sample, teacher_states
@@ -23,6 +23,7 @@ from tsdfm.models.train.compass import (
     TeacherNegatives,
     _jsonable,
     nce_loss,
+    token_compass_init,
     token_ratio_loss,
     train_compass,
 )
@@ -680,6 +681,7 @@ def test_token_ratio_training_recovers_the_exact_per_token_ratio(
     assert compass.config.backbone.head == "tokens"
     assert (prov["reveal_order"], prov["student_steps"], prov["run_config"]["head"]) == (
         "dilated", 4, "tokens")  # fmt: skip
+    assert prov["init"] == "teacher"  # the teacher's size: it started from its weights
     plan, path, mask = cfg.plan(), teacher.config.path(), teacher.config.mask_token_id
     gen = torch.Generator().manual_seed(123)
     x_1 = tiny_language.sample(256, gen)
@@ -707,9 +709,13 @@ def test_token_ratio_options_are_validated(tmp_path, tiny_language, teacher_dir)
         _token_cfg(tmp_path, negative_temperature=2.0)
     with pytest.raises(ConfigError, match="head='pooled' is unknown; use scalar or tokens"):
         _cfg(tmp_path, head="pooled")
-    with pytest.raises(ConfigError, match="needs the teacher's size: d_model=32, n_layers=2"):
-        train_compass(_token_cfg(tmp_path / "small", d_model=16, steps=1), teacher_dir)
+    # another size than the teacher's starts from its own initialisation, still at r ≡ 0
     teacher = load_checkpoint(teacher_dir)
+    plan = {"reveal_order": "dilated", "student_steps": 4}
+    small = CompassModel(compass_config(teacher.config, 16, 1, 2, provenance=plan, head="tokens"))
+    assert token_compass_init(small, teacher) == "random"
+    x = torch.full((2, small.config.seq_len), small.config.mask_token_id)
+    assert small.log_ratios(x, 0.5).abs().max().item() == 0.0
     bank = TeacherNegatives(teacher.model, teacher.identity, 16, 8, 2, 8, seed=0)
     with pytest.raises(ConfigError, match="it uses no negative source"):
         train_compass(_token_cfg(tmp_path / "neg", steps=1), teacher, negatives=bank)

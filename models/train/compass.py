@@ -258,9 +258,10 @@ class CompassTrainConfig:
         head: "scalar" (the pooled compass, sequence-level NCE) or "tokens" (the token-ratio
             compass: per-token log-ratios against the teacher's posterior at real contexts of
             the dilated order, :func:`token_ratio_loss`; needs reveal_order dilated and
-            negative_temperature 1; no negative bank). It starts from the teacher's weights
-            with a zero output layer (r = 0: selection starts blind), so d_model, n_layers and
-            n_heads must be the teacher's. Recorded only when not "scalar".
+            negative_temperature 1; no negative bank). At the teacher's size it starts from the
+            teacher's weights, at any other size from its own random initialisation, both with
+            a zero output layer (r = 0: selection starts blind; provenance ``init``). Recorded
+            only when not "scalar".
         report_to: trackers that also get the metrics (``tsdfm.models.train.trackers``; not
             recorded: where metrics go is not part of the compass).
     """
@@ -485,7 +486,8 @@ def train_compass(
             )
         )
     if cfg.head == "tokens":
-        _start_from_teacher(model, teacher)
+        provenance["init"] = start = token_compass_init(model, teacher)
+        model.config = model.config.replace(provenance={**model.config.provenance, "init": start})
     model.to(device)
     if cfg.head == "tokens":
         task = TokenRatioTask(model, cfg, data, teacher, device)
@@ -679,25 +681,30 @@ class TokenRatioTask(Task):
         save_checkpoint(directory, self.model, self.teacher.tokenizer, self.files)
 
 
-def _start_from_teacher(model: CompassModel, teacher: Checkpoint) -> None:
-    """A token-ratio compass starts as the teacher's features with r ≡ 0: the teacher's
-    backbone weights, a zero time branch (the teacher may be unconditioned) and a zero output
-    layer. Refuses a compass whose size differs from the teacher's."""
+def token_compass_init(model: CompassModel, teacher: Checkpoint) -> str:
+    """Where a token-ratio compass starts, always with r ≡ 0 (a zero output layer: selection
+    starts blind). At the teacher's size: the teacher's features, i.e. its backbone weights
+    and a zero time branch (the teacher may be unconditioned); returns "teacher". At any other
+    size: the compass's own random initialisation; returns "random"."""
     tb, cb = teacher.config.backbone, model.config.backbone
     size = ("d_model", "n_layers", "n_heads", "mlp_ratio")
-    if any(getattr(tb, k) != getattr(cb, k) for k in size):
-        raise ConfigError(
-            "the token-ratio compass starts from the teacher's weights, so it needs the "
-            "teacher's size: " + ", ".join(f"{k}={getattr(tb, k)}" for k in size)
+    layers = [model.backbone.out]
+    start = "random"
+    if all(getattr(tb, k) == getattr(cb, k) for k in size):
+        missing, unexpected = model.backbone.load_state_dict(
+            teacher.model.backbone.state_dict(), strict=False
         )
-    missing, unexpected = model.backbone.load_state_dict(
-        teacher.model.backbone.state_dict(), strict=False
-    )
-    assert not unexpected and all(k.startswith("time_emb.") for k in missing), (missing, unexpected)
+        assert not unexpected and all(k.startswith("time_emb.") for k in missing), (
+            missing,
+            unexpected,
+        )
+        layers.append(model.backbone.time_emb.mlp[-1])
+        start = "teacher"
     with torch.no_grad():
-        for layer in (model.backbone.time_emb.mlp[-1], model.backbone.out):
+        for layer in layers:
             layer.weight.zero_()
             layer.bias.zero_()
+    return start
 
 
 def _shuffled(bank, seed: int, refresh: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,8 +126,8 @@ def compass_train(
         Head,
         typer.Option(
             help="scalar: one pooled energy per state (sequence-level NCE); tokens: per-token "
-            "log-ratios of the shared predecessor (the token-ratio compass: the teacher's size, "
-            "started from its weights; needs --reveal-order dilated)."
+            "log-ratios of the shared predecessor (the token-ratio compass; at the teacher's size "
+            "it starts from its weights, otherwise from scratch; needs --reveal-order dilated)."
         ),
     ] = Head.scalar,
     d_model: Annotated[
