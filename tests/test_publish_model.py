@@ -307,3 +307,58 @@ def test_bad_input_is_one_line_and_nothing_is_sent(
     (stale / "eval.json").write_text(json.dumps(report))
     assert "evaluates another checkpoint" in _one_line_error([str(stale), "--repo", REPO])
     assert not hub.calls("POST", r".") and not hub.models
+
+
+def _logits(model, config):
+    """The logits of ``model`` on three fixed random inputs (x_t, t, h = 1/4)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randint(0, config.input_vocab, (3, config.seq_len), generator=gen)
+    t = torch.rand(3, generator=gen)
+    with torch.no_grad():
+        return model.eval()(x_t, t, torch.full((3,), 0.25))
+
+
+def test_models_load_save_and_push_as_huggingface_hub_mixins(
+    hub, run_folder, saved_tiny_compass, tmp_path
+):
+    """``FlowModel.from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` (huggingface_hub's
+    PyTorchModelHubMixin) read and write this project's checkpoint folders: the same files,
+    the same identity, the same logits, on disk and at a Hub tag."""
+    import torch
+
+    from tsdfm.models.errors import CheckpointError
+    from tsdfm.models.flow_model import CompassModel, FlowModel
+
+    final = run_folder / "final"
+    ckpt = load_checkpoint(final)
+    model = FlowModel.from_pretrained(final)
+    assert type(model) is FlowModel and not model.training
+    assert torch.equal(_logits(model, ckpt.config), _logits(ckpt.model, ckpt.config))
+
+    model.save_pretrained(tmp_path / "saved")
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    original = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+    assert set(saved) == {*original, "README.md"}  # + the mixin's card (not in the identity)
+    assert all(
+        saved[name] == data for name, data in original.items() if name != "model.safetensors"
+    )
+    assert load_checkpoint(tmp_path / "saved").identity == ckpt.identity
+
+    result = model.push_to_hub(REPO)  # the project's flow: PR → merge → tag
+    assert (result.version, result.repo_type) == ("v1", "model")
+    back = FlowModel.from_pretrained(REPO, revision="v1")
+    assert torch.equal(_logits(back, ckpt.config), _logits(ckpt.model, ckpt.config))
+    assert load_checkpoint(f"{REPO}@v1").identity == ckpt.identity
+
+    compass = CompassModel.from_pretrained(saved_tiny_compass)
+    assert type(compass) is CompassModel
+    with pytest.raises(
+        CheckpointError, match="is a compass checkpoint, but a student or teacher is needed"
+    ):
+        FlowModel.from_pretrained(saved_tiny_compass)
+    with pytest.raises(CheckpointError, match="applies to a Hub repo id"):
+        FlowModel.from_pretrained(final, revision="v1")
+    with pytest.raises(CheckpointError, match="has no tokenizer"):
+        FlowModel(ckpt.config).save_pretrained(tmp_path / "bare")

@@ -84,12 +84,14 @@ from tsdfm.models.train.distributed import (
     World,
     barrier,
     broadcast_object,
+    check_sharding,
     destroy_process_group,
     device_for,
     gather_objects,
     init_process_group,
     reduce_max,
     reduce_sum,
+    shard_model,
     world_from_env,
 )
 from tsdfm.models.train.loop import (
@@ -145,6 +147,13 @@ class DistillConfig:
             checkpoint (weights, optimizer moments, EMA, data position) is this run's start
             while ``out`` has no checkpoint of its own; its config must be this one except
             the run length and the logging intervals (:data:`CONTINUABLE`).
+        fsdp: shard the student's weights, gradients, optimizer state and EMA over the
+            processes of a ``torchrun`` job (FSDP2) instead of replicating it (DDP); for a
+            student that does not fit one device. Checkpoints are written in full, in the
+            format of any other run (not part of the identity: a run may resume either way).
+        compile: ``torch.compile`` the student's training forward (the held-out loss and the
+            saved model are the eager module; not part of the identity, recorded in the
+            metrics lines).
     """
 
     data: str
@@ -175,6 +184,8 @@ class DistillConfig:
     verify: bool = True
     report_to: tuple[str, ...] = ()
     resume_from: str | None = None
+    fsdp: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
@@ -213,7 +224,16 @@ class DistillConfig:
     def identity_dict(self) -> dict:
         """The fields that decide the run's result (what a resumed run must share)."""
         d = asdict(self)
-        for key in ("out", "device", "num_workers", "verify", "report_to", "resume_from"):
+        for key in (
+            "out",
+            "device",
+            "num_workers",
+            "verify",
+            "report_to",
+            "resume_from",
+            "fsdp",
+            "compile",
+        ):
             d.pop(key)
         return d
 
@@ -384,6 +404,17 @@ def _device(device: str) -> torch.device:
     return torch.device(resolve_device(device))
 
 
+def check_compiler(device: torch.device) -> None:
+    """``--compile`` on a CPU needs a C compiler for inductor's kernels: one line without."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        raise ConfigError(
+            "--compile on CPU needs a C compiler (cc, gcc or clang) for torch.compile's "
+            "kernels; install one or train without --compile"
+        )
+
+
 # --------------------------------------------------------------------------- the step
 class StudentStep:
     """One optimizer step on micro-batches: the segment loss through the loop's
@@ -409,17 +440,25 @@ class StudentStep:
         self.path = model.config.path()
         self.net: torch.nn.Module = model  # what the training forward runs (DDP: the replica)
         replica = None
-        if self.world.distributed:
+        sharded = bool(getattr(cfg, "fsdp", False)) and self.world.distributed
+        if sharded:  # FSDP2: the model itself is sharded in place
+            shard_model(model, self.world, device)
+        elif self.world.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device] if device.type == "cuda" else None
             replica = self.net = DistributedDataParallel(model, device_ids=ids)
-        self.updater = Updater(model, optim_config(cfg), cfg.seed, self.world, replica)
+        if getattr(cfg, "compile", False):
+            check_compiler(device)
+            self.net = torch.compile(self.net)
+        self.updater = Updater(
+            model, optim_config(cfg), cfg.seed, self.world, replica, sharded=sharded
+        )
         self.opt, self.ema = self.updater.opt, self.updater.ema
         self.examples, self.data_wait = 0, 0.0
 
     def loss(self, batch: ExampleBatch, net: torch.nn.Module | None = None) -> torch.Tensor:
-        logits = (net or self.model)(batch.x_t, batch.t, batch.h)
+        logits = (net if net is not None else self.model)(batch.x_t, batch.t, batch.h)
         return segment_loss(
             logits,
             batch.x_t,
@@ -514,10 +553,16 @@ class DistillTask(Task):
         self.window["examples"] += examples
         self.window["wait"] += wait
         elapsed = max(time.perf_counter() - self.window["t0"], 1e-9)
+        how = {}  # how the job ran, when not the default (not numbers: trackers skip them)
+        if self.trainer.updater.sharded:
+            how["sharding"] = "fsdp"
+        if getattr(self.trainer.cfg, "compile", False):
+            how["compiled"] = True
         return {
             "examples_per_second": self.window["examples"] / elapsed,
             "data_wait_share": self.window["wait"] / elapsed,
             "epoch": self.loader.state.epoch,
+            **how,
         }
 
     def evaluate(self) -> dict:
@@ -527,7 +572,8 @@ class DistillTask(Task):
         self.window = {"examples": 0, "wait": 0.0, "t0": time.perf_counter()}
 
     def save(self, directory: Path) -> None:
-        save_checkpoint(directory, self.model, _saved_tokenizer(self.init), self.extra_files)
+        model = self.trainer.updater.saved_model()  # FSDP: the full weights gathered
+        save_checkpoint(directory, model, _saved_tokenizer(self.init), self.extra_files)
 
     def state_dict(self) -> dict:
         """The job's data position (every rank's lane, gathered) and its number of processes."""
@@ -575,6 +621,9 @@ def prepare_run(cfg: DistillConfig, warn: Callable[[str], None] | None = None) -
         warn: called with each warning (default: ``warnings.warn`` with DistillWarning).
     """
     issued: list[str] = []
+    check_sharding(world_from_env(), cfg.fsdp)
+    if cfg.compile:
+        check_compiler(_device(cfg.device))
     device = _device(cfg.device)
     source = open_trajectory_dataset(cfg.data, verify=cfg.verify)
     init = open_init(cfg.init)
@@ -780,10 +829,13 @@ def _train(run, world, device, data_info, issued, say, progress, store, origin) 
         model.config = model.config.replace(
             provenance={**model.config.provenance, "steps": cfg.steps}
         )
-        if world.main:
-            ident = save_checkpoint(final, model.eval(), _saved_tokenizer(init), run.extra_files)
-            for rel in ("final", METRICS_FILE, "tensorboard"):
-                store.push(rel)
+        model.eval()
+        with trainer.updater.gathered(optimizer=False):  # FSDP: the EMA weights, in full
+            if world.main:
+                saved = trainer.updater.saved_model()
+                ident = save_checkpoint(final, saved, _saved_tokenizer(init), run.extra_files)
+                for rel in ("final", METRICS_FILE, "tensorboard"):
+                    store.push(rel)
     ident = broadcast_object(world, ident)
     barrier(world)
     heldout = trainer.heldout_loss(held_batches)

@@ -46,13 +46,28 @@ from tsdfm.models.train.common import (
     EMA,
     KEEP_CHECKPOINTS,
     MetricsLog,
+    TrainerState,
     checkpoint_dir,
     due,
     get_lr,
+    latest_checkpoint,
+    load_trainer_state,
     resume_latest,
+    rotate_checkpoints,
     save_step_state,
+    save_trainer_state,
 )
-from tsdfm.models.train.distributed import World, barrier, check_split, reduce_sum
+from tsdfm.models.train.distributed import (
+    World,
+    barrier,
+    check_split,
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    load_full_state,
+    reduce_sum,
+    shard_like,
+)
 
 GENERATOR = "data"  # the name of the run's generator in the trainer state
 
@@ -170,6 +185,10 @@ class Updater:
             averaged over the ranks by ``replica``.
         replica: the DDP wrapper of ``model`` when the job has several processes (its
             ``no_sync`` skips the all-reduce of all but a rank's last micro-batch).
+        sharded: ``model`` is sharded over the job (FSDP2,
+            ``tsdfm.models.train.distributed.shard_model``): its parameters, gradients,
+            moments and EMA are this rank's slices; checkpoints gather them in full
+            (:meth:`gathered`) and a resume cuts them again (:meth:`load_state`).
     """
 
     def __init__(
@@ -179,11 +198,14 @@ class Updater:
         seed: int = 0,
         world: World | None = None,
         replica: torch.nn.Module | None = None,
+        sharded: bool = False,
     ):
         self.model, self.cfg, self.seed = model, cfg, seed
         self.world = world if world is not None else World()
         self.local_accum = check_split(self.world, cfg.grad_accum)
         self.replica = replica
+        self.sharded = sharded
+        self._full: Gathered | None = None
         self.opt = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas
         )
@@ -228,7 +250,68 @@ class Updater:
         self.opt.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return {"loss": total, "lr": lr, "grad_norm": float(gnorm)}
+        return {"loss": total, "lr": lr, "grad_norm": float(full_tensor(gnorm))}
+
+    @contextmanager
+    def gathered(self, optimizer: bool = True) -> Iterator[Gathered | None]:
+        """A block in which the full (unsharded) state is at hand on rank 0: the model's
+        current weights, and with ``optimizer`` the AdamW state and the EMA. Every rank enters
+        it (a sharded model gathers); it yields None when the model is not sharded (its own
+        state dicts are the full ones) and on ranks other than 0."""
+        if not self.sharded:
+            yield None
+            return
+        model = full_model_state(self.model)
+        opt = full_optimizer_state(self.model, self.opt) if optimizer else {}
+        ema = None
+        if optimizer and self.ema is not None:
+            ema = {k: full_tensor(v) for k, v in self.ema.state_dict().items()}
+        self._full = Gathered(model, opt, ema) if self.world.main else None
+        try:
+            yield self._full
+        finally:
+            self._full = None
+
+    def saved_model(self) -> Any:
+        """What a checkpoint's model files are written from (``save_checkpoint``'s model):
+        the model, or inside :meth:`gathered` of a sharded model its full weights with the
+        model's config."""
+        if not self.sharded:
+            return self.model
+        assert self._full is not None, "a sharded model is saved inside Updater.gathered()"
+        return FullModel(self.model.config, self._full.model)
+
+    def load_state(self, state: Any) -> None:
+        """Load a checkpoint's trainer state (full state dicts, read on every rank): model,
+        AdamW state, EMA; a sharded model keeps this rank's slices."""
+        if not self.sharded:
+            self.model.load_state_dict(state.model)
+            self.opt.load_state_dict(state.optimizer)
+        else:
+            load_full_state(self.model, self.opt, state.model, state.optimizer)
+        if self.ema is not None and state.ema is not None:
+            like = self.ema.state_dict()
+            self.ema.load_state_dict({k: shard_like(v, like[k]) for k, v in state.ema.items()})
+
+
+@dataclass
+class Gathered:
+    """The full state of a sharded run on rank 0: model weights, optimizer state (numbered as
+    a one-process run numbers it), EMA (None without one)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None
+
+
+class FullModel:
+    """A model's config with its full weights: what ``save_checkpoint`` needs of a model."""
+
+    def __init__(self, config: Any, state: dict[str, torch.Tensor]):
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
 
 
 class Task:
@@ -403,10 +486,9 @@ class TrainLoop:
     def resume(self) -> int:
         """Load the newest complete checkpoint of the run (if any; else that of
         ``resume_from``); returns its step."""
-        model, opt = self.task.model, self.updater.opt
-        state = resume_latest(self.out, model, opt, self.ema)
+        state = self._load(self.out)
         if state is None and self.resume_from is not None:
-            state = resume_latest(self.resume_from, model, opt, self.ema)
+            state = self._load(self.resume_from)
             if state is None:
                 raise CheckpointError(
                     f"{self.resume_from} holds no complete checkpoint to continue from; pass "
@@ -422,6 +504,25 @@ class TrainLoop:
         self.gen.set_state(state.generators[GENERATOR])
         self.task.load_state_dict(state.extra)
         return state.step
+
+    def _load(self, run_dir: Path):
+        """The newest complete checkpoint of ``run_dir`` loaded into model, optimizer and EMA
+        (``resume_latest``; a sharded model cuts the full state into its slices)."""
+        if not self.updater.sharded:
+            return resume_latest(run_dir, self.task.model, self.updater.opt, self.ema)
+        last = latest_checkpoint(run_dir)
+        if last is None:
+            return None
+        state = load_trainer_state(last)
+        saved = [len(g["params"]) for g in state.optimizer["param_groups"]]
+        wanted = [len(g["params"]) for g in self.updater.opt.param_groups]
+        if saved != wanted:
+            raise CheckpointError(
+                f"{last} holds optimizer state for parameter groups of {saved} tensors, this "
+                f"trainer has groups of {wanted}; pass a new --out"
+            )
+        self.updater.load_state(state)
+        return state
 
     def run(self, progress: Callable[[int, int, dict], None] | None = None) -> LoopResult:
         """Resume, then take the remaining steps.
@@ -483,20 +584,29 @@ class TrainLoop:
         (written last, so a checkpoint counts only once it is complete), then rotation; by
         rank 0, the other ranks waiting for it."""
         extra = self.task.state_dict()  # on every rank: it may gather the ranks' positions
-        if self.world.main:
-            self.task.save(checkpoint_dir(self.out, step))
-            save_step_state(
-                self.out,
-                step,
-                self.task.model,
-                self.updater.opt,
-                self.ema,
-                {GENERATOR: self.gen.get_state()},
-                extra,
-                keep=self.cfg.keep,
-            )
-            if self.store is not None:
-                self.store.push_checkpoint(step)
+        with self.updater.gathered() as full:  # on every rank: a sharded model gathers
+            if self.world.main:
+                self.task.save(checkpoint_dir(self.out, step))
+                gens = {GENERATOR: self.gen.get_state()}
+                if full is None:
+                    save_step_state(
+                        self.out,
+                        step,
+                        self.task.model,
+                        self.updater.opt,
+                        self.ema,
+                        gens,
+                        extra,
+                        keep=self.cfg.keep,
+                    )
+                else:
+                    directory = checkpoint_dir(self.out, step)
+                    directory.mkdir(parents=True, exist_ok=True)
+                    state = TrainerState(step, full.model, full.optimizer, full.ema, gens, extra)
+                    save_trainer_state(directory, state)
+                    rotate_checkpoints(self.out, self.cfg.keep)
+                if self.store is not None:
+                    self.store.push_checkpoint(step)
         barrier(self.world)
 
 

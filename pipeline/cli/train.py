@@ -137,6 +137,21 @@ def distill(
         ),
     ] = None,
     report_to: ReportToOption = "none",
+    fsdp: Annotated[
+        bool,
+        typer.Option(
+            help="Under torchrun: shard the student's weights, gradients, optimizer state and "
+            "EMA over the processes (FSDP) instead of replicating it (DDP), for a student that "
+            "does not fit one GPU. Checkpoints are written in full, as any run's."
+        ),
+    ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="torch.compile the student's training forward (fp32 master weights; not "
+            "part of the student's identity; on CPU needs a C compiler)."
+        ),
+    ] = False,
     json_out: JsonOption = None,
 ) -> None:
     """Distil a few-step student from a trajectory dataset (resumable; no Ray, no GPU needed).
@@ -182,6 +197,8 @@ def distill(
         verify=verify,
         report_to=report_to,
         resume_from=resume_from,
+        fsdp=fsdp,
+        compile=compile,
     )
 
     # under torchrun every process runs this command; rank 0 alone prints, evaluates and
