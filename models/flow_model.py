@@ -194,6 +194,27 @@ class HubModelMixin(
     checkpoint_files: dict[str, bytes] | None = None  # name → bytes of its data files
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision=None, **kwargs):
+        """The model of a checkpoint folder or Hub repo (``org/name`` with ``revision``, or
+        ``org/name@revision`` as everywhere in this project); ``map_location`` (default
+        "cpu") is where the weights go. In eval mode, with its tokenizer and data files."""
+        from pathlib import Path
+
+        from tsdfm.models.errors import CheckpointError
+        from tsdfm.models.refs import parse_hub_ref
+
+        spec = str(pretrained_model_name_or_path)
+        ref = None if Path(spec).expanduser().exists() else parse_hub_ref(spec)
+        if ref is not None and ref.revision is not None:
+            if revision is not None:
+                raise CheckpointError(
+                    f"{spec} names its revision and revision={revision!r} names another; "
+                    "pass one of them"
+                )
+            spec, revision = ref.repo_id, ref.revision
+        return super().from_pretrained(spec, revision=revision, **kwargs)
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,

@@ -188,6 +188,18 @@ def test_fsdp_equals_one_process_and_resumes_from_its_checkpoint(
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     assert [m["loss"] for m in resumed] == [m["loss"] for m in lines]  # bit for bit
 
+    # its checkpoints are a one-process run's: one process resumes the job's step-2 checkpoint
+    single = tmp_path / "single"
+    shutil.copytree(stopped, single)
+    shutil.rmtree(single / "checkpoints/step-0000004")
+    shutil.rmtree(single / "final")
+    warned: list[str] = []
+    res = train_student(DistillConfig(**_fields(data, init, single)), warn=warned.append)
+    assert [h["step"] for h in res.history] == [3, 4]
+    assert any("checkpointed by 2" in w for w in warned)
+    d = _state(single, 4)
+    assert d.keys() == a.keys() and all(_close_but_key_bias(k, a[k], d[k]) for k in a)
+
 
 def _close_but_key_bias(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal to float tolerance; the key third of an attention's qkv bias to 1e-4 only: its

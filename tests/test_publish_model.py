@@ -351,6 +351,8 @@ def test_models_load_save_and_push_as_huggingface_hub_mixins(
     back = FlowModel.from_pretrained(REPO, revision="v1")
     assert torch.equal(_logits(back, ckpt.config), _logits(ckpt.model, ckpt.config))
     assert load_checkpoint(f"{REPO}@v1").identity == ckpt.identity
+    at = FlowModel.from_pretrained(f"{REPO}@v1")  # the project's org/name@rev form too
+    assert torch.equal(_logits(at, ckpt.config), _logits(ckpt.model, ckpt.config))
 
     compass = CompassModel.from_pretrained(saved_tiny_compass)
     assert type(compass) is CompassModel
