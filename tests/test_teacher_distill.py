@@ -1,25 +1,32 @@
-"""`distill --init <adapter teacher>` for a native masked LM (a tiny random BERT), then
-sampling the student it saves.
+"""`distill --init <adapter teacher>` for a native masked LM (a tiny random BERT) and the
+remote-code families (MDLM-like: time-invariant SUBS; Duo-like: uniform source, conditioned
+on σ), then sampling and evaluating the student it saves.
 
-The dataset is built in-process (ShardBuilder + Manifest, no Ray): one K = 1 shard of the
-BERT teacher. The student is the teacher's network plus a zero-initialised step-size branch:
-at initialisation its logits are the teacher adapter's, bit for bit.
+Each dataset is built in-process (ShardBuilder + Manifest, no Ray): one K = 1 shard of the
+teacher. The student is the teacher's network plus a zero-initialised step-size branch: at
+initialisation its logits are the teacher adapter's, bit for bit. A remote-code student
+carries its network's code, loads only with --trust-remote-code and only while that code has
+the sha256 its config.json records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import pytest
 import teacher_zoo as zoo
 import torch
 from typer.testing import CliRunner
 
+from tsdfm.models.checkpoint import save_checkpoint
+from tsdfm.models.errors import CheckpointError
 from tsdfm.models.eval.sampling import open_model, sample_checkpoint
 from tsdfm.models.navigator import NavigatorConfig
 from tsdfm.models.rng import trajectory_seed
 from tsdfm.models.teachers import open_teacher
-from tsdfm.models.teachers.student import AdapterStudent, load_adapter_student
+from tsdfm.models.teachers.student import AdapterStudent, load_adapter_student, student_code
 from tsdfm.models.train.distill import build_student
 from tsdfm.pipeline.build import plan_of
 from tsdfm.pipeline.cli import app
@@ -36,16 +43,15 @@ def bert(tmp_path_factory):
     return zoo.bert(tmp_path_factory.mktemp("zoo") / "bert")
 
 
-@pytest.fixture(scope="module")
-def bert_dataset(tmp_path_factory, bert):
-    """One committed K = 1 shard of the BERT teacher (S = 2), built without Ray."""
-    root = tmp_path_factory.mktemp("data") / "bert"
+def _dataset(root, teacher, trust_remote_code=False):
+    """One committed K = 1 shard of ``teacher`` (S = 2), built without Ray."""
     cfg = BuildConfig(
-        str(bert),
+        str(teacher),
         shards=1,
         trajectories_per_shard=ROWS,
         batch_size=ROWS,
         navigator=NavigatorConfig(S, N, 1),
+        trust_remote_code=trust_remote_code,
     )
     prov = identify(cfg)
     manifest = Manifest.create(
@@ -56,11 +62,17 @@ def bert_dataset(tmp_path_factory, bert):
     return root
 
 
+@pytest.fixture(scope="module")
+def bert_dataset(tmp_path_factory, bert):
+    return _dataset(tmp_path_factory.mktemp("data") / "bert", bert)
+
+
 def _inputs(ckpt, B=4):
     V, L = ckpt.config.vocab_size, ckpt.config.seq_len
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (B, L), generator=g)
-    x[torch.rand(B, L, generator=g) < 0.6] = V  # [MASK] = V
+    if ckpt.config.source == "mask":
+        x[torch.rand(B, L, generator=g) < 0.6] = V  # [MASK] = V
     t = torch.tensor([0.0, 0.25, 0.5, 0.9])[:B]
     h = torch.tensor([0.5, 0.25, 0.125, 0.1])[:B]
     return x, t, h
@@ -165,12 +177,143 @@ def test_eval_of_the_adapter_student_under_a_local_causal_lm(
     assert got == pytest.approx(arm["gen_ppl"], rel=1e-6)
 
 
-def test_distill_refuses_a_remote_code_teacher_in_one_line(bert_dataset, tmp_path):
-    mdlm = zoo.mdlm_like(tmp_path / "mdlm")
-    run = tmp_path / "run"
-    args = ["distill", "--data", bert_dataset, "--init", mdlm, "--out", run, "--steps", 1]
-    res = runner.invoke(app, [str(a) for a in [*args, "--device", "cpu"]])
+# --------------------------------------------------------------------------- remote code
+REMOTE = {"mdlm_like": ("mdlm", "mask"), "duo_like": ("duo", "uniform")}
+
+
+def _one_line_refusal(res, *needles):
     assert res.exit_code != 0
-    last = res.output.strip().splitlines()[-1]
-    assert "is a mdlm teacher" in last and "masked-lm" in last, res.output
-    assert not (run / "final").exists()
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1, res.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module", params=sorted(REMOTE))
+def remote(request, tmp_path_factory):
+    """(maker, teacher folder, its K = 1 dataset) of a remote-code family."""
+    maker = request.param
+    teacher = getattr(zoo, maker)(tmp_path_factory.mktemp("zoo") / maker)
+    data = _dataset(tmp_path_factory.mktemp("data") / maker, teacher, trust_remote_code=True)
+    return maker, teacher, data
+
+
+def _code(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.py"))}
+
+
+def test_a_remote_code_student_starts_as_the_teacher(remote):
+    maker, teacher_dir, _ = remote
+    family, source = REMOTE[maker]
+    teacher = open_teacher(teacher_dir, trust_remote_code=True)
+    student = build_student(teacher, seed=0).eval()
+    assert isinstance(student, AdapterStudent)
+    data = student.config.data
+    assert data["family"] == family and student.config.source == source
+    # the code it will carry: the auto_map modules (and their local import), hashed
+    want = {n: hashlib.sha256(b).hexdigest() for n, b in _code(teacher_dir).items()}
+    assert data["remote_code"]["files"] == want and len(want) == 2
+    assert student_code(teacher) == _code(teacher_dir)
+    x, t, h = _inputs(teacher)
+    with torch.no_grad():
+        assert torch.equal(student(x, t, h), teacher.model(x, t))
+
+
+def test_distill_sample_and_eval_a_remote_code_student(remote, word_gpt2, tmp_path):
+    maker, teacher_dir, data = remote
+    family, source = REMOTE[maker]
+    run = tmp_path / "run"
+    args = ["distill", "--data", data, "--init", teacher_dir, "--out", run, "--steps", 2]
+    args += ["--batch-size", 4, "--num-workers", 0, "--device", "cpu", "--heldout-fraction", 0]
+    args = [str(a) for a in args]
+    _one_line_refusal(runner.invoke(app, args), "--trust-remote-code")
+    assert not run.exists() or not (run / "final").exists()
+    res = runner.invoke(app, [*args, "--trust-remote-code"])
+    assert res.exit_code == 0, res.output
+    final = run / "final"
+    # the final and every intermediate checkpoint carry the teacher's code, byte for byte
+    for folder in (final, *sorted(run.glob("checkpoints/step-*"))):
+        assert _code(folder) == _code(teacher_dir), folder
+    assert (run / "checkpoints" / "step-0000002").is_dir()
+
+    # it loads only with the flag, refused in one line naming it
+    with pytest.raises(CheckpointError, match="--trust-remote-code") as e:
+        load_adapter_student(final)
+    assert "\n" not in str(e.value)
+    ckpt = load_adapter_student(final, trust_remote_code=True)
+    assert ckpt.config.source == source and ckpt.config.data["family"] == family
+    assert ckpt.model.teacher.time_input == ("sigma" if family == "duo" else "none")
+    teacher = open_teacher(teacher_dir, trust_remote_code=True)
+    assert ckpt.config.provenance["teacher_identity"] == teacher.identity
+    assert ckpt.model.h_out.weight.abs().sum() > 0  # it trained
+    x, t, h = _inputs(teacher)
+    with torch.no_grad():
+        got = ckpt.model(x, t, h)
+        assert not torch.equal(got, teacher.model(x, t))
+        if family == "duo":  # the time input carried over: σ(t) moves the logits
+            assert not torch.allclose(ckpt.model(x, 1 - t, h), got)
+    assert open_model(final, trust_remote_code=True).identity == ckpt.identity
+
+    # sample: refused without the flag; with it, data tokens only, same as the API
+    jsonl = tmp_path / "s.jsonl"
+    sample = ["sample", "--model", str(final), "-n", "2", "--out", str(jsonl), "--device", "cpu"]
+    _one_line_refusal(runner.invoke(app, sample), "--trust-remote-code")
+    res = runner.invoke(app, [*sample, "--trust-remote-code"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line)["tokens"] for line in jsonl.read_text().splitlines()]
+    out = sample_checkpoint(ckpt, 2, seed=0)
+    assert rows == out.tokens.tolist() and out.steps == S
+    assert int(out.tokens.min()) >= 0 and int(out.tokens.max()) < ckpt.config.vocab_size
+
+    # eval with a local causal LM: the command's gen-PPL is the API's
+    from tsdfm.models.eval.evaluate import EvalConfig, evaluate_checkpoint
+    from tsdfm.models.eval.evaluators import load_evaluator
+
+    report = evaluate_checkpoint(
+        ckpt, EvalConfig((S,), 4, 4, 0), evaluator=load_evaluator(f"hf:{word_gpt2}")
+    )
+    eval_json = tmp_path / "eval.json"
+    ev = ["eval", "--model", str(final), "--steps", str(S), "--samples", "4", "--batch-size", "4"]
+    ev += ["--evaluator", f"hf:{word_gpt2}", "--json", str(eval_json), "--device", "cpu"]
+    _one_line_refusal(runner.invoke(app, ev), "--trust-remote-code")
+    res = runner.invoke(app, [*ev, "--trust-remote-code"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(eval_json.read_text())["arms"][0]["gen_ppl"]
+    assert got == pytest.approx(report["arms"][0]["gen_ppl"], rel=1e-6) and got > 0
+
+    # distill continues the student itself (--init the student): it carries the code on
+    more = tmp_path / "more"
+    again = ["distill", "--data", data, "--init", final, "--out", more, "--steps", 1]
+    again += ["--batch-size", 4, "--num-workers", 0, "--device", "cpu", "--trust-remote-code"]
+    res = runner.invoke(app, [str(a) for a in again])
+    assert res.exit_code == 0, res.output
+    assert _code(more / "final") == _code(teacher_dir)
+
+
+def test_a_tampered_student_code_file_is_refused(remote, tmp_path):
+    _, teacher_dir, _ = remote
+    teacher = open_teacher(teacher_dir, trust_remote_code=True)
+    student = build_student(teacher, seed=0)
+    folder = tmp_path / "student"
+    save_checkpoint(folder, student, teacher.tokenizer.tokenizer, student_code(teacher))
+    assert load_adapter_student(folder, trust_remote_code=True).identity
+    modeling = next(folder.glob("modeling_*.py"))
+    with modeling.open("a") as f:
+        f.write("\nprint('not the recorded code')\n")
+    with pytest.raises(CheckpointError, match=modeling.name) as e:
+        load_adapter_student(folder, trust_remote_code=True)
+    assert "sha256" in str(e.value) and "\n" not in str(e.value)
+    sample = ["sample", "--model", str(folder), "-n", "1", "--device", "cpu"]
+    _one_line_refusal(runner.invoke(app, [*sample, "--trust-remote-code"]), modeling.name)
+    # a local module the recorded code imports but config.json does not record is not run
+    # either, even when the importing file's new hash is written into config.json
+    other = tmp_path / "unrecorded"
+    shutil.copytree(folder, other)
+    source = (teacher_dir / modeling.name).read_bytes() + b"\nfrom .helpers import X  # noqa\n"
+    (other / modeling.name).write_bytes(source)
+    (other / "helpers.py").write_text("X = 1\n")
+    config = json.loads((other / "config.json").read_text())
+    config["data"]["remote_code"]["files"][modeling.name] = hashlib.sha256(source).hexdigest()
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"helpers\.py is not among the code files"):
+        load_adapter_student(other, trust_remote_code=True)

@@ -203,14 +203,19 @@ def sample_checkpoint(
     )
 
 
-def open_model(spec, device: str | torch.device = "cpu") -> Checkpoint:
+def open_model(
+    spec, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> Checkpoint:
     """A generator to sample or evaluate: this project's teacher or student, an adapter
-    teacher of a native family (``tsdfm.models.teachers.open_teacher``) or an adapter
-    student saved by ``distill`` (``tsdfm.models.teachers.student``)."""
+    teacher (``tsdfm.models.teachers.open_teacher``) or an adapter student saved by
+    ``distill`` (``tsdfm.models.teachers.student``); a remote-code teacher (MDLM, Duo) or its
+    student only with ``trust_remote_code``."""
     from tsdfm.models.checkpoint import resolve
     from tsdfm.models.teachers import open_teacher
     from tsdfm.models.teachers.student import is_adapter_student, load_adapter_student
 
     if is_adapter_student(resolve(spec)):
-        return load_adapter_student(spec, device)
-    return open_teacher(spec, device, role=("teacher", "student"))
+        return load_adapter_student(spec, device, trust_remote_code=trust_remote_code)
+    return open_teacher(
+        spec, device, role=("teacher", "student"), trust_remote_code=trust_remote_code
+    )

@@ -4,18 +4,28 @@
 and adds a step-size branch on its output: logits(x_t, t, h) = teacher(x_t, t) + b(h), where
 b(h) = W₂ · SiLU(W₁ · φ(h) + c₁) + c₂ is one bias per data token and φ(h) a few sinusoidal
 features of h. W₂ and c₂ start at zero, so at initialisation the student is the teacher
-exactly. Revealed positions are carried over after the branch (SUBS), as in the teacher.
+exactly. Revealed positions are carried over after the branch (SUBS), as in the teacher; a
+time-conditioned teacher (Duo) keeps its time input σ(t) and its uniform source.
 
 Its checkpoint is this project's format (config.json, model.safetensors, the teacher's own
 tokenizer.json in model ids). ``config.data`` records the adapter: the family, the
-transformers config of the network (``hf_config``) and the vocabulary map, so the network is
-rebuilt from that config with the native transformers class and no file of the teacher's
-folder is needed. Only native families rebuild so (``masked-lm``); a remote-code family's
-student is refused (its network's code is not in the student's folder).
+transformers config of the network (``hf_config``) and the vocabulary map, so no file of
+the teacher's folder is needed:
+
+- a native family (``masked-lm``) rebuilds its network from ``hf_config`` with the native
+  transformers class;
+- a remote-code family (``mdlm``, ``duo``) carries its network's code: the modules that
+  ``hf_config.auto_map`` names and the local modules they import (transitively) are copied
+  beside config.json, and ``data.remote_code.files`` records each file's sha256 (the same
+  hashes the teacher's identity covers). Loading it needs ``trust_remote_code``, checks
+  every file against its recorded sha256 before anything is imported, and builds the network
+  through transformers' dynamic-module path from the student's folder.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -35,7 +45,9 @@ from tsdfm.models.checkpoint import (
 )
 from tsdfm.models.errors import CheckpointError
 from tsdfm.models.flow_model import ModelConfig, PrecisionMixin
+from tsdfm.models.paths import confined
 from tsdfm.models.teachers.adapter import AdaptedDenoiser, SolverTokenizer, _transformers
+from tsdfm.models.teachers.families import FAMILIES, auto_map_classes
 from tsdfm.models.teachers.vocab import VocabMap, carry_over
 
 DATA_KIND = "adapter-student"
@@ -116,16 +128,13 @@ def _plan_view(family: str, vocab: VocabMap, time_input: str) -> SimpleNamespace
 
 
 def student_from_adapter(teacher: Checkpoint) -> AdapterStudent:
-    """The student of an adapter teacher checkpoint (``open_teacher``), equal to it at init."""
+    """The student of an adapter teacher checkpoint (``open_teacher``), equal to it at init.
+
+    A remote-code teacher's student records the sha256 of the code it carries
+    (:func:`student_code`) in ``config.data.remote_code``."""
     model = teacher.model
     if not isinstance(model, AdaptedDenoiser):
         raise CheckpointError(f"{teacher.spec} is not an adapter teacher")
-    if model.family not in NATIVE_FAMILIES:
-        raise CheckpointError(
-            f"distill --init {teacher.spec}: a student of a {model.family} teacher is not "
-            "supported yet (its network runs remote code); students of "
-            f"{', '.join(NATIVE_FAMILIES)} teachers are"
-        )
     facts = teacher.config.provenance["adapter"]
     raw = json.loads((teacher.directory / CONFIG_FILE).read_text())
     data = {
@@ -134,8 +143,91 @@ def student_from_adapter(teacher: Checkpoint) -> AdapterStudent:
         "adapter": {k: v for k, v in facts.items() if k != "trust_remote_code"},
         "hf_config": raw,
     }
+    if _remote(model.family):
+        code = student_code(teacher)
+        data["remote_code"] = {"files": {name: _sha256(b) for name, b in code.items()}}
     config = teacher.config.replace(role="student", data=data)
     return AdapterStudent(model, config)
+
+
+def _remote(family: str) -> bool:
+    return family in FAMILIES and FAMILIES[family].remote_code
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _local_imports(source: bytes, name: str, where: str) -> list[str]:
+    """Module names ``source`` imports relative to its own folder (``from .x import y``,
+    ``from . import x``)."""
+    try:
+        tree = ast.parse(source, filename=name)
+    except SyntaxError as e:
+        raise CheckpointError(f"{where}: {name} is not valid Python ({e.msg})") from None
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            if node.module:
+                found.append(node.module.split(".")[0])
+            else:
+                found.extend(alias.name for alias in node.names)
+    return found
+
+
+def code_closure(directory: Path, hf_config: dict, hashes: dict[str, str], where: str):
+    """The network's code in ``directory``: the modules ``hf_config``'s ``auto_map`` names,
+    then every local module they import, transitively; name → bytes, each checked against
+    ``hashes`` (name → sha256) before it is returned.
+
+    ``hashes`` is what vouches for the code: the teacher's adapter facts (the sha256 its
+    identity covers) or a student's ``data.remote_code.files``."""
+    todo = sorted({ref.split(".")[0] for ref in auto_map_classes(hf_config).values()})
+    if not todo:
+        raise CheckpointError(f"{where}: config.json names no model code (auto_map)")
+    files: dict[str, bytes] = {}
+    while todo:
+        module = todo.pop()
+        name = f"{module}.py"
+        if name in files:
+            continue
+        path = confined(directory, name, f"a code file of {where}")
+        if name not in hashes:
+            raise CheckpointError(
+                f"{where}: {name} is not among the code files its config.json records "
+                f"({', '.join(sorted(hashes)) or 'none'}); only recorded code may run"
+            )
+        try:
+            content = path.read_bytes()
+        except OSError:
+            raise CheckpointError(f"{where} lacks {name}, the model code it needs") from None
+        if _sha256(content) != hashes[name]:
+            raise CheckpointError(
+                f"{where}: {name} has sha256 {_sha256(content)[:16]}…, but {hashes[name][:16]}… "
+                "is recorded; the model code changed after it was recorded: restore the "
+                "original file"
+            )
+        files[name] = content
+        for imported in _local_imports(content, name, str(where)):
+            if (directory / f"{imported}.py").exists() or f"{imported}.py" in hashes:
+                todo.append(imported)
+    return dict(sorted(files.items()))
+
+
+def student_code(init: Checkpoint) -> dict[str, bytes]:
+    """The code files (name → bytes) a student of ``init`` carries beside its weights: a
+    remote-code adapter teacher's, or a remote-code adapter student's own (each checked
+    against its recorded sha256, :func:`code_closure`); {} for any other checkpoint."""
+    model = init.model
+    if isinstance(model, AdaptedDenoiser) and _remote(model.family):
+        hf_config = json.loads((init.directory / CONFIG_FILE).read_text())
+        hashes = init.config.provenance["adapter"]["code"]
+        return code_closure(init.directory, hf_config, hashes, str(init.spec))
+    data = init.config.data
+    if isinstance(model, AdapterStudent) and "remote_code" in data:
+        hashes = data["remote_code"]["files"]
+        return code_closure(init.directory, data["hf_config"], hashes, str(init.spec))
+    return {}
 
 
 def is_adapter_student(directory: Path) -> bool:
@@ -147,9 +239,7 @@ def is_adapter_student(directory: Path) -> bool:
     return isinstance(raw, dict) and (raw.get("data") or {}).get("kind") == DATA_KIND
 
 
-def _network(hf_config: dict, family: str, where: str) -> nn.Module:
-    if family not in NATIVE_FAMILIES:
-        raise CheckpointError(f"{where}: a {family} student cannot be rebuilt without its code")
+def _native_network(hf_config: dict, where: str) -> nn.Module:
     transformers = _transformers()
     rest = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
     try:
@@ -160,9 +250,41 @@ def _network(hf_config: dict, family: str, where: str) -> nn.Module:
         return transformers.AutoModelForMaskedLM.from_config(cfg, dtype=torch.float32)
 
 
-def load_adapter_student(spec, device="cpu", role=("student",)) -> Checkpoint:
+def _remote_network(directory: Path, hf_config: dict, where: str) -> nn.Module:
+    """The network of a remote-code student, built from the code in its folder (already
+    checked by :func:`code_closure`) through transformers' dynamic-module path."""
+    transformers = _transformers()
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    classes = auto_map_classes(hf_config)
+    if "AutoConfig" not in classes or "AutoModelForMaskedLM" not in classes:
+        raise CheckpointError(
+            f"{where}: config.json data.hf_config.auto_map needs AutoConfig and "
+            "AutoModelForMaskedLM entries"
+        )
+    try:
+        config_class = get_class_from_dynamic_module(classes["AutoConfig"], str(directory))
+        cfg = config_class.from_dict(hf_config)
+        cfg._name_or_path = str(directory)  # where from_config finds the model's code
+        with torch.random.fork_rng(devices=[]):
+            return transformers.AutoModelForMaskedLM.from_config(
+                cfg, trust_remote_code=True, dtype=torch.float32
+            )
+    except (OSError, ValueError, AttributeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{where}: the student's model code does not build ({first})"
+        ) from None
+
+
+def load_adapter_student(
+    spec, device="cpu", role=("student",), trust_remote_code: bool = False
+) -> Checkpoint:
     """Load an adapter student saved by ``distill`` (module docstring) as a Checkpoint;
-    its tokenizer is the teacher's, seen in solver ids (:class:`SolverTokenizer`)."""
+    its tokenizer is the teacher's, seen in solver ids (:class:`SolverTokenizer`).
+
+    A remote-code family's student loads only with ``trust_remote_code``, and only when each
+    code file it carries has the sha256 its config.json records."""
     from tsdfm.models.checkpoint import read_config, read_tokenizer
 
     directory = resolve(spec)
@@ -171,10 +293,23 @@ def load_adapter_student(spec, device="cpu", role=("student",)) -> Checkpoint:
     data = config.data
     if data.get("kind") != DATA_KIND:
         raise CheckpointError(f"{spec} is not an adapter student (config.json data.kind)")
-    facts = data["adapter"]
+    facts, family = data["adapter"], data["family"]
     vocab = VocabMap(int(facts["model_vocab"]), facts["mask_id"], tuple(facts["never"]))
-    net = _network(data["hf_config"], data["family"], str(spec))
-    teacher = AdaptedDenoiser(net, config, _plan_view(data["family"], vocab, facts["time_input"]))
+    if family in NATIVE_FAMILIES:
+        net = _native_network(data["hf_config"], str(spec))
+    elif not _remote(family) or "remote_code" not in data:
+        raise CheckpointError(f"{spec}: a {family} student cannot be rebuilt without its code")
+    else:
+        hashes = data["remote_code"]["files"]
+        if not trust_remote_code:
+            raise CheckpointError(
+                f"{spec} is a student of a {family} teacher and runs that model's code "
+                f"({', '.join(sorted(hashes))}); read it, then pass --trust-remote-code to "
+                "allow it"
+            )
+        code_closure(directory, data["hf_config"], hashes, str(spec))
+        net = _remote_network(directory, data["hf_config"], str(spec))
+    teacher = AdaptedDenoiser(net, config, _plan_view(family, vocab, facts["time_input"]))
     model = AdapterStudent(teacher, config)
     state = load_weights(model, directory)
     tok_path = directory / TOKENIZER_FILE
@@ -188,5 +323,6 @@ __all__ = [
     "AdapterStudent",
     "is_adapter_student",
     "load_adapter_student",
+    "student_code",
     "student_from_adapter",
 ]

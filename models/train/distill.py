@@ -154,6 +154,9 @@ class DistillConfig:
         compile: ``torch.compile`` the student's training forward (the held-out loss and the
             saved model are the eager module; not part of the identity, recorded in the
             metrics lines).
+        trust_remote_code: allow a remote-code adapter teacher (MDLM, Duo), or its student, to
+            run its model's code; the student carries that code, its sha256 recorded (not part
+            of the identity: the code's hashes are).
     """
 
     data: str
@@ -186,6 +189,7 @@ class DistillConfig:
     resume_from: str | None = None
     fsdp: bool = False
     compile: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
@@ -233,6 +237,7 @@ class DistillConfig:
             "resume_from",
             "fsdp",
             "compile",
+            "trust_remote_code",
         ):
             d.pop(key)
         return d
@@ -363,41 +368,34 @@ def _saved_tokenizer(init: Checkpoint):
     return tok.tokenizer if isinstance(tok, SolverTokenizer) else tok
 
 
-def open_init(spec: str) -> Checkpoint:
+def open_init(spec: str, trust_remote_code: bool = False) -> Checkpoint:
     """The --init checkpoint: this project's teacher or student, an adapter teacher
-    (``tsdfm.models.teachers.open_teacher``; native families only, remote code is not run) or
-    an adapter student (``tsdfm.models.teachers.student``)."""
+    (``tsdfm.models.teachers.open_teacher``; a remote-code one only with
+    ``trust_remote_code``) or an adapter student (``tsdfm.models.teachers.student``)."""
     from tsdfm.models.checkpoint import resolve
-    from tsdfm.models.teachers import is_adapter_checkpoint, open_teacher
-    from tsdfm.models.teachers.adapter import read_raw_config
-    from tsdfm.models.teachers.families import detect
-    from tsdfm.models.teachers.student import (
-        NATIVE_FAMILIES,
-        is_adapter_student,
-        load_adapter_student,
+    from tsdfm.models.teachers import open_teacher
+    from tsdfm.models.teachers.student import is_adapter_student, load_adapter_student
+
+    if is_adapter_student(resolve(spec)):
+        return load_adapter_student(spec, "cpu", trust_remote_code=trust_remote_code)
+    return open_teacher(
+        spec, "cpu", role=("teacher", "student"), trust_remote_code=trust_remote_code
     )
 
-    directory = resolve(spec)
-    if is_adapter_student(directory):
-        return load_adapter_student(spec, "cpu")
-    if is_adapter_checkpoint(directory):
-        fam = detect(read_raw_config(directory), str(spec))
-        if fam.name not in NATIVE_FAMILIES:
-            raise CheckpointError(
-                f"--init {spec} is a {fam.name} teacher: distill makes students of "
-                f"{', '.join(NATIVE_FAMILIES)} teachers and this project's only (a {fam.name} "
-                "student runs that model's own code, which distill does not run yet)"
-            )
-    return open_teacher(spec, "cpu", role=("teacher", "student"))
 
+def _extra_files(init: Checkpoint) -> dict[str, Path | bytes]:
+    """Files to copy along into every checkpoint: the data file named in --init's
+    config.json (the synthetic language), and a remote-code adapter's model code (its
+    bytes as checked against their sha256, ``tsdfm.models.teachers.student.student_code``)."""
+    from tsdfm.models.teachers.student import student_code
 
-def _extra_files(init: Checkpoint) -> dict[str, Path]:
-    """The data file named in --init's config.json (the synthetic language), to copy along."""
+    files: dict[str, Path | bytes] = dict(student_code(init))
     path = init.data_file()
     if path is None or not path.is_file():
-        return {}
+        return files
     name = PurePosixPath(str(init.config.data["language"]).replace("\\", "/"))
-    return {name.as_posix(): path}  # the name config.json gives it (in a Hub snapshot a link)
+    files[name.as_posix()] = path  # the name config.json gives it (in a Hub snapshot a link)
+    return files
 
 
 def _device(device: str) -> torch.device:
@@ -626,7 +624,7 @@ def prepare_run(cfg: DistillConfig, warn: Callable[[str], None] | None = None) -
         check_compiler(_device(cfg.device))
     device = _device(cfg.device)
     source = open_trajectory_dataset(cfg.data, verify=cfg.verify)
-    init = open_init(cfg.init)
+    init = open_init(cfg.init, cfg.trust_remote_code)
     check_vocabulary(source, init)
     mc = init.config
     source = source.with_vocabulary(

@@ -38,6 +38,15 @@ ReportToOption = Annotated[
     ),
 ]
 
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        help="Allow a remote-code teacher (MDLM, Duo) or its student to run the model code in "
+        "its folder (read it first); a student's copy of the code is checked against the "
+        "sha256 its config.json records."
+    ),
+]
+
 ORDER_HELP = (
     "Reveal order: random or dilated (default: the checkpoint's own; a student samples in its "
     "dataset's order)."
@@ -152,6 +161,7 @@ def distill(
             "part of the student's identity; on CPU needs a C compiler)."
         ),
     ] = False,
+    trust_remote_code: TrustOption = False,
     json_out: JsonOption = None,
 ) -> None:
     """Distil a few-step student from a trajectory dataset (resumable; no Ray, no GPU needed).
@@ -199,6 +209,7 @@ def distill(
         resume_from=resume_from,
         fsdp=fsdp,
         compile=compile,
+        trust_remote_code=trust_remote_code,
     )
 
     # under torchrun every process runs this command; rank 0 alone prints, evaluates and
@@ -268,6 +279,7 @@ def sample(
     batch_size: int = 64,
     device: DeviceOption = "auto",
     precision: PrecisionOption = Precision.fp32,
+    trust_remote_code: TrustOption = False,
     out: Annotated[
         Path | None, typer.Option(help="Also write the samples as JSON lines here.")
     ] = None,
@@ -278,7 +290,7 @@ def sample(
     from tsdfm.models.eval.sampling import default_steps, open_model, sample_checkpoint
 
     device = resolve_device(device)
-    ckpt = open_model(model or default_teacher(), device)
+    ckpt = open_model(model or default_teacher(), device, trust_remote_code)
     if hasattr(ckpt.model, "set_precision"):  # an adapter's network keeps its own precision
         ckpt.model.set_precision(value(precision))
     own = default_steps(ckpt)
@@ -377,6 +389,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the samples.")] = 0,
     device: DeviceOption = "auto",
     precision: PrecisionOption = Precision.fp32,
+    trust_remote_code: TrustOption = False,
     json_out: JsonOption = None,
 ) -> None:
     """Sample unconditionally; report generative perplexity, entropy, distinct-n, NFE, speed.
@@ -409,7 +422,7 @@ def eval_cmd(
     )
     model = pick(model, model_alias, "--model", "--teacher")
     device = resolve_device(device)
-    ckpt = open_model(model or default_teacher(), device)
+    ckpt = open_model(model or default_teacher(), device, trust_remote_code)
     if hasattr(ckpt.model, "set_precision"):  # an adapter's network keeps its own precision
         ckpt.model.set_precision(value(precision))
     scorer = evaluator_for(evaluator, ckpt, device, score_batch_size)
