@@ -96,7 +96,12 @@ def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
     teacher's size (it starts from the teacher's weights)."""
     if a.token_compass:
         ckpt = load_checkpoint(a.token_compass, role="compass")
-        return CompassScorer.from_checkpoint(ckpt), {"spec": a.token_compass}
+        prov, cb = ckpt.config.provenance, ckpt.config.backbone
+        info = {"spec": a.token_compass, "identity": ckpt.identity,
+                "trained_steps": prov.get("steps"), "heldout_auc": prov.get("heldout_auc"),
+                "init": prov.get("init", "teacher"), "d_model": cb.d_model,
+                "n_layers": cb.n_layers}  # fmt: skip
+        return CompassScorer.from_checkpoint(ckpt), info
     tb = teacher.config.backbone  # it starts from the teacher's weights: the teacher's size
     cfg = CompassTrainConfig(
         out=tempfile.mkdtemp(prefix="token-compass-"), head="tokens", reveal_order="dilated",
@@ -306,6 +311,15 @@ def markdown(r: dict, command: str) -> str:
         lines.append(f"| {row['arm']} | {fin[0]:.3f} @ {fin[1]:.3f} | {own['gen_ppl']:.3f} @ "
                      f"{own['entropy']:.3f} | {ratios} | {vs_top} | "
                      f"{top['entropy_ratio_to_real']:.3f} |")  # fmt: skip
+    tc = r.get("token_compass")
+    if tc:
+        where = f"`{tc['spec']}`" if tc.get("spec") else "trained here"
+        start = {"teacher": "the teacher's weights", "random": "a random initialisation"}
+        auc = tc.get("heldout_auc")
+        lines += ["", f"Token-ratio compass: {where}, d_model {tc.get('d_model')}, "
+                  f"{tc.get('n_layers')} layers, from {start.get(tc.get('init', 'teacher'))}, "
+                  f"{tc.get('trained_steps')} steps, held-out token AUC "
+                  + ("?" if auc is None else f"{auc:.3f}") + "."]  # fmt: skip
     d = r["device"]
     lines += [
         "",
