@@ -105,7 +105,9 @@ def roberta(directory: Path, seed: int = 0, max_shard_size: str | None = None) -
 
 
 def modernbert(directory: Path, seed: int = 0) -> Path:
-    """ModernBERT masked LM, [MASK] at id 3 and two padding rows past the tokenizer."""
+    """ModernBERT masked LM, [MASK] at id 3 and two padding rows past the tokenizer; two
+    layers, a global one and a sliding-window one (window 4 < L), so both attention paths
+    run."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     tok, vocab = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], mask_at=3)
@@ -114,9 +116,10 @@ def modernbert(directory: Path, seed: int = 0) -> Path:
         vocab_size=len(vocab) + 2,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=SEQ_LEN,
+        global_attn_every_n_layers=2,
         local_attention=4,
         pad_token_id=ids["[PAD]"],
         cls_token_id=ids["[CLS]"],

@@ -104,6 +104,121 @@ def test_masked_lm_probabilities_are_the_networks_softmax(teachers):
     assert p[0, :, [0, 1, 2, 3]].max() == 0.0  # specials (solver ids 0..3) never drawn
 
 
+def _hf_tokenizer(directory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _data_model_ids(tok, model_vocab: int) -> list[int]:
+    """Model ids a native masked LM may draw, from its tokenizer alone: every id the
+    tokenizer has, less its special tokens (the mask among them)."""
+    return [j for j in range(min(len(tok), model_vocab)) if j not in set(tok.all_special_ids)]
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_teacher_check_cli_on_each_native_masked_lm(teachers, name, tmp_path):
+    """`teacher check` on the saved folder: family masked-lm, the tokenizer's mask id, the
+    vocabulary less the tokenizer's specials (and ModernBERT's rows past the tokenizer)."""
+    d = teachers[name]
+    tok = _hf_tokenizer(d)
+    M = json.loads((d / "config.json").read_text())["vocab_size"]
+    out = tmp_path / "check.json"
+    res = runner.invoke(app, ["teacher", "check", str(d), "--samples", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"family: masked-lm (model_type {name})" in res.output
+    assert "K=1 build equals the teacher sampler: yes" in res.output
+    report = json.loads(out.read_text())
+    det = report["detected"]
+    data = _data_model_ids(tok, M)
+    assert (det["family"], det["model_type"], det["model_vocab"]) == ("masked-lm", name, M)
+    assert det["mask_id"] == tok.mask_token_id and det["mask_id"] not in data
+    assert det["vocab_size"] == M - 1 == det["solver_mask_id"]  # every id but the mask
+    assert det["vocab_size"] - det["never_drawn"] == len(data) == len(zoo.WORDS)
+    assert (det["time_input"], det["time_invariant"], det["seq_len"]) == ("none", True, 8)
+    assert not det["trust_remote_code"] and det["tokenizer"]
+    assert report["step"]["max_sum_error"] < 1e-6
+    assert report["step"]["never_drawn_max_probability"] == 0.0
+    assert report["step"]["revealed_carried_min_probability"] == 1.0
+    assert report["preflight"]["non_data_tokens_in_samples"] == 0
+    assert report["k1"]["equal"]
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_a_native_step_is_the_mlm_heads_softmax_over_data_tokens(teachers, name):
+    """One denoising step against the library's own forward: transformers' model on the
+    tokenizer's ids (its attention mask and its own position ids: RoBERTa's start past
+    padding_idx, ModernBERT's rotary ones through a global and a sliding-window layer),
+    softmaxed over the tokenizer's data tokens, is p_1t at every masked position; p_1t
+    sums to 1, has no column for the mask and none of its mass on a special token, and a
+    revealed position keeps its token."""
+    from transformers import AutoModelForMaskedLM
+
+    d = teachers[name]
+    tok = _hf_tokenizer(d)
+    ckpt = load(teachers, name)
+    V = ckpt.config.vocab_size
+    with torch.random.fork_rng(devices=[]):
+        net = AutoModelForMaskedLM.from_pretrained(str(d)).eval()
+    words = ["w3", "w0", "w11", "w5"]
+    model_ids = torch.full((2, zoo.SEQ_LEN), tok.mask_token_id)
+    model_ids[1, 1::2] = torch.tensor(tok.convert_tokens_to_ids(words))
+    x = torch.full((2, zoo.SEQ_LEN), V)  # solver ids: the mask is V
+    x[1, 1::2] = torch.tensor(ckpt.tokenizer.encode_ids(" ".join(words)))
+    with torch.no_grad():
+        p = torch.softmax(ckpt.model(x, torch.full((2,), 0.5)).double(), -1)
+        raw = net(input_ids=model_ids, attention_mask=torch.ones_like(model_ids)).logits.double()
+    data = _data_model_ids(tok, raw.shape[-1])
+    cols = [ckpt.tokenizer.token_to_id(tok.convert_ids_to_tokens(j)) for j in data]
+    assert p.shape == (2, zoo.SEQ_LEN, V) and len(set(cols)) == len(data)
+    assert float((p.sum(-1) - 1).abs().max()) < 1e-12
+    others = [i for i in range(V) if i not in set(cols)]
+    assert p[..., others].max() == 0.0  # specials and rows past the tokenizer: never drawn
+    masked = x == V
+    ref = torch.softmax(raw[..., data], -1)
+    assert torch.allclose(p[..., cols][masked], ref[masked], atol=1e-6)
+    revealed = p[1, 1::2].gather(-1, x[1, 1::2, None]).squeeze(-1)
+    assert revealed.tolist() == [1.0] * len(words)  # carried over
+    if name == "roberta":  # the L = 8 positions are 2..9 of its 10 (pad id 1, then 1 + i)
+        positions = torch.arange(zoo.SEQ_LEN) + net.config.pad_token_id + 1
+        with torch.no_grad():
+            explicit = net(input_ids=model_ids, position_ids=positions.expand(2, -1)).logits
+        assert torch.allclose(explicit.double(), raw, atol=1e-6)
+        assert int(positions[-1]) == net.config.max_position_embeddings - 1
+
+
+@pytest.mark.parametrize("name", ["roberta", "modernbert"])  # BERT: tests/test_teacher_build.py
+def test_a_native_k1_shard_equals_the_adapters_own_sampler(teachers, name, tmp_path):
+    """A build worker's K = 1 shard (no Ray: the worker's own ShardBuilder) holds the final
+    states of the adapter's N-step sampler for the same trajectory seeds."""
+    import pyarrow.parquet as pq
+
+    from tsdfm.models.data.schema import decode_rows
+    from tsdfm.models.navigator import NavigatorConfig
+    from tsdfm.models.rng import trajectory_seed
+    from tsdfm.pipeline.config import BuildConfig
+    from tsdfm.pipeline.worker import ShardBuilder, identify
+
+    rows, steps = 3, 8
+    cfg = BuildConfig(
+        str(teachers[name]),
+        shards=1,
+        trajectories_per_shard=rows,
+        batch_size=rows,
+        navigator=NavigatorConfig(2, steps, 1),
+    )
+    builder = ShardBuilder(cfg, str(tmp_path), planned=identify(cfg))
+    assert builder.preflight["max_sum_error"] < 1e-6
+    built = decode_rows(pq.read_table(tmp_path / builder.build(0).info.path))
+    ckpt = load(teachers, name)
+    ids = torch.arange(rows)
+    seeds = trajectory_seed(0, ids)
+    x_1 = sample(ckpt.model, ckpt.config.path(), seeds, ckpt.config.seq_len, steps).x_1
+    assert torch.equal(torch.as_tensor(built.ids), ids)
+    assert torch.equal(torch.as_tensor(built.states)[:, -1].long(), x_1)
+    assert int(x_1.max()) < ckpt.config.vocab_size  # data tokens only, never the mask
+
+
 def test_the_exact_cache_applies_to_time_invariant_adapters(teachers):
     """A time-invariant adapter is re-evaluated only for rows that changed: same samples,
     fewer forward passes, as for the project's own teacher."""
