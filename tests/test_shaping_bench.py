@@ -420,3 +420,37 @@ def test_text_ci_preset_trains_its_models_and_scores_with_the_in_project_lm(tmp_
     again = shaping.run("text", "ci", tmp_path / "work", str(out), "cpu", ARGS)
     assert again["rows"] == result["rows"]
     assert (work / "teacher" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def _lab_run(seed, student, top=True):
+    """A shaping_lab result with one arm: what lab_summary reads."""
+    fronts = {"teacher 8 steps, dilated": [
+        {"temperature": 1.0, "gen_ppl": 40.0, "entropy": 3.54},
+        {"temperature": 0.9, "gen_ppl": 25.0, "entropy": 3.49}]}  # fmt: skip
+    if top:
+        fronts["teacher 1024 steps, random"] = [
+            {"temperature": 1.0, "gen_ppl": 30.0, "entropy": 3.53},
+            {"temperature": 0.9, "gen_ppl": 20.0, "entropy": 3.49}]  # fmt: skip
+    own = [{"temperature": 1.0, "gen_ppl": student, "entropy": 3.51}]
+    arm = {"arm": "token-ratio", "dataset_finals": [14.0, 3.52], "student": own}
+    return {"teacher": {"identity": "sha256:t"}, "real_data": {"entropy": 3.52},
+            "config": {"dataset_seed": seed}, "frontiers": fronts, "arms": [arm]}  # fmt: skip
+
+
+def test_lab_summary_reads_every_seed_against_the_teacher_frontier_of_any_run():
+    import lab_summary
+
+    r = lab_summary.summarize([_lab_run(0, 18.0), _lab_run(1, 20.0, top=False)], ["a", "b"])
+    s = r["summary"]["token-ratio"]
+    assert s["student gen-PPL"]["mean"] == pytest.approx(19.0)
+    assert s["student gen-PPL"]["std"] == pytest.approx(2**0.5)
+    # the seed-1 run has no teacher@1024 frontier: it is read against the seed-0 run's
+    assert s["÷ teacher@1024 T=1"]["n"] == 2
+    assert s["÷ teacher@1024 T=1"]["mean"] == pytest.approx((18 / 30 + 20 / 30) / 2)
+    # at entropy 3.51, halfway in log gen-PPL between 20 @ 3.49 and 30 @ 3.53
+    at = (20.0 * 30.0) ** 0.5
+    assert r["rows"][1]["matched"]["teacher 1024 steps, random"] == pytest.approx(20 / at)
+    with pytest.raises(SystemExit, match="2 teachers"):
+        other = _lab_run(1, 20.0)
+        other["teacher"] = {"identity": "sha256:u"}
+        lab_summary.summarize([_lab_run(0, 18.0), other], ["a", "b"])
