@@ -9,10 +9,9 @@ Compass (:class:`CompassModel`): the energy network E_θ(x_t, t), the same backb
 scalar head (or a per-token log-ratio head, the token-ratio compass); what it estimates and
 how it is trained is in ``tsdfm.models.compass``.
 
-Both load with ``Class.from_pretrained(folder_or_repo, revision=…)`` and save or push with
-``save_pretrained`` / ``push_to_hub`` (:class:`HubModelMixin`, huggingface_hub's
-``PyTorchModelHubMixin`` routed through ``tsdfm.models.checkpoint``: the files, the checks and
-the identity are exactly this project's).
+Their ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` counterparts (huggingface_hub's
+``PyTorchModelHubMixin``) are ``tsdfm.pipeline.hub_models.FlowModel`` and ``CompassModel``:
+publishing is the pipeline's, and this layer imports neither it nor the checkpoint loader.
 
 The three built-in roles are registered here, in ``tsdfm.models.roles``, beside their classes,
 so a config of any built-in role validates (and a checkpoint of it loads) in a process that
@@ -25,13 +24,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from tsdfm.models.backbone import Backbone, BackboneConfig
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.path import MixturePath, check_source, parse_scheduler
-from tsdfm.models.roles import check_role, register_role, registered_roles, role_class
+from tsdfm.models.roles import check_role, register_role
 from tsdfm.models.solver import RevealPlan
 
 FORMAT = "tsdfm-checkpoint"
@@ -172,112 +170,7 @@ class PrecisionMixin:
         return nullcontext()
 
 
-class HubModelMixin(
-    PyTorchModelHubMixin,
-    library_name="tsdfm-pipeline",
-    tags=["tsdfm", "discrete-flow-matching"],
-):
-    """``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` for this project's models.
-
-    The files are a checkpoint folder as ``tsdfm.models.checkpoint`` writes it (config.json in
-    this project's schema, model.safetensors, tokenizer.json, the data file config.json
-    names): loading goes through ``load_checkpoint`` (pickles refused, the tokenizer checked
-    against the vocabulary, a checkpoint of another role refused), saving through
-    ``save_checkpoint``, so a saved model's identity is that of the checkpoint it came from.
-    A loaded model keeps its tokenizer (``model.tokenizer``) and data files
-    (``model.checkpoint_files``) to save them along. ``push_to_hub`` publishes through the
-    project's flow (``tsdfm.pipeline.hub.publish``: pull request → merge → tag ``vN``, the
-    generated model card), so ``from_pretrained(repo_id, revision="v1")`` reads it back.
-    """
-
-    tokenizer = None  # a tokenizers.Tokenizer; a checkpoint carries one
-    checkpoint_files: dict[str, bytes] | None = None  # name → bytes of its data files
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, revision=None, **kwargs):
-        """The model of a checkpoint folder or Hub repo (``org/name`` with ``revision``, or
-        ``org/name@revision`` as everywhere in this project); ``map_location`` (default
-        "cpu") is where the weights go. In eval mode, with its tokenizer and data files."""
-        from pathlib import Path
-
-        from tsdfm.models.errors import CheckpointError
-        from tsdfm.models.refs import parse_hub_ref
-
-        spec = str(pretrained_model_name_or_path)
-        ref = None if Path(spec).expanduser().exists() else parse_hub_ref(spec)
-        if ref is not None and ref.revision is not None:
-            if revision is not None:
-                raise CheckpointError(
-                    f"{spec} names its revision and revision={revision!r} names another; "
-                    "pass one of them"
-                )
-            spec, revision = ref.repo_id, ref.revision
-        return super().from_pretrained(spec, revision=revision, **kwargs)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        map_location: str | torch.device = "cpu",
-        **unused,
-    ):
-        from pathlib import Path
-
-        from tsdfm.models.checkpoint import load_checkpoint
-        from tsdfm.models.errors import CheckpointError
-
-        spec = model_id
-        if revision is not None:
-            if Path(model_id).expanduser().exists() or "@" in model_id:
-                raise CheckpointError(
-                    f"revision={revision!r} applies to a Hub repo id, not to {model_id}: pass "
-                    "org/name with revision, or a local folder without it"
-                )
-            spec = f"{model_id}@{revision}"
-        roles = tuple(r for r in registered_roles() if role_class(r) is cls)
-        ckpt = load_checkpoint(spec, map_location, role=roles)
-        model = ckpt.model
-        model.tokenizer = ckpt.tokenizer
-        data = ckpt.data_file()
-        name = ckpt.config.data.get("language")
-        found = data is not None and data.is_file()  # a compass may name one it lacks
-        model.checkpoint_files = {name: data.read_bytes()} if found else {}
-        return model
-
-    def _save_pretrained(self, save_directory) -> None:
-        from tsdfm.models.checkpoint import save_checkpoint
-        from tsdfm.models.errors import CheckpointError
-
-        if self.tokenizer is None:
-            raise CheckpointError(
-                f"this {type(self).__name__} has no tokenizer, and a checkpoint carries its "
-                "tokenizer.json: set model.tokenizer (a tokenizers.Tokenizer) first, or load "
-                "the model with from_pretrained"
-            )
-        save_checkpoint(save_directory, self, self.tokenizer, self.checkpoint_files or {})
-
-    def push_to_hub(self, repo_id: str, *, config=None, model_card_kwargs=None, **publish):
-        """Publish this model to the model repo ``repo_id`` as the next version ``vN``.
-
-        Saves it (:meth:`save_pretrained`) into a temporary folder and publishes that with
-        ``tsdfm.pipeline.hub.push_to_hub`` (``publish``'s keywords: ``private``, ``token``,
-        ``version``, ``license``, ``log``, …); returns its ``PublishResult`` (``.version``:
-        the tag to pass as ``revision``). ``config`` and ``model_card_kwargs`` of the
-        huggingface_hub signature are not used: config.json and the card are the project's.
-        """
-        import tempfile
-
-        from tsdfm.pipeline.hub import push_to_hub
-
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = f"{tmp}/checkpoint"
-            self.save_pretrained(folder)
-            return push_to_hub(folder, repo_id, **publish)
-
-
-class FlowModel(PrecisionMixin, nn.Module, HubModelMixin):
+class FlowModel(PrecisionMixin, nn.Module):
     """Denoiser p_θ(x_1 | x_t, t[, h]) for teacher and student roles.
 
     ``forward`` returns logits over the V data tokens, shape (B, L, V). Under CUDA and
@@ -318,7 +211,7 @@ def batch_times(t: float | torch.Tensor, batch: int, device: torch.device) -> to
     return t
 
 
-class CompassModel(PrecisionMixin, nn.Module, HubModelMixin):
+class CompassModel(PrecisionMixin, nn.Module):
     """E_θ(x_t, t): a time-conditioned transformer (the compass role).
 
     ``forward`` returns (B,) float32 energies. Under CUDA and ``precision="bf16"`` the

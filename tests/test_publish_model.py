@@ -323,18 +323,20 @@ def _logits(model, config):
 def test_models_load_save_and_push_as_huggingface_hub_mixins(
     hub, run_folder, saved_tiny_compass, tmp_path
 ):
-    """``FlowModel.from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` (huggingface_hub's
-    PyTorchModelHubMixin) read and write this project's checkpoint folders: the same files,
-    the same identity, the same logits, on disk and at a Hub tag."""
+    """``hub_models.FlowModel.from_pretrained`` / ``save_pretrained`` / ``push_to_hub``
+    (huggingface_hub's PyTorchModelHubMixin) read and write this project's checkpoint folders:
+    the same files, the same identity, the same logits, on disk and at a Hub tag."""
     import torch
 
+    from tsdfm.models import flow_model
     from tsdfm.models.errors import CheckpointError
-    from tsdfm.models.flow_model import CompassModel, FlowModel
+    from tsdfm.pipeline.hub_models import CompassModel, FlowModel
 
     final = run_folder / "final"
     ckpt = load_checkpoint(final)
     model = FlowModel.from_pretrained(final)
     assert type(model) is FlowModel and not model.training
+    assert isinstance(model, flow_model.FlowModel)  # usable wherever the plain class is
     assert torch.equal(_logits(model, ckpt.config), _logits(ckpt.model, ckpt.config))
 
     model.save_pretrained(tmp_path / "saved")
