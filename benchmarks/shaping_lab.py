@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_io import cpu_device, package_versions, write_results
+from results_io import cpu_device, package_versions, write_jsonl_gz, write_results
 
 from tsdfm.models.checkpoint import bundled_path, load_checkpoint
 from tsdfm.models.compass import CompassScorer, ExactScorer
@@ -60,6 +60,7 @@ from tsdfm.models.train.compass import CompassTrainConfig, train_compass
 from tsdfm.models.train.distill import DistillConfig, StudentStep, build_student
 
 EVAL_SEED_BASE = 1000
+SAMPLES_BYTES = 400_000  # per arm's samples file (gzip'd)
 ARMS = ("blind", "ratio", "joint", "compass", "compass-ratio", "token-ratio", "token-oracle")
 
 
@@ -164,14 +165,21 @@ def distill(teacher, states: torch.Tensor, times: torch.Tensor, steps: int, seed
     return model.eval()
 
 
-def frontier(language, model, path, L, steps, order, temps, samples, batch) -> list[dict]:
+def frontier(
+    language, model, path, L, steps, order, temps, samples, batch, keep=None
+) -> list[dict]:
+    """The temperature frontier of ``model`` at ``steps``; its samples at T = 1 go into
+    ``keep["x"]`` when ``keep`` is a dict."""
     points = []
     for T in temps:
         xs = []
         for lo in range(0, samples, batch):
             ids = trajectory_seed(EVAL_SEED_BASE, torch.arange(lo, min(samples, lo + batch)))
             xs.append(sample(model, path, ids, L, steps, None, T, order).x_1)
-        ppl, ent = score(language, torch.cat(xs))
+        x = torch.cat(xs)
+        if keep is not None and T == 1.0:
+            keep["x"] = x
+        ppl, ent = score(language, x)
         points.append({"temperature": T, "gen_ppl": ppl, "entropy": ent})
         print(f"    T={T:g}: gen-PPL {ppl:.3f} entropy {ent:.3f}", flush=True)
     return points
@@ -184,6 +192,22 @@ def _at_one(points: list[dict]) -> dict:
 def at(points: list[dict], entropy: float) -> float | None:
     pts = [FrontierPoint(p["temperature"], p["gen_ppl"], p["entropy"]) for p in points]
     return gen_ppl_at_entropy(pts, entropy)
+
+
+def write_samples(out: str, arm: str, teacher, x: torch.Tensor) -> dict:
+    """The student's samples at T = 1 of ``arm`` as ``OUT-samples/<arm>.jsonl.gz``, one JSON
+    object per line: {"i", "seed" (its counter seed), "ids", "text" (decoded)}, so anyone can
+    rescore them with another evaluator."""
+    from tsdfm.models.eval.sampling import decode
+
+    texts = decode(teacher, x) or [None] * x.shape[0]
+    records = [
+        {"i": i, "seed": trajectory_seed(EVAL_SEED_BASE, i), "ids": x[i].tolist(),
+         "text": texts[i]}
+        for i in range(x.shape[0])
+    ]  # fmt: skip
+    written = write_jsonl_gz(Path(f"{out}-samples") / f"{arm}.jsonl.gz", records, SAMPLES_BYTES)
+    return {"arm": arm, "temperature": 1.0, **written}
 
 
 def run(a) -> dict:
@@ -231,7 +255,7 @@ def run(a) -> dict:
         fronts[top_name] = frontier(
             language, teacher.model, path, L, a.top_steps, "random", temps, a.samples, 250
         )
-    rows = []
+    rows, samples_written = [], []
     for name in a.arms:
         scorer, cfg = arms[name]
         print(f"arm {name}: building {a.trajectories} trajectories", flush=True)
@@ -241,7 +265,10 @@ def run(a) -> dict:
         times = torch.arange(S + 1, dtype=torch.float64) / S
         student = distill(teacher, states, times, a.distill_steps, a.dataset_seed, a.lr)
         print(f"  student ({a.distill_steps} steps):", flush=True)
-        points = frontier(language, student, path, L, S, a.order, temps, a.samples, 250)
+        kept: dict = {}
+        points = frontier(language, student, path, L, S, a.order, temps, a.samples, 250, kept)
+        if "x" in kept:
+            samples_written.append(write_samples(a.out, name, teacher, kept["x"]))
         if name == "blind":
             fronts[f"blind student {S} steps, {a.order}"] = points
         rows.append({"arm": name, "navigator": cfg.__dict__, "dataset_finals": finals,
@@ -268,6 +295,8 @@ def run(a) -> dict:
         "frontiers": fronts,
         "arms": rows,
         "token_compass": token_info,
+        "samples": samples_written,
+        "samples_folder": f"{Path(a.out).name}-samples",
         "seconds": time.perf_counter() - t0,
         "device": cpu_device(),
         "versions": package_versions(("torch",)),
@@ -320,6 +349,11 @@ def markdown(r: dict, command: str) -> str:
                   f"{tc.get('n_layers')} layers, from {start.get(tc.get('init', 'teacher'))}, "
                   f"{tc.get('trained_steps')} steps, held-out token AUC "
                   + ("?" if auc is None else f"{auc:.3f}") + "."]  # fmt: skip
+    if r.get("samples"):
+        files = ", ".join(f"`{f['file']}` ({f['records']})" for f in r["samples"])
+        lines += ["", f"Decoded samples of each arm's student at T = 1 (evaluation seeds from "
+                  f"{r['eval_seed_base']}; JSON lines: i, seed, ids, text) in "
+                  f"`{r['samples_folder']}/`: {files}."]  # fmt: skip
     d = r["device"]
     lines += [
         "",
