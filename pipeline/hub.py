@@ -985,12 +985,18 @@ def from_pretrained(repo_or_path: str | Path, revision: str | None = None, **kwa
     tag): ``tsdfm.models.checkpoint.load_checkpoint`` (``kwargs``: its ``device``, ``role``)."""
     from tsdfm.models.checkpoint import load_checkpoint
 
-    spec = str(repo_or_path)
-    if revision is not None:
-        if Path(spec).expanduser().exists() or "@" in spec:
-            raise HubError(
-                f"revision={revision!r} applies to a Hub repo id, not to {spec}: pass "
-                "org/name with revision, or a local folder without it"
-            )
-        spec = f"{spec}@{revision}"
-    return load_checkpoint(spec, **kwargs)
+    return load_checkpoint(revision_spec(str(repo_or_path), revision), **kwargs)
+
+
+def revision_spec(spec: str, revision: str | None, error: type[Exception] = HubError) -> str:
+    """``org/name`` and a revision as the project's ``org/name@revision``; ``spec`` itself
+    when ``revision`` is None. A revision given for a local folder or for a spec that names
+    one already is refused (``error``, one line)."""
+    if revision is None:
+        return spec
+    if Path(spec).expanduser().exists() or "@" in spec:
+        raise error(
+            f"revision={revision!r} applies to a Hub repo id, not to {spec}: pass "
+            "org/name with revision, or a local folder without it"
+        )
+    return f"{spec}@{revision}"

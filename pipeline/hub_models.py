@@ -31,6 +31,7 @@ from tsdfm.models.errors import CheckpointError
 from tsdfm.models.refs import parse_hub_ref
 from tsdfm.models.roles import registered_roles, role_class
 from tsdfm.pipeline.hub import push_to_hub as publish_checkpoint
+from tsdfm.pipeline.hub import revision_spec
 
 
 class HubModelMixin(
@@ -68,14 +69,7 @@ class HubModelMixin(
         map_location: str | torch.device = "cpu",
         **unused,
     ):
-        spec = model_id
-        if revision is not None:
-            if Path(model_id).expanduser().exists() or "@" in model_id:
-                raise CheckpointError(
-                    f"revision={revision!r} applies to a Hub repo id, not to {model_id}: pass "
-                    "org/name with revision, or a local folder without it"
-                )
-            spec = f"{model_id}@{revision}"
+        spec = revision_spec(model_id, revision, CheckpointError)
         roles = tuple(r for r in registered_roles() if issubclass(cls, role_class(r)))
         ckpt = load_checkpoint(spec, map_location, role=roles)
         with torch.random.fork_rng(devices=[]):  # the weights are copied in next
