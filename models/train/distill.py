@@ -371,16 +371,11 @@ def _saved_tokenizer(init: Checkpoint):
 def open_init(spec: str, trust_remote_code: bool = False) -> Checkpoint:
     """The --init checkpoint: this project's teacher or student, an adapter teacher
     (``tsdfm.models.teachers.open_teacher``; a remote-code one only with
-    ``trust_remote_code``) or an adapter student (``tsdfm.models.teachers.student``)."""
-    from tsdfm.models.checkpoint import resolve
-    from tsdfm.models.teachers import open_teacher
-    from tsdfm.models.teachers.student import is_adapter_student, load_adapter_student
+    ``trust_remote_code``) or an adapter student (``tsdfm.models.teachers.student``): the
+    generators ``sample`` and ``eval`` open, on the CPU."""
+    from tsdfm.models.eval.sampling import open_model
 
-    if is_adapter_student(resolve(spec)):
-        return load_adapter_student(spec, "cpu", trust_remote_code=trust_remote_code)
-    return open_teacher(
-        spec, "cpu", role=("teacher", "student"), trust_remote_code=trust_remote_code
-    )
+    return open_model(spec, "cpu", trust_remote_code)
 
 
 def _extra_files(init: Checkpoint) -> dict[str, Path | bytes]:
