@@ -50,6 +50,7 @@ from results_io import cpu_device, package_versions, write_jsonl_gz, write_resul
 from tsdfm.models.checkpoint import bundled_path, load_checkpoint
 from tsdfm.models.compass import CompassScorer, ExactScorer
 from tsdfm.models.data.sources import load_language
+from tsdfm.models.data.synthetic import ExactDenoiser
 from tsdfm.models.data.trajectories import ExampleBatch
 from tsdfm.models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
 from tsdfm.models.eval.metrics import unigram_entropy
@@ -61,7 +62,10 @@ from tsdfm.models.train.distill import DistillConfig, StudentStep, build_student
 
 EVAL_SEED_BASE = 1000
 SAMPLES_BYTES = 400_000  # per arm's samples file (gzip'd)
-ARMS = ("blind", "ratio", "joint", "compass", "compass-ratio", "token-ratio", "token-oracle")
+ARMS = (
+    "blind", "ratio", "joint", "compass", "compass-ratio", "token-ratio", "token-oracle",
+    "token-ratio-pos", "token-oracle-pos", "tilt", "posterior",
+)  # fmt: skip
 
 
 class TokenOracle:
@@ -70,6 +74,7 @@ class TokenOracle:
     predecessor (segment k masked again), p the language's exact posterior, q the teacher's."""
 
     name = "token-oracle"
+    per_position = True
 
     def __init__(self, teacher, language, plan):
         mc = teacher.config
@@ -77,8 +82,11 @@ class TokenOracle:
         self.path, self.mask, self.V = mc.path(), mc.mask_token_id, mc.vocab_size
         self.identity = "token-oracle:" + teacher.identity
 
-    @torch.no_grad()
     def energy(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        return self.token_energies(x_t, t).sum(1)
+
+    @torch.no_grad()
+    def token_energies(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
         S = self.plan.segments
         k = round(float(t) * S) - 1
         last = (self.plan.segment_of(self.path, x_t.shape[1]) == k).unsqueeze(0)
@@ -88,7 +96,22 @@ class TokenOracle:
         log_p = torch.log_softmax(self.language.posterior_logits(uniq, self.mask), -1)
         r = (log_p - log_q.double())[inverse]
         picked = r.gather(-1, x_t.clamp(max=self.V - 1).unsqueeze(-1)).squeeze(-1)
-        return -(picked * last).sum(1).float()
+        return -(picked * last).float()
+
+
+class TiltedDenoiser:
+    """The teacher tilted by the token-ratio compass, log q + r_θ (the ``tilt`` arm): the limit
+    K → ∞ of per-position selection with that compass, one teacher and one compass pass per
+    segment. Exact only when each segment is one teacher step (``--teacher-steps`` = S): the
+    compass reads the state at t_k, the predecessor of the segment's reveals."""
+
+    time_invariant = False
+
+    def __init__(self, teacher, compass: CompassScorer):
+        self.teacher, self.compass = teacher, compass.model
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x_t, t, h) + self.compass.log_ratios(x_t, t.double())
 
 
 def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
@@ -130,13 +153,17 @@ def score(language, x: torch.Tensor) -> tuple[float, float]:
     return math.exp(float(nll.sum()) / x.numel()), float(ent.mean())
 
 
-def build(teacher, scorer, cfg: NavigatorConfig, n: int, seed: int, batch: int) -> torch.Tensor:
-    """(n, S+1, L) states of n trajectories with seeds seed·2^32 + i."""
+def build(
+    teacher, scorer, cfg: NavigatorConfig, n: int, seed: int, batch: int, denoiser=None
+) -> torch.Tensor:
+    """(n, S+1, L) states of n trajectories with seeds seed·2^32 + i, drawn by ``denoiser``
+    (default the teacher's network)."""
     mc = teacher.config
+    denoiser = teacher.model if denoiser is None else denoiser
     out = []
     for lo in range(0, n, batch):
         seeds = trajectory_seed(seed, torch.arange(lo, min(n, lo + batch), dtype=torch.long))
-        res = navigate(teacher.model, scorer, mc.path(), seeds, mc.seq_len, cfg)
+        res = navigate(denoiser, scorer, mc.path(), seeds, mc.seq_len, cfg)
         out.append(res.states)
     return torch.cat(out)
 
@@ -222,13 +249,26 @@ def run(a) -> dict:
     if {"compass", "compass-ratio"} & set(a.arms):
         compass = CompassScorer.from_checkpoint(load_checkpoint(a.compass, role="compass"))
     token, token_info = (None, None)
-    if "token-ratio" in a.arms:
+    if {"token-ratio", "token-ratio-pos", "tilt"} & set(a.arms):
         token, token_info = token_compass(a, teacher)
     oracle = None
-    if "token-oracle" in a.arms:
+    if {"token-oracle", "token-oracle-pos"} & set(a.arms):
         oracle = TokenOracle(teacher, language, RevealPlan("dilated", S))
     softmax = dict(shaped, selection="softmax", temperature=1.0)
+    per_pos = dict(shaped, selection="token-softmax", temperature=1.0)
+    if "tilt" in a.arms and a.teacher_steps != S:
+        raise SystemExit(
+            f"error: the tilt arm needs --teacher-steps {S} (one teacher step per segment)"
+        )
+    denoisers = {
+        "tilt": TiltedDenoiser(teacher.model, token) if token is not None else None,
+        "posterior": ExactDenoiser(language, mc.mask_token_id),
+    }
     arms = {
+        "token-ratio-pos": (token, NavigatorConfig(**per_pos)),
+        "token-oracle-pos": (oracle, NavigatorConfig(**per_pos)),
+        "tilt": (None, NavigatorConfig(**base, candidates=1)),
+        "posterior": (None, NavigatorConfig(**base, candidates=1)),
         "token-ratio": (token, NavigatorConfig(**softmax)),
         "token-oracle": (oracle, NavigatorConfig(**softmax)),
         "blind": (None, NavigatorConfig(**base, candidates=1)),
@@ -259,7 +299,9 @@ def run(a) -> dict:
     for name in a.arms:
         scorer, cfg = arms[name]
         print(f"arm {name}: building {a.trajectories} trajectories", flush=True)
-        states = build(teacher, scorer, cfg, a.trajectories, a.dataset_seed, 256)
+        states = build(
+            teacher, scorer, cfg, a.trajectories, a.dataset_seed, 256, denoisers.get(name)
+        )
         finals = score(language, states[:, -1])
         print(f"  dataset finals: gen-PPL {finals[0]:.3f} entropy {finals[1]:.3f}", flush=True)
         times = torch.arange(S + 1, dtype=torch.float64) / S

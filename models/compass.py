@@ -215,6 +215,18 @@ class CompassScorer:
         _follow_device(self.model, x_t.device)
         return self.model(x_t, t)
 
+    @property
+    def per_position(self) -> bool:
+        """Whether it has per-position energies (:meth:`token_energies`): the token head."""
+        return self.config.backbone.head == "tokens"
+
+    @torch.no_grad()
+    def token_energies(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """(B, L) states at t → (B, L) float32 per-position energies (token head only); they
+        sum to :meth:`energy`."""
+        _follow_device(self.model, x_t.device)
+        return self.model.token_energies(x_t, t)
+
 
 EXACT_SCORERS = {"exact": "likelihood", "exact-ratio": "ratio"}
 

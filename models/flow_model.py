@@ -255,7 +255,13 @@ class CompassModel(PrecisionMixin, nn.Module):
             r = self.backbone(x, tt)
         return r.float()
 
-    def _token_energy(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    def token_energies(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Token head: (B, L) states at segment ends t → (B, L) float32 per-position energies
+        −r_θ(X)[i, x_t^i] on the positions i of the last segment (0 elsewhere); they sum to
+        :meth:`forward`'s energy. Per-position selection (``selection="token-softmax"``) reads
+        them."""
+        if self.config.backbone.head != "tokens":
+            raise ConfigError("per-position energies need the token-ratio compass (head tokens)")
         S, L = self.plan.segments, x_t.shape[1]
         tt = batch_times(t, x_t.shape[0], x_t.device).double()
         k = (tt * S).round().long() - 1
@@ -274,7 +280,7 @@ class CompassModel(PrecisionMixin, nn.Module):
         r = self.log_ratios(uniq[:, :L], uniq[:, L].double() / S)[inverse]
         tokens = x_t.clamp(0, self.config.vocab_size - 1).unsqueeze(-1)
         picked = r.gather(-1, tokens).squeeze(-1)
-        return -(picked * last).sum(dim=1)
+        return -(picked * last)
 
     @property
     def path(self) -> MixturePath:
@@ -285,7 +291,7 @@ class CompassModel(PrecisionMixin, nn.Module):
     ) -> torch.Tensor:
         """x_t: (B, L) int64; t: float or (B,) → (B,) float32 energies (h is ignored)."""
         if self.config.backbone.head == "tokens":
-            return self._token_energy(x_t, t)
+            return self.token_energies(x_t, t).sum(dim=1)
         tt = batch_times(t, x_t.shape[0], x_t.device)
         with self._autocast(x_t.device):
             e = self.backbone(x_t, tt)

@@ -8,6 +8,7 @@ segment. For a batch of trajectories with state x at t_k:
         e_j = E(X_j, t_{k+1})                                 (compass energy, lower = better)
         j*  = argmin_j e_j        or   j* ~ softmax(−e / T)
         x   = X_{j*}
+        (token-softmax: x^i = X_{j_i}^i, j_i ~ softmax_j(−e_j^i / T), per position i)
     else:                                                     (a blind segment)
         x   = rollout of x from t_k to t_{k+1} in lane 0
 
@@ -29,6 +30,13 @@ Selection by ``softmax`` at temperature 1 with an energy E = log q − log p (a 
 an untempered NCE compass, or the exact scorer given the proposal ``log_q``) is importance
 resampling: the kept candidate is distributed closer to p (the data) than the teacher's q,
 without sharpening it. ``argmin`` keeps the mode of the K candidates (mode-seeking).
+
+``token-softmax`` resamples each position separately, with a per-position energy (the
+token-ratio compass's −r(X)[i, x^i]): position i of the kept state takes lane j_i's token. The
+kept state then has the per-position marginals a factorised student can learn, whereas a whole
+candidate kept by ``softmax`` carries a joint correction that the student's independent
+per-position draws lose (issue 13: on the bundled teacher the student kept a third of the
+oracle data's gain).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import torch
 from tsdfm.models.errors import ConfigError
 from tsdfm.models.path import MixturePath
 from tsdfm.models.rng import CounterRNG, Stream, categorical
-from tsdfm.models.scorer import Scorer, uses_proposal
+from tsdfm.models.scorer import Scorer, per_position, uses_proposal
 from tsdfm.models.solver import (
     Counters,
     Denoiser,
@@ -54,7 +62,7 @@ from tsdfm.models.solver import (
     uniform_grid,
 )
 
-SELECTIONS = ("argmin", "softmax")
+SELECTIONS = ("argmin", "softmax", "token-softmax")
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,12 @@ class NavigatorConfig:
         teacher_steps: N, jump steps of the teacher over [0, 1]; must be a multiple of S.
         candidates: K rollouts per shaped midpoint; K = 1 is the blind baseline.
         tau: shaping starts at the first segment with t_k ≥ τ.
-        selection: "argmin" or "softmax" (sample with probabilities ∝ exp(−e / temperature)).
+        selection: "argmin", "softmax" (sample with probabilities ∝ exp(−e / temperature)) or
+            "token-softmax" (per position: each position of the segment takes its token from
+            lane j with probability ∝ exp(−e_j^i / temperature), e_j^i the scorer's
+            per-position energy; needs a per-position scorer, the token-ratio compass, and
+            candidates that reveal the same positions: ``shared_reveals`` or the dilated
+            order).
         temperature: softmax *selection* temperature (> 0).
         teacher_temperature: T > 0 of the teacher's own draws, softmax(logits / T)
             (``tsdfm.models.solver.TemperedDenoiser``); 1 is the teacher itself, T < 1 a sharper,
@@ -105,7 +118,9 @@ class NavigatorConfig:
         if not 0.0 <= self.tau <= 1.0:
             raise ConfigError(f"tau={self.tau} must lie in [0, 1]")
         if self.selection not in SELECTIONS:
-            raise ConfigError(f"unknown selection {self.selection!r}; use argmin or softmax")
+            raise ConfigError(
+                f"unknown selection {self.selection!r}; use argmin, softmax or token-softmax"
+            )
         if not self.temperature > 0:
             raise ConfigError(f"temperature={self.temperature} must be positive")
         T = check_temperature(self.teacher_temperature, "teacher_temperature")
@@ -113,6 +128,13 @@ class NavigatorConfig:
         self.plan()  # validates reveal_order
         if not isinstance(self.shared_reveals, bool):
             raise ConfigError(f"shared_reveals={self.shared_reveals!r} must be true or false")
+        if self.selection == "token-softmax" and not (
+            self.shared_reveals or self.reveal_order == "dilated"
+        ):
+            raise ConfigError(
+                "selection token-softmax mixes the candidates position by position, so they must "
+                "reveal the same positions; add --shared-reveals or --reveal-order dilated"
+            )
 
     def plan(self) -> RevealPlan:
         """The reveal plan of every rollout: ``reveal_order`` over the S segments."""
@@ -136,7 +158,10 @@ class NavigationResult:
         times: (S+1,) float64 grid.
         states: (B, S+1, L) int64; states[:, 0] is the source sample, states[:, S] the final.
         energies: (B, S, K) float32 candidate energies (zeros in blind segments).
-        chosen: (B, S) int64 selected lane (0 in blind segments).
+        chosen: (B, S) int64 selected lane (0 in blind segments; under ``token-softmax`` the
+            lane that gave most of the positions where the lanes differ).
+        kept_energies: (B, S) float32 energy of the kept state (zeros in blind segments): the
+            chosen lane's, or under ``token-softmax`` the sum of the kept positions' energies.
         shaped: (S,) bool.
         counters: forward calls / passes / seconds in teacher and compass.
     """
@@ -145,6 +170,7 @@ class NavigationResult:
     states: torch.Tensor
     energies: torch.Tensor
     chosen: torch.Tensor
+    kept_energies: torch.Tensor
     shaped: torch.Tensor
     counters: Counters
 
@@ -160,6 +186,39 @@ def select(
     p = torch.softmax(logits, dim=1)
     u = rng.uniform(segment, Stream.SELECT, 1)[:, 0]
     return categorical(p.cumsum(1), u)
+
+
+def select_tokens(
+    candidates: torch.Tensor,
+    token_energies: torch.Tensor,
+    cfg: NavigatorConfig,
+    rng: CounterRNG,
+    segment: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position selection (``token-softmax``): position i of row b takes its token from lane
+    j with probability ∝ exp(−e[b, j, i] / T), one float64 inverse-CDF draw per position from
+    the trajectory's SELECT stream. With a per-token density-ratio energy at T = 1 this is
+    importance resampling of each position separately: the kept state's per-position
+    marginals are what a factorised student can learn.
+
+    Args:
+        candidates: (B, K, L) int64 candidate states (they reveal the same positions).
+        token_energies: (B, K, L) per-position energies.
+
+    Returns:
+        (B, L) kept state; (B,) the lane that gave most of the positions where the lanes
+        differ (0 where they never do); (B,) float32 energy of the kept state (the sum of its
+        positions' energies).
+    """
+    K, L = candidates.shape[1:]
+    p = torch.softmax(-token_energies.double() / cfg.temperature, dim=1)  # over lanes
+    u = rng.uniform(segment, Stream.SELECT, L)  # (B, L)
+    j = categorical(p.transpose(1, 2).cumsum(-1), u)  # (B, L)
+    x = candidates.gather(1, j.unsqueeze(1)).squeeze(1)
+    kept = token_energies.gather(1, j.unsqueeze(1)).squeeze(1).sum(dim=1)
+    varies = (candidates != candidates[:, :1]).any(dim=1)  # (B, L)
+    counts = (torch.nn.functional.one_hot(j, K) * varies.unsqueeze(-1)).sum(dim=1)
+    return x, counts.argmax(dim=1), kept
 
 
 def lane_rng(seeds: torch.Tensor, candidates: int, shared_reveals: bool = False) -> CounterRNG:
@@ -186,15 +245,18 @@ class SegmentChoice:
 
     Attributes:
         x: (B, L) int64 kept states at t_{k+1}.
-        cache: the teacher's denoiser cache of the kept rows, for the next segment.
+        cache: the teacher's denoiser cache of the kept rows, for the next segment (None when
+            the kept state mixes lanes, ``token-softmax``).
         energies: (B, K) float32 energies of all candidates.
-        chosen: (B,) int64 kept lane j*.
+        chosen: (B,) int64 kept lane j* (``token-softmax``: the lane of most positions).
+        kept: (B,) float32 energy of the kept state.
     """
 
     x: torch.Tensor
-    cache: DenoiserCache
+    cache: DenoiserCache | None
     energies: torch.Tensor
     chosen: torch.Tensor
+    kept: torch.Tensor
 
 
 @torch.no_grad()
@@ -250,11 +312,23 @@ def search_segment(
     xk, cache_k = rollout(
         teacher, path, x[rows], times, lanes, step_offset, cache_k, counters, cfg.plan(), log_q
     )
+    counters.extra["candidates"] += B * K
+    if cfg.selection == "token-softmax":
+        if not per_position(scorer):
+            raise ConfigError(
+                f"selection token-softmax needs per-position energies, which the scorer "
+                f"{getattr(scorer, 'name', type(scorer).__name__)!r} does not have; use a "
+                "token-ratio compass (compass train --head tokens) or selection softmax"
+            )
+        te = _score(scorer, xk, float(times[-1]), counters, tokens=True).view(B, K, -1)
+        x_kept, j, kept = select_tokens(xk.view(B, K, -1), te, cfg, rng, segment)
+        # the kept state mixes lanes: no lane's cache describes it (the next segment
+        # evaluates the teacher afresh)
+        return SegmentChoice(x_kept, None, te.sum(dim=2), j, kept)
     e = _score(scorer, xk, float(times[-1]), counters, log_q).view(B, K)
     j = select(e, cfg, rng, segment)
     pick = torch.arange(B, device=device) * K + j
-    counters.extra["candidates"] += B * K
-    return SegmentChoice(xk[pick], cache_k.select(pick), e, j)
+    return SegmentChoice(xk[pick], cache_k.select(pick), e, j, e.gather(1, j[:, None])[:, 0])
 
 
 @torch.no_grad()
@@ -290,6 +364,7 @@ def navigate(
     states = [x]
     energies = torch.zeros(B, S, K, dtype=torch.float32, device=device)
     chosen = torch.zeros(B, S, dtype=torch.long, device=device)
+    kept = torch.zeros(B, S, dtype=torch.float32, device=device)
     counters = Counters(
         extra={"compass_calls": 0, "compass_rows": 0, "compass_seconds": 0.0, "candidates": 0}
     )
@@ -303,6 +378,7 @@ def navigate(
             x, cache = choice.x, choice.cache
             energies[:, k] = choice.energies
             chosen[:, k] = choice.chosen
+            kept[:, k] = choice.kept
         else:
             x, cache = rollout(teacher, path, x, seg, rng, k * n, cache, counters, plan)
         states.append(x)
@@ -311,6 +387,7 @@ def navigate(
         states=torch.stack(states, dim=1),
         energies=energies,
         chosen=chosen,
+        kept_energies=kept,
         shaped=torch.tensor(shaped, dtype=torch.bool),
         counters=counters,
     )
@@ -322,9 +399,15 @@ def _score(
     t: float,
     counters: Counters,
     log_q: torch.Tensor | None = None,
+    tokens: bool = False,
 ) -> torch.Tensor:
     start = time.perf_counter()
-    e = (scorer.energy(x, t) if log_q is None else scorer.energy(x, t, log_q=log_q)).float()
+    if tokens:
+        e = scorer.token_energies(x, t).float()
+    elif log_q is None:
+        e = scorer.energy(x, t).float()
+    else:
+        e = scorer.energy(x, t, log_q=log_q).float()
     synchronize(e.device)
     counters.extra["compass_seconds"] += time.perf_counter() - start
     counters.extra["compass_calls"] += 1

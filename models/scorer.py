@@ -13,6 +13,10 @@ A scorer that sets ``uses_proposal = True`` is also given ``log_q`` by the navig
 float64, the log probability with which the teacher drew the tokens each candidate revealed in
 the segment (its proposal q), so that it can return a density-ratio energy E = log q − log p.
 Softmax selection at temperature 1 with such an energy is importance resampling toward p.
+
+A scorer whose energy is a sum over positions (the token-ratio compass) sets
+``per_position = True`` and has ``token_energies(x_t, t)``: (B, L) float32 per-position energies
+that sum to ``energy``. Per-position selection (``selection="token-softmax"``) reads them.
 """
 
 from __future__ import annotations
@@ -54,3 +58,8 @@ class Scorer(Protocol):
 def uses_proposal(scorer: object) -> bool:
     """Whether ``scorer`` wants the proposal ``log q`` of each candidate (``uses_proposal``)."""
     return bool(getattr(scorer, "uses_proposal", False))
+
+
+def per_position(scorer: object) -> bool:
+    """Whether ``scorer`` has per-position energies (``per_position``, ``token_energies``)."""
+    return bool(getattr(scorer, "per_position", False)) and hasattr(scorer, "token_energies")

@@ -476,11 +476,13 @@ def _how_it_was_made(m: dict[str, Any], model: ModelFacts | None) -> list[str]:
     )
     if K > 1:
         sel = nav["selection"]
-        how = (
-            "keeps the lowest-energy candidate"
-            if sel == "argmin"
-            else f"samples a candidate with probability ∝ exp(−e / {nav['temperature']})"
-        )
+        how = {
+            "argmin": "keeps the lowest-energy candidate",
+            "softmax": f"samples a candidate with probability ∝ exp(−e / {nav['temperature']})",
+            "token-softmax": "takes each position's token from a candidate sampled with "
+            f"probability ∝ exp(−e_i / {nav['temperature']}), e_i that position's energy "
+            "(the stored index is the candidate that gave most of the positions)",
+        }[sel]
         second = (
             "The trajectories are shaped by an energy-guided midpoint search (TS-DFM). At every "
             f"grid time t_k ≥ τ = {tau}, the teacher rolls the current state forward N/S = "

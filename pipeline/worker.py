@@ -442,7 +442,7 @@ class _Totals:
         shaped = res.shaped.to(res.energies.device)
         if shaped.any():
             e = res.energies[:, shaped].double().cpu()  # (B, S', K)
-            kept = e.gather(2, res.chosen[:, shaped].cpu().unsqueeze(2)).squeeze(2)
+            kept = res.kept_energies[:, shaped].double().cpu()  # (B, S')
             self.chosen_sum += float(kept.sum())
             self.candidate_sum += float(e.mean(dim=2).sum())
             self.shaped_rows += kept.numel()

@@ -148,3 +148,84 @@ def test_token_ratio_compass_selects_through_the_navigator(tiny_teacher):
         torch.testing.assert_close(scorer.energy(after, (k + 1) / S), kept, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kept, res.energies[:, k].min(1).values)
         assert (res.energies[:, k].std(1) > 0).any()  # siblings are told apart
+
+
+class PositionScorer(TokenSumScorer):
+    """TokenSumScorer with its per-position terms exposed (``per_position``)."""
+
+    per_position = True
+
+    def token_energies(self, x, t):
+        w = torch.arange(1, x.shape[1] + 1, dtype=torch.float32)
+        return (x % (self.V + 1)).float() * (x != self.V) * w / 100.0
+
+
+def test_token_softmax_takes_each_position_from_its_best_lane(tiny_teacher):
+    """Per-position selection: near T = 0 every position keeps the lane with its lowest
+    per-position energy, so the kept state's energy is at most the best whole candidate's and
+    below it where lanes disagree at several positions; the kept state only moves the
+    segment's positions, and draws are seeded and independent of batch-mates."""
+    V, S = tiny_teacher.config.vocab_size, 4
+    scorer = PositionScorer(V)
+    seeds = torch.arange(24) + 11
+    kw = dict(candidates=4, teacher_steps=8, reveal_order="dilated", shared_reveals=True)
+    cold, _ = _nav(tiny_teacher, scorer, seeds, selection="token-softmax", temperature=1e-4, **kw)
+    whole, _ = _nav(tiny_teacher, scorer, seeds, selection="argmin", **kw)
+    for k in range(S):
+        kept = scorer.energy(cold.states[:, k + 1], (k + 1) / S)
+        assert (kept <= cold.energies[:, k].min(1).values + 1e-5).all()
+        torch.testing.assert_close(cold.kept_energies[:, k], kept)
+        lane = whole.energies[:, k].gather(1, whole.chosen[:, k, None])[:, 0]
+        torch.testing.assert_close(whole.kept_energies[:, k], lane)
+    # from the shared source, per-position choice is never worse than whole-candidate choice
+    # and better where the lanes disagree at several positions
+    first_pos = scorer.energy(cold.states[:, 1], 1 / S)
+    first_whole = scorer.energy(whole.states[:, 1], 1 / S)
+    assert (first_pos <= first_whole + 1e-5).all() and (first_pos < first_whole - 1e-4).any()
+    seg_changes = (cold.states[:, 1:] != cold.states[:, :-1]).sum(2)
+    assert (seg_changes <= tiny_teacher.config.seq_len // S).all()
+    again, _ = _nav(tiny_teacher, scorer, seeds, selection="token-softmax", temperature=1.0, **kw)
+    hot, _ = _nav(tiny_teacher, scorer, seeds, selection="token-softmax", temperature=1.0, **kw)
+    assert torch.equal(again.states, hot.states)
+    part, _ = _nav(
+        tiny_teacher, scorer, seeds[5:9], selection="token-softmax", temperature=1.0, **kw
+    )
+    assert torch.equal(part.states, hot.states[5:9])
+    assert (hot.chosen >= 0).all() and (hot.chosen < 4).all()
+
+
+def test_token_softmax_needs_shared_positions_and_per_position_energies(tiny_teacher):
+    with pytest.raises(ConfigError, match="add --shared-reveals or --reveal-order dilated"):
+        NavigatorConfig(selection="token-softmax")
+    with pytest.raises(ConfigError, match="needs per-position energies"):
+        _nav(tiny_teacher, TokenSumScorer(tiny_teacher.config.vocab_size), torch.arange(2),
+             selection="token-softmax", shared_reveals=True)  # fmt: skip
+
+
+def test_token_ratio_compass_per_position_energies_sum_to_its_energy(tiny_teacher):
+    """The token-ratio compass's per-position energies (what ``token-softmax`` reads) sum to
+    its energy and are zero outside the scored segment; a pooled compass has none."""
+    from tsdfm.models.compass import CompassScorer, compass_config
+    from tsdfm.models.flow_model import CompassModel
+    from tsdfm.models.scorer import per_position
+    from tsdfm.models.solver import RevealPlan
+
+    S = 4
+    prov = {"reveal_order": "dilated", "student_steps": S}
+    torch.manual_seed(3)
+    model = CompassModel(
+        compass_config(tiny_teacher.config, 16, 1, 2, provenance=prov, head="tokens")
+    )
+    torch.nn.init.normal_(model.backbone.out.weight, std=0.5)
+    scorer = CompassScorer(model, "sha256:test")
+    res, _ = _nav(tiny_teacher, scorer, torch.arange(8), candidates=3, teacher_steps=4,
+                  reveal_order="dilated", selection="token-softmax")  # fmt: skip
+    seg = RevealPlan("dilated", S).segment_of(tiny_teacher.path, tiny_teacher.config.seq_len)
+    x = res.states[:, 2]
+    te = scorer.token_energies(x, 2 / S)
+    torch.testing.assert_close(te.sum(1), scorer.energy(x, 2 / S))
+    assert (te[:, seg != 1] == 0).all() and (te[:, seg == 1] != 0).any()
+    torch.testing.assert_close(res.kept_energies[:, 1], scorer.energy(x, 2 / S))
+    assert per_position(scorer)
+    pooled = CompassModel(compass_config(tiny_teacher.config, 16, 1, 2))
+    assert not per_position(CompassScorer(pooled, "sha256:pooled"))

@@ -73,7 +73,11 @@ def build(
     k: Annotated[int, typer.Option("--k", "-K", help="Candidates per midpoint; 1 = blind.")] = 8,
     tau: Annotated[float, typer.Option(help="Shape segments starting at t ≥ tau.")] = 0.0,
     selection: Annotated[
-        Selection, typer.Option(help="argmin or softmax (∝ exp(−energy / T))")
+        Selection,
+        typer.Option(
+            help="argmin; softmax (a candidate ∝ exp(−energy / T)); token-softmax (each "
+            "position from a candidate ∝ exp(−its energy / T): needs a token-ratio compass)"
+        ),
     ] = Selection.argmin,
     selection_temperature: Annotated[
         float, typer.Option(help="T of the softmax selection, ∝ exp(−energy / T).")

@@ -126,6 +126,7 @@ class Selection(str, enum.Enum):
 
     argmin = "argmin"
     softmax = "softmax"
+    token_softmax = "token-softmax"
 
 
 class Precision(str, enum.Enum):
