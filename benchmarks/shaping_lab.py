@@ -168,9 +168,15 @@ def build(
     return torch.cat(out)
 
 
-def distill(teacher, states: torch.Tensor, times: torch.Tensor, steps: int, seed: int, lr: float):
-    """A student from ``teacher`` trained on random segments of ``states`` (segment NLL)."""
-    cfg = DistillConfig(data="memory", init="memory", out="memory", steps=steps, seed=seed, lr=lr)
+def distill(
+    teacher, states: torch.Tensor, times: torch.Tensor, steps: int, seed: int, lr: float,
+    final_weight: float = 0.0,
+):  # fmt: skip
+    """A student from ``teacher`` trained on random segments of ``states`` (segment NLL, plus
+    ``final_weight`` times the cross-entropy toward the final sequence where a segment leaves a
+    position masked)."""
+    cfg = DistillConfig(data="memory", init="memory", out="memory", steps=steps, seed=seed, lr=lr,
+                        final_weight=final_weight)  # fmt: skip
     model = build_student(teacher, seed)
     step = StudentStep(model, cfg, torch.device("cpu"))
     n, S = states.shape[0], states.shape[1] - 1
@@ -305,7 +311,9 @@ def run(a) -> dict:
         finals = score(language, states[:, -1])
         print(f"  dataset finals: gen-PPL {finals[0]:.3f} entropy {finals[1]:.3f}", flush=True)
         times = torch.arange(S + 1, dtype=torch.float64) / S
-        student = distill(teacher, states, times, a.distill_steps, a.dataset_seed, a.lr)
+        student = distill(
+            teacher, states, times, a.distill_steps, a.dataset_seed, a.lr, a.final_weight
+        )
         print(f"  student ({a.distill_steps} steps):", flush=True)
         kept: dict = {}
         points = frontier(language, student, path, L, S, a.order, temps, a.samples, 250, kept)
@@ -357,7 +365,8 @@ def markdown(r: dict, command: str) -> str:
         f"S = {c['student_steps']}, N = {c['teacher_steps']}, reveal order {c['order']}, K = "
         f"{c['candidates']} with shared reveals; students: {c['distill_steps']} steps × 64 "
         f"segments at lr {c['lr']:g}"
-        f" from the teacher's weights; {c['samples']} samples per point, evaluation "
+        + (f", final weight λ = {c['final_weight']:g}" if c.get("final_weight") else "")
+        + f" from the teacher's weights; {c['samples']} samples per point, evaluation "
         f"seeds from {r['eval_seed_base']}; one dataset seed, one student seed (no ±).",
         "",
         "| frontier | "
@@ -430,6 +439,10 @@ def main() -> None:
         help="steps of the many-step teacher frontier (random order); 0 skips it",
     )
     ap.add_argument("--lr", type=float, default=3e-4, help="the students' peak learning rate")
+    ap.add_argument(
+        "--final-weight", type=float, default=0.0,
+        help="λ of the students' cross-entropy toward x_1 where a segment leaves a position masked",
+    )  # fmt: skip
     ap.add_argument("--dataset-seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.1, 1.0, 0.9, 0.8])

@@ -156,6 +156,20 @@ def test_bad_build_flags(tmp_path, saved_tiny_teacher, extra, message):
     assert not (tmp_path / "ds" / "manifest.json").exists()
 
 
+def test_token_softmax_needs_shared_positions_and_a_token_ratio_compass(
+    tmp_path, saved_tiny_teacher, saved_tiny_compass
+):
+    extra = ["--k", "4", "--compass", saved_tiny_compass, "--selection", "token-softmax"]
+    res = _small(saved_tiny_teacher, tmp_path / "a", *extra)
+    assert res.exit_code == 2, res.output
+    assert "add --shared-reveals or --reveal-order dilated" in res.output.strip().splitlines()[-1]
+    res = _small(saved_tiny_teacher, tmp_path / "b", *extra, "--shared-reveals")
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "needs per-position energies" in last and "--head tokens" in last
+    assert not (tmp_path / "b" / "manifest.json").exists()
+
+
 def test_bad_checkpoints_and_outputs(tmp_path, saved_tiny_teacher):
     (tmp_path / "t.pt").write_bytes(b"x")
     res = _small(tmp_path / "t.pt", tmp_path / "a")
