@@ -22,7 +22,13 @@ per-token log-ratios of the shared predecessor, trained in the lab for ``--token
 with the library's ``train_compass``, or ``--token-compass`` if given); ``token-oracle`` (the
 same energy with the exact per-token ratio log p(v | X, i) − log q(v | X, i): the ceiling of any
 token-ratio compass, i.e. what the product over a segment's positions loses against
-``ratio``).
+``ratio``); ``token-ratio-pos`` and ``token-oracle-pos`` (the same two energies with
+``selection="token-softmax"``: each position of the segment takes its token from a lane drawn
+∝ exp(−its own energy), instead of one lane for the whole segment); ``tilt`` (no candidates:
+the teacher's logits plus the token-ratio compass's log-ratios, sampled directly, the K → ∞
+limit of ``token-ratio-pos``; needs ``--teacher-steps`` = S); ``posterior`` (no candidates:
+trajectories of the language's exact posterior, the ceiling of per-position shaping, which
+asks how much of perfect data a student keeps).
 
     python benchmarks/shaping_lab.py                                  # bundled teacher, dilated
     python benchmarks/shaping_lab.py --teacher runs/weak/final --out docs/results/shaping-lab-weak
