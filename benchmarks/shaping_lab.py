@@ -24,11 +24,11 @@ same energy with the exact per-token ratio log p(v | X, i) − log q(v | X, i): 
 token-ratio compass, i.e. what the product over a segment's positions loses against
 ``ratio``); ``token-ratio-pos`` and ``token-oracle-pos`` (the same two energies with
 ``selection="token-softmax"``: each position of the segment takes its token from a lane drawn
-∝ exp(−its own energy), instead of one lane for the whole segment); ``tilt`` (no candidates:
-the teacher's logits plus the token-ratio compass's log-ratios, sampled directly, the K → ∞
-limit of ``token-ratio-pos``; needs ``--teacher-steps`` = S); ``posterior`` (no candidates:
-trajectories of the language's exact posterior, the ceiling of per-position shaping, which
-asks how much of perfect data a student keeps).
+∝ exp(−its own energy), instead of one lane for the whole segment); ``tilt`` (no candidates,
+``selection="tilt"``: the teacher's logits plus the token-ratio compass's log-ratios, sampled
+directly, the K → ∞ limit of ``token-ratio-pos``; needs ``--teacher-steps`` = S);
+``posterior`` (no candidates: trajectories of the language's exact posterior, the ceiling of
+per-position shaping, which asks how much of perfect data a student keeps).
 
     python benchmarks/shaping_lab.py                                  # bundled teacher, dilated
     python benchmarks/shaping_lab.py --teacher runs/weak/final --out docs/results/shaping-lab-weak
@@ -103,21 +103,6 @@ class TokenOracle:
         r = (log_p - log_q.double())[inverse]
         picked = r.gather(-1, x_t.clamp(max=self.V - 1).unsqueeze(-1)).squeeze(-1)
         return -(picked * last).float()
-
-
-class TiltedDenoiser:
-    """The teacher tilted by the token-ratio compass, log q + r_θ (the ``tilt`` arm): the limit
-    K → ∞ of per-position selection with that compass, one teacher and one compass pass per
-    segment. Exact only when each segment is one teacher step (``--teacher-steps`` = S): the
-    compass reads the state at t_k, the predecessor of the segment's reveals."""
-
-    time_invariant = False
-
-    def __init__(self, teacher, compass: CompassScorer):
-        self.teacher, self.compass = teacher, compass.model
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x_t, t, h) + self.compass.log_ratios(x_t, t.double())
 
 
 def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
@@ -272,14 +257,10 @@ def run(a) -> dict:
         raise SystemExit(
             f"error: the tilt arm needs --teacher-steps {S} (one teacher step per segment)"
         )
-    denoisers = {
-        "tilt": TiltedDenoiser(teacher.model, token) if token is not None else None,
-        "posterior": ExactDenoiser(language, mc.mask_token_id),
-    }
+    denoisers = {"posterior": ExactDenoiser(language, mc.mask_token_id)}
     arms = {
         "token-ratio-pos": (token, NavigatorConfig(**per_pos)),
         "token-oracle-pos": (oracle, NavigatorConfig(**per_pos)),
-        "tilt": (None, NavigatorConfig(**base, candidates=1)),
         "posterior": (None, NavigatorConfig(**base, candidates=1)),
         "token-ratio": (token, NavigatorConfig(**softmax)),
         "token-oracle": (oracle, NavigatorConfig(**softmax)),
@@ -292,6 +273,8 @@ def run(a) -> dict:
         "compass": (compass, NavigatorConfig(**shaped)),
         "compass-ratio": (compass, NavigatorConfig(**shaped, selection="softmax", temperature=1.0)),
     }
+    if "tilt" in a.arms:  # the library's selection="tilt": N = S, dilated
+        arms["tilt"] = (token, NavigatorConfig(**base, candidates=1, selection="tilt"))
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(EVAL_SEED_BASE)
     real = score(language, language.sample(a.samples, gen))

@@ -221,6 +221,15 @@ class CompassScorer:
         return self.config.backbone.head == "tokens"
 
     @torch.no_grad()
+    def log_ratios(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """(B, L) predecessor states at t_k → (B, L, V) float32 log-ratios r_θ (token head
+        only): what ``selection="tilt"`` adds to the teacher's logits."""
+        if not self.per_position:
+            raise ConfigError("log-ratios need the token-ratio compass (head tokens)")
+        _follow_device(self.model, x.device)
+        return self.model.log_ratios(x, t)
+
+    @torch.no_grad()
     def token_energies(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """(B, L) states at t → (B, L) float32 per-position energies (token head only); they
         sum to :meth:`energy`."""

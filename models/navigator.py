@@ -9,6 +9,7 @@ segment. For a batch of trajectories with state x at t_k:
         j*  = argmin_j e_j        or   j* ~ softmax(−e / T)
         x   = X_{j*}
         (token-softmax: x^i = X_{j_i}^i, j_i ~ softmax_j(−e_j^i / T), per position i)
+        (tilt, K = 1: x = one teacher step from t_k with logits log q + r(x), no candidates)
     else:                                                     (a blind segment)
         x   = rollout of x from t_k to t_{k+1} in lane 0
 
@@ -37,6 +38,14 @@ kept state then has the per-position marginals a factorised student can learn, w
 candidate kept by ``softmax`` carries a joint correction that the student's independent
 per-position draws lose (issue 13: on the bundled teacher the student kept a third of the
 oracle data's gain).
+
+``tilt`` draws no candidates: each shaped segment is one teacher step whose logits are the
+teacher's plus the token-ratio compass's log-ratios r(X) at the predecessor X, i.e. the teacher
+tilted toward the data, the K → ∞ limit of ``token-softmax`` at temperature 1, for one teacher
+and one compass pass per segment (K teacher passes for the others). It needs K = 1, one teacher
+step per segment (N = S: the compass reads the predecessor at t_k) and the dilated order (the
+plan the compass was trained on). Its recorded energy is the kept state's (one value per
+segment).
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ from tsdfm.models.solver import (
     uniform_grid,
 )
 
-SELECTIONS = ("argmin", "softmax", "token-softmax")
+SELECTIONS = ("argmin", "softmax", "token-softmax", "tilt")
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,9 @@ class NavigatorConfig:
             lane j with probability ∝ exp(−e_j^i / temperature), e_j^i the scorer's
             per-position energy; needs a per-position scorer, the token-ratio compass, and
             candidates that reveal the same positions: ``shared_reveals`` or the dilated
-            order).
+            order), or "tilt" (no candidates, K = 1: the shaped segments are drawn from the
+            teacher's logits plus the scorer's log-ratios, ``log_ratios``; needs N = S and
+            the dilated order).
         temperature: softmax *selection* temperature (> 0).
         teacher_temperature: T > 0 of the teacher's own draws, softmax(logits / T)
             (``tsdfm.models.solver.TemperedDenoiser``); 1 is the teacher itself, T < 1 a sharper,
@@ -119,7 +130,7 @@ class NavigatorConfig:
             raise ConfigError(f"tau={self.tau} must lie in [0, 1]")
         if self.selection not in SELECTIONS:
             raise ConfigError(
-                f"unknown selection {self.selection!r}; use argmin, softmax or token-softmax"
+                f"unknown selection {self.selection!r}; use argmin, softmax, token-softmax or tilt"
             )
         if not self.temperature > 0:
             raise ConfigError(f"temperature={self.temperature} must be positive")
@@ -136,6 +147,19 @@ class NavigatorConfig:
                 "reveal the same positions; add --shared-reveals or --reveal-order dilated"
             )
 
+        if self.selection == "tilt":
+            if K != 1:
+                raise ConfigError(
+                    f"selection tilt draws no candidates (the tilted teacher is their K → ∞ "
+                    f"limit), got K={K}; use K = 1 (--k 1)"
+                )
+            if N != S or self.reveal_order != "dilated":
+                raise ConfigError(
+                    "selection tilt reads the token-ratio compass at each segment's predecessor, "
+                    f"so it needs one teacher step per segment in the dilated order; use "
+                    f"--teacher-steps {S} --reveal-order dilated"
+                )
+
     def plan(self) -> RevealPlan:
         """The reveal plan of every rollout: ``reveal_order`` over the S segments."""
         return RevealPlan(self.reveal_order, self.student_steps)
@@ -145,9 +169,9 @@ class NavigatorConfig:
         return self.teacher_steps // self.student_steps
 
     def shaped_segments(self) -> list[bool]:
-        """Which segments k are shaped: t_k ≥ τ and K > 1."""
-        S = self.student_steps
-        return [self.candidates > 1 and k / S >= self.tau - 1e-12 for k in range(S)]
+        """Which segments k are shaped: t_k ≥ τ, and K > 1 or ``tilt``."""
+        S, on = self.student_steps, self.candidates > 1 or self.selection == "tilt"
+        return [on and k / S >= self.tau - 1e-12 for k in range(S)]
 
 
 @dataclass
@@ -368,10 +392,20 @@ def navigate(
     counters = Counters(
         extra={"compass_calls": 0, "compass_rows": 0, "compass_seconds": 0.0, "candidates": 0}
     )
+    if cfg.selection == "tilt" and any(shaped) and not hasattr(scorer, "log_ratios"):
+        raise ConfigError(
+            "selection tilt needs a scorer with per-token log-ratios (log_ratios): the "
+            "token-ratio compass, compass train --head tokens"
+        )
     cache = None
     for k in range(S):
         seg = grid[k * n : (k + 1) * n + 1]
-        if shaped[k]:
+        if shaped[k] and cfg.selection == "tilt":
+            x = tilt_segment(teacher, scorer, path, x, seg, rng, k * n, counters, plan)
+            kept[:, k] = _score(scorer, x, float(seg[-1]), counters, tokens=True).sum(-1)
+            energies[:, k, 0] = kept[:, k]
+            cache = None  # the tilted logits are not the teacher's
+        elif shaped[k]:
             choice = search_segment(
                 teacher, scorer, path, x, seg, k, k * n, cfg, rng, lanes, cache, counters
             )
@@ -391,6 +425,45 @@ def navigate(
         shaped=torch.tensor(shaped, dtype=torch.bool),
         counters=counters,
     )
+
+
+class TiltedDenoiser:
+    """The teacher tilted by a token-ratio scorer: logits log q(· | x_t) + r(x_t)[i, ·]
+    (``selection="tilt"``). Counts the scorer's passes in ``counters``."""
+
+    time_invariant = False
+
+    def __init__(self, teacher: Denoiser, scorer, counters: Counters):
+        self.teacher, self.scorer, self.counters = teacher, scorer, counters
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        logits = self.teacher(x_t, t, h)
+        start = time.perf_counter()
+        r = self.scorer.log_ratios(x_t, t.double())
+        if not torch.isfinite(r).all():
+            raise FloatingPointError("the compass returned non-finite log-ratios")
+        self.counters.extra["compass_seconds"] += time.perf_counter() - start
+        self.counters.extra["compass_calls"] += 1
+        self.counters.extra["compass_rows"] += x_t.shape[0]
+        return torch.log_softmax(logits.float(), -1) + r.to(logits.device)
+
+
+def tilt_segment(
+    teacher: Denoiser,
+    scorer,
+    path: MixturePath,
+    x: torch.Tensor,
+    seg: torch.Tensor,
+    rng: CounterRNG,
+    step_offset: int,
+    counters: Counters,
+    plan: RevealPlan,
+) -> torch.Tensor:
+    """One shaped segment under ``selection="tilt"``: lane 0's randomness (so positions and
+    uniforms are the blind trajectory's), the teacher's logits tilted by the scorer."""
+    tilted = TiltedDenoiser(teacher, scorer, counters)
+    x, _ = rollout(tilted, path, x, seg, rng, step_offset, None, counters, plan)
+    return x
 
 
 def _score(

@@ -106,6 +106,11 @@ class BuildConfig:
                 f"K={self.navigator.candidates} candidates need a compass to choose between "
                 "them; pass --compass CKPT or use --k 1 for a blind dataset"
             )
+        if self.navigator.selection == "tilt" and self.compass is None:
+            raise ConfigError(
+                "--selection tilt adds a token-ratio compass's log-ratios to the teacher's; pass "
+                "--compass CKPT (compass train --head tokens)"
+            )
         if self.seed < 0 or self.seed >= 2**30:
             raise ConfigError(f"seed={self.seed} must lie in [0, 2^30)")
         if isinstance(self.schema_version, bool) or self.schema_version not in SCHEMA_VERSIONS:

@@ -110,11 +110,12 @@ def open_models(
     elif cfg.compass is not None:
         compass = open_compass(cfg.compass)
         check_compass_for_teacher(compass, teacher, cfg.allow_teacher_mismatch)
-    if cfg.navigator.selection == "token-softmax" and cfg.navigator.candidates > 1:
+    sel = cfg.navigator.selection
+    if sel in ("token-softmax", "tilt") and any(cfg.navigator.shaped_segments()):
         head = getattr(getattr(getattr(compass, "config", None), "backbone", None), "head", None)
         if head != "tokens":
             raise ConfigError(
-                f"--selection token-softmax needs per-position energies, which the compass "
+                f"--selection {sel} needs per-position log-ratios, which the compass "
                 f"{cfg.compass!r} does not have; train a token-ratio compass (compass train "
                 "--head tokens) or use --selection softmax"
             )

@@ -3,7 +3,9 @@
 import json
 import socket
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tsdfm.pipeline.cli import app
@@ -166,8 +168,60 @@ def test_token_softmax_needs_shared_positions_and_a_token_ratio_compass(
     res = _small(saved_tiny_teacher, tmp_path / "b", *extra, "--shared-reveals")
     assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
-    assert "needs per-position energies" in last and "--head tokens" in last
+    assert "needs per-position log-ratios" in last and "--head tokens" in last
     assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def _token_compass(tmp_path, teacher_dir, tiny_language):
+    """A random token-ratio compass for the tiny teacher (dilated plan, S = 4)."""
+    from tsdfm.models.checkpoint import load_checkpoint, save_checkpoint
+    from tsdfm.models.compass import compass_config
+    from tsdfm.models.flow_model import CompassModel
+    from tsdfm.models.train.common import seeded
+
+    teacher = load_checkpoint(teacher_dir)
+    prov = {"teacher_identity": teacher.identity, "reveal_order": "dilated", "student_steps": 4}
+    cfg = compass_config(teacher.config, 16, 1, 2, provenance=prov, head="tokens")
+    with seeded(2):
+        model = CompassModel(cfg).eval()
+        torch.nn.init.normal_(model.backbone.out.weight, std=0.5)
+    save_checkpoint(tmp_path / "token-compass", model, tiny_language.tokenizer())
+    return tmp_path / "token-compass"
+
+
+def test_tilt_builds_a_verified_dataset_and_refuses_bad_plans_in_one_line(
+    tmp_path, saved_tiny_teacher, saved_tiny_compass, tiny_language
+):
+    """`--selection tilt` through Ray: K = 1, one teacher step per segment, dilated; every
+    segment is shaped and records the kept state's energy; verify passes; without a token-ratio
+    compass, with K > 1 or with N ≠ S it is refused before anything is written."""
+    from tsdfm.models.data.schema import decode_rows
+    from tsdfm.pipeline.shards import read_shard
+
+    token = _token_compass(tmp_path, saved_tiny_teacher, tiny_language)
+    plan = ["--k", "1", "-N", "4", "--reveal-order", "dilated", "--selection", "tilt"]
+    res = _small(saved_tiny_teacher, tmp_path / "ds", "--compass", token, *plan)
+    assert res.exit_code == 0, res.output
+    card = (tmp_path / "ds" / "README.md").read_text()
+    assert "tilted teacher" in card
+    root = tmp_path / "ds"
+    first = sorted(root.rglob("*.parquet"))[0].relative_to(root)
+    rows = decode_rows(read_shard(str(root), str(first))[0])
+    assert rows.shaped.all() and rows.energies.shape[2] == 1 and (rows.chosen == 0).all()
+    assert np.isfinite(rows.energies).all() and (rows.energies != 0).any()
+    checked = runner.invoke(app, ["verify", str(root)])
+    assert checked.exit_code == 0, checked.output
+    refusals = {
+        "needs per-position log-ratios": ["--compass", saved_tiny_compass, *plan],
+        "use K = 1 (--k 1)": ["--compass", token, *plan, "--k", "4"],
+        "--teacher-steps 4 --reveal-order dilated": ["--compass", token, *plan, "-N", "16"],
+        "pass --compass CKPT": plan,
+    }
+    for i, (want, extra) in enumerate(refusals.items()):
+        bad = _small(saved_tiny_teacher, tmp_path / f"bad{i}", *extra)
+        assert bad.exit_code == 2, (want, bad.output)
+        assert want in bad.output.strip().splitlines()[-1], (want, bad.output)
+        assert not (tmp_path / f"bad{i}" / "manifest.json").exists()
 
 
 def test_bad_checkpoints_and_outputs(tmp_path, saved_tiny_teacher):

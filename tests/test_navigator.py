@@ -229,3 +229,64 @@ def test_token_ratio_compass_per_position_energies_sum_to_its_energy(tiny_teache
     assert per_position(scorer)
     pooled = CompassModel(compass_config(tiny_teacher.config, 16, 1, 2))
     assert not per_position(CompassScorer(pooled, "sha256:pooled"))
+
+
+class OracleRatio:
+    """The exact per-token log-ratio log p(v | x, i) − log q(v | x, i) of the tiny language
+    against ``teacher`` (what a perfect token-ratio compass would output)."""
+
+    per_position = True
+
+    def __init__(self, teacher, language):
+        self.teacher, self.language = teacher, language
+        self.mask = teacher.config.mask_token_id
+
+    def log_ratios(self, x, t):
+        t = torch.as_tensor(t, dtype=torch.float32).expand(x.shape[0])
+        log_q = torch.log_softmax(self.teacher(x, t, torch.zeros_like(t)).double(), -1)
+        log_p = torch.log_softmax(self.language.posterior_logits(x, self.mask).double(), -1)
+        return (log_p - log_q).float()
+
+    def token_energies(self, x, t):
+        return torch.zeros(x.shape, dtype=torch.float32)
+
+
+def test_tilt_with_the_exact_ratio_samples_the_exact_posterior(tiny_teacher, tiny_language):
+    """``selection="tilt"``: log q + (log p − log q) is the language's exact posterior, so the
+    tilted trajectories are the exact sampler's with the same random streams (lane 0), and a
+    zero ratio leaves the teacher's own trajectories; the kept energy is recorded as the
+    segment's one energy."""
+    from tsdfm.models.data.synthetic import ExactDenoiser
+
+    S, L = 4, tiny_teacher.config.seq_len
+    seeds = torch.arange(64) + 7
+    kw = dict(candidates=1, teacher_steps=S, reveal_order="dilated")
+    oracle = OracleRatio(tiny_teacher, tiny_language)
+    tilted, cfg = _nav(tiny_teacher, oracle, seeds, selection="tilt", **kw)
+    assert cfg.shaped_segments() == [True] * S and tilted.shaped.all()
+    exact = ExactDenoiser(tiny_language, tiny_teacher.config.mask_token_id)
+    want = sample(exact, tiny_teacher.path, seeds, L, S, order="dilated").x_1
+    agree = (tilted.states[:, -1] == want).float().mean().item()
+    blind, _ = _nav(tiny_teacher, None, seeds, **kw)
+    assert agree > 0.99, agree  # float rounding of log p − log q + log q may flip a rare draw
+    assert (blind.states[:, -1] != want).any()  # the teacher alone is not the posterior
+    assert tilted.energies.shape == (64, S, 1) and (tilted.chosen == 0).all()
+
+    class Zero(OracleRatio):
+        def log_ratios(self, x, t):
+            return torch.zeros(*x.shape, tiny_teacher.config.vocab_size)
+
+    same, _ = _nav(tiny_teacher, Zero(tiny_teacher, tiny_language), seeds, selection="tilt", **kw)
+    assert (same.states == blind.states).float().mean().item() > 0.99
+
+
+def test_tilt_configs_fail_in_one_line(tiny_teacher):
+    with pytest.raises(ConfigError, match=r"use K = 1 \(--k 1\)"):
+        NavigatorConfig(selection="tilt", candidates=4, teacher_steps=8, reveal_order="dilated")
+    with pytest.raises(ConfigError, match="--teacher-steps 8 --reveal-order dilated"):
+        NavigatorConfig(selection="tilt", candidates=1, teacher_steps=64, reveal_order="dilated")
+    with pytest.raises(ConfigError, match="--teacher-steps 8 --reveal-order dilated"):
+        NavigatorConfig(selection="tilt", candidates=1, teacher_steps=8)
+    with pytest.raises(ConfigError, match="per-token log-ratios"):
+        _nav(tiny_teacher, TokenSumScorer(tiny_teacher.config.vocab_size), torch.arange(2),
+             selection="tilt", candidates=1, teacher_steps=4, reveal_order="dilated")  # fmt: skip

@@ -76,7 +76,9 @@ def build(
         Selection,
         typer.Option(
             help="argmin; softmax (a candidate ∝ exp(−energy / T)); token-softmax (each "
-            "position from a candidate ∝ exp(−its energy / T): needs a token-ratio compass)"
+            "position from a candidate ∝ exp(−its energy / T): needs a token-ratio compass); "
+            "tilt (K = 1, -N = -S, dilated: the teacher's logits plus the token-ratio "
+            "compass's log-ratios)"
         ),
     ] = Selection.argmin,
     selection_temperature: Annotated[

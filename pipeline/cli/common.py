@@ -122,11 +122,12 @@ class Head(str, enum.Enum):
 
 
 class Selection(str, enum.Enum):
-    """How the navigator keeps one of K candidates."""
+    """How the navigator keeps one of K candidates (tilt: no candidates, a tilted teacher)."""
 
     argmin = "argmin"
     softmax = "softmax"
     token_softmax = "token-softmax"
+    tilt = "tilt"
 
 
 class Precision(str, enum.Enum):
