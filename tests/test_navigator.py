@@ -119,22 +119,27 @@ def test_bad_navigator_configs(tiny_teacher):
         _nav(tiny_teacher, None, torch.arange(2))
 
 
+def _random_token_compass(teacher, student_steps, seed):
+    """A small, untrained token-ratio compass for the dilated plan of ``student_steps``, its
+    head's weights drawn large enough that its energies differ across candidates."""
+    from tsdfm.models.compass import CompassScorer, compass_config
+    from tsdfm.models.flow_model import CompassModel
+
+    prov = {"reveal_order": "dilated", "student_steps": student_steps}
+    torch.manual_seed(seed)
+    model = CompassModel(compass_config(teacher.config, 16, 1, 2, provenance=prov, head="tokens"))
+    torch.nn.init.normal_(model.backbone.out.weight, std=0.5)
+    return CompassScorer(model, "sha256:test")
+
+
 def test_token_ratio_compass_selects_through_the_navigator(tiny_teacher):
     """A token-ratio compass behind ``CompassScorer``: every candidate of a midpoint shares the
     kept predecessor, the recorded energies are the compass's energies of the candidates, and
     argmin keeps the lowest."""
-    from tsdfm.models.compass import CompassScorer, compass_config
-    from tsdfm.models.flow_model import CompassModel
     from tsdfm.models.solver import RevealPlan
 
     S = 4
-    prov = {"reveal_order": "dilated", "student_steps": S}
-    torch.manual_seed(2)
-    model = CompassModel(
-        compass_config(tiny_teacher.config, 16, 1, 2, provenance=prov, head="tokens")
-    )
-    torch.nn.init.normal_(model.backbone.out.weight, std=0.5)
-    scorer = CompassScorer(model, "sha256:test")
+    scorer = _random_token_compass(tiny_teacher, S, seed=2)
     seeds = torch.arange(16) + 3
     res, _ = _nav(tiny_teacher, scorer, seeds, candidates=4, teacher_steps=8,
                   reveal_order="dilated", shared_reveals=True)  # fmt: skip
@@ -211,13 +216,7 @@ def test_token_ratio_compass_per_position_energies_sum_to_its_energy(tiny_teache
     from tsdfm.models.solver import RevealPlan
 
     S = 4
-    prov = {"reveal_order": "dilated", "student_steps": S}
-    torch.manual_seed(3)
-    model = CompassModel(
-        compass_config(tiny_teacher.config, 16, 1, 2, provenance=prov, head="tokens")
-    )
-    torch.nn.init.normal_(model.backbone.out.weight, std=0.5)
-    scorer = CompassScorer(model, "sha256:test")
+    scorer = _random_token_compass(tiny_teacher, S, seed=3)
     res, _ = _nav(tiny_teacher, scorer, torch.arange(8), candidates=3, teacher_steps=4,
                   reveal_order="dilated", selection="token-softmax")  # fmt: skip
     seg = RevealPlan("dilated", S).segment_of(tiny_teacher.path, tiny_teacher.config.seq_len)
