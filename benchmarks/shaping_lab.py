@@ -41,6 +41,7 @@ random stream with a trajectory the student saw. Results: OUT.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -234,6 +235,23 @@ def write_samples(out: str, arm: str, teacher, x: torch.Tensor) -> dict:
     return {"arm": arm, "temperature": 1.0, **written}
 
 
+def write_samples_index(out: str, teacher, files: list[dict]) -> None:
+    """``OUT-samples/index.json``: what the files beside it hold and which run made them."""
+    index = {
+        "about": (
+            f"decoded samples of the 8-step students at T = 1 of {Path(out).name}; one JSON "
+            f"object per line: i, seed (counter seed of evaluation sample i: "
+            f"{EVAL_SEED_BASE}*2^32 + i), ids (token ids), text (decoded). The samples the run "
+            "scored; rescore them with any evaluator."
+        ),
+        "teacher": {"spec": str(teacher.directory), "identity": teacher.identity},
+        "files": files,
+    }
+    folder = Path(f"{out}-samples")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
+
+
 def run(a) -> dict:
     teacher = load_checkpoint(a.teacher, role="teacher")
     mc = teacher.config
@@ -312,6 +330,8 @@ def run(a) -> dict:
             fronts[f"blind student {S} steps, {a.order}"] = points
         rows.append({"arm": name, "navigator": cfg.__dict__, "dataset_finals": finals,
                      "student": points})  # fmt: skip
+    if samples_written:
+        write_samples_index(a.out, teacher, samples_written)
     top = _at_one(fronts[top_name]) if a.top_steps else None
     for r in rows:
         own = _at_one(r["student"])
