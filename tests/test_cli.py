@@ -241,6 +241,40 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == before  # put back after the command
 
 
+def test_sigterm_turned_into_a_plain_keyboard_interrupt_still_exits_143():
+    """Ray's waits catch any KeyboardInterrupt a signal handler raises while they poll and
+    raise a plain one instead (``check_signals`` in ``_raylet.pyx``): a SIGTERM that lands there
+    still ends as SIGTERM (143), and a later Ctrl-C in the same process as Ctrl-C (130)."""
+    import os
+    import signal
+    import time
+
+    import typer
+
+    from tsdfm.pipeline.cli import user_errors
+
+    mini = typer.Typer()
+    send = {"sig": signal.SIGTERM}
+
+    @mini.command()
+    @user_errors
+    def work() -> None:
+        try:  # what a Ray wait does with the handler's exception
+            os.kill(os.getpid(), send["sig"])
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None
+        raise AssertionError("the signal was not handled")
+
+    res = runner.invoke(mini, [])
+    assert res.exit_code == 143, res.output
+    assert _error_line(res) == "terminated (SIGTERM); rerun the same command to resume"
+    send["sig"] = signal.SIGINT
+    res = runner.invoke(mini, [])
+    assert res.exit_code == 130, res.output
+    assert _error_line(res) == "interrupted; rerun the same command to resume"
+
+
 WIDE = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
 
 

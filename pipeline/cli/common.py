@@ -22,6 +22,7 @@ import contextlib
 import enum
 import functools
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -207,7 +208,14 @@ class Terminated(KeyboardInterrupt):
     """
 
 
+# Set by the handler as well as raised: Ray's waits turn a KeyboardInterrupt raised by a signal
+# handler while they poll (Terminated too) into a plain KeyboardInterrupt, so the exception's
+# type alone cannot tell SIGTERM from Ctrl-C.
+_SIGTERM_SEEN = threading.Event()
+
+
 def _on_sigterm(signum, frame):
+    _SIGTERM_SEEN.set()
     raise Terminated
 
 
@@ -220,20 +228,20 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import signal
-        import threading
 
         from tsdfm.models.errors import TsdfmError
 
         main = threading.current_thread() is threading.main_thread()
+        _SIGTERM_SEEN.clear()
         previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
         try:
             return fn(*args, **kwargs)
         except TsdfmError as e:
             raise fail(str(e)) from None
-        except Terminated:
-            typer.echo("terminated (SIGTERM); rerun the same command to resume", err=True)
-            raise typer.Exit(128 + signal.SIGTERM) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated) or _SIGTERM_SEEN.is_set():
+                typer.echo("terminated (SIGTERM); rerun the same command to resume", err=True)
+                raise typer.Exit(128 + signal.SIGTERM) from None
             typer.echo("interrupted; rerun the same command to resume", err=True)
             raise typer.Exit(130) from None
         finally:
