@@ -42,10 +42,10 @@ oracle data's gain).
 ``tilt`` draws no candidates: each shaped segment is one teacher step whose logits are the
 teacher's plus the token-ratio compass's log-ratios r(X) at the predecessor X, i.e. the teacher
 tilted toward the data, the K → ∞ limit of ``token-softmax`` at temperature 1, for one teacher
-and one compass pass per segment (K teacher passes for the others). It needs K = 1, one teacher
-step per segment (N = S: the compass reads the predecessor at t_k) and the dilated order (the
-plan the compass was trained on). Its recorded energy is the kept state's (one value per
-segment).
+pass per segment (K for the others) and two compass passes (the tilt, the recorded energy).
+It needs K = 1, one teacher step per segment (N = S: the compass reads the predecessor at t_k)
+and the dilated order (the plan the compass was trained on). Its recorded energy is the kept
+state's (one value per segment).
 """
 
 from __future__ import annotations
@@ -440,11 +440,9 @@ class TiltedDenoiser:
         logits = self.teacher(x_t, t, h)
         start = time.perf_counter()
         r = self.scorer.log_ratios(x_t, t.double())
+        _charge(self.counters, start, x_t.shape[0])
         if not torch.isfinite(r).all():
             raise FloatingPointError("the compass returned non-finite log-ratios")
-        self.counters.extra["compass_seconds"] += time.perf_counter() - start
-        self.counters.extra["compass_calls"] += 1
-        self.counters.extra["compass_rows"] += x_t.shape[0]
         return torch.log_softmax(logits.float(), -1) + r.to(logits.device)
 
 
@@ -482,9 +480,14 @@ def _score(
     else:
         e = scorer.energy(x, t, log_q=log_q).float()
     synchronize(e.device)
-    counters.extra["compass_seconds"] += time.perf_counter() - start
-    counters.extra["compass_calls"] += 1
-    counters.extra["compass_rows"] += x.shape[0]
+    _charge(counters, start, x.shape[0])
     if not torch.isfinite(e).all():
         raise FloatingPointError("the compass returned non-finite energies")
     return e
+
+
+def _charge(counters: Counters, start: float, rows: int) -> None:
+    """Count one compass pass over ``rows`` states, begun at ``start`` (perf_counter)."""
+    counters.extra["compass_seconds"] += time.perf_counter() - start
+    counters.extra["compass_calls"] += 1
+    counters.extra["compass_rows"] += rows

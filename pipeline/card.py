@@ -480,8 +480,8 @@ def _how_it_was_made(m: dict[str, Any], model: ModelFacts | None) -> list[str]:
             f"ratios). At every grid time t_k ≥ τ = {tau}, the segment is one teacher step whose "
             "logits are the teacher's plus a token-ratio energy compass's log-ratios "
             "r(x)[i, v] ≈ log p_data(v | x, i) − log q_teacher(v | x, i) at the current state: "
-            "the limit of many candidates resampled position by position, for one teacher and "
-            "one compass pass. The compass energy of each kept segment is stored. Shaping costs "
+            "the limit of many candidates resampled position by position, for one teacher "
+            "pass. The compass energy of each kept segment is stored. Shaping costs "
             "compute only while building the data; a student trained on it samples in S steps "
             "like any other."
         )
