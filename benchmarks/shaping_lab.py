@@ -151,18 +151,21 @@ def token_compass(a, teacher) -> tuple[CompassScorer, dict]:
 
 
 class Judge:
-    """Scores samples by every evaluator of the track: {"gen_ppl" (the first, primary
+    """Scores samples by the evaluators of the track: {"gen_ppl" (the first, primary
     evaluator's), "gen_ppl_by" ({evaluator: gen-PPL}), "entropy" (mean unigram entropy of the
     generator's tokens)}. Each evaluator maps (B, L) ids to (NLL per sample, tokens counted
-    per sample); gen-PPL is exp(Σ NLL / Σ tokens)."""
+    per sample); gen-PPL is exp(Σ NLL / Σ tokens). ``full=False`` scores with the primary
+    evaluator alone (the others are slow: SmolLM2 costs ~0.3 s per sequence on 2 cores)."""
 
     def __init__(self, evaluators: dict[str, Callable], vocab_size: int):
         self.evaluators, self.vocab_size = evaluators, vocab_size
         self.primary = next(iter(evaluators))
 
-    def __call__(self, x: torch.Tensor) -> dict:
+    def __call__(self, x: torch.Tensor, full: bool = True) -> dict:
         by = {}
         for name, nll_of in self.evaluators.items():
+            if not full and name != self.primary:
+                continue
             nll, n_tok = nll_of(x)
             by[name] = math.exp(float(nll.double().sum()) / float(n_tok.double().sum()))
         ent = float(unigram_entropy(x, self.vocab_size).mean())
@@ -235,10 +238,11 @@ def distill(
 
 
 def frontier(
-    judge: Judge, model, path, L, steps, order, temps, samples, batch, keep=None
+    judge: Judge, model, path, L, steps, order, temps, samples, batch, keep=None, full=False
 ) -> list[dict]:
     """The temperature frontier of ``model`` at ``steps``; its samples at T = 1 go into
-    ``keep["x"]`` when ``keep`` is a dict."""
+    ``keep["x"]`` when ``keep`` is a dict. Every evaluator scores the T = 1 point, and the
+    others too when ``full`` (the primary one scores them all)."""
     points = []
     for T in temps:
         xs = []
@@ -248,7 +252,7 @@ def frontier(
         x = torch.cat(xs)
         if keep is not None and T == 1.0:
             keep["x"] = x
-        point = {"temperature": T, **judge(x)}
+        point = {"temperature": T, **judge(x, full or T == 1.0)}
         points.append(point)
         print(f"    T={T:g}: {_fmt_point(point)}", flush=True)
     return points
@@ -264,7 +268,10 @@ def _at_one(points: list[dict]) -> dict:
 
 
 def at(points: list[dict], entropy: float, evaluator: str | None = None) -> float | None:
-    """The frontier's gen-PPL (by ``evaluator``, default the primary) at ``entropy``."""
+    """The frontier's gen-PPL (by ``evaluator``, default the primary) at ``entropy``; None
+    outside the frontier or where ``evaluator`` did not score all of its points."""
+    if evaluator and any(evaluator not in p.get("gen_ppl_by", {}) for p in points):
+        return None
     pts = [
         FrontierPoint(
             p["temperature"], p["gen_ppl_by"][evaluator] if evaluator else p["gen_ppl"],
@@ -412,7 +419,7 @@ def run(a) -> dict:
         states = build(
             teacher, scorer, cfg, a.trajectories, a.dataset_seed, 256, denoisers.get(name)
         )
-        finals = judge(states[:, -1])
+        finals = judge(states[:, -1], full=False)
         print(f"  dataset finals: {_fmt_point(finals)}", flush=True)
         times = torch.arange(S + 1, dtype=torch.float64) / S
         student = distill(
@@ -420,7 +427,9 @@ def run(a) -> dict:
         )
         print(f"  student ({a.distill_steps} steps):", flush=True)
         kept: dict = {}
-        points = frontier(judge, student, path, L, S, a.order, temps, a.samples, 250, kept)
+        points = frontier(
+            judge, student, path, L, S, a.order, temps, a.samples, 250, kept, name == "blind"
+        )
         if "x" in kept:
             samples_written.append(write_samples(a.out, name, teacher, kept["x"]))
         if name == "blind":
@@ -513,7 +522,7 @@ def markdown(r: dict, command: str) -> str:
             "|---|" + "---|" * len(c["temperatures"]),
         ]
         for name, pts in r["frontiers"].items():
-            cells = " | ".join(f"{_ppl(p, ev):.3f} @ {p['entropy']:.3f}" for p in pts)
+            cells = " | ".join(_cell(p, ev) for p in pts)
             lines.append(f"| {name} | {cells} |")
         head = " | ".join(f"vs {f}" for f in r["frontiers"])
         rule = "|---|---|---|" + "---|" * (len(r["frontiers"]) + 2)
@@ -524,17 +533,14 @@ def markdown(r: dict, command: str) -> str:
         for row in r["arms"]:
             own = _at_one(row["student"])
             fin = row["dataset_finals"]
-            fin_ppl = row.get("dataset_finals_by", {}).get(ev, fin[0])
+            fin_ppl = row["dataset_finals_by"].get(ev) if "dataset_finals_by" in row else fin[0]
             matched = row.get("matched_by", {}).get(ev, row["matched"])
             ratios = " | ".join("outside" if v is None else f"{v:.3f}" for v in matched.values())
             top = row["vs_teacher_top_at_one"]
-            vs_top = (
-                "not run" if top_pts is None
-                else f"{_ppl(own, ev) / _ppl(_at_one(top_pts), ev):.3f}"
-            )  # fmt: skip
-            lines.append(f"| {row['arm']} | {fin_ppl:.3f} @ {fin[1]:.3f} | "
-                         f"{_ppl(own, ev):.3f} @ {own['entropy']:.3f} | {ratios} | {vs_top} | "
-                         f"{top['entropy_ratio_to_real']:.3f} |")  # fmt: skip
+            vs_top = "not run" if top_pts is None else _ratio(own, _at_one(top_pts), ev)
+            fin_cell = "–" if fin_ppl is None else f"{fin_ppl:.3f} @ {fin[1]:.3f}"
+            lines.append(f"| {row['arm']} | {fin_cell} | {_cell(own, ev)} | {ratios} | {vs_top} "
+                         f"| {top['entropy_ratio_to_real']:.3f} |")  # fmt: skip
     tc = r.get("token_compass")
     if tc:
         where = f"`{tc['spec']}`" if tc.get("spec") else "trained here"
@@ -565,10 +571,22 @@ def markdown(r: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def _ppl(point: dict, evaluator: str) -> float:
-    """A point's gen-PPL by ``evaluator`` (results written before there were several: the
-    one gen_ppl)."""
-    return point.get("gen_ppl_by", {}).get(evaluator, point["gen_ppl"])
+def _ppl(point: dict, evaluator: str) -> float | None:
+    """A point's gen-PPL by ``evaluator``: None where it did not score the point; the one
+    gen_ppl of results written before there were several evaluators."""
+    if "gen_ppl_by" in point:
+        return point["gen_ppl_by"].get(evaluator)
+    return point["gen_ppl"]
+
+
+def _cell(point: dict, evaluator: str) -> str:
+    v = _ppl(point, evaluator)
+    return "–" if v is None else f"{v:.3f} @ {point['entropy']:.3f}"
+
+
+def _ratio(a: dict, b: dict, evaluator: str) -> str:
+    va, vb = _ppl(a, evaluator), _ppl(b, evaluator)
+    return "–" if va is None or vb is None else f"{va / vb:.3f}"
 
 
 def main() -> None:

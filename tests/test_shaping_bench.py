@@ -489,6 +489,50 @@ def test_lab_judge_pools_tokens_per_evaluator_and_reads_frontiers_by_evaluator()
     assert shaping_lab.at(front, 3.45) == pytest.approx((30 * 20) ** 0.5)
     assert shaping_lab.at(front, 3.45, "b") == pytest.approx((300 * 100) ** 0.5)
     assert shaping_lab.at(front, 3.6, "b") is None  # outside the frontier
+    primary = judge(x, full=False)
+    assert primary["gen_ppl_by"] == {"a": pytest.approx(torch.e**2)}
+    assert shaping_lab.at([primary, point], 3.45, "b") is None  # "b" did not score them all
+
+
+def test_lab_markdown_of_a_text_run_has_a_table_per_evaluator():
+    import shaping_lab
+
+    def pt(T, lm, smol, ent):
+        return {"temperature": T, "gen_ppl": lm, "entropy": ent,
+                "gen_ppl_by": {"lm": lm, **({"smollm2": smol} if smol else {})}}  # fmt: skip
+
+    blind = [pt(1.0, 300.0, 1300.0, 3.89), pt(0.9, 200.0, 900.0, 3.80)]
+    tilt = [pt(1.0, 150.0, 700.0, 3.85), pt(0.9, 120.0, None, 3.75)]
+    row = {"arm": "tilt", "dataset_finals": [140.0, 3.86], "dataset_finals_by": {"lm": 140.0},
+           "student": tilt, "vs_teacher_top_at_one": {"gen_ppl_ratio": None,
+                                                      "entropy_ratio_to_real": 0.99}}  # fmt: skip
+    fronts = {"blind student 8 steps, dilated": blind}
+    own = {"lm": 150.0, "smollm2": 700.0}
+    row["matched_by"] = {
+        ev: {f: own[ev] / shaping_lab.at(p, 3.85, ev) for f, p in fronts.items()} for ev in own
+    }
+    row["matched"] = row["matched_by"]["lm"]
+    r = {"track": "text", "evaluators": ["lm", "smollm2"], "config": {
+            "trajectories": 8, "student_steps": 8, "teacher_steps": 8, "order": "dilated",
+            "candidates": 8, "distill_steps": 5, "lr": 1e-3, "samples": 2, "top_steps": 0,
+            "temperatures": [1.0, 0.9]},
+         "teacher": {"identity": "sha256:" + "0" * 64, "spec": "t"},
+         "real_data": {"gen_ppl": 40.0, "gen_ppl_by": {"lm": 40.0, "smollm2": 90.0},
+                       "entropy": 3.86, "samples": 2},
+         "eval_seed_base": 1000, "frontiers": fronts, "arms": [row], "seconds": 60.0,
+         "device": {"cpu": "x", "threads": 2}, "versions": {"torch": "2"}}  # fmt: skip
+    md = shaping_lab.markdown(r, "python benchmarks/shaping_lab.py --track text")
+    assert "### Evaluator `lm`" in md and "### Evaluator `smollm2`" in md
+    lm_part, smol_part = md.split("### Evaluator `smollm2`")
+    assert "| tilt | 140.000 @ 3.860 | 150.000 @ 3.850 |" in lm_part
+    assert "| tilt | – | 700.000 @ 3.850 |" in smol_part  # SmolLM2 left the finals out
+    assert "| blind student 8 steps, dilated | 1300.000 @ 3.890 | 900.000 @ 3.800 |" in smol_part
+    # lm: 150 against the blind frontier at 3.85, log-linear between 200 @ 3.80 and 300 @ 3.89
+    at = 200 * (300 / 200) ** (5 / 9)
+    assert (
+        f"| {150 / at:.3f} |" in lm_part
+        and f"| {700 / (900 * (1300 / 900) ** (5 / 9)):.3f} |" in smol_part
+    )
 
 
 def test_lab_refuses_exact_arms_on_the_text_track(monkeypatch, capsys):
