@@ -5,7 +5,9 @@ its own compass seed). Frontiers that do not depend on the dataset (the teacher'
 and the same evaluation seeds) are taken from any run that has them, so a run made with
 ``--top-steps 0`` is still read against the teacher@1,024 frontier. Per arm and seed: the student
 at T = 1, its gen-PPL over each frontier's at its own entropy, and its gen-PPL over
-teacher@1,024's at T = 1; then mean ± standard deviation over the seeds (n − 1).
+teacher@1,024's at T = 1; then mean ± standard deviation over the seeds (n − 1). A text-track
+run (``--track text``) is read under each of its evaluators (``lm``, ``smollm2``): a frontier's
+points that an evaluator did not score are left out of its reading under that evaluator.
 
     python benchmarks/lab_summary.py A.json B.json C.json --out docs/results/NAME
 """
@@ -27,12 +29,28 @@ from tsdfm.models.eval.evaluate import FrontierPoint, gen_ppl_at_entropy
 TOP = "teacher 1024 steps, random"
 
 
-def _points(pts) -> list[FrontierPoint]:
-    return [FrontierPoint(p["temperature"], p["gen_ppl"], p["entropy"]) for p in pts]
+def _ppl(p: dict, evaluator: str | None) -> float | None:
+    """A point's gen-PPL under ``evaluator`` (None: the run's primary one)."""
+    return p["gen_ppl"] if evaluator is None else p.get("gen_ppl_by", {}).get(evaluator)
+
+
+def _points(pts, evaluator: str | None = None) -> list[FrontierPoint]:
+    return [FrontierPoint(p["temperature"], _ppl(p, evaluator), p["entropy"])
+            for p in pts if _ppl(p, evaluator) is not None]  # fmt: skip
 
 
 def _at_one(pts) -> dict:
     return next(p for p in pts if p["temperature"] == 1.0)
+
+
+def _readings(runs: list[dict]) -> list[tuple[str | None, str]]:
+    """(evaluator, label suffix) pairs: the primary reading first, then each other evaluator."""
+    evaluators = runs[0].get("evaluators") or []
+    return [(None, "")] + [(e, f" [{e}]") for e in evaluators[1:]]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
 
 
 def summarize(runs: list[dict], names: list[str]) -> dict:
@@ -41,6 +59,7 @@ def summarize(runs: list[dict], names: list[str]) -> dict:
         raise SystemExit(f"error: the runs have {len(teachers)} teachers; give runs of one")
     top = next((r["frontiers"][TOP] for r in runs if TOP in r["frontiers"]), None)
     real = runs[0]["real_data"]
+    readings = _readings(runs)
     rows = []
     for name, r in zip(names, runs, strict=True):
         seed = r["config"]["dataset_seed"]
@@ -49,12 +68,17 @@ def summarize(runs: list[dict], names: list[str]) -> dict:
             fronts[TOP] = top
         for arm in r["arms"]:
             own = _at_one(arm["student"])
-            vs = {k: gen_ppl_at_entropy(_points(v), own["entropy"]) for k, v in fronts.items()}
+            matched, student = {}, {}
+            for ev, suffix in readings:
+                student[f"student gen-PPL{suffix}"] = _ppl(own, ev)
+                for k, v in fronts.items():
+                    at = gen_ppl_at_entropy(_points(v, ev), own["entropy"])
+                    matched[k + suffix] = _ratio(_ppl(own, ev), at)
             rows.append({
                 "run": name, "dataset_seed": seed, "arm": arm["arm"],
                 "token_compass": (r.get("token_compass") or {}).get("spec"),
                 "dataset_finals": arm["dataset_finals"], "student": own,
-                "matched": {k: None if v is None else own["gen_ppl"] / v for k, v in vs.items()},
+                "student_by": student, "matched": matched,
                 "vs_top_at_one": None if top is None
                 else own["gen_ppl"] / _at_one(top)["gen_ppl"],
                 "entropy_ratio_to_real": own["entropy"] / real["entropy"],
@@ -63,8 +87,8 @@ def summarize(runs: list[dict], names: list[str]) -> dict:
     summary = {}
     for arm in arms:
         mine = [row for row in rows if row["arm"] == arm]
-        keys = {"student gen-PPL": [row["student"]["gen_ppl"] for row in mine],
-                "student entropy": [row["student"]["entropy"] for row in mine],
+        keys = {k: [row["student_by"][k] for row in mine] for k in mine[0]["student_by"]}
+        keys |= {"student entropy": [row["student"]["entropy"] for row in mine],
                 "dataset finals gen-PPL": [row["dataset_finals"][0] for row in mine]}  # fmt: skip
         for k in mine[0]["matched"]:
             vals = [row["matched"].get(k) for row in mine]
@@ -73,6 +97,7 @@ def summarize(runs: list[dict], names: list[str]) -> dict:
         keys["entropy ÷ real"] = [row["entropy_ratio_to_real"] for row in mine]
         summary[arm] = {k: _stat(v) for k, v in keys.items()}
     return {"benchmark": "shaping_lab_summary", "teacher": runs[0]["teacher"],
+            "evaluators": runs[0].get("evaluators") or ["exact"],
             "runs": names, "rows": rows, "summary": summary}  # fmt: skip
 
 
@@ -114,7 +139,9 @@ def markdown(r: dict, command: str) -> str:
     lines += ["", "'vs F': the student's gen-PPL at T = 1 over frontier F's, interpolated at the "
               "student's own entropy ('outside' where F does not bracket it). The teacher@1024 "
               "frontier does not depend on the dataset seed and is taken from the run that has "
-              "it.", "", f"Command: `{command}`", ""]  # fmt: skip
+              "it." + (" 'F [e]': read under evaluator e, on the points e scored; the rest under "
+              f"`{r['evaluators'][0]}`." if r["evaluators"][1:] else ""),
+              "", f"Command: `{command}`", ""]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -456,6 +456,45 @@ def test_lab_summary_reads_every_seed_against_the_teacher_frontier_of_any_run():
         lab_summary.summarize([_lab_run(0, 18.0), other], ["a", "b"])
 
 
+def _text_lab_run(seed, lm, smol):
+    """A text-track shaping_lab result: the blind student's frontier scored by both evaluators
+    at T = 1 and 0.9, by the LM alone at T = 0.8; one tilt arm scored by both at T = 1."""
+
+    def pt(t, e, ppl_lm, ppl_smol=None):
+        by = {"lm": ppl_lm} | ({} if ppl_smol is None else {"smollm2": ppl_smol})
+        return {"temperature": t, "gen_ppl": ppl_lm, "gen_ppl_by": by, "entropy": e}
+
+    blind = [pt(1.0, 3.89, 1000.0, 1100.0), pt(0.9, 3.85, 600.0, 800.0), pt(0.8, 3.80, 400.0)]
+    fronts = {"blind student 8 steps, dilated": blind}
+    arm = {"arm": "tilt", "dataset_finals": [600.0, 3.89], "student": [pt(1.0, 3.87, lm, smol)]}
+    return {"teacher": {"identity": "sha256:t"}, "evaluators": ["lm", "smollm2"],
+            "real_data": {"entropy": 3.85}, "config": {"dataset_seed": seed},
+            "frontiers": fronts, "arms": [arm]}  # fmt: skip
+
+
+def test_lab_summary_reads_a_text_run_under_each_evaluator_on_the_points_it_scored(tmp_path):
+    import lab_summary
+
+    r = lab_summary.summarize([_text_lab_run(0, 700.0, 900.0), _text_lab_run(1, 760.0, 930.0)],
+                              ["a", "b"])  # fmt: skip
+    # at entropy 3.87, halfway in log gen-PPL between 600 @ 3.85 and 1000 @ 3.89, per evaluator
+    lm_at, smol_at = (600.0 * 1000.0) ** 0.5, (800.0 * 1100.0) ** 0.5
+    key = "blind student 8 steps, dilated"
+    assert r["rows"][0]["matched"][key] == pytest.approx(700 / lm_at)
+    assert r["rows"][0]["matched"][f"{key} [smollm2]"] == pytest.approx(900 / smol_at)
+    s = r["summary"]["tilt"]
+    assert s["student gen-PPL [smollm2]"]["mean"] == pytest.approx(915.0)
+    assert s[f"vs {key} [smollm2]"]["mean"] == pytest.approx((900 + 930) / 2 / smol_at)
+    assert s[f"vs {key}"]["n"] == 2
+    # an arm point the second evaluator did not score reads as missing, not as the LM's number
+    unscored = _text_lab_run(0, 700.0, None)
+    r = lab_summary.summarize([unscored], ["a"])
+    assert r["rows"][0]["matched"][f"{key} [smollm2]"] is None
+    assert r["summary"]["tilt"][f"vs {key} [smollm2]"] == {"n": 0}
+    md = lab_summary.markdown(r, "cmd")
+    assert f"vs {key} [smollm2]" in md and "under evaluator e" in md
+
+
 def test_lab_judge_pools_tokens_per_evaluator_and_reads_frontiers_by_evaluator():
     import shaping_lab
     import torch
