@@ -212,7 +212,6 @@ def test_a_relative_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_pat
 
 def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch):
     """SIGTERM (what Kubernetes sends) ends in one line and exit 143, not a native abort."""
-    import os
     import signal
     import time
 
@@ -227,8 +226,8 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch):
     @user_errors
     def work() -> None:
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler interrupts this
+            signal.raise_signal(signal.SIGTERM)  # in this thread: the handler runs here
+            time.sleep(5)
             raise AssertionError("SIGTERM was not handled")
         finally:
             ran_finally.append(True)  # cleanup (stopping the Ray actors) still runs
@@ -245,7 +244,6 @@ def test_sigterm_turned_into_a_plain_keyboard_interrupt_still_exits_143():
     """Ray's waits catch any KeyboardInterrupt a signal handler raises while they poll and
     raise a plain one instead (``check_signals`` in ``_raylet.pyx``): a SIGTERM that lands there
     still ends as SIGTERM (143), and a later Ctrl-C in the same process as Ctrl-C (130)."""
-    import os
     import signal
     import time
 
@@ -260,7 +258,7 @@ def test_sigterm_turned_into_a_plain_keyboard_interrupt_still_exits_143():
     @user_errors
     def work() -> None:
         try:  # what a Ray wait does with the handler's exception
-            os.kill(os.getpid(), send["sig"])
+            signal.raise_signal(send["sig"])  # in this thread, not one of Ray's
             time.sleep(5)
         except KeyboardInterrupt:
             raise KeyboardInterrupt from None
@@ -270,7 +268,12 @@ def test_sigterm_turned_into_a_plain_keyboard_interrupt_still_exits_143():
     assert res.exit_code == 143, res.output
     assert _error_line(res) == "terminated (SIGTERM); rerun the same command to resume"
     send["sig"] = signal.SIGINT
-    res = runner.invoke(mini, [])
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left installed
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = runner.invoke(mini, [])
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert res.exit_code == 130, res.output
     assert _error_line(res) == "interrupted; rerun the same command to resume"
 
